@@ -1,0 +1,145 @@
+"""Settings, split by lifetime.
+
+- `ModelSpec`: one per model preset (architecture + sampling defaults), frozen.
+- `EngineConfig`: one per process (device, dtype, compile, kernels, attention backend, load format).
+- `SamplingParams`: one per request (prompt, size, steps, guidance, seed, ...).
+
+The CLI and the HTTP server both parse into these classes; validation lives here so both give the same errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error (bad flag, bad size, unknown name). The CLI prints it in one line."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model preset: the architecture configs of its components and its sampling defaults.
+
+    `components` maps a component name (as in model_index.json) to (class name, config dict); `--load-format
+    dummy` builds exactly these. Sampling defaults apply when a request does not set them.
+    """
+
+    name: str
+    pipeline: str  # pipeline class name in diffusers' model_index.json, e.g. "FluxPipeline"
+    components: dict[str, tuple[str, dict[str, Any]]]
+    default_steps: int
+    default_guidance: float
+    default_height: int
+    default_width: int
+    max_sequence_length: int
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Per-process engine settings.
+
+    device: "cuda", "cpu", ... or None for the best available.
+    dtype: compute dtype of the DiT ("bf16", "fp16", "fp32"); None means bf16 on GPUs and fp32 on CPU.
+    compile: torch.compile the DiT (regionally: each repeated block once).
+    kernels: "auto" | "native" | "triton" (see `ditserve.ops.OpsConfig`).
+    attention: attention backend name ("sdpa", "flash-attn", "sage").
+    load_format: "auto" (safetensors from the model folder), "safetensors", or "dummy" (random weights at full
+        size, for benchmarks and capacity planning).
+    """
+
+    device: str | None = None
+    dtype: str | None = None
+    compile: bool = False
+    kernels: str = "auto"
+    attention: str = "sdpa"
+    load_format: str = "auto"
+
+    def __post_init__(self):
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(f"unknown load format {self.load_format!r}; valid: {', '.join(LOAD_FORMATS)}")
+        if self.kernels not in ("auto", "native", "triton"):
+            raise ConfigError(f"unknown kernels choice {self.kernels!r}; valid: auto, native, triton")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return DTYPES[self.dtype]
+        return torch.bfloat16 if self.torch_device.type != "cpu" else torch.float32
+
+
+# Image sizes must be multiples of 16 (8x VAE downsampling, then 2x2 latent packing) within these bounds.
+SIZE_MULTIPLE = 16
+MIN_SIZE, MAX_SIZE = 64, 4096
+
+
+@dataclass
+class SamplingParams:
+    """One generation request. None fields take the model's defaults via `resolved(spec)`."""
+
+    prompt: str | list[str]
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    num_images: int = 1
+    max_sequence_length: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def resolved(self, spec: ModelSpec) -> "SamplingParams":
+        """A copy with defaults from `spec` filled in, validated. Raises ConfigError on bad values."""
+        p = SamplingParams(
+            prompt=self.prompt,
+            height=self.height if self.height is not None else spec.default_height,
+            width=self.width if self.width is not None else spec.default_width,
+            steps=self.steps if self.steps is not None else spec.default_steps,
+            guidance=self.guidance if self.guidance is not None else spec.default_guidance,
+            seed=self.seed,
+            num_images=self.num_images,
+            max_sequence_length=(self.max_sequence_length if self.max_sequence_length is not None
+                                 else spec.max_sequence_length),
+            extra=dict(self.extra),
+        )
+        p.validate(spec)
+        return p
+
+    def validate(self, spec: ModelSpec | None = None) -> None:
+        if not self.prompts or any(not isinstance(s, str) for s in self.prompts):
+            raise ConfigError("prompt must be a non-empty string or a list of strings")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not (MIN_SIZE <= v <= MAX_SIZE) or v % SIZE_MULTIPLE:
+                raise ConfigError(
+                    f"{name} must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}, got {v}")
+        if self.steps is not None and not (1 <= self.steps <= 1000):
+            raise ConfigError(f"steps must be between 1 and 1000, got {self.steps}")
+        if not (1 <= self.num_images <= 16):
+            raise ConfigError(f"num_images must be between 1 and 16, got {self.num_images}")
+        if self.guidance is not None and self.guidance < 0:
+            raise ConfigError(f"guidance must be >= 0, got {self.guidance}")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise ConfigError(f"seed must be a non-negative 64-bit integer, got {self.seed}")
+        msl = self.max_sequence_length
+        if msl is not None and spec is not None and not (1 <= msl <= spec.max_sequence_length):
+            raise ConfigError(
+                f"max_sequence_length must be between 1 and {spec.max_sequence_length} for {spec.name}, got {msl}")

@@ -1,0 +1,122 @@
+"""Reference implementations (plain PyTorch) of the fused ops.
+
+These are the ground truth: the ops' `forward_native` calls them, the custom ops in `ditserve.kernels` use
+them as their CPU/default implementation, and tests compare every fast path against them and against an fp64
+evaluation. Math runs in fp32 (or fp64 for fp64 inputs) and rounds once to the input dtype at the end, which
+is what the Triton kernels do too.
+
+Shapes: x (..., D); modulation tensors (scale, shift, gate) broadcast against x, typically (B, 1, D) for
+per-sample modulation or (B, L, D) for per-token modulation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """Compute dtype: fp64 stays fp64 (for references), everything else goes to fp32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * weight, over the last dim. x: (..., D), weight: (D,) or None."""
+    xf = _up(x)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * _up(weight)
+    return y.to(x.dtype)
+
+
+def _norm(xf: torch.Tensor, weight: torch.Tensor | None, eps: float, rms: bool) -> torch.Tensor:
+    """Normalise an already up-cast tensor over the last dim (RMS or mean/variance), times weight."""
+    if rms:
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        y = F.layer_norm(xf, xf.shape[-1:], eps=eps)
+    if weight is not None:
+        y = y * _up(weight)
+    return y
+
+
+def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine parameters over the last dim."""
+    return _norm(_up(x), None, eps, rms=False).to(x.dtype)
+
+
+def norm_scale_shift(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float,
+    rms: bool,
+) -> torch.Tensor:
+    """AdaLN modulation: y = norm(x) * (1 + scale) + shift. x: (B, L, D); scale, shift: (B, 1, D) or (B, L, D)."""
+    y = _norm(_up(x), weight, eps, rms)
+    return (y * (1 + _up(scale)) + _up(shift)).to(x.dtype)
+
+
+def residual_norm_scale_shift(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float,
+    rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated residual add, then AdaLN modulation of the new residual stream.
+
+    r = residual + gate * x   (gate None means 1), rounded to residual's dtype: the new residual stream
+    y = norm(r) * (1 + scale) + shift
+    Returns (y, r). x, residual: (B, L, D); gate, scale, shift: (B, 1, D) or (B, L, D).
+    """
+    xf = _up(x)
+    if gate is not None:
+        xf = xf * _up(gate)
+    r = (_up(residual) + xf).to(residual.dtype)
+    y = _norm(_up(r), weight, eps, rms)
+    y = y * (1 + _up(scale)) + _up(shift)
+    return y.to(x.dtype), r
+
+
+def norm_tanh_gate(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+) -> torch.Tensor:
+    """Z-Image / Lumina style gated residual: y = residual + tanh(gate) * norm(x) (residual None means 0)."""
+    y = torch.tanh(_up(gate)) * _norm(_up(x), weight, eps, rms)
+    if residual is not None:
+        y = _up(residual) + y
+    return y.to(x.dtype if residual is None else residual.dtype)
+
+
+def mul_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, k: float) -> torch.Tensor:
+    """y = a * (k + b) + c, computed in fp32 and rounded once to a's dtype."""
+    return (_up(a) * (k + _up(b)) + _up(c)).to(a.dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate pairs of channels of x by angles whose cos/sin are given.
+
+    x: (B, L, H, D). cos, sin: (L, D/2) or (B, L, D/2), one angle per channel pair.
+    interleaved=True pairs channels (2i, 2i+1) (FLUX, Wan); False pairs (i, i + D/2) (the "half-split" /
+    GPT-NeoX layout). Rotation: (a, b) -> (a cos - b sin, a sin + b cos), in fp32, rounded to x's dtype.
+    """
+    xf = _up(x)
+    c = _up(cos).unsqueeze(-2)  # (..., L, 1, D/2): broadcast over heads
+    s = _up(sin).unsqueeze(-2)
+    if interleaved:
+        a, b = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
+    else:
+        a, b = xf.chunk(2, dim=-1)
+        out = torch.cat((a * c - b * s, a * s + b * c), dim=-1)
+    return out.to(x.dtype)

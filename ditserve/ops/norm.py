@@ -1,0 +1,111 @@
+"""Norm ops: RMSNorm, LayerNorm without affine, and the fused AdaLN family.
+
+Each op's `forward_native` is the reference from `ditserve.ops.functional`; `forward_cuda` calls the Triton
+custom op from `ditserve.kernels.norm` (one opaque node under torch.compile). Which one runs is decided in
+the constructor (see `CustomOp`). fp32 always stays native: inductor's fused fp32 code beats the kernel
+there (the Z-Image fp32 RMSNorm lesson), so FAST_DTYPES holds the half dtypes only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ditserve.kernels import norm as K
+from ditserve.ops import functional as Fn
+from ditserve.ops.base import CustomOp, OpsConfig
+
+
+class RMSNorm(CustomOp):
+    """y = x / rms(x) * weight over the last dim. x: (..., D) -> (..., D), x's dtype."""
+
+    FAST_BY_DEFAULT = False  # flipped only where bench/ops.py shows the kernel beating compiled native
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True, ops: OpsConfig | None = None,
+                 dtype: torch.dtype | None = None, device=None):
+        super().__init__(ops)
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device)) if elementwise_affine else None
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        return Fn.rms_norm(x, self.weight, self.eps)
+
+    def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        return K.rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm(CustomOp):
+    """LayerNorm over the last dim without affine parameters (the AdaLN pre-norm). x: (..., D)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, ops: OpsConfig | None = None):
+        super().__init__(ops)
+        self.dim, self.eps = dim, eps
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        return Fn.layer_norm(x, self.eps)
+
+
+class _ModulatedNorm(CustomOp):
+    """Shared constructor of the AdaLN family: norm kind ("layer" or "rms") and optional norm weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, norm: str = "layer", elementwise_affine: bool = False,
+                 ops: OpsConfig | None = None, dtype: torch.dtype | None = None, device=None):
+        if norm not in ("layer", "rms"):
+            raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+        super().__init__(ops)
+        self.dim, self.eps, self.rms = dim, eps, norm == "rms"
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device)) if elementwise_affine else None
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, norm={'rms' if self.rms else 'layer'}, eps={self.eps}, {super().extra_repr()}"
+
+
+class NormScaleShift(_ModulatedNorm):
+    """y = norm(x) * (1 + scale) + shift.
+
+    x: (B, L, D); scale, shift: (B, 1, D) or (B, L, D). Returns (B, L, D) in x's dtype.
+    """
+
+    FAST_BY_DEFAULT = False
+
+    def forward_native(self, x, scale, shift):
+        return Fn.norm_scale_shift(x, self.weight, scale, shift, self.eps, self.rms)
+
+    def forward_cuda(self, x, scale, shift):
+        return K.norm_scale_shift(x, self.weight, scale, shift, self.eps, self.rms)
+
+
+class ResidualNormScaleShift(_ModulatedNorm):
+    """r = residual + gate * x; y = norm(r) * (1 + scale) + shift. Returns (y, r).
+
+    x, residual: (B, L, D); gate (or None for 1), scale, shift: (B, 1, D) or (B, L, D).
+    """
+
+    FAST_BY_DEFAULT = False
+
+    def forward_native(self, x, residual, gate, scale, shift):
+        return Fn.residual_norm_scale_shift(x, residual, gate, self.weight, scale, shift, self.eps, self.rms)
+
+    def forward_cuda(self, x, residual, gate, scale, shift):
+        return K.residual_norm_scale_shift(x, residual, gate, self.weight, scale, shift, self.eps, self.rms)
+
+
+class NormTanhGate(_ModulatedNorm):
+    """y = residual + tanh(gate) * norm(x) (residual None means 0). Z-Image's gated post-norm.
+
+    x: (B, L, D); gate: (B, 1, D) or (B, L, D); residual: (B, L, D) or None.
+    """
+
+    def forward_native(self, x, gate, residual=None):
+        return Fn.norm_tanh_gate(x, gate, residual, self.weight, self.eps, self.rms)
+
+
+class MulAdd(CustomOp):
+    """y = a * (k + b) + c with a constant k (k=1 is the AdaLN `x * (1 + scale) + shift`)."""
+
+    def __init__(self, k: float = 1.0, ops: OpsConfig | None = None):
+        super().__init__(ops)
+        self.k = float(k)
+
+    def forward_native(self, a, b, c):
+        return Fn.mul_add(a, b, c, self.k)

@@ -1,0 +1,49 @@
+"""Rotary position embedding: angle tables and their application to (B, L, H, D) queries and keys."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ditserve.ops import functional as Fn
+from ditserve.ops.base import CustomOp, OpsConfig
+
+
+def axial_rope_cos_sin(
+    ids: torch.Tensor, axes_dim: Sequence[int], theta: float, out_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for multi-axis RoPE (FLUX's (t, h, w) position ids).
+
+    ids: (L, n_axes) or (B, L, n_axes) positions. Axis i contributes axes_dim[i] / 2 channel pairs with
+    frequencies theta^(-2j / axes_dim[i]). Angles are computed in float64 (as diffusers does on CUDA/CPU) and
+    returned as (L, D/2) or (B, L, D/2) in `out_dtype`, D = sum(axes_dim).
+    """
+    if ids.shape[-1] != len(axes_dim):
+        raise ValueError(f"ids has {ids.shape[-1]} axes, axes_dim has {len(axes_dim)}")
+    pos = ids.to(torch.float64)
+    angles = []
+    for i, dim in enumerate(axes_dim):
+        if dim % 2:
+            raise ValueError(f"every RoPE axis dim must be even, got {list(axes_dim)}")
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim))
+        angles.append(pos[..., i : i + 1] * freqs)  # (..., L, dim/2)
+    ang = torch.cat(angles, dim=-1)
+    return ang.cos().to(out_dtype), ang.sin().to(out_dtype)
+
+
+class Rotary(CustomOp):
+    """Apply RoPE: x (B, L, H, D), cos/sin (L, D/2) or (B, L, D/2) -> (B, L, H, D) in x's dtype.
+
+    interleaved=True rotates channel pairs (2i, 2i+1) (FLUX, Wan); False rotates (i, i + D/2).
+    """
+
+    def __init__(self, interleaved: bool, ops: OpsConfig | None = None):
+        super().__init__(ops)
+        self.interleaved = interleaved
+
+    def forward_native(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return Fn.apply_rotary(x, cos, sin, self.interleaved)
+
+    def extra_repr(self) -> str:
+        return f"interleaved={self.interleaved}, {super().extra_repr()}"

@@ -1,0 +1,61 @@
+"""Exact-name tables: diffusers/transformers class names and preset names -> implementations.
+
+Entries are "module:attribute" strings imported on first use, so importing the registry imports no model
+code. Lookups are exact: an unknown name raises `ConfigError` listing the valid names (no substring matching,
+no silent default).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ditserve.config import ConfigError
+
+# model_index.json component class name -> the class that loads it.
+COMPONENT_CLASSES: dict[str, str] = {
+    "FluxTransformer2DModel": "ditserve.models.flux:FluxTransformer",
+    "AutoencoderKL": "diffusers:AutoencoderKL",
+    "FlowMatchEulerDiscreteScheduler": "diffusers:FlowMatchEulerDiscreteScheduler",
+    "CLIPTextModel": "transformers:CLIPTextModel",
+    "T5EncoderModel": "transformers:T5EncoderModel",
+    "CLIPTokenizer": "transformers:CLIPTokenizer",
+    "CLIPTokenizerFast": "transformers:CLIPTokenizerFast",
+    "T5Tokenizer": "transformers:T5Tokenizer",
+    "T5TokenizerFast": "transformers:T5TokenizerFast",
+}
+
+# model_index.json `_class_name` -> our pipeline.
+PIPELINES: dict[str, str] = {
+    "FluxPipeline": "ditserve.pipelines.flux:FluxPipeline",
+}
+
+# Preset names (for --load-format dummy and `ditserve bench`) -> ModelSpec.
+PRESETS: dict[str, str] = {
+    "flux.1-dev": "ditserve.pipelines.flux:FLUX_1_DEV",
+    "flux.1-schnell": "ditserve.pipelines.flux:FLUX_1_SCHNELL",
+}
+
+
+def _import(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def lookup(table: dict[str, str], name: str, what: str) -> Any:
+    """Import and return `table[name]`; an unknown name raises ConfigError listing the known ones."""
+    if name not in table:
+        raise ConfigError(f"unknown {what} {name!r}; known: {', '.join(sorted(table))}")
+    return _import(table[name])
+
+
+def component_class(class_name: str) -> Any:
+    return lookup(COMPONENT_CLASSES, class_name, "component class")
+
+
+def pipeline_class(class_name: str) -> Any:
+    return lookup(PIPELINES, class_name, "pipeline class")
+
+
+def preset(name: str):
+    return lookup(PRESETS, name, "model preset")
