@@ -32,8 +32,8 @@ PIPELINES: dict[str, str] = {
 
 # Preset names (for --load-format dummy and `ditserve bench`) -> ModelSpec.
 PRESETS: dict[str, str] = {
-    "flux.1-dev": "ditserve.pipelines.flux:FLUX_1_DEV",
-    "flux.1-schnell": "ditserve.pipelines.flux:FLUX_1_SCHNELL",
+    "flux.1-dev": "ditserve.models.flux:FLUX_1_DEV",
+    "flux.1-schnell": "ditserve.models.flux:FLUX_1_SCHNELL",
 }
 
 
