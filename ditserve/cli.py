@@ -1,0 +1,171 @@
+"""The `ditserve` command line.
+
+    ditserve generate --prompt "a red circle on a blue background" --output out.png
+
+Flags parse into the same settings classes the server uses (`EngineConfig`, `SamplingParams`), which do the
+validation. A user mistake (bad flag, bad size, bad model path) prints one `ditserve: error: ...` line on
+stderr and exits with status 2; no traceback. Logging and compiler settings are set up here, never on import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ditserve.config import DTYPES, LOAD_FORMATS, ConfigError, EngineConfig, SamplingParams
+
+# Output suffix -> PIL format name.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors as one line ("ditserve generate: error: ...") instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    from ditserve.ops.attention import BACKENDS
+
+    p.add_argument("--model", default=None,
+                   help="diffusers-format model folder or hub id (default: the small packaged model)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="compute dtype (default: bf16 on GPUs, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: best available)")
+    p.add_argument("--load-format", choices=list(LOAD_FORMATS), default="auto",
+                   help="auto/safetensors: the model's weights; dummy: random weights at full size")
+    p.add_argument("--kernels", choices=["auto", "native", "triton"], default="auto",
+                   help="fused-op code paths: auto (fast where measured faster), native (PyTorch), triton")
+    p.add_argument("--attention", choices=list(BACKENDS), default="sdpa", help="attention backend")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ditserve", description="Fast inference for diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate images from a prompt",
+                       description="Generate images from a text prompt and save them.")
+    g.add_argument("--prompt", required=True, help="the text prompt")
+    g.add_argument("--height", type=int, default=None, help="image height, a multiple of 16 (default: model's)")
+    g.add_argument("--width", type=int, default=None, help="image width, a multiple of 16 (default: model's)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: model's)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="distilled guidance scale (default: model's; must be 0 for schnell-like models)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
+    g.add_argument("--num-images", type=int, default=1, help="images to generate (numbered outputs if > 1)")
+    g.add_argument("--max-sequence-length", type=int, default=None,
+                   help="T5 prompt tokens (default: model's, 512 for FLUX.1-dev, 256 for schnell)")
+    g.add_argument("--output", default="out.png",
+                   help="output file: .png, .jpg/.jpeg or .webp; several images are saved as NAME-0.png, ...")
+    _add_engine_flags(g)
+    g.add_argument("--compile", action="store_true", help="torch.compile the transformer (regionally)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", "-q", action="store_true",
+                   help="print only the output paths and errors (no progress bar, no timing summary)")
+    g.set_defaults(func=_generate)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------- generate
+
+
+def output_paths(output: str, n: int) -> list[Path]:
+    """The files `n` images go to: `output` itself for one image, NAME-0.ext, NAME-1.ext, ... for more.
+    Raises ConfigError for a suffix we cannot encode."""
+    path = Path(output)
+    if path.suffix.lower() not in IMAGE_FORMATS:
+        raise ConfigError(f"--output {output!r}: unsupported image format {path.suffix or '(no suffix)'!r}; "
+                          f"use one of {', '.join(IMAGE_FORMATS)}")
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
+def save_image(image, path: Path) -> None:
+    fmt = IMAGE_FORMATS[path.suffix.lower()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    image.save(path, format=fmt, **options)
+
+
+def _check_engine(engine: EngineConfig) -> None:
+    """Engine choices that can be refused before the (slow) model load."""
+    import torch
+
+    from ditserve.ops.attention import BACKENDS, attention_backend_available
+
+    if engine.device is not None:
+        try:
+            device = torch.device(engine.device)
+        except RuntimeError as e:
+            raise ConfigError(f"--device {engine.device!r}: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {engine.device!r}: torch sees no CUDA device")
+    if not attention_backend_available(engine.attention):
+        _, package = BACKENDS[engine.attention]
+        raise ConfigError(f"--attention {engine.attention}: needs the Python package {package!r}, which is not "
+                          f"installed (install it, or use --attention sdpa)")
+
+
+def _format_summary(result, n_steps: int) -> str:
+    t = result.timings
+    rate = n_steps / t["denoise_s"] if t["denoise_s"] > 0 else float("inf")
+    peak = "n/a" if result.peak_memory_bytes is None else f"{result.peak_memory_bytes / 2**30:.2f} GiB"
+    return (f"text encode {t['text_encode_s']:.2f} s | denoise {t['denoise_s']:.2f} s "
+            f"({n_steps} steps, {rate:.1f} step/s) | decode {t['decode_s']:.2f} s | total {t['total_s']:.2f} s | "
+            f"peak memory {peak} | seed {result.params.seed}")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    params = SamplingParams(prompt=args.prompt, height=args.height, width=args.width, steps=args.steps,
+                            guidance=args.guidance, seed=args.seed, num_images=args.num_images,
+                            max_sequence_length=args.max_sequence_length)
+    params.validate()  # size, steps, seed, ... before the model load; model limits are checked after it
+    paths = output_paths(args.output, args.num_images)
+    engine = EngineConfig(device=args.device, dtype=args.dtype, compile=args.compile, kernels=args.kernels,
+                          attention=args.attention, load_format=args.load_format)
+    _check_engine(engine)
+
+    from ditserve.loader import load_model
+
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, engine)
+    pipe_cls = loaded.pipeline_class
+    pipe = pipe_cls(loaded.components, engine, pipe_cls.spec_for(loaded.name, loaded.components))
+    load_s = time.perf_counter() - t0
+
+    result = pipe.generate(params, progress=not (args.quiet or args.no_progress))
+    for image, path in zip(result.images, paths):
+        save_image(image, path)
+        print(path)
+    if not args.quiet:
+        print(f"{loaded.name}: load {load_s:.2f} s | {_format_summary(result, result.params.steps)}",
+              file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `ditserve` and `python -m ditserve`. Returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), message already printed
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+
+    from ditserve.logging import setup_logging
+
+    setup_logging("WARNING" if getattr(args, "quiet", False) else "INFO")
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        message = " ".join(str(e).split())  # one line, whatever the message
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,301 @@
+"""The FLUX.1 text-to-image pipeline (dev and schnell), stage by stage.
+
+    prompts -> encode_prompt -> prepare_latents -> timesteps -> denoise -> decode -> images
+
+Numerically this is diffusers' `FluxPipeline` (0.42.x) without CFG or IP-adapters: the same tokenisation
+(CLIP padded to 77 tokens and pooled; T5 padded to max_sequence_length, no attention mask), the same initial
+noise for a seed (drawn on the execution device in the transformer's dtype, then packed 2x2), the same
+sigmas (linspace(1, 1/N, N), resolution-dependent shift mu) and scheduler, the same VAE decode and rounding.
+So a seed gives the image diffusers gives for `generator=torch.Generator(device).manual_seed(seed)`.
+
+The stages are methods with typed inputs and outputs, so a server can run them separately (batch the
+denoise loop, decode elsewhere). Notation: B = len(prompts) * num_images, T text tokens, L image tokens,
+C latent channels (16), h, w latent height and width (image size / vae_scale_factor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ditserve.config import ConfigError, EngineConfig, ModelSpec, SamplingParams
+from ditserve.logging import init_logger
+from ditserve.pipelines import GenerationResult, synchronizer, to_pil
+
+logger = init_logger(__name__)
+
+REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                       "scheduler")
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning, already repeated per image (row b belongs to prompt b // num_images)."""
+
+    prompt_embeds: torch.Tensor  # (B, T, joint_attention_dim) T5 last hidden state, transformer dtype
+    pooled_prompt_embeds: torch.Tensor  # (B, pooled_projection_dim) CLIP pooled output, transformer dtype
+    text_ids: torch.Tensor  # (T, 3) RoPE positions of the text tokens: all zeros
+
+
+@dataclass
+class Latents:
+    """Packed latents: each token is a 2x2 patch of the (C, h, w) latent image, channels-major."""
+
+    latents: torch.Tensor  # (B, L, 4 * C), L = (h / 2) * (w / 2), transformer dtype
+    img_ids: torch.Tensor  # (L, 3) RoPE positions: (0, row, col) of each patch
+    height: int  # image height in pixels
+    width: int  # image width in pixels
+
+
+@dataclass
+class Timesteps:
+    """The sampling schedule and the scheduler instance (stateful: one per request) that steps it."""
+
+    timesteps: torch.Tensor  # (N,) float32 in [0, 1000], on the device
+    scheduler: Any  # a FlowMatchEulerDiscreteScheduler with set_timesteps and set_begin_index(0) done
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """FLUX's resolution-dependent timestep shift mu: linear in the number of image tokens, base_shift at
+    base_seq_len and max_shift at max_seq_len."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def _module_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    """A component's config as a plain dict (diffusers/transformers configs, or our dataclass configs)."""
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return dict(config)
+
+
+class FluxPipeline:
+    """FLUX.1 text-to-image. Built from loaded components (keys as in model_index.json: transformer,
+    vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, scheduler), the engine settings and the
+    model's spec (sampling defaults). `generate(params)` runs a request; the stages can also be run one by one.
+
+    The transformer is our `FluxTransformer` (or anything with its forward contract); the VAE, text encoders,
+    tokenizers and scheduler are diffusers' / transformers' classes. Text-encoder outputs are cast to the
+    transformer's dtype; the VAE decodes in its own dtype.
+    """
+
+    def __init__(self, components: dict[str, Any], engine: EngineConfig, spec: ModelSpec):
+        missing = [k for k in REQUIRED_COMPONENTS if components.get(k) is None]
+        if missing:
+            raise ConfigError(f"FluxPipeline: missing components {missing}; needs {list(REQUIRED_COMPONENTS)}")
+        self.engine = engine
+        self.spec = spec
+        self.device = engine.torch_device
+        self.transformer = components["transformer"]
+        self.vae = components["vae"]
+        self.text_encoder = components["text_encoder"]
+        self.tokenizer = components["tokenizer"]
+        self.text_encoder_2 = components["text_encoder_2"]
+        self.tokenizer_2 = components["tokenizer_2"]
+        self.scheduler = components["scheduler"]
+        for module in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2):
+            module.to(self.device).eval()  # no-op where the loader already placed them
+
+        self.dtype = _module_dtype(self.transformer)  # latents and text conditioning
+        self.vae_dtype = _module_dtype(self.vae)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.num_channels_latents = self.transformer.config.in_channels // 4
+        self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
+        self.clip_max_length = self.tokenizer.model_max_length  # 77 for CLIP-L
+        self._sync = synchronizer(self.device)
+        self._track_memory = self.device.type == "cuda"
+
+        if engine.compile:
+            from ditserve.compile import compile_model
+
+            self.transformer = compile_model(self.transformer)
+
+    # ---------------------------------------------------------------------------------------------- spec
+
+    @staticmethod
+    def spec_for(name: str, components: dict[str, Any]) -> ModelSpec:
+        """The ModelSpec of a loaded FLUX.1 checkpoint.
+
+        A preset name (e.g. "flux.1-dev") gives the preset. Otherwise defaults follow the transformer: with a
+        guidance embedder (FLUX.1-dev-like) 28 steps, guidance 3.5, max_sequence_length 512; without
+        (schnell-like) 4 steps, guidance 0, 256. The default size is the VAE's natural size (its config's
+        sample_size: 1024 for FLUX.1, smaller for tiny test models).
+        """
+        from ditserve.registry import PRESETS, preset
+
+        if name in PRESETS:
+            return preset(name)
+        transformer, vae = components["transformer"], components["vae"]
+        guided = bool(transformer.config.guidance_embeds)
+        size = int(vae.config.get("sample_size", 1024))
+        size = max(size - size % 16, 64)
+        class_names = {"transformer": "FluxTransformer2DModel"}  # the checkpoint's class, not our module's
+        return ModelSpec(
+            name=name,
+            pipeline="FluxPipeline",
+            components={k: (class_names.get(k, type(components[k]).__name__), _config_dict(components[k].config))
+                        for k in ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler")},
+            default_steps=28 if guided else 4,
+            default_guidance=3.5 if guided else 0.0,
+            default_height=size,
+            default_width=size,
+            max_sequence_length=512 if guided else 256,
+        )
+
+    # -------------------------------------------------------------------------------------------- stages
+
+    def _tokenize(self, tokenizer, prompts: list[str], max_length: int, what: str) -> torch.Tensor:
+        """(len(prompts), max_length) int64 ids, padded and truncated as diffusers does (with a warning)."""
+        ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        full_lengths = [len(x) for x in tokenizer(prompts, truncation=False).input_ids]
+        if max(full_lengths) > max_length:
+            logger.warning(f"a prompt was truncated to {max_length} {what} tokens "
+                           f"(it has {max(full_lengths)})")
+        return ids
+
+    def encode_prompt(self, prompts: list[str], num_images: int, max_sequence_length: int) -> PromptEmbeds:
+        """Prompts (P strings) -> text conditioning for B = P * num_images images."""
+        clip_ids = self._tokenize(self.tokenizer, prompts, self.clip_max_length, "CLIP")  # (P, 77)
+        pooled = self.text_encoder(clip_ids.to(self.device), output_hidden_states=False).pooler_output  # (P, Dp)
+        t5_ids = self._tokenize(self.tokenizer_2, prompts, max_sequence_length, "T5")  # (P, T)
+        embeds = self.text_encoder_2(t5_ids.to(self.device), output_hidden_states=False)[0]  # (P, T, Dj)
+        return PromptEmbeds(
+            prompt_embeds=embeds.to(self.dtype).repeat_interleave(num_images, dim=0),  # (B, T, Dj)
+            pooled_prompt_embeds=pooled.to(self.dtype).repeat_interleave(num_images, dim=0),  # (B, Dp)
+            text_ids=torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype),  # (T, 3)
+        )
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """Latent (h, w) for an image size: the VAE's downsampling, rounded down to even for 2x2 packing."""
+        patch = self.vae_scale_factor * 2
+        return 2 * (height // patch), 2 * (width // patch)
+
+    def prepare_latents(self, batch_size: int, height: int, width: int, seed: int) -> Latents:
+        """Initial noise for B images, identical to diffusers' for the same seed: one draw of shape
+        (B, C, h, w) from `torch.Generator(device).manual_seed(seed)` in the transformer's dtype, then packed."""
+        h, w = self.latent_size(height, width)
+        C = self.num_channels_latents
+        generator = torch.Generator(self.device).manual_seed(seed)
+        noise = torch.randn((batch_size, C, h, w), generator=generator, device=self.device,
+                            dtype=self.dtype)  # (B, C, h, w)
+        return Latents(latents=pack_latents(noise), img_ids=self.latent_image_ids(h, w), height=height,
+                       width=width)
+
+    def latent_image_ids(self, h: int, w: int) -> torch.Tensor:
+        """RoPE positions of the packed tokens: (L, 3) rows (0, i, j), i < h / 2, j < w / 2, row-major."""
+        ids = torch.zeros(h // 2, w // 2, 3)
+        ids[..., 1] = torch.arange(h // 2)[:, None]
+        ids[..., 2] = torch.arange(w // 2)[None, :]
+        return ids.reshape(-1, 3).to(device=self.device, dtype=self.dtype)  # (L, 3)
+
+    def timesteps(self, steps: int, image_seq_len: int) -> Timesteps:
+        """A fresh scheduler from the checkpoint's config, set to FLUX's schedule for `steps` steps:
+        sigmas linspace(1, 1/steps, steps), shifted by mu (dynamic shifting) or the configured shift."""
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        cfg = scheduler.config
+        sigmas = None if cfg.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
+        mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        if sigmas is None:
+            scheduler.set_timesteps(steps, device=self.device, mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
+        scheduler.set_begin_index(0)  # the step index is then known without a device->host lookup
+        return Timesteps(timesteps=scheduler.timesteps, scheduler=scheduler)
+
+    def denoise(self, latents: Latents, text: PromptEmbeds, schedule: Timesteps, guidance: float,
+                progress: bool = True) -> torch.Tensor:
+        """The sampling loop: returns the final packed latents (B, L, 4C). No host sync beyond the scheduler's."""
+        x = latents.latents  # (B, L, 4C)
+        B = x.shape[0]
+        g = torch.full((B,), guidance, device=self.device, dtype=torch.float32) if self.guidance_embeds else None
+        for t in tqdm(schedule.timesteps, desc="denoise", unit="step", disable=not progress):
+            timestep = t.expand(B).to(x.dtype)  # (B,) in [0, 1000], rounded to the latent dtype as diffusers
+            velocity = self.transformer(
+                hidden_states=x,
+                encoder_hidden_states=text.prompt_embeds,
+                pooled_projections=text.pooled_prompt_embeds,
+                timestep=timestep / 1000,  # the model takes sigma in [0, 1]
+                img_ids=latents.img_ids,
+                txt_ids=text.text_ids,
+                guidance=g,
+            )  # (B, L, 4C)
+            x = schedule.scheduler.step(velocity, t, x, return_dict=False)[0]  # (B, L, 4C)
+        return x
+
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> list[Any]:
+        """Packed latents (B, L, 4C) -> B PIL images of height x width."""
+        h, w = self.latent_size(height, width)
+        z = unpack_latents(latents, h, w)  # (B, C, h, w)
+        z = z / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        images = self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
+        return to_pil(images)
+
+    # ------------------------------------------------------------------------------------------ generate
+
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        """Defaults filled in, validated, and a seed drawn when none was given. Raises ConfigError."""
+        p = params.resolved(self.spec)
+        if not self.guidance_embeds and p.guidance:
+            raise ConfigError(f"{self.spec.name} has no guidance embedding (a schnell-like model): "
+                              f"guidance must be 0 or unset, got {p.guidance}")
+        if p.seed is None:
+            p.seed = secrets.randbits(63)
+        return p
+
+    @torch.inference_mode()
+    def generate(self, params: SamplingParams, progress: bool = True) -> GenerationResult:
+        """Run one request: len(params.prompts) * params.num_images images."""
+        p = self.resolve(params)
+        if self._track_memory:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._sync()
+        t0 = time.perf_counter()
+
+        text = self.encode_prompt(p.prompts, p.num_images, p.max_sequence_length)
+        self._sync()
+        t1 = time.perf_counter()
+
+        latents = self.prepare_latents(len(p.prompts) * p.num_images, p.height, p.width, p.seed)
+        schedule = self.timesteps(p.steps, latents.latents.shape[1])
+        final = self.denoise(latents, text, schedule, p.guidance, progress=progress)
+        self._sync()
+        t2 = time.perf_counter()
+
+        images = self.decode(final, p.height, p.width)
+        t3 = time.perf_counter()  # to_pil copied to the host: the device is idle
+
+        peak = torch.cuda.max_memory_allocated(self.device) if self._track_memory else None
+        timings = {"text_encode_s": t1 - t0, "denoise_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0}
+        return GenerationResult(images=images, timings=timings, peak_memory_bytes=peak, params=p)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, (h/2)(w/2), 4C): each 2x2 patch becomes one token, features ordered (C, 2, 2)."""
+    B, C, h, w = latents.shape
+    x = latents.view(B, C, h // 2, 2, w // 2, 2)
+    x = x.permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
+    return x.reshape(B, (h // 2) * (w // 2), C * 4)
+
+
+def unpack_latents(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of `pack_latents`: (B, (h/2)(w/2), 4C) -> (B, C, h, w)."""
+    B, L, D = latents.shape
+    x = latents.view(B, h // 2, w // 2, D // 4, 2, 2)
+    x = x.permute(0, 3, 1, 4, 2, 5)  # (B, C, h/2, 2, w/2, 2)
+    return x.reshape(B, D // 4, h, w)

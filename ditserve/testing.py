@@ -1,0 +1,193 @@
+"""Tiny, offline, random-weight checkpoints for tests and the packaged default model.
+
+`build_tiny_flux_pipeline(path)` writes a complete diffusers-format FLUX.1 folder (model_index.json plus
+transformer / vae / text_encoder / tokenizer / text_encoder_2 / tokenizer_2 / scheduler) a few MB in size,
+built from diffusers' and transformers' own classes and saved with diffusers' own `save_pretrained`, so that
+diffusers' `FluxPipeline.from_pretrained` and our loader read the very same files.
+
+Nothing here touches the network: the tokenizers are made from a small built-in vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Words given whole-word tokens in the tiny tokenizers; anything else falls back to characters (CLIP: bytes).
+_WORDS = (
+    "a an the of on in with and at to by for from is are this that photo picture painting image drawing "
+    "red green blue yellow orange purple pink black white gray brown gold silver dark light bright "
+    "circle square triangle star line dot background sky sea sun moon tree flower house city street road "
+    "cat dog bird horse fish person man woman child face hand car boat train mountain river forest field "
+    "small big large tiny old new beautiful simple detailed colorful night day morning sunset snow rain "
+    "hello world sign holding wearing sitting standing under over"
+).split()
+
+# CLIP's tokens for unseen text are single bytes; T5's are characters from this set.
+_T5_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'\"-:;()"
+
+TINY_CLIP_MAX_LENGTH = 77  # CLIP's context length, as in FLUX's CLIP-L
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level BPE's reversible map from bytes to printable unicode characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def _write_clip_tokenizer(dir: Path) -> None:
+    """vocab.json + merges.txt for CLIPTokenizer: all 256 byte symbols (alone and word-final), merges that
+    build each of `_WORDS` left to right, then the two special tokens (last, as in CLIP)."""
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for tok in byte_chars + [c + "</w>" for c in byte_chars]:
+        vocab.setdefault(tok, len(vocab))
+    merges: list[str] = []
+    for word in _WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        # Merge left to right: ((w o) r) d</w> -> "world</w>".
+        while len(symbols) > 1:
+            pair = f"{symbols[0]} {symbols[1]}"
+            merged = symbols[0] + symbols[1]
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(merged, len(vocab))
+            symbols = [merged] + symbols[2:]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    dir.mkdir(parents=True, exist_ok=True)
+    (dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    (dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": TINY_CLIP_MAX_LENGTH, **special}, indent=2))
+    (dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
+def _write_t5_tokenizer(dir: Path, model_max_length: int = 512) -> None:
+    """tokenizer.json (a `tokenizers` Unigram model laid out like T5's: <pad>=0, </s>=1, <unk>=2, Metaspace
+    pre-tokenizer, "</s>" appended) for T5TokenizerFast / T5Tokenizer."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+
+    # Whole words score higher than their spelling out in characters, so the Viterbi split prefers them.
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    pieces += [("▁" + w, -5.0) for w in _WORDS]
+    pieces += [("▁" + c, -9.0) for c in _T5_CHARS if "▁" + c not in dict(pieces)]
+    pieces += [(c, -10.0) for c in _T5_CHARS]
+    tok = Tokenizer(Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)])
+    dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(dir / "tokenizer.json"))
+    special = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    (dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "T5Tokenizer", "model_max_length": model_max_length, "extra_ids": 0, **special},
+        indent=2))
+    (dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
+def make_tiny_tokenizers(dir: str | Path) -> tuple[Path, Path]:
+    """Write a tiny CLIP tokenizer to `dir/tokenizer` and a tiny T5 tokenizer to `dir/tokenizer_2`.
+
+    Both load offline with `from_pretrained` (CLIPTokenizer / T5TokenizerFast). Returns the two folders.
+    """
+    dir = Path(dir)
+    _write_clip_tokenizer(dir / "tokenizer")
+    _write_t5_tokenizer(dir / "tokenizer_2")
+    return dir / "tokenizer", dir / "tokenizer_2"
+
+
+# FLUX.1's scheduler configs (scheduler/scheduler_config.json of the two releases).
+FLUX_DEV_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                          max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+FLUX_SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
+                              max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
+
+@torch.no_grad()
+def _perturb_zeros(module: torch.nn.Module, generator: torch.Generator, std: float = 0.02) -> None:
+    """Give every all-zero weight matrix small random values, so no layer is an exact no-op (a zero output
+    projection would make every image the same constant)."""
+    for p in module.parameters():
+        if p.ndim >= 2 and not p.any():
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
+
+
+def build_tiny_flux_pipeline(path: str | Path, *, guidance_embeds: bool = True, seed: int = 0,
+                             sample_size: int = 256) -> Path:
+    """Build a tiny random FLUX.1 pipeline with diffusers' classes and save it (safetensors) at `path`.
+
+    Architecture (FLUX.1's layout at toy widths): a FluxTransformer2DModel with 2 double and 2 single blocks,
+    2 heads of 16 (rope axes 4+6+6), in_channels 64 (= 4 x 16 latent channels, the 2x2 packing); an
+    AutoencoderKL with 4 levels (8x downsampling, like FLUX's), 16 latent channels, no quant convs, FLUX's
+    scaling/shift factors, natural size `sample_size`; a 2-layer CLIPTextModel (width 32 = the transformer's
+    pooled_projection_dim) and a 2-layer T5EncoderModel (d_model 32 = joint_attention_dim); FLUX-dev's
+    dynamic-shifting scheduler config with `guidance_embeds`, schnell's without.
+
+    Deterministic: the same `seed` gives byte-identical weights. Returns `path`.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import T5TokenizerFast
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok_dir = path / "_tokenizers_src"
+    make_tiny_tokenizers(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir / "tokenizer")
+    tokenizer_2 = T5TokenizerFast.from_pretrained(tok_dir / "tokenizer_2")
+
+    text_width = 32
+    torch.manual_seed(seed)  # every constructor below draws its init from the global generator
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=text_width, pooled_projection_dim=text_width,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+        latent_channels=16, norm_num_groups=4, sample_size=sample_size, scaling_factor=0.3611,
+        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    clip_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=TINY_CLIP_MAX_LENGTH, hidden_act="quick_gelu",
+        projection_dim=text_width, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(clip_config)
+    t5_config = T5Config(
+        vocab_size=len(tokenizer_2), d_model=text_width, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0)
+    text_encoder_2 = T5EncoderModel(t5_config)
+    scheduler = FlowMatchEulerDiscreteScheduler(**(FLUX_DEV_SCHEDULER if guidance_embeds else FLUX_SCHNELL_SCHEDULER))
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    for module in (transformer, vae, text_encoder, text_encoder_2):
+        _perturb_zeros(module, gen)
+        module.eval()
+
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.save_pretrained(path, safe_serialization=True)
+    for f in sorted(tok_dir.rglob("*"), reverse=True):  # the scratch tokenizer sources
+        f.unlink() if f.is_file() else f.rmdir()
+    tok_dir.rmdir()
+    return path
