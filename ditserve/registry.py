@@ -25,6 +25,12 @@ COMPONENT_CLASSES: dict[str, str] = {
     "T5TokenizerFast": "transformers:T5TokenizerFast",
 }
 
+# Our DiT classes (values of COMPONENT_CLASSES under ditserve.models) -> their config class, which has
+# `from_diffusers(config.json dict)`. The loader builds these itself (meta device, then safetensors streaming).
+DIT_CONFIGS: dict[str, str] = {
+    "FluxTransformer2DModel": "ditserve.models.flux:FluxConfig",
+}
+
 # model_index.json `_class_name` -> our pipeline.
 PIPELINES: dict[str, str] = {
     "FluxPipeline": "ditserve.pipelines.flux:FluxPipeline",
@@ -51,6 +57,10 @@ def lookup(table: dict[str, str], name: str, what: str) -> Any:
 
 def component_class(class_name: str) -> Any:
     return lookup(COMPONENT_CLASSES, class_name, "component class")
+
+
+def dit_config_class(class_name: str) -> Any:
+    return lookup(DIT_CONFIGS, class_name, "DiT class")
 
 
 def pipeline_class(class_name: str) -> Any:
