@@ -112,6 +112,17 @@ def _check_engine(engine: EngineConfig) -> None:
                           f"installed (install it, or use --attention sdpa)")
 
 
+def _quiet_libraries() -> None:
+    """diffusers' and transformers' own loading chatter (per-file progress bars, advice to install
+    accelerate) off: the CLI logs what it loads itself. Their errors still show."""
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+
+
 def _format_summary(result, n_steps: int) -> str:
     t = result.timings
     rate = n_steps / t["denoise_s"] if t["denoise_s"] > 0 else float("inf")
@@ -132,10 +143,12 @@ def _generate(args: argparse.Namespace) -> int:
     _check_engine(engine)
 
     from ditserve.loader import load_model
+    from ditserve.registry import pipeline_class
 
+    _quiet_libraries()
     t0 = time.perf_counter()
     loaded = load_model(args.model, engine)
-    pipe_cls = loaded.pipeline_class
+    pipe_cls = pipeline_class(loaded.pipeline_class)
     pipe = pipe_cls(loaded.components, engine, pipe_cls.spec_for(loaded.name, loaded.components))
     load_s = time.perf_counter() - t0
 

@@ -119,10 +119,10 @@ class FluxPipeline:
         self._sync = synchronizer(self.device)
         self._track_memory = self.device.type == "cuda"
 
-        if engine.compile:
-            from ditserve.compile import compile_model
+        if engine.compile:  # regional, in place; compiling happens at the first denoise step
+            from ditserve.compile import CompileConfig, compile_model
 
-            self.transformer = compile_model(self.transformer)
+            self.transformer = compile_model(self.transformer, CompileConfig())
 
     # ---------------------------------------------------------------------------------------------- spec
 
