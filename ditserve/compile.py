@@ -1,0 +1,465 @@
+"""Compile policy: regional torch.compile of a DiT, and the `ditserve compile-report` diagnostic.
+
+Regional compilation: a DiT is a stack of a few block classes repeated many times. A model declares them in
+its class attribute `repeated_blocks` (names of nn.ModuleLists); `compile_model` compiles every block in
+place with `block.compile(...)`. Dynamo caches compiled code per code object (the block class's forward), so
+the 19 double blocks of FLUX.1 share one graph and the 38 single blocks another: compile time is paid once per
+block class, not once per block. `regional=False` compiles the whole model instead (one big graph, a few
+percent faster at several times the compile time).
+
+Compiled modules are tracked by identity (a weak registry), so calling `compile_model` again (after mounting
+a cache, from a warmup path, ...) compiles nothing twice; asking to recompile a module with other settings is
+an error, never a silent no-op.
+
+Dynamic shapes: with `dynamic=True` the sequence lengths are symbolic, so a new resolution reuses the compiled
+graphs. Dynamo's "duck shaping" would give two dimensions that happen to be equal at the first call one shared
+symbol, so an image whose token count equals the hidden width (FLUX.1: 3072 tokens at 768x1024, 3072 = D) or
+the text length would specialise the graph to that size and every other resolution would recompile.
+`compile_model` therefore turns duck shaping off for the process (`torch.fx.experimental._config.
+use_duck_shape = False`): the one global compiler flag ditserve sets, set when a model is compiled, never at
+import.
+
+`compile_report` compiles a model as the engine would (but with fullgraph=False, to count graph breaks
+rather than stop at the first), runs it at two resolutions and reports graph count, graph breaks with their
+reasons and locations, recompiles at the second resolution with their reasons, and compile time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import re
+import sys
+import time
+import weakref
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ditserve.config import DTYPES, LOAD_FORMATS, MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, ConfigError
+
+# Backends a user may pick. inductor is the engine's; eager / aot_eager trace exactly as inductor does (same
+# graphs, breaks and recompiles) but skip code generation: quick graph-break checks.
+BACKENDS = ("inductor", "aot_eager", "eager")
+# inductor modes (None = inductor's default).
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """How the DiT is compiled.
+
+    enabled: compile at all (`compile_model` returns the model untouched when False).
+    mode: inductor mode (None = default; "max-autotune-no-cudagraphs" tunes GEMM/conv kernels; modes with
+        CUDA graphs need static input addresses, see torch.compile).
+    dynamic: True makes sequence lengths symbolic from the first compile, so a new resolution does not
+        recompile; False specialises to each shape (one compile per resolution); None lets dynamo decide
+        (static first, dynamic after the first recompile).
+    fullgraph: a graph break inside a compiled region is an error (the engine's setting: zero breaks).
+    backend: "inductor" (the engine's), "aot_eager" or "eager" (quick checks, no code generation).
+    regional: compile each block of `model.repeated_blocks` (True) or the whole model as one graph (False).
+    """
+
+    enabled: bool = True
+    mode: str | None = None
+    dynamic: bool | None = True
+    fullgraph: bool = True
+    backend: str = "inductor"
+    regional: bool = True
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown compile backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
+        if self.mode is not None:
+            if self.mode not in MODES:
+                raise ConfigError(f"unknown compile mode {self.mode!r}; valid: {', '.join(MODES)}")
+            if self.backend != "inductor":
+                raise ConfigError(f"compile mode {self.mode!r} needs backend 'inductor', got {self.backend!r}")
+
+    def compile_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `torch.compile` / `nn.Module.compile`."""
+        kw: dict[str, Any] = dict(backend=self.backend, fullgraph=self.fullgraph, dynamic=self.dynamic)
+        if self.mode is not None:
+            kw["mode"] = self.mode
+        return kw
+
+
+# module -> the CompileConfig it was compiled with. Weak keys: the registry never keeps a model alive.
+# nn.Module hashes and compares by identity, so two equal-looking blocks are two entries.
+_compiled: "weakref.WeakKeyDictionary[nn.Module, CompileConfig]" = weakref.WeakKeyDictionary()
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether `compile_model` compiled this very module object."""
+    return module in _compiled
+
+
+def compiled_modules(model: nn.Module) -> list[str]:
+    """Qualified names ("" for the model itself) of the modules of `model` that `compile_model` compiled."""
+    return [name for name, m in model.named_modules(remove_duplicate=False) if m in _compiled]
+
+
+def compile_regions(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (qualified name, block) pairs regional compilation compiles: the children of every ModuleList
+    named in the model class's `repeated_blocks`. Raises ConfigError when the model declares none."""
+    names = getattr(type(model), "repeated_blocks", None)
+    if not names:
+        raise ConfigError(f"{type(model).__name__} declares no `repeated_blocks`, so it cannot be compiled "
+                          f"regionally; compile it whole (regional=False)")
+    regions = []
+    for list_name in names:
+        blocks = getattr(model, list_name, None)
+        if not isinstance(blocks, nn.ModuleList):
+            raise ConfigError(f"{type(model).__name__}.repeated_blocks names {list_name!r}, which is not an "
+                              f"nn.ModuleList attribute of the model")
+        regions.extend((f"{list_name}.{i}", block) for i, block in enumerate(blocks))
+    return regions
+
+
+def set_process_compiler_flags() -> None:
+    """Compiler flags ditserve needs for the whole process (idempotent): duck shaping off, so that sizes that
+    happen to coincide at the first call (tokens == hidden width, image tokens == text tokens) do not
+    specialise a dynamic graph. See the module docstring."""
+    torch.fx.experimental._config.use_duck_shape = False
+
+
+def compile_model(model: nn.Module, cfg: CompileConfig) -> nn.Module:
+    """Compile `model` in place as `cfg` says and return it.
+
+    Regional (default): every block of `model.repeated_blocks` gets `block.compile(...)`. Whole
+    (regional=False): `model.compile(...)`. A module compiled before (tracked by identity) is skipped if it
+    was compiled with the same settings; other settings, or mixing regional and whole-model compilation on
+    one model, raise ValueError. Compilation itself happens lazily, at each region's first call.
+    """
+    if not cfg.enabled:
+        return model
+    if cfg.regional:
+        if model in _compiled:
+            raise ValueError(f"{type(model).__name__} was compiled whole; it cannot also be compiled regionally")
+        targets = [block for _, block in compile_regions(model)]
+    else:
+        inner = [name for name in compiled_modules(model) if name]
+        if inner:
+            raise ValueError(f"{type(model).__name__} has regionally compiled blocks ({inner[0]}, ...); "
+                             f"it cannot also be compiled whole")
+        targets = [model]
+    set_process_compiler_flags()
+    for module in targets:
+        done = _compiled.get(module)
+        if done is not None:
+            if done != cfg:
+                raise ValueError(f"a {type(module).__name__} was already compiled with {done}; "
+                                 f"it cannot be recompiled with {cfg}")
+            continue  # the same module object, e.g. listed twice or a second compile_model call
+        module.compile(**cfg.compile_kwargs())
+        _compiled[module] = cfg
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def flux_example_inputs(config, height: int, width: int, batch: int = 1, text_len: int = 512,
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        seed: int = 0) -> dict[str, torch.Tensor | None]:
+    """FluxTransformer kwargs for a `height` x `width` image: random (seeded, drawn on the CPU) tensors.
+
+    `config` is a FluxConfig. Image tokens L = (height/16) * (width/16) (8x VAE, then 2x2 packing);
+    hidden_states (B, L, in_channels), encoder_hidden_states (B, text_len, joint_attention_dim),
+    pooled_projections (B, pooled_projection_dim), timestep (B,) in [0, 1], img_ids (L, 3) = (0, row, col),
+    txt_ids (text_len, 3) zeros, guidance (B,) if the model is guidance-distilled else None.
+    """
+    for name, v in (("height", height), ("width", width)):
+        if v % SIZE_MULTIPLE or v <= 0:
+            raise ConfigError(f"{name} must be a positive multiple of {SIZE_MULTIPLE}, got {v}")
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols = height // SIZE_MULTIPLE, width // SIZE_MULTIPLE
+    img_ids = torch.zeros(rows, cols, 3)
+    img_ids[..., 1] = torch.arange(rows)[:, None]
+    img_ids[..., 2] = torch.arange(cols)[None, :]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    return dict(
+        hidden_states=rand(batch, rows * cols, config.in_channels),
+        encoder_hidden_states=rand(batch, text_len, config.joint_attention_dim),
+        pooled_projections=rand(batch, config.pooled_projection_dim),
+        timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        img_ids=img_ids.reshape(rows * cols, 3).to(device=device, dtype=dtype),
+        txt_ids=torch.zeros(text_len, 3, device=device, dtype=dtype),
+        guidance=torch.full((batch,), 3.5, device=device, dtype=dtype) if config.guidance_embeds else None,
+    )
+
+
+def _counters() -> dict[str, Counter]:
+    """A copy of dynamo's global counters (category -> Counter)."""
+    return {k: Counter(v) for k, v in torch._dynamo.utils.counters.items()}
+
+
+def _delta(before: dict[str, Counter], category: str) -> Counter:
+    after = torch._dynamo.utils.counters.get(category, Counter())
+    d = Counter(after)
+    d.subtract(before.get(category, Counter()))
+    return +d  # drop zero / negative entries
+
+
+# dynamo logs every graph break, with its location, to this artifact logger when it is enabled at DEBUG.
+_GRAPH_BREAK_LOGGER = "torch._dynamo.symbolic_convert.__graph_breaks"
+_GRAPH_BREAK_RE = re.compile(r"in user code at (?P<loc>[^\n]+:\d+)\nGraph Break Reason: (?P<reason>[^\n]*)")
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _capture_graph_break_logs() -> Iterator[_ListHandler]:
+    """Collect dynamo's graph-break log records (they carry the user file:line) without printing them; the
+    logger's level, handlers and propagation are restored on exit."""
+    logger = logging.getLogger(_GRAPH_BREAK_LOGGER)
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    handler = _ListHandler()
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    logger.handlers = [handler]
+    try:
+        yield handler
+    finally:
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        logger.handlers = saved[2]
+
+
+def _break_reasons(log_messages: list[str], counted: Counter) -> list[str]:
+    """Unique "file:line: reason" strings from the captured logs; dynamo's bare reason messages (first line)
+    for any break the logs did not show."""
+    reasons = []
+    for msg in log_messages:
+        m = _GRAPH_BREAK_RE.search(msg)
+        if m:
+            reasons.append(f"{m['loc']}: {m['reason'].strip()}")
+    if not reasons:
+        reasons = [msg.strip().splitlines()[0] for msg in counted]
+    return sorted(set(reasons))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def _timed_call(model: nn.Module, inputs: dict, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    model(**inputs)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def compile_report(model: nn.Module, make_inputs: Callable[[int, int], dict], sizes: list[tuple[int, int]],
+                   cfg: CompileConfig | None = None, name: str | None = None, steady_iters: int = 3
+                   ) -> dict[str, Any]:
+    """Compile `model` as the engine would and report what the compiler did, at two resolutions.
+
+    make_inputs(height, width) -> the model's forward kwargs. sizes: [(h, w), (h2, w2)]; the second size
+    must give another sequence length. The model must not be compiled yet; it is left compiled with
+    fullgraph=False (so breaks are counted, not raised) and the report's backend.
+
+    Returns a JSON-able dict:
+      graph_count: graphs compiled at the first size (regional FLUX: one per block class).
+      graph_breaks: graph-break events while tracing, both sizes; break_reasons: unique "file:line: reason".
+      recompiles: frames compiled during the second size's calls (0 where shapes are meant to be dynamic);
+          recompile_reasons: the guard failures dynamo gave for them.
+      compile_seconds: first call minus a steady-state call (the fastest of `steady_iters`) at the first
+          size; second_size_compile_seconds: the same at the second size (~0 when nothing recompiles).
+      steady_seconds: the steady-state call at the first size. Plus model, sizes, device, dtype, torch, and
+          the compile settings.
+    Counts come from dynamo's process-wide counters: compile nothing else in the process meanwhile.
+    """
+    cfg = cfg if cfg is not None else CompileConfig()
+    if len(sizes) != 2:
+        raise ConfigError(f"compile_report needs two sizes, got {len(sizes)}")
+    if compiled_modules(model):
+        raise ValueError("compile_report needs a model that compile_model has not compiled yet")
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    report_cfg = replace(cfg, enabled=True, fullgraph=False)
+
+    inputs = [make_inputs(h, w) for h, w in sizes]
+    with torch.inference_mode(), _capture_graph_break_logs() as logs:
+        compile_model(model, report_cfg)
+
+        start = _counters()
+        first = _timed_call(model, inputs[0], device)
+        steady = min(_timed_call(model, inputs[0], device) for _ in range(steady_iters))
+        graph_count = _delta(start, "stats")["unique_graphs"]
+
+        before_second = _counters()
+        metrics_before = {id(m) for m in torch._dynamo.utils.get_compilation_metrics()}
+        second_first = _timed_call(model, inputs[1], device)
+        second_steady = min(_timed_call(model, inputs[1], device) for _ in range(steady_iters))
+        recompiles = _delta(before_second, "frames")["total"]
+        recompile_reasons = sorted({
+            f"{m.co_filename}:{m.co_firstlineno} {m.co_name}: {m.recompile_reason}"
+            for m in torch._dynamo.utils.get_compilation_metrics()
+            if id(m) not in metrics_before and m.recompile_reason})
+
+    breaks = _delta(start, "graph_break")
+    return {
+        "model": name if name is not None else type(model).__name__,
+        "sizes": [list(s) for s in sizes],
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "compile": asdict(cfg),
+        "graph_count": graph_count,
+        "graph_breaks": sum(breaks.values()),
+        "break_reasons": _break_reasons(logs.messages, breaks),
+        "recompiles": recompiles,
+        "recompile_reasons": recompile_reasons,
+        # Clamped at 0: with nothing to compile, the difference is timing noise.
+        "compile_seconds": round(max(first - steady, 0.0), 3),
+        "second_size_compile_seconds": round(max(second_first - second_steady, 0.0), 3),
+        "steady_seconds": round(steady, 4),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def add_compile_report_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of `ditserve compile-report`."""
+    from ditserve.ops.attention import BACKENDS as ATTENTION_BACKENDS
+
+    parser.add_argument("--model", default=None,
+                        help="diffusers-format model folder, hub id, or with --load-format dummy a preset name "
+                             "(default: the small packaged model)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="first image height, a multiple of 16 (default: the model's default size)")
+    parser.add_argument("--width", type=int, default=None, help="first image width (default: the model's)")
+    parser.add_argument("--height2", type=int, default=None,
+                        help="second image height, for the recompile check (default: half the first height, "
+                             "or the first + 32 where half is below the minimum)")
+    parser.add_argument("--width2", type=int, default=None, help="second image width (default: the first width)")
+    parser.add_argument("--text-len", type=int, default=None,
+                        help="text tokens (default: the model's max_sequence_length; 512 for folders)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="compute dtype (default: bf16 on GPUs, fp32 on CPU)")
+    parser.add_argument("--device", default=None, help="torch device (default: best available)")
+    parser.add_argument("--load-format", choices=list(LOAD_FORMATS), default="auto",
+                        help="auto/safetensors: the model's weights; dummy: random weights at full size")
+    parser.add_argument("--kernels", choices=["auto", "native", "triton"], default="auto",
+                        help="fused-op code paths")
+    parser.add_argument("--attention", choices=list(ATTENTION_BACKENDS), default="sdpa", help="attention backend")
+    parser.add_argument("--backend", choices=list(BACKENDS), default="inductor",
+                        help="compiler backend: inductor (the engine's), or aot_eager / eager for a quick "
+                             "graph-break and recompile check without code generation")
+    parser.add_argument("--mode", choices=list(MODES), default=None, help="inductor mode (default: default)")
+    parser.add_argument("--static", action="store_true",
+                        help="compile with static shapes (dynamic=False): every resolution recompiles")
+    parser.add_argument("--whole-model", action="store_true",
+                        help="compile the whole model as one graph instead of each repeated block")
+
+
+def _check_size(name: str, v: int) -> None:
+    if not (MIN_SIZE <= v <= MAX_SIZE) or v % SIZE_MULTIPLE:
+        raise ConfigError(f"--{name} must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}, "
+                          f"got {v}")
+
+
+def second_size(height: int, width: int) -> tuple[int, int]:
+    """The default second resolution: half the height (a multiple of 16), or the height + 32 where half would
+    be below the minimum size. Its token count always differs from the first's."""
+    h2 = height // 2 // SIZE_MULTIPLE * SIZE_MULTIPLE
+    return (h2 if h2 >= MIN_SIZE else height + 2 * SIZE_MULTIPLE), width
+
+
+def _model_defaults(model: str | None, load_format: str) -> tuple[int, int, int]:
+    """(height, width, text_len) defaults: a preset's own; for a folder the pipeline's rule (the VAE's
+    sample_size, see FluxPipeline.spec_for) and 512 text tokens."""
+    from ditserve import registry
+    from ditserve.loader import resolve_model
+
+    if load_format == "dummy" and model in registry.PRESETS:
+        spec = registry.preset(model)
+        return spec.default_height, spec.default_width, spec.max_sequence_length
+    vae_config = resolve_model(model, weights=load_format != "dummy") / "vae" / "config.json"
+    size = int(json.loads(vae_config.read_text()).get("sample_size", 1024)) if vae_config.is_file() else 1024
+    size = max(size - size % SIZE_MULTIPLE, MIN_SIZE)
+    return size, size, 512
+
+
+def _example_inputs_fn(model: nn.Module) -> Callable[..., dict]:
+    from ditserve.models.flux import FluxTransformer
+
+    if isinstance(model, FluxTransformer):
+        return flux_example_inputs
+    raise ConfigError(f"compile-report has no example inputs for {type(model).__name__}")
+
+
+def _progress(msg: str) -> None:
+    print(f"compile-report: {msg}", file=sys.stderr, flush=True)
+
+
+def compile_report_main(args: argparse.Namespace) -> int:
+    """`ditserve compile-report`: load the DiT only, report, print one JSON line last on stdout.
+    User mistakes raise ConfigError."""
+    from ditserve.config import EngineConfig
+    from ditserve.loader import load_transformer
+    from ditserve.ops.attention import attention_backend_available
+
+    engine = EngineConfig(device=args.device, dtype=args.dtype, compile=True, kernels=args.kernels,
+                          attention=args.attention, load_format=args.load_format)
+    try:
+        device = engine.torch_device
+    except RuntimeError as e:
+        raise ConfigError(f"--device {args.device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device!r}: torch sees no CUDA device")
+    if not attention_backend_available(args.attention):
+        raise ConfigError(f"--attention {args.attention}: its Python package is not installed")
+    cfg = CompileConfig(mode=args.mode, dynamic=not args.static, backend=args.backend, regional=not args.whole_model)
+    for name in ("height", "width", "height2", "width2"):
+        if getattr(args, name) is not None:
+            _check_size(name, getattr(args, name))
+    if args.text_len is not None and args.text_len < 1:
+        raise ConfigError(f"--text-len must be >= 1, got {args.text_len}")
+
+    height, width, text_len = _model_defaults(args.model, args.load_format)
+    height, width = args.height or height, args.width or width
+    h2, w2 = second_size(height, width)
+    h2, w2 = args.height2 or h2, args.width2 or w2
+    text_len = args.text_len or text_len
+    if (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE) == (h2 // SIZE_MULTIPLE) * (w2 // SIZE_MULTIPLE):
+        raise ConfigError(f"the two sizes {height}x{width} and {h2}x{w2} give the same number of image tokens; "
+                          f"pick a second size with another area")
+
+    _progress(f"loading the transformer of {args.model or 'the packaged default model'}")
+    t0 = time.perf_counter()
+    model, _ = load_transformer(args.model, engine)
+    make = _example_inputs_fn(model)
+    param = next(model.parameters())
+    _progress(f"loaded in {time.perf_counter() - t0:.1f} s ({param.device}, {param.dtype}); compiling with "
+              f"{cfg.backend} and running {height}x{width}, then {h2}x{w2} ({text_len} text tokens)")
+
+    def make_inputs(h: int, w: int) -> dict:
+        return make(model.config, h, w, text_len=text_len, device=param.device, dtype=param.dtype)
+
+    report = compile_report(model, make_inputs, [(height, width), (h2, w2)], cfg,
+                            name=args.model or "default")
+    report["text_len"] = text_len
+    _progress(f"{report['graph_count']} graphs, {report['graph_breaks']} graph breaks, "
+              f"{report['recompiles']} recompiles, compile {report['compile_seconds']:.1f} s")
+    print(json.dumps(report))
+    return 0
