@@ -1,0 +1,480 @@
+"""FLUX.1 (dev, schnell): the MMDiT transformer of Black Forest Labs, built on `ditserve.ops`.
+
+Numerically this is diffusers' `FluxTransformer2DModel` (0.42.x): same inputs, same conventions, same weights
+(loaded from a diffusers state dict through `FluxTransformer.weight_map`). The layout differs where it is
+faster: q/k/v of each stream come from one fused Linear, the single-stream block computes q/k/v and the MLP
+hidden state with one Linear (3D + 4D outputs) and projects concat(attn, mlp) with one Linear, and the two
+AdaLN modulations of a double-stream block (image and text) are one Linear.
+
+Notation in shape comments: B batch, L image tokens, T text tokens, S = T + L, D = heads * head_dim (hidden),
+H heads, Dh head_dim, C in_channels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditserve.config import ConfigError, ModelSpec
+from ditserve.ops import (
+    Attention, Linear, MulAdd, NormScaleShift, OpsConfig, ResidualNormScaleShift, RMSNorm, Rotary,
+    axial_rope_cos_sin,
+)
+
+ROPE_THETA = 10000.0
+TIME_EMBED_DIM = 256  # sinusoidal timestep / guidance features
+NORM_EPS = 1e-6  # AdaLN LayerNorms and the QK RMSNorms
+FP16_MAX = 65504.0
+
+
+# --------------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """Architecture of a FLUX.1 transformer. Field names and defaults are diffusers' `FluxTransformer2DModel`
+    constructor arguments (the defaults are FLUX.1-schnell's values)."""
+
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None  # None -> in_channels
+    num_layers: int = 19  # double-stream blocks
+    num_single_layers: int = 38  # single-stream blocks
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096  # text embedding width (T5 d_model)
+    pooled_projection_dim: int = 768  # pooled text embedding width (CLIP)
+    guidance_embeds: bool = False  # True for the guidance-distilled FLUX.1-dev
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
+        if self.out_channels is None:
+            object.__setattr__(self, "out_channels", self.in_channels)
+        if self.patch_size != 1:
+            raise ConfigError(
+                f"FLUX.1 transformer: patch_size must be 1 (the pipeline packs 2x2 latent patches into tokens "
+                f"itself), got {self.patch_size}")
+        for name in ("in_channels", "out_channels", "num_attention_heads", "attention_head_dim",
+                     "joint_attention_dim", "pooled_projection_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"FLUX.1 transformer: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_layers", "num_single_layers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"FLUX.1 transformer: {name} must be >= 0, got {getattr(self, name)}")
+        if any(a <= 0 or a % 2 for a in self.axes_dims_rope):
+            raise ConfigError(f"FLUX.1 transformer: every axes_dims_rope entry must be even and positive, "
+                              f"got {list(self.axes_dims_rope)}")
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ConfigError(
+                f"FLUX.1 transformer: sum(axes_dims_rope) = {sum(self.axes_dims_rope)} must equal "
+                f"attention_head_dim = {self.attention_head_dim}")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_diffusers(cls, d: dict[str, Any]) -> "FluxConfig":
+        """From a diffusers `FluxTransformer2DModel` config.json dict. Keys starting with "_" (class name,
+        versions) are ignored; any other key we do not know raises ConfigError (a config written by a newer
+        diffusers may mean an architecture change we must not silently ignore)."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if not k.startswith("_")}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ConfigError(
+                f"unsupported FluxTransformer2DModel config keys {unknown}; supported: {sorted(known)}")
+        return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ embedders
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = TIME_EMBED_DIM, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of (already x1000-scaled) timesteps: t (B,) -> (B, dim) float32, [cos | sin].
+
+    Frequencies exp(-ln(max_period) * i / (dim/2)), i < dim/2: diffusers' `Timesteps(dim, flip_sin_to_cos=True,
+    downscale_freq_shift=0)`, op for op, so fp32 results are bit-identical.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    args = t.float()[:, None] * torch.exp(exponent)[None, :]  # (B, dim/2)
+    return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)  # (B, dim)
+
+
+class MLPEmbedder(nn.Module):
+    """out_layer(silu(in_layer(x))): x (B, in_dim) -> (B, dim). Embeds timestep, guidance and pooled text."""
+
+    def __init__(self, in_dim: int, dim: int, ops: OpsConfig, device=None, dtype=None):
+        super().__init__()
+        self.in_layer = Linear(in_dim, dim, ops=ops, device=device, dtype=dtype)
+        self.out_layer = Linear(dim, dim, ops=ops, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+# ------------------------------------------------------------------------------------------------- blocks
+
+
+class FluxDoubleBlock(nn.Module):
+    """Double-stream (MMDiT) block: separate weights per stream, one joint attention over [txt, img].
+
+    forward(img (B, L, D), txt (B, T, D), temb (B, D), cos, sin (T+L, Dh/2) fp32) -> (img, txt), same shapes.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, ops: OpsConfig, attention: str, clamp_fp16: bool,
+                 device=None, dtype=None):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.clamp_fp16 = clamp_fp16
+        lin = dict(ops=ops, device=device, dtype=dtype)
+        # AdaLN-Zero modulation of both streams in one GEMM: [img: 6 x D | txt: 6 x D].
+        self.mod = Linear(dim, 12 * dim, **lin)
+        self.norm1 = NormScaleShift(dim, eps=NORM_EPS, norm="layer", ops=ops)
+        self.img_qkv = Linear(dim, 3 * dim, **lin)
+        self.txt_qkv = Linear(dim, 3 * dim, **lin)
+        self.img_q_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
+        self.img_k_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
+        self.txt_q_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
+        self.txt_k_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
+        self.rotary = Rotary(interleaved=True, ops=ops)
+        self.attn = Attention(attention)
+        self.img_attn_out = Linear(dim, dim, **lin)
+        self.txt_attn_out = Linear(dim, dim, **lin)
+        self.norm2 = ResidualNormScaleShift(dim, eps=NORM_EPS, norm="layer", ops=ops)
+        self.img_mlp_in = Linear(dim, 4 * dim, **lin)
+        self.img_mlp_out = Linear(4 * dim, dim, **lin)
+        self.txt_mlp_in = Linear(dim, 4 * dim, **lin)
+        self.txt_mlp_out = Linear(4 * dim, dim, **lin)
+        self.gated_add = MulAdd(k=0.0, ops=ops)  # gated_add(y, gate, r) = r + gate * y
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = txt.shape[1]
+        mod = self.mod(F.silu(temb)).unsqueeze(1)  # (B, 1, 12D)
+        (img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2,
+         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2) = mod.chunk(12, dim=-1)  # (B, 1, D)
+
+        # Attention over the joint sequence [txt, img].
+        img_h = self.norm1(img, img_scale1, img_shift1)  # (B, L, D)
+        txt_h = self.norm1(txt, txt_scale1, txt_shift1)  # (B, T, D)
+        img_q, img_k, img_v = self.img_qkv(img_h).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # (B, L, H, Dh)
+        txt_q, txt_k, txt_v = self.txt_qkv(txt_h).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # (B, T, H, Dh)
+        q = torch.cat((self.txt_q_norm(txt_q), self.img_q_norm(img_q)), dim=1)  # (B, S, H, Dh)
+        k = torch.cat((self.txt_k_norm(txt_k), self.img_k_norm(img_k)), dim=1)  # (B, S, H, Dh)
+        v = torch.cat((txt_v, img_v), dim=1)  # (B, S, H, Dh)
+        q = self.rotary(q, cos, sin)
+        k = self.rotary(k, cos, sin)
+        attn = self.attn(q, k, v).flatten(2)  # (B, S, D)
+        txt_attn, img_attn = attn[:, :T], attn[:, T:]  # (B, T, D), (B, L, D)
+
+        # Image stream: gated residual + AdaLN, then the MLP with a gated residual.
+        img_h, img = self.norm2(self.img_attn_out(img_attn), img, img_gate1, img_scale2, img_shift2)  # (B, L, D) x2
+        img_h = self.img_mlp_out(F.gelu(self.img_mlp_in(img_h), approximate="tanh"))  # (B, L, 4D) -> (B, L, D)
+        img = self.gated_add(img_h, img_gate2, img)  # (B, L, D)
+
+        # Text stream: the same with its own weights.
+        txt_h, txt = self.norm2(self.txt_attn_out(txt_attn), txt, txt_gate1, txt_scale2, txt_shift2)  # (B, T, D) x2
+        txt_h = self.txt_mlp_out(F.gelu(self.txt_mlp_in(txt_h), approximate="tanh"))  # (B, T, 4D) -> (B, T, D)
+        txt = self.gated_add(txt_h, txt_gate2, txt)  # (B, T, D)
+        if self.clamp_fp16:  # as diffusers: keep fp16 text activations finite
+            txt = txt.clamp(-FP16_MAX, FP16_MAX)
+        return img, txt
+
+
+class FluxSingleBlock(nn.Module):
+    """Single-stream block: parallel attention + MLP over the joint sequence, one fused input projection
+    (q, k, v, mlp hidden: 3D + 4D outputs) and one fused output projection over concat(attn, mlp).
+
+    forward(x (B, S, D), temb (B, D), cos, sin (S, Dh/2) fp32) -> x (B, S, D).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, ops: OpsConfig, attention: str, clamp_fp16: bool,
+                 device=None, dtype=None):
+        super().__init__()
+        self.dim, self.heads, self.head_dim = dim, heads, head_dim
+        self.clamp_fp16 = clamp_fp16
+        lin = dict(ops=ops, device=device, dtype=dtype)
+        self.mod = Linear(dim, 3 * dim, **lin)  # shift, scale, gate
+        self.norm = NormScaleShift(dim, eps=NORM_EPS, norm="layer", ops=ops)
+        self.qkv_mlp = Linear(dim, 3 * dim + 4 * dim, **lin)  # [q | k | v | mlp hidden]
+        self.q_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
+        self.k_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
+        self.rotary = Rotary(interleaved=True, ops=ops)
+        self.attn = Attention(attention)
+        self.out = Linear(dim + 4 * dim, dim, **lin)  # over concat(attn, gelu(mlp))
+        self.gated_add = MulAdd(k=0.0, ops=ops)  # gated_add(y, gate, r) = r + gate * y
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.mod(F.silu(temb)).unsqueeze(1).chunk(3, dim=-1)  # (B, 1, D) each
+        h = self.norm(x, scale, shift)  # (B, S, D)
+        qkv, mlp = self.qkv_mlp(h).split((3 * self.dim, 4 * self.dim), dim=-1)  # (B, S, 3D), (B, S, 4D)
+        q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # (B, S, H, Dh)
+        q = self.rotary(self.q_norm(q), cos, sin)
+        k = self.rotary(self.k_norm(k), cos, sin)
+        attn = self.attn(q, k, v).flatten(2)  # (B, S, D)
+        h = self.out(torch.cat((attn, F.gelu(mlp, approximate="tanh")), dim=-1))  # (B, S, 5D) -> (B, S, D)
+        x = self.gated_add(h, gate, x)  # (B, S, D)
+        if self.clamp_fp16:  # as diffusers: keep fp16 activations finite
+            x = x.clamp(-FP16_MAX, FP16_MAX)
+        return x
+
+
+# -------------------------------------------------------------------------------------------------- model
+
+
+class FluxTransformer(nn.Module):
+    """The FLUX.1 transformer. Inputs and conventions are diffusers' `FluxTransformer2DModel.forward`:
+
+    hidden_states (B, L, C) packed latents; encoder_hidden_states (B, T, joint_attention_dim) T5 states;
+    pooled_projections (B, pooled_projection_dim) CLIP pooled output; timestep (B,) in [0, 1] (the model
+    multiplies by 1000); img_ids (L, 3), txt_ids (T, 3) RoPE positions (a leading batch dim is accepted and
+    its first entry used, as diffusers does); guidance (B,) the distilled guidance scale (multiplied by 1000),
+    required iff config.guidance_embeds. Returns (B, L, out_channels) in the model's dtype.
+
+    Inputs are expected in the model's dtype (ids may be any float or int dtype). The fp16 overflow clamp of
+    diffusers is enabled at construction when `dtype` is float16.
+    """
+
+    repeated_blocks = ("double_blocks", "single_blocks")
+
+    def __init__(self, config: FluxConfig, ops: OpsConfig | None = None, attention: str = "sdpa", device=None,
+                 dtype=None):
+        super().__init__()
+        if ops is None:
+            device_type = torch.device(device).type if device is not None else None
+            # A model built on "meta" (to be materialised by the loader) picks its paths for the best device.
+            ops = OpsConfig(device=None if device_type == "meta" else device_type,
+                            dtype=dtype or torch.get_default_dtype())
+        self.config = config
+        c = config
+        D, H, Dh = c.inner_dim, c.num_attention_heads, c.attention_head_dim
+        clamp_fp16 = (dtype or torch.get_default_dtype()) == torch.float16
+        lin = dict(ops=ops, device=device, dtype=dtype)
+
+        self.time_embedder = MLPEmbedder(TIME_EMBED_DIM, D, **lin)
+        self.guidance_embedder = MLPEmbedder(TIME_EMBED_DIM, D, **lin) if c.guidance_embeds else None
+        self.pooled_embedder = MLPEmbedder(c.pooled_projection_dim, D, **lin)
+        self.context_embedder = Linear(c.joint_attention_dim, D, **lin)
+        self.x_embedder = Linear(c.in_channels, D, **lin)
+        self.double_blocks = nn.ModuleList(
+            FluxDoubleBlock(D, H, Dh, ops, attention, clamp_fp16, device=device, dtype=dtype)
+            for _ in range(c.num_layers))
+        self.single_blocks = nn.ModuleList(
+            FluxSingleBlock(D, H, Dh, ops, attention, clamp_fp16, device=device, dtype=dtype)
+            for _ in range(c.num_single_layers))
+        self.norm_out_mod = Linear(D, 2 * D, **lin)  # (scale, shift): AdaLayerNormContinuous's order
+        self.norm_out = NormScaleShift(D, eps=NORM_EPS, norm="layer", ops=ops)
+        self.proj_out = Linear(D, c.out_channels, **lin)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.guidance_embedder is not None and guidance is None:
+            raise ValueError("this FLUX.1 transformer is guidance-distilled (guidance_embeds=True, e.g. FLUX.1-dev): "
+                             "pass guidance, a (B,) tensor of guidance scales")
+        if self.guidance_embedder is None and guidance is not None:
+            raise ValueError("this FLUX.1 transformer has no guidance embedder (guidance_embeds=False, e.g. "
+                             "FLUX.1-schnell): pass guidance=None")
+        if img_ids.ndim == 3:  # (B, L, 3): diffusers' deprecated form; positions are shared across the batch
+            img_ids = img_ids[0]
+        if txt_ids.ndim == 3:
+            txt_ids = txt_ids[0]
+        T = encoder_hidden_states.shape[1]
+
+        img = self.x_embedder(hidden_states)  # (B, L, D)
+        txt = self.context_embedder(encoder_hidden_states)  # (B, T, D)
+
+        # Conditioning vector. As diffusers: round the timestep to the model dtype, then scale by 1000.
+        t_freq = timestep_embedding(timestep.to(img.dtype) * 1000).to(img.dtype)  # (B, 256)
+        temb = self.time_embedder(t_freq) + self.pooled_embedder(pooled_projections)  # (B, D)
+        if self.guidance_embedder is not None:
+            g_freq = timestep_embedding(guidance.to(img.dtype) * 1000).to(img.dtype)  # (B, 256)
+            temb = temb + self.guidance_embedder(g_freq)  # (B, D)
+
+        # RoPE tables for the joint sequence [txt, img], computed once for all blocks.
+        ids = torch.cat((txt_ids, img_ids), dim=0)  # (S, 3)
+        cos, sin = axial_rope_cos_sin(ids, self.config.axes_dims_rope, ROPE_THETA)  # (S, Dh/2) fp32
+
+        for block in self.double_blocks:
+            img, txt = block(img, txt, temb, cos, sin)  # (B, L, D), (B, T, D)
+        x = torch.cat((txt, img), dim=1)  # (B, S, D)
+        for block in self.single_blocks:
+            x = block(x, temb, cos, sin)  # (B, S, D)
+        img = x[:, T:]  # (B, L, D)
+
+        scale, shift = self.norm_out_mod(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
+        img = self.norm_out(img, scale, shift)  # (B, L, D)
+        return self.proj_out(img)  # (B, L, out_channels)
+
+    # ------------------------------------------------------------------------------------- weight loading
+
+    def weight_map(self) -> dict[str, tuple[str, int | None, int | None]]:
+        """Every key of a diffusers `FluxTransformer2DModel` state dict -> (our parameter name, start, stop).
+
+        The tensor goes into rows [start:stop] (dim 0) of our parameter; (None, None) means the whole
+        parameter. Each piece lands independently, so tensors can be streamed one at a time into a model
+        already allocated on its device.
+        """
+        D = self.config.inner_dim
+        m: dict[str, tuple[str, int | None, int | None]] = {}
+
+        def linear(src: str, dst: str, start: int | None = None, stop: int | None = None) -> None:
+            m[f"{src}.weight"] = (f"{dst}.weight", start, stop)
+            m[f"{src}.bias"] = (f"{dst}.bias", start, stop)
+
+        def param(src: str, dst: str) -> None:
+            m[src] = (dst, None, None)
+
+        tte = "time_text_embed"
+        linear(f"{tte}.timestep_embedder.linear_1", "time_embedder.in_layer")
+        linear(f"{tte}.timestep_embedder.linear_2", "time_embedder.out_layer")
+        if self.config.guidance_embeds:
+            linear(f"{tte}.guidance_embedder.linear_1", "guidance_embedder.in_layer")
+            linear(f"{tte}.guidance_embedder.linear_2", "guidance_embedder.out_layer")
+        linear(f"{tte}.text_embedder.linear_1", "pooled_embedder.in_layer")
+        linear(f"{tte}.text_embedder.linear_2", "pooled_embedder.out_layer")
+        linear("context_embedder", "context_embedder")
+        linear("x_embedder", "x_embedder")
+
+        for i in range(self.config.num_layers):
+            src, dst = f"transformer_blocks.{i}", f"double_blocks.{i}"
+            linear(f"{src}.norm1.linear", f"{dst}.mod", 0, 6 * D)
+            linear(f"{src}.norm1_context.linear", f"{dst}.mod", 6 * D, 12 * D)
+            for j, name in enumerate(("to_q", "to_k", "to_v")):
+                linear(f"{src}.attn.{name}", f"{dst}.img_qkv", j * D, (j + 1) * D)
+            for j, name in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+                linear(f"{src}.attn.{name}", f"{dst}.txt_qkv", j * D, (j + 1) * D)
+            param(f"{src}.attn.norm_q.weight", f"{dst}.img_q_norm.weight")
+            param(f"{src}.attn.norm_k.weight", f"{dst}.img_k_norm.weight")
+            param(f"{src}.attn.norm_added_q.weight", f"{dst}.txt_q_norm.weight")
+            param(f"{src}.attn.norm_added_k.weight", f"{dst}.txt_k_norm.weight")
+            linear(f"{src}.attn.to_out.0", f"{dst}.img_attn_out")
+            linear(f"{src}.attn.to_add_out", f"{dst}.txt_attn_out")
+            linear(f"{src}.ff.net.0.proj", f"{dst}.img_mlp_in")
+            linear(f"{src}.ff.net.2", f"{dst}.img_mlp_out")
+            linear(f"{src}.ff_context.net.0.proj", f"{dst}.txt_mlp_in")
+            linear(f"{src}.ff_context.net.2", f"{dst}.txt_mlp_out")
+
+        for i in range(self.config.num_single_layers):
+            src, dst = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+            linear(f"{src}.norm.linear", f"{dst}.mod")
+            for j, name in enumerate(("to_q", "to_k", "to_v")):
+                linear(f"{src}.attn.{name}", f"{dst}.qkv_mlp", j * D, (j + 1) * D)
+            linear(f"{src}.proj_mlp", f"{dst}.qkv_mlp", 3 * D, 7 * D)
+            param(f"{src}.attn.norm_q.weight", f"{dst}.q_norm.weight")
+            param(f"{src}.attn.norm_k.weight", f"{dst}.k_norm.weight")
+            linear(f"{src}.proj_out", f"{dst}.out")
+
+        linear("norm_out.linear", "norm_out_mod")
+        linear("proj_out", "proj_out")
+        return m
+
+    def expected_diffusers_keys(self) -> list[str]:
+        """The keys a diffusers `FluxTransformer2DModel` state dict of this config has, sorted."""
+        return sorted(self.weight_map())
+
+    def load_diffusers_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Copy a full diffusers `FluxTransformer2DModel` state dict into this model (cast to each parameter's
+        dtype and device), fusing pieces through `weight_map`. Everything is checked before anything is
+        written: missing keys, unexpected keys and shape mismatches raise ValueError."""
+        wmap = self.weight_map()
+        params = dict(self.named_parameters())
+        missing = sorted(set(wmap) - set(sd))
+        unexpected = sorted(set(sd) - set(wmap))
+        if missing or unexpected:
+            unwritten = sorted({wmap[k][0] for k in missing})
+            raise ValueError(
+                f"diffusers FLUX.1 state dict does not match this model's config: "
+                f"{len(missing)} missing keys {missing} (parameters not fully written: {unwritten}); "
+                f"{len(unexpected)} unexpected keys {unexpected}")
+        targets = {}
+        for key, tensor in sd.items():
+            name, start, stop = wmap[key]
+            dst = params[name] if start is None else params[name][start:stop]
+            if tuple(dst.shape) != tuple(tensor.shape):
+                raise ValueError(f"shape mismatch for {key!r} -> {name}[{start}:{stop}]: checkpoint "
+                                 f"{tuple(tensor.shape)}, model {tuple(dst.shape)}")
+            targets[key] = dst
+        with torch.no_grad():
+            for key, tensor in sd.items():
+                targets[key].copy_(tensor)
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+
+def _flux_transformer_config(guidance_embeds: bool) -> dict[str, Any]:
+    return {"patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": 19, "num_single_layers": 38,
+            "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+            "pooled_projection_dim": 768, "guidance_embeds": guidance_embeds, "axes_dims_rope": [16, 56, 56]}
+
+
+_FLUX_VAE = {
+    "in_channels": 3, "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "act_fn": "silu", "latent_channels": 16,
+    "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+    "latents_mean": None, "latents_std": None, "force_upcast": True, "use_quant_conv": False,
+    "use_post_quant_conv": False, "mid_block_add_attention": True,
+}
+
+# openai/clip-vit-large-patch14 text tower, as in the FLUX.1 repos' text_encoder/config.json.
+_CLIP_L_TEXT = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 768,
+    "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+
+# google/t5-v1_1-xxl encoder, as in the FLUX.1 repos' text_encoder_2/config.json.
+_T5_XXL = {
+    "vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_decoder_layers": 24,
+    "num_heads": 64, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu", "layer_norm_epsilon": 1e-6, "tie_word_embeddings": False,
+    "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+}
+
+
+def _flux_scheduler_config(dynamic: bool, shift: float) -> dict[str, Any]:
+    return {"num_train_timesteps": 1000, "shift": shift, "use_dynamic_shifting": dynamic, "base_shift": 0.5,
+            "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
+def _flux_spec(name: str, guidance_embeds: bool, scheduler: dict[str, Any], steps: int, guidance: float,
+               max_sequence_length: int) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        pipeline="FluxPipeline",
+        components={
+            "transformer": ("FluxTransformer2DModel", _flux_transformer_config(guidance_embeds)),
+            "vae": ("AutoencoderKL", dict(_FLUX_VAE)),
+            "text_encoder": ("CLIPTextModel", dict(_CLIP_L_TEXT)),
+            "text_encoder_2": ("T5EncoderModel", dict(_T5_XXL)),
+            "scheduler": ("FlowMatchEulerDiscreteScheduler", scheduler),
+        },
+        default_steps=steps,
+        default_guidance=guidance,
+        default_height=1024,
+        default_width=1024,
+        max_sequence_length=max_sequence_length,
+    )
+
+
+FLUX_1_DEV = _flux_spec("flux.1-dev", True, _flux_scheduler_config(dynamic=True, shift=3.0), steps=28,
+                        guidance=3.5, max_sequence_length=512)
+FLUX_1_SCHNELL = _flux_spec("flux.1-schnell", False, _flux_scheduler_config(dynamic=False, shift=1.0), steps=4,
+                            guidance=0.0, max_sequence_length=256)
