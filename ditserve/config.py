@@ -9,6 +9,8 @@ The CLI and the HTTP server both parse into these classes; validation lives here
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,8 +124,18 @@ class SamplingParams:
         return p
 
     def validate(self, spec: ModelSpec | None = None) -> None:
-        if not self.prompts or any(not isinstance(s, str) for s in self.prompts):
-            raise ConfigError("prompt must be a non-empty string or a list of strings")
+        prompt = self.prompt
+        if not (isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
+                                           and all(isinstance(s, str) for s in prompt))):
+            raise ConfigError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        # Counts and sizes must be integers (2.5 steps or a 512.0 height would fail deep in the pipeline).
+        for name in ("height", "width", "steps", "seed", "num_images", "max_sequence_length"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise ConfigError(f"{name} must be an integer, got {v!r}")
+        g = self.guidance
+        if g is not None and (isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g)):
+            raise ConfigError(f"guidance must be a finite number, got {g!r}")
         for name in ("height", "width"):
             v = getattr(self, name)
             if v is None:

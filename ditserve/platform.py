@@ -93,7 +93,12 @@ def current_platform(device_type: str | None = None) -> Platform:
 
 
 def platform_for(device: torch.device | str | None) -> Platform:
-    """The platform of a torch device (or the best available when None)."""
+    """The platform of a torch device (or the best available when None).
+
+    A string is split on ":" rather than parsed by `torch.device`, which rejects device types whose backend
+    is not loaded (e.g. "npu" without torch_npu); `probe_platform` then names the known types.
+    """
     if device is None:
         return current_platform()
-    return current_platform(torch.device(device).type)
+    device_type = device.type if isinstance(device, torch.device) else str(device).split(":", 1)[0]
+    return current_platform(device_type)

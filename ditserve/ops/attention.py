@@ -34,6 +34,8 @@ def _make_flash_attn() -> Callable:
     from flash_attn import flash_attn_func
 
     def flash(q, k, v, mask):
+        if mask is not None:  # None-ness is static under torch.compile: no graph break
+            raise ValueError("the 'flash-attn' attention backend takes no mask; use backend='sdpa'")
         return flash_attn_func(q, k, v)  # takes (B, L, H, D) natively
 
     return flash
@@ -43,6 +45,8 @@ def _make_sage() -> Callable:
     from sageattention import sageattn
 
     def sage(q, k, v, mask):
+        if mask is not None:
+            raise ValueError("the 'sage' attention backend takes no mask; use backend='sdpa'")
         return sageattn(q, k, v, tensor_layout="NHD")
 
     return sage
@@ -58,7 +62,8 @@ def attention_backend_available(name: str) -> bool:
 class Attention(nn.Module):
     """softmax(q k^T / sqrt(D)) v. q: (B, Lq, H, D), k, v: (B, Lk, H, D) -> (B, Lq, H, D).
 
-    `mask` (optional, SDPA only): boolean or additive, broadcastable to (B, H, Lq, Lk).
+    `mask` (optional, SDPA only: the other backends raise if given one, rather than ignore it): boolean
+    (True = attend) or additive, broadcastable to (B, H, Lq, Lk).
     """
 
     def __init__(self, backend: str = "sdpa"):

@@ -45,4 +45,4 @@ class Linear(CustomOp):
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {super().extra_repr()}"
