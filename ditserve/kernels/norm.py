@@ -67,8 +67,11 @@ def _register_triton() -> bool:
 
     if importlib.util.find_spec("triton") is None or not torch.cuda.is_available():
         return False
-    from ditserve.kernels import triton_norm  # noqa: F401  (registers CUDA impls on import)
+    from ditserve.kernels import triton_norm
 
+    rms_norm.register_kernel("cuda")(triton_norm.rms_norm)
+    norm_scale_shift.register_kernel("cuda")(triton_norm.norm_scale_shift)
+    residual_norm_scale_shift.register_kernel("cuda")(triton_norm.residual_norm_scale_shift)
     return True
 
 
