@@ -238,13 +238,16 @@ class FluxPipeline:
             x = schedule.scheduler.step(velocity, t, x, return_dict=False)[0]  # (B, L, 4C)
         return x
 
-    def decode(self, latents: torch.Tensor, height: int, width: int) -> list[Any]:
-        """Packed latents (B, L, 4C) -> B PIL images of height x width."""
+    def decode_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Packed latents (B, L, 4C) -> images (B, 3, height, width) in [-1, 1] (unclamped), VAE dtype."""
         h, w = self.latent_size(height, width)
         z = unpack_latents(latents, h, w)  # (B, C, h, w)
-        z = z / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        images = self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
-        return to_pil(images)
+        z = z / self.vae.config.scaling_factor + self.vae.config.shift_factor  # undo the VAE's latent normalisation
+        return self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0]  # (B, 3, H, W)
+
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> list[Any]:
+        """Packed latents (B, L, 4C) -> B PIL images of height x width."""
+        return to_pil(self.decode_latents(latents, height, width))
 
     # ------------------------------------------------------------------------------------------ generate
 
