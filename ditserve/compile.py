@@ -211,7 +211,17 @@ def _delta(before: dict[str, Counter], category: str) -> Counter:
 
 # dynamo logs every graph break, with its location, to this artifact logger when it is enabled at DEBUG.
 _GRAPH_BREAK_LOGGER = "torch._dynamo.symbolic_convert.__graph_breaks"
-_GRAPH_BREAK_RE = re.compile(r"in user code at (?P<loc>[^\n]+:\d+)\nGraph Break Reason: (?P<reason>[^\n]*)")
+_GRAPH_BREAK_RE = re.compile(r"in user code at (?P<loc>[^\n]+:\d+)\nGraph Break Reason: (?P<reason>.*?)"
+                             r"(?:\nUser code traceback:|$)", re.DOTALL)
+
+
+def _short_reason(reason: str) -> str:
+    """dynamo's multi-paragraph break message -> "<break type>: <explanation>" (or its first line)."""
+    lines = [line.strip() for line in reason.strip().splitlines()]
+    for i, line in enumerate(lines):
+        if line.startswith("Explanation:") and i > 0:
+            return f"{lines[i - 1]}: {line.removeprefix('Explanation:').strip()}"
+    return lines[0] if lines else ""
 
 
 class _ListHandler(logging.Handler):
@@ -242,16 +252,37 @@ def _capture_graph_break_logs() -> Iterator[_ListHandler]:
 
 
 def _break_reasons(log_messages: list[str], counted: Counter) -> list[str]:
-    """Unique "file:line: reason" strings from the captured logs; dynamo's bare reason messages (first line)
-    for any break the logs did not show."""
+    """Unique "file:line: break type: explanation" strings from the captured logs; without logs (a torch
+    that renamed its logger), dynamo's counted messages without the location."""
     reasons = []
     for msg in log_messages:
         m = _GRAPH_BREAK_RE.search(msg)
         if m:
-            reasons.append(f"{m['loc']}: {m['reason'].strip()}")
+            reasons.append(f"{m['loc']}: {_short_reason(m['reason'])}")
     if not reasons:
-        reasons = [msg.strip().splitlines()[0] for msg in counted]
+        reasons = [_short_reason(msg) for msg in counted]
     return sorted(set(reasons))
+
+
+@contextlib.contextmanager
+def _record_compiles() -> Iterator[list[str]]:
+    """The compile ids ("frame/attempt") of every frame dynamo compiles inside the block, in order.
+
+    Dynamo's compile-start callback fires once per top-level frame compilation (not for compilations nested
+    inside one, such as inductor's own traced helpers, nor for CUDA graph recordings, which are filtered
+    out): one entry per frame = one graph for a frame without a break.
+    """
+    ids: list[str] = []
+
+    def on_start(args) -> None:
+        if args.callback_trigger == torch._dynamo.callback.CallbackTrigger.DYNAMO:
+            ids.append(args.compile_id)
+
+    torch._dynamo.callback_handler.register_start_callback(on_start)
+    try:
+        yield ids
+    finally:
+        torch._dynamo.callback_handler.remove_start_callback(on_start)
 
 
 def _sync(device: torch.device) -> None:
@@ -277,7 +308,8 @@ def compile_report(model: nn.Module, make_inputs: Callable[[int, int], dict], si
     fullgraph=False (so breaks are counted, not raised) and the report's backend.
 
     Returns a JSON-able dict:
-      graph_count: graphs compiled at the first size (regional FLUX: one per block class).
+      graph_count: frames dynamo compiled at the first size, i.e. graphs (regional FLUX: one per block
+          class; a graph break adds the frame that resumes after it).
       graph_breaks: graph-break events while tracing, both sizes; break_reasons: unique "file:line: reason".
       recompiles: frames compiled during the second size's calls (0 where shapes are meant to be dynamic);
           recompile_reasons: the guard failures dynamo gave for them.
@@ -296,22 +328,23 @@ def compile_report(model: nn.Module, make_inputs: Callable[[int, int], dict], si
     device, dtype = param.device, param.dtype
     report_cfg = replace(cfg, enabled=True, fullgraph=False)
 
-    inputs = [make_inputs(h, w) for h, w in sizes]
-    with torch.inference_mode(), _capture_graph_break_logs() as logs:
+    # Inputs are made in inference mode too: dynamo guards on it, and the engine runs the DiT in it.
+    with torch.inference_mode(), _capture_graph_break_logs() as logs, _record_compiles() as compiles:
+        inputs = [make_inputs(h, w) for h, w in sizes]
         compile_model(model, report_cfg)
 
         start = _counters()
         first = _timed_call(model, inputs[0], device)
         steady = min(_timed_call(model, inputs[0], device) for _ in range(steady_iters))
-        graph_count = _delta(start, "stats")["unique_graphs"]
+        graph_count = len(compiles)
 
-        before_second = _counters()
+        compiles.clear()
         metrics_before = {id(m) for m in torch._dynamo.utils.get_compilation_metrics()}
         second_first = _timed_call(model, inputs[1], device)
         second_steady = min(_timed_call(model, inputs[1], device) for _ in range(steady_iters))
-        recompiles = _delta(before_second, "frames")["total"]
+        recompiles = len(compiles)
         recompile_reasons = sorted({
-            f"{m.co_filename}:{m.co_firstlineno} {m.co_name}: {m.recompile_reason}"
+            f"{m.co_filename}:{m.co_firstlineno} {m.co_name}: {' '.join(m.recompile_reason.split())}"
             for m in torch._dynamo.utils.get_compilation_metrics()
             if id(m) not in metrics_before and m.recompile_reason})
 
