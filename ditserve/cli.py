@@ -1,6 +1,7 @@
 """The `ditserve` command line.
 
     ditserve generate --prompt "a red circle on a blue background" --output out.png
+    ditserve compile-report --model /models/FLUX.1-dev
 
 Flags parse into the same settings classes the server uses (`EngineConfig`, `SamplingParams`), which do the
 validation. A user mistake (bad flag, bad size, bad model path) prints one `ditserve: error: ...` line on
@@ -67,7 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--quiet", "-q", action="store_true",
                    help="print only the output paths and errors (no progress bar, no timing summary)")
+    g.add_argument("--verbose", "-v", action="store_true", help="log what is loaded and how (INFO level)")
     g.set_defaults(func=_generate)
+
+    from ditserve.compile import add_compile_report_args, compile_report_main
+
+    r = sub.add_parser("compile-report", help="compile the DiT, report graph breaks and recompiles as JSON",
+                       description="Compile the model's transformer as the engine does, run it at two sizes, "
+                                   "and print graph count, graph breaks, recompiles and compile time; the last "
+                                   "stdout line is JSON.")
+    add_compile_report_args(r)
+    r.set_defaults(func=compile_report_main)
     return parser
 
 
@@ -106,6 +117,13 @@ def _check_engine(engine: EngineConfig) -> None:
             raise ConfigError(f"--device {engine.device!r}: {e}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {engine.device!r}: torch sees no CUDA device")
+    if engine.kernels == "triton":
+        from ditserve.platform import platform_for
+
+        plat = platform_for(engine.torch_device)
+        if not plat.fast_kernels:
+            raise ConfigError(f"--kernels triton: this platform cannot run Triton kernels (device "
+                              f"{plat.device_type!r}, triton importable: {plat.has_triton}); use --kernels auto")
     if not attention_backend_available(engine.attention):
         _, package = BACKENDS[engine.attention]
         raise ConfigError(f"--attention {engine.attention}: needs the Python package {package!r}, which is not "
@@ -175,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from ditserve.logging import setup_logging
 
-    setup_logging("WARNING" if getattr(args, "quiet", False) else "INFO")
+    setup_logging("INFO" if getattr(args, "verbose", False) else "WARNING")
     try:
         return args.func(args)
     except ConfigError as e:

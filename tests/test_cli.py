@@ -1,0 +1,248 @@
+"""`ditserve generate` / `compile-report`: every flag, output formats, and one-line errors with exit status 2.
+
+Runs `main([...])` in-process on a tiny checkpoint built by the test (64x64, 1-2 steps), plus one real
+`python -m ditserve` subprocess on the packaged default model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ditserve.cli import main
+from ditserve.testing import build_tiny_flux_pipeline
+
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny FLUX.1-dev-like checkpoint (guidance embedder: 28 steps, guidance 3.5, 512 text tokens)."""
+    return str(build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-cli"), guidance_embeds=True, seed=3,
+                                        sample_size=64))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_handlers():
+    """setup_logging attaches a handler bound to the sys.stderr of its time; capsys swaps sys.stderr per test."""
+    yield
+    logging.getLogger("ditserve").handlers.clear()
+
+
+def generate(tiny, out, *extra) -> list[str]:
+    return ["generate", "--model", tiny, "--prompt", PROMPT, "--height", "64", "--width", "64", "--steps", "2",
+            "--seed", "1", "--no-progress", "--output", str(out), *extra]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+
+
+def test_generate_png(tiny, tmp_path, capsys):
+    out = tmp_path / "sub" / "img.png"  # the parent folder is created
+    assert main(generate(tiny, out)) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [str(out)]
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.size == (64, 64) and img.mode == "RGB"
+    summary = [line for line in captured.err.splitlines() if "denoise" in line]
+    assert len(summary) == 1
+    assert "2 steps" in summary[0] and "seed 1" in summary[0] and "peak memory n/a" in summary[0]
+    assert "text encode" in summary[0] and "decode" in summary[0]
+    assert "Traceback" not in captured.err
+
+
+def test_same_seed_same_image_and_flags_change_it(tiny, tmp_path):
+    """Each sampling flag reaches the pipeline: changing it changes the image; the same flags reproduce it."""
+    base = tmp_path / "base.png"
+    assert main(generate(tiny, base)) == 0
+    again = tmp_path / "again.png"
+    assert main(generate(tiny, again)) == 0
+    assert np.array_equal(pixels(base), pixels(again))
+    variants = {
+        "seed": ["--seed", "2"],
+        "steps": ["--steps", "1"],
+        "guidance": ["--guidance", "1.0"],
+        "prompt": ["--prompt", "a green tree under a dark sky"],
+        "max_sequence_length": ["--max-sequence-length", "8"],
+        "dummy_weights": ["--load-format", "dummy"],
+    }
+    for name, flags in variants.items():
+        out = tmp_path / f"{name}.png"
+        assert main(generate(tiny, out, *flags)) == 0, name
+        assert not np.array_equal(pixels(out), pixels(base)), f"{name} did not change the image"
+
+
+def test_size_flags(tiny, tmp_path):
+    out = tmp_path / "wide.png"
+    assert main(generate(tiny, out, "--height", "80", "--width", "128")) == 0
+    assert Image.open(out).size == (128, 80)
+
+
+def test_engine_flags(tiny, tmp_path, capsys):
+    """--dtype/--device/--load-format/--kernels/--attention are accepted and used; fp32 and bf16 agree
+    roughly, and the same fp32 settings through explicit flags give the default-flag image exactly."""
+    ref = tmp_path / "ref.png"
+    assert main(generate(tiny, ref)) == 0
+    explicit = tmp_path / "explicit.png"
+    assert main(generate(tiny, explicit, "--dtype", "fp32", "--device", "cpu", "--load-format", "safetensors",
+                         "--kernels", "native", "--attention", "sdpa")) == 0
+    assert np.array_equal(pixels(explicit), pixels(ref))
+    bf16 = tmp_path / "bf16.png"
+    assert main(generate(tiny, bf16, "--dtype", "bf16")) == 0
+    diff = np.abs(pixels(bf16) - pixels(ref))
+    assert 0 < diff.mean() < 10  # bf16 differs a little, not entirely
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_numbered_outputs_jpeg_and_quiet(tiny, tmp_path, capsys):
+    out = tmp_path / "img.jpg"
+    assert main(generate(tiny, out, "--num-images", "3", "--quiet")) == 0
+    captured = capsys.readouterr()
+    paths = [tmp_path / f"img-{i}.jpg" for i in range(3)]
+    assert captured.out.splitlines() == [str(p) for p in paths]
+    assert not out.exists()
+    assert captured.err == ""  # --quiet: no progress bar, no summary, no info logs
+    for p in paths:
+        with Image.open(p) as img:
+            assert img.format == "JPEG" and img.size == (64, 64)
+    assert np.abs(pixels(paths[0]) - pixels(paths[1])).mean() > 5  # each image has its own noise
+
+
+def test_webp_and_jpeg_suffixes(tiny, tmp_path):
+    for name, fmt in (("a.webp", "WEBP"), ("b.JPEG", "JPEG"), ("c.png", "PNG")):
+        assert main(generate(tiny, tmp_path / name)) == 0
+        with Image.open(tmp_path / name) as img:
+            assert img.format == fmt
+
+
+def test_verbose_logs_the_load(tiny, tmp_path, capsys):
+    assert main(generate(tiny, tmp_path / "v.png")) == 0
+    assert "loaded transformer" not in capsys.readouterr().err  # default: warnings and the summary only
+    assert main(generate(tiny, tmp_path / "v.png", "--verbose")) == 0
+    assert "loaded transformer" in capsys.readouterr().err
+
+
+def test_progress_bar_on_stderr(tiny, tmp_path, capsys):
+    args = [a for a in generate(tiny, tmp_path / "p.png") if a != "--no-progress"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "denoise" in err and "2/2" in err  # tqdm's bar reached the last step
+
+
+def test_compile_flag_compiles_the_transformer(tiny, tmp_path, monkeypatch):
+    """--compile goes through ditserve.compile.compile_model (here with the quick 'eager' backend) and the
+    compiled transformer gives the uncompiled image."""
+    import ditserve.compile as compile_mod
+
+    calls = []
+    real = compile_mod.compile_model
+
+    def spy(model, cfg):
+        calls.append((type(model).__name__, cfg))
+        from dataclasses import replace
+        return real(model, replace(cfg, backend="eager"))
+
+    monkeypatch.setattr(compile_mod, "compile_model", spy)
+    plain, compiled = tmp_path / "plain.png", tmp_path / "compiled.png"
+    assert main(generate(tiny, plain)) == 0
+    assert calls == []
+    assert main(generate(tiny, compiled, "--compile")) == 0
+    assert [name for name, _ in calls] == ["FluxTransformer"]
+    assert calls[0][1].regional and calls[0][1].fullgraph
+    assert np.abs(pixels(compiled) - pixels(plain)).max() <= 1
+
+
+BAD = {
+    "height not a multiple of 16": (["--height", "65"], "height"),
+    "width too large": (["--width", "8192"], "width"),
+    "zero steps": (["--steps", "0"], "steps"),
+    "zero images": (["--num-images", "0"], "num_images"),
+    "negative seed": (["--seed", "-1"], "seed"),
+    "unknown suffix": (["--output", "out.gif"], "unsupported image format"),
+    "no suffix": (["--output", "out"], "unsupported image format"),
+    "dtype choice": (["--dtype", "fp64"], "invalid choice"),
+    "load-format choice": (["--load-format", "pickle"], "invalid choice"),
+    "kernels choice": (["--kernels", "cuda"], "invalid choice"),
+    "not an int": (["--steps", "two"], "invalid int"),
+    "bad device": (["--device", "nonsense"], "--device"),
+    "too many text tokens": (["--max-sequence-length", "600"], "max_sequence_length"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_arguments_exit_2_with_one_line(case, tiny, tmp_path, capsys):
+    flags, needle = BAD[case]
+    assert main(generate(tiny, tmp_path / "x.png", *flags)) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("ditserve") and "error" in lines[0] and needle in lines[0]
+    assert captured.out == ""
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--model", "/no/such/model"], "no such folder"),
+    (["--prompt", "x", "--guidance", "3.5"], "guidance"),  # the packaged model has no guidance embedder
+    (["--attention", "sage"], "sageattention"),
+])
+def test_bad_model_or_engine_exit_2(flags, needle, tmp_path, capsys):
+    if "sage" in flags:
+        from ditserve.ops.attention import attention_backend_available
+        if attention_backend_available("sage"):
+            pytest.skip("sageattention is installed here")
+    argv = ["generate", "--prompt", PROMPT, "--height", "64", "--width", "64", "--steps", "1", "--no-progress",
+            "--output", str(tmp_path / "x.png"), *flags]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in lines[0]
+
+
+def test_model_path_that_is_a_file_or_lacks_model_index(tmp_path, capsys):
+    (tmp_path / "f.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for model in (tmp_path / "f.txt", tmp_path / "empty"):
+        assert main(["generate", "--model", str(model), "--prompt", PROMPT, "--output",
+                     str(tmp_path / "x.png")]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and str(model) in lines[0]
+
+
+def test_missing_prompt_and_unknown_command(capsys):
+    assert main(["generate"]) == 2
+    assert "--prompt" in capsys.readouterr().err
+    assert main(["paint"]) == 2
+    assert main([]) == 2
+    capsys.readouterr()
+    assert main(["--help"]) == 0
+    assert "generate" in capsys.readouterr().out
+
+
+def test_compile_report_subcommand(tiny, capsys):
+    argv = ["compile-report", "--model", tiny, "--backend", "eager", "--height", "64", "--width", "64",
+            "--text-len", "8"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["graph_breaks"] == 0 and report["recompiles"] == 0
+    assert main(["compile-report", "--model", tiny, "--height", "65"]) == 2
+
+
+def test_python_dash_m_on_the_packaged_default_model(tmp_path):
+    out = tmp_path / "default.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ditserve", "generate", "--prompt", PROMPT, "--height", "64", "--width", "64",
+         "--steps", "2", "--seed", "0", "--output", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [str(out)]
+    assert "Traceback" not in proc.stderr
+    assert "default-model" in proc.stderr  # the summary names the packaged model
+    with Image.open(out) as img:
+        assert img.size == (64, 64)
