@@ -92,6 +92,11 @@ def output_paths(output: str, n: int) -> list[Path]:
     if path.suffix.lower() not in IMAGE_FORMATS:
         raise ConfigError(f"--output {output!r}: unsupported image format {path.suffix or '(no suffix)'!r}; "
                           f"use one of {', '.join(IMAGE_FORMATS)}")
+    if IMAGE_FORMATS[path.suffix.lower()] == "WEBP":
+        from PIL import features
+
+        if not features.check("webp"):
+            raise ConfigError(f"--output {output!r}: this Pillow was built without WebP support; use .png or .jpg")
     if n == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
@@ -117,6 +122,8 @@ def _check_engine(engine: EngineConfig) -> None:
             raise ConfigError(f"--device {engine.device!r}: {e}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {engine.device!r}: torch sees no CUDA device")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {engine.device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     if engine.kernels == "triton":
         from ditserve.platform import platform_for
 
