@@ -59,6 +59,26 @@ def _reference(ref, prompt, *, height, width, steps, guidance, seed, num_images=
                max_sequence_length=max_sequence_length, output_type="pil").images
 
 
+def test_tiny_tokenizers_load_offline(tmp_path):
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    from ditserve.testing import make_tiny_tokenizers
+
+    clip_dir, t5_dir = make_tiny_tokenizers(tmp_path)
+    assert (clip_dir / "vocab.json").is_file() and (clip_dir / "merges.txt").is_file()
+    clip = CLIPTokenizer.from_pretrained(clip_dir)
+    t5 = T5TokenizerFast.from_pretrained(t5_dir)
+    ids = clip("a red circle").input_ids
+    assert ids[0] == clip.bos_token_id and ids[-1] == clip.eos_token_id
+    assert clip.convert_ids_to_tokens(ids[1:-1]) == ["a</w>", "red</w>", "circle</w>"]  # whole-word merges
+    assert len(clip("zq").input_ids) == 4  # unknown word: byte-level pieces, never <unk>
+    assert clip.model_max_length == 77 and len(clip) < 1000
+    ids = t5("a red circle").input_ids
+    assert t5.convert_ids_to_tokens(ids) == ["▁a", "▁red", "▁circle", "</s>"]
+    assert t5.convert_ids_to_tokens(t5("zq").input_ids) == ["▁z", "q", "</s>"]
+    assert t5.pad_token_id == 0 and t5.eos_token_id == 1 and len(t5) < 1000
+
+
 def test_spec_defaults_follow_the_checkpoint(dev, schnell):
     dev_spec, schnell_spec = dev[0].spec, schnell[0].spec
     assert (dev_spec.default_steps, dev_spec.default_guidance, dev_spec.max_sequence_length) == (28, 3.5, 512)
