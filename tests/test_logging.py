@@ -33,7 +33,7 @@ def test_init_logger_wraps_named_logger():
 
 @pytest.mark.parametrize("method,level", [("info_once", logging.INFO), ("warning_once", logging.WARNING)])
 def test_once_logs_exactly_once(method, level, caplog):
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="ditserve")
     log = init_logger("ditserve.test.once")
     msg, other = unique("kernel missing"), unique("another message")
     for _ in range(3):
@@ -45,7 +45,7 @@ def test_once_logs_exactly_once(method, level, caplog):
 
 
 def test_once_is_per_logger_and_level(caplog):
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="ditserve")
     msg = unique("shared text")
     init_logger("ditserve.test.a").warning_once(msg)
     init_logger("ditserve.test.b").warning_once(msg)
@@ -56,7 +56,7 @@ def test_once_is_per_logger_and_level(caplog):
 
 
 def test_plain_methods_are_not_deduplicated(caplog):
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="ditserve")
     log = init_logger("ditserve.test.plain")
     msg = unique("every time")
     log.info(msg)
@@ -65,7 +65,7 @@ def test_plain_methods_are_not_deduplicated(caplog):
 
 
 def test_warning_once_under_compile_no_graph_break(caplog):
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="ditserve")
     log = init_logger("ditserve.test.compiled")
     msg = unique("falling back to the native path")
 

@@ -2,7 +2,7 @@
 
 Parity rule (DESIGN §3.4): every op's output is compared with an fp64 evaluation of the op's definition,
 written here independently of `ditserve.ops.functional`. The op's relative error at dtype X may be at most
-FACTOR x the error of the same formula evaluated naively in dtype X (plus one unit roundoff), and in fp32 it
+FACTOR x the error of the same formula evaluated naively in dtype X (plus a rounding's slack), and in fp32 it
 must be near 1e-6. The inputs are rounded to X first, so the fp64 reference sees exactly what the op sees.
 
 Ops with a fast path run twice: "native" (the PyTorch reference path) and "custom" (the op's `forward_cuda`,
@@ -73,13 +73,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_accurate(out: torch.Tensor, ref: torch.Tensor, naive: torch.Tensor, dtype: torch.dtype, what=""):
-    """out (dtype X) vs the fp64 ref: within FACTOR x the naive dtype-X error (+ one unit roundoff)."""
+    """out (dtype X) vs the fp64 ref: within FACTOR x the naive dtype-X error (+ a rounding's slack)."""
     assert out.dtype == dtype, f"{what}: output dtype {out.dtype}, expected {dtype}"
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), f"{what}: non-finite output"
     err, err_naive = rel_err(out, ref), rel_err(naive, ref)
-    unit = torch.finfo(dtype).eps / 2
-    assert err <= FACTOR * err_naive + unit, f"{what}: rel err {err:.3g} vs naive {dtype} {err_naive:.3g}"
+    # Slack for the case where the naive formula happens to be exact (a softmax over one key): one rounding
+    # to X plus a few roundings of the kernel's internal fp32 arithmetic.
+    slack = torch.finfo(dtype).eps / 2 + 4 * torch.finfo(torch.float32).eps / 2
+    assert err <= FACTOR * err_naive + slack, f"{what}: rel err {err:.3g} vs naive {dtype} {err_naive:.3g}"
     if dtype == torch.float32:
         assert err <= FP32_MAX_ERR, f"{what}: fp32 rel err {err:.3g}"
 
@@ -411,7 +413,8 @@ def test_axial_rope_matches_diffusers_flux():
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
     axes_dim = [16, 56, 56]
-    ids = torch.cat((torch.zeros(20, 1), torch.randint(0, 64, (20, 2))), dim=1)
+    hw = torch.randint(0, 64, (20, 2), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat((torch.zeros(20, 1), hw), dim=1)  # FLUX's (t, h, w) ids
     cos, sin = axial_rope_cos_sin(ids, axes_dim, 10000.0)
     d_cos, d_sin = FluxPosEmbed(theta=10000, axes_dim=axes_dim)(ids)
     # diffusers repeats each angle twice (interleaved layout); we keep one per channel pair.
