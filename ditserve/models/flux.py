@@ -165,8 +165,9 @@ class FluxDoubleBlock(nn.Module):
         # Attention over the joint sequence [txt, img].
         img_h = self.norm1(img, img_scale1, img_shift1)  # (B, L, D)
         txt_h = self.norm1(txt, txt_scale1, txt_shift1)  # (B, T, D)
-        img_q, img_k, img_v = self.img_qkv(img_h).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # (B, L, H, Dh)
-        txt_q, txt_k, txt_v = self.txt_qkv(txt_h).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # (B, T, H, Dh)
+        qkv_shape = (3, self.heads, self.head_dim)
+        img_q, img_k, img_v = self.img_qkv(img_h).unflatten(-1, qkv_shape).unbind(2)  # (B, L, H, Dh) each
+        txt_q, txt_k, txt_v = self.txt_qkv(txt_h).unflatten(-1, qkv_shape).unbind(2)  # (B, T, H, Dh) each
         q = torch.cat((self.txt_q_norm(txt_q), self.img_q_norm(img_q)), dim=1)  # (B, S, H, Dh)
         k = torch.cat((self.txt_k_norm(txt_k), self.img_k_norm(img_k)), dim=1)  # (B, S, H, Dh)
         v = torch.cat((txt_v, img_v), dim=1)  # (B, S, H, Dh)

@@ -130,20 +130,26 @@ def test_3d_ids_are_accepted():
     assert rel_err(out2d, run_reference(ref, batched)) <= 1e-5
 
 
-def test_bf16_not_worse_than_diffusers_bf16():
+@pytest.mark.parametrize("device, kernels", [
+    ("cpu", "auto"),
+    pytest.param("cuda", "native", marks=pytest.mark.gpu),
+    pytest.param("cuda", "triton", marks=pytest.mark.gpu),  # the Triton norm kernels inside the model
+])
+def test_bf16_not_worse_than_diffusers_bf16(device, kernels):
     """Both bf16 models are judged against diffusers in fp32 on the same (bf16-representable) weights and
     inputs. Timesteps 0.5/0.25 and guidance 2/4 make t*1000 exact in bf16, so the comparison measures compute
     precision only (both models, like BFL's code, round t*1000 to the model dtype)."""
     worst_ratio = 0.0
+    ops = OpsConfig(device=device, dtype=torch.bfloat16, kernels=kernels)
     for guidance_embeds in (True, False):
-        ref = make_reference(guidance_embeds, round_to_bf16=True)
+        ref = make_reference(guidance_embeds, round_to_bf16=True).to(device)
         ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16)
-        ours = ours_from(ref, dtype=torch.bfloat16)
+        ours = ours_from(ref, dtype=torch.bfloat16, ops=ops).to(device)
         inputs = make_inputs(4, 6, 7, guidance_embeds)
         inputs["timestep"] = torch.tensor([0.5, 0.25])
         if guidance_embeds:
             inputs["guidance"] = torch.tensor([2.0, 4.0])
-        inputs = {k: (v.bfloat16().float() if v is not None else None) for k, v in inputs.items()}
+        inputs = {k: (v.bfloat16().float().to(device) if v is not None else None) for k, v in inputs.items()}
         inputs_bf16 = {k: (v.bfloat16() if v is not None else None) for k, v in inputs.items()}
 
         expected = run_reference(ref, inputs)
@@ -153,7 +159,7 @@ def test_bf16_not_worse_than_diffusers_bf16():
         err_ours = rel_err(out, expected)
         assert err_ours < 2e-2, (guidance_embeds, err_ours)
         worst_ratio = max(worst_ratio, err_ours / err_diffusers)
-    # Measured ~0.8-0.95 (our norms/modulation round once in fp32); allow a small margin.
+    # Measured ~0.8-0.95 on CPU and ~0.83 on an H200 (our norms/modulation round once, from fp32).
     assert worst_ratio <= 1.2, worst_ratio
 
 
@@ -253,7 +259,8 @@ def test_load_rejects_missing_unexpected_and_misshapen_keys():
 
 
 def test_config_from_diffusers():
-    d = {"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.42.1", **FLUX_1_DEV.components["transformer"][1]}
+    d = {"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.42.1",
+         **FLUX_1_DEV.components["transformer"][1]}
     c = FluxConfig.from_diffusers(d)
     assert (c.in_channels, c.out_channels, c.num_layers, c.num_single_layers) == (64, 64, 19, 38)
     assert (c.attention_head_dim, c.num_attention_heads, c.inner_dim) == (128, 24, 3072)
@@ -313,7 +320,8 @@ def test_preset_sizes_match_released_checkpoints():
 
 
 def test_import_is_cheap():
-    code = "import sys, ditserve.models.flux; print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))"
+    code = ("import sys, ditserve.models.flux; "
+            "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -343,7 +351,8 @@ def test_compiles_fullgraph_without_breaks():
 def test_no_recompile_across_image_sizes(how):
     model = _tiny_model()
     counter = CompileCounter()
-    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True if how == "dynamic=True" else None)
+    dynamic = True if how == "dynamic=True" else None
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=dynamic)
 
     def run(h, w, T):
         inputs = make_inputs(h, w, T, True)
