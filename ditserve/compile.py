@@ -386,7 +386,8 @@ def add_compile_report_args(parser: argparse.ArgumentParser) -> None:
                              "or the first + 32 where half is below the minimum)")
     parser.add_argument("--width2", type=int, default=None, help="second image width (default: the first width)")
     parser.add_argument("--text-len", type=int, default=None,
-                        help="text tokens (default: the model's max_sequence_length; 512 for folders)")
+                        help="text tokens (default: the model's max_sequence_length: 512 for FLUX.1-dev-like "
+                             "models, 256 for schnell-like ones)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="compute dtype (default: bf16 on GPUs, fp32 on CPU)")
     parser.add_argument("--device", default=None, help="torch device (default: best available)")
@@ -418,26 +419,28 @@ def second_size(height: int, width: int) -> tuple[int, int]:
     return (h2 if h2 >= MIN_SIZE else height + 2 * SIZE_MULTIPLE), width
 
 
-def _model_defaults(model: str | None, load_format: str) -> tuple[int, int, int]:
-    """(height, width, text_len) defaults: a preset's own; for a folder the pipeline's rule (the VAE's
-    sample_size, see FluxPipeline.spec_for) and 512 text tokens."""
+def _default_size(model: str | None, load_format: str) -> tuple[int, int]:
+    """The model's default (height, width): a preset's own; for a folder the pipeline's rule (the VAE's
+    sample_size, see FluxPipeline.spec_for)."""
     from ditserve import registry
     from ditserve.loader import resolve_model
 
     if load_format == "dummy" and model in registry.PRESETS:
         spec = registry.preset(model)
-        return spec.default_height, spec.default_width, spec.max_sequence_length
+        return spec.default_height, spec.default_width
     vae_config = resolve_model(model, weights=load_format != "dummy") / "vae" / "config.json"
     size = int(json.loads(vae_config.read_text()).get("sample_size", 1024)) if vae_config.is_file() else 1024
     size = max(size - size % SIZE_MULTIPLE, MIN_SIZE)
-    return size, size, 512
+    return size, size
 
 
-def _example_inputs_fn(model: nn.Module) -> Callable[..., dict]:
+def _example_inputs_fn(model: nn.Module) -> tuple[Callable[..., dict], int]:
+    """The model family's example-input builder and its default text length."""
     from ditserve.models.flux import FluxTransformer
 
     if isinstance(model, FluxTransformer):
-        return flux_example_inputs
+        # FluxPipeline.spec_for's rule (and the presets'): dev-like 512 T5 tokens, schnell-like 256.
+        return flux_example_inputs, 512 if model.config.guidance_embeds else 256
     raise ConfigError(f"compile-report has no example inputs for {type(model).__name__}")
 
 
@@ -469,11 +472,12 @@ def compile_report_main(args: argparse.Namespace) -> int:
     if args.text_len is not None and args.text_len < 1:
         raise ConfigError(f"--text-len must be >= 1, got {args.text_len}")
 
-    height, width, text_len = _model_defaults(args.model, args.load_format)
-    height, width = args.height or height, args.width or width
+    height, width = args.height, args.width
+    if height is None or width is None:
+        default_h, default_w = _default_size(args.model, args.load_format)
+        height, width = height or default_h, width or default_w
     h2, w2 = second_size(height, width)
     h2, w2 = args.height2 or h2, args.width2 or w2
-    text_len = args.text_len or text_len
     if (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE) == (h2 // SIZE_MULTIPLE) * (w2 // SIZE_MULTIPLE):
         raise ConfigError(f"the two sizes {height}x{width} and {h2}x{w2} give the same number of image tokens; "
                           f"pick a second size with another area")
@@ -481,7 +485,8 @@ def compile_report_main(args: argparse.Namespace) -> int:
     _progress(f"loading the transformer of {args.model or 'the packaged default model'}")
     t0 = time.perf_counter()
     model, _ = load_transformer(args.model, engine)
-    make = _example_inputs_fn(model)
+    make, text_len = _example_inputs_fn(model)
+    text_len = args.text_len or text_len
     param = next(model.parameters())
     _progress(f"loaded in {time.perf_counter() - t0:.1f} s ({param.device}, {param.dtype}); compiling with "
               f"{cfg.backend} and running {height}x{width}, then {h2}x{w2} ({text_len} text tokens)")

@@ -322,6 +322,14 @@ def test_cli_default_model_json(capsys):
     assert (h, w) != (h2, w2)
 
 
+def test_cli_static_shapes_recompile(capsys):
+    assert compile_report_main(parse("--backend", "eager", "--static", "--text-len", "24")) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # Each block class's forward recompiles once for the second size's sequence length.
+    assert report["recompiles"] == 2 and report["graph_breaks"] == 0
+    assert report["compile"]["dynamic"] is False
+
+
 @pytest.mark.parametrize("argv, match", [
     (("--height", "100"), "multiple of 16"),
     (("--width2", "32"), "multiple of 16"),
