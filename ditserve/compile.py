@@ -197,18 +197,6 @@ def flux_example_inputs(config, height: int, width: int, batch: int = 1, text_le
     )
 
 
-def _counters() -> dict[str, Counter]:
-    """A copy of dynamo's global counters (category -> Counter)."""
-    return {k: Counter(v) for k, v in torch._dynamo.utils.counters.items()}
-
-
-def _delta(before: dict[str, Counter], category: str) -> Counter:
-    after = torch._dynamo.utils.counters.get(category, Counter())
-    d = Counter(after)
-    d.subtract(before.get(category, Counter()))
-    return +d  # drop zero / negative entries
-
-
 # dynamo logs every graph break, with its location, to this artifact logger when it is enabled at DEBUG.
 _GRAPH_BREAK_LOGGER = "torch._dynamo.symbolic_convert.__graph_breaks"
 _GRAPH_BREAK_RE = re.compile(r"in user code at (?P<loc>[^\n]+:\d+)\nGraph Break Reason: (?P<reason>.*?)"
@@ -316,7 +304,7 @@ def compile_report(model: nn.Module, make_inputs: Callable[[int, int], dict], si
       compile_seconds: first call minus a steady-state call (the fastest of `steady_iters`) at the first
           size; second_size_compile_seconds: the same at the second size (~0 when nothing recompiles).
       steady_seconds: the steady-state call at the first size. Plus model, sizes, device, dtype, torch, and
-          the compile settings.
+          compile: `cfg` (the engine's settings; the report itself traces with fullgraph=False).
     Counts come from dynamo's process-wide counters: compile nothing else in the process meanwhile.
     """
     cfg = cfg if cfg is not None else CompileConfig()
@@ -333,22 +321,25 @@ def compile_report(model: nn.Module, make_inputs: Callable[[int, int], dict], si
         inputs = [make_inputs(h, w) for h, w in sizes]
         compile_model(model, report_cfg)
 
-        start = _counters()
+        breaks_before = Counter(torch._dynamo.utils.counters["graph_break"])
         first = _timed_call(model, inputs[0], device)
         steady = min(_timed_call(model, inputs[0], device) for _ in range(steady_iters))
         graph_count = len(compiles)
 
         compiles.clear()
-        metrics_before = {id(m) for m in torch._dynamo.utils.get_compilation_metrics()}
+        metrics_before = torch._dynamo.utils.get_compilation_metrics()  # (a list: holds the records, so
+        seen = {id(m) for m in metrics_before}  # their ids stay unique while we compare)
         second_first = _timed_call(model, inputs[1], device)
         second_steady = min(_timed_call(model, inputs[1], device) for _ in range(steady_iters))
         recompiles = len(compiles)
         recompile_reasons = sorted({
             f"{m.co_filename}:{m.co_firstlineno} {m.co_name}: {' '.join(m.recompile_reason.split())}"
             for m in torch._dynamo.utils.get_compilation_metrics()
-            if id(m) not in metrics_before and m.recompile_reason})
+            if id(m) not in seen and m.recompile_reason})
 
-    breaks = _delta(start, "graph_break")
+    breaks = Counter(torch._dynamo.utils.counters["graph_break"])
+    breaks.subtract(breaks_before)
+    breaks = +breaks  # the breaks of this report only
     return {
         "model": name if name is not None else type(model).__name__,
         "sizes": [list(s) for s in sizes],
