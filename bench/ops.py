@@ -2,15 +2,18 @@
 
 For each op and size: eager native (the `ditserve.ops.functional` reference), torch.compile'd native
 (inductor, fullgraph, static shapes) and, where one exists, the Triton custom op called eagerly
-(`torch.ops.ditserve.*`). Times are `triton.testing.do_bench` medians (it flushes L2 between calls, and these
-tensors are far beyond L2 anyway). Achieved GB/s counts each input read once and each output written once,
-and is set against the device-to-device copy bandwidth measured in the same run (a large copy_: bytes read +
-bytes written).
+(`torch.ops.ditserve.*`). Two timings of each:
+  ms        `triton.testing.do_bench` median: one call at a time, L2 flushed before each (so it includes
+            whatever host launch overhead the flush does not hide: what an eager call costs);
+  ms_graph  `triton.testing.do_bench_cudagraph` median: many calls replayed from one CUDA graph, rotating
+            over enough input sets to exceed 3x L2 (the GPU time alone: what a call costs inside a captured or
+            compiled graph with no launch gaps).
+Achieved GB/s counts each input read once and each output written once, and is set against the
+device-to-device copy bandwidth measured in the same run (a large copy_: bytes read + bytes written).
 
 Sizes: FLUX.1-dev at 1024² (4608 tokens x 3072) and Wan2.1-14B at 480x832x81 (32760 tokens x 5120); the
-RMSNorm rows also at their per-head q/k-norm shape (D = 128). Modulation is per-sample (B=1, 1, D).
-
-Also sweeps num_warps of the three Triton kernels, to check the launch heuristic.
+RMSNorm rows also at their per-head q/k-norm shape (D = 128). Modulation is per-sample (B=1, 1, D), sliced
+from one (1, 1, 6D) vector as the models do. Also sweeps num_warps of the three Triton kernels.
 
 Usage: python bench/ops.py [--ops rms_norm,norm_scale_shift,...] [--sizes flux1-dev,wan-14b] [--no-sweep]
 Prints a table, then ONE JSON line last: {"bench": "ops", "env": {...}, "results": [...], "sweep": [...]}.
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 from ditserve.kernels import norm as K  # noqa: E402
 from ditserve.ops import functional as Fn  # noqa: E402
@@ -43,18 +48,19 @@ from ditserve.ops import functional as Fn  # noqa: E402
 EPS = 1e-6
 SIZES = {"flux1-dev": (4608, 3072, 24), "wan-14b": (32760, 5120, 40)}  # tokens, width, heads (head dim 128)
 DTYPE = torch.bfloat16
+ALL_OPS = ("rms_norm", "norm_scale_shift", "residual_norm_scale_shift", "mul_add", "rotary")
 
 
 @dataclass
 class Case:
-    """One op at one size: the native function, its Triton op (or None), inputs, and bytes moved."""
+    """One op at one size: the native function, its Triton op (or None), input sets, and bytes moved."""
 
     op: str
     size: str
     shape: str
     native: Callable
     triton: Callable | None
-    args: tuple
+    arg_sets: list[tuple]  # identical shapes; [0] for do_bench, all of them rotated for the graph timing
     nbytes: int
 
 
@@ -67,6 +73,8 @@ class Result:
     ms: float
     gbps: float
     frac_of_copy: float
+    ms_graph: float
+    frac_of_copy_graph: float
     max_abs_diff_vs_eager: float
     compile_s: float | None = None
 
@@ -79,7 +87,7 @@ def _randn(*shape, dtype=DTYPE, scale=1.0, shift=0.0):
     return (torch.randn(*shape, device="cuda") * scale + shift).to(dtype)
 
 
-# Native functions: module level so each compiles once per shape (static shapes).
+# Native functions and their Triton ops: module level so each compiles once per shape (static shapes).
 def _rms_native(x, w):
     return Fn.rms_norm(x, w, EPS)
 
@@ -112,44 +120,62 @@ def _rotary_native(x, cos, sin):
     return Fn.apply_rotary(x, cos, sin, True)
 
 
-def build_cases(ops: list[str], sizes: list[str]) -> list[Case]:
-    cases = []
-    for size in sizes:
-        L, D, H = SIZES[size]
-        x = _randn(1, L, D, scale=2.0, shift=0.3)
-        # Modulation sliced from one (1, 1, 6D) vector, as the models do (chunk of the AdaLN embedding).
-        emb = _randn(1, 1, 6 * D, scale=0.5)
-        shift, scale, gate = emb.chunk(6, dim=-1)[:3]
-        out = x  # output bytes equal an x-sized tensor for every op here
-        if "rms_norm" in ops:
-            w = _randn(D, scale=0.1, shift=1.0)
-            cases.append(Case("rms_norm", size, f"{L}x{D}", _rms_native, _rms_triton, (x, w), _nbytes(x, w, out)))
-            xh = _randn(1, L, H, 128)
-            wh = _randn(128, scale=0.1, shift=1.0)
-            cases.append(Case("rms_norm_qk", size, f"{L}x{H}x128", _rms_native, _rms_triton, (xh, wh),
-                              _nbytes(xh, wh, xh)))
-        if "norm_scale_shift" in ops:
-            cases.append(Case("norm_scale_shift", size, f"{L}x{D}", _nss_native, _nss_triton, (x, scale, shift),
-                              _nbytes(x, scale, shift, out)))
-        if "residual_norm_scale_shift" in ops:
-            residual = _randn(1, L, D)
-            cases.append(Case("residual_norm_scale_shift", size, f"{L}x{D}", _rnss_native, _rnss_triton,
-                              (x, residual, gate, scale, shift),
-                              _nbytes(x, residual, gate, scale, shift, out, residual)))
-        if "mul_add" in ops:
-            cases.append(Case("mul_add", size, f"{L}x{D}", _mul_add_native, None, (x, scale, shift),
-                              _nbytes(x, scale, shift, out)))
-        if "rotary" in ops:
-            q = _randn(1, L, H, 128)
-            ang = torch.rand(L, 64, device="cuda", dtype=torch.float64) * 100
-            cos, sin = ang.cos().float(), ang.sin().float()
-            cases.append(Case("rotary", size, f"{L}x{H}x128", _rotary_native, None, (q, cos, sin),
-                              _nbytes(q, cos, sin, q)))
-    return cases
+def _modulation(D: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(shift, scale, gate), each (1, 1, D), sliced from one AdaLN embedding (1, 1, 6D)."""
+    return _randn(1, 1, 6 * D, scale=0.5).chunk(6, dim=-1)[:3]
 
 
-def _time(fn: Callable, args: tuple) -> float:
-    return do_bench(lambda: fn(*args), warmup=25, rep=200, return_mode="median")
+def _inputs(op: str, L: int, D: int, H: int) -> tuple[str, tuple, int]:
+    """(shape label, args, bytes moved) for one fresh input set of `op`."""
+    x = _randn(1, L, D, scale=2.0, shift=0.3)
+    if op == "rms_norm":
+        w = _randn(D, scale=0.1, shift=1.0)
+        return f"{L}x{D}", (x, w), _nbytes(x, w, x)
+    if op == "rms_norm_qk":
+        xh, wh = _randn(1, L, H, 128), _randn(128, scale=0.1, shift=1.0)
+        return f"{L}x{H}x128", (xh, wh), _nbytes(xh, wh, xh)
+    shift, scale, gate = _modulation(D)
+    if op == "norm_scale_shift":
+        return f"{L}x{D}", (x, scale, shift), _nbytes(x, scale, shift, x)
+    if op == "residual_norm_scale_shift":
+        residual = _randn(1, L, D)
+        return f"{L}x{D}", (x, residual, gate, scale, shift), _nbytes(x, residual, gate, scale, shift, x, x)
+    if op == "mul_add":
+        return f"{L}x{D}", (x, scale, shift), _nbytes(x, scale, shift, x)
+    if op == "rotary":
+        q = _randn(1, L, H, 128)
+        ang = torch.rand(L, 64, device="cuda", dtype=torch.float64) * 100
+        cos, sin = ang.cos().float(), ang.sin().float()
+        return f"{L}x{H}x128", (q, cos, sin), _nbytes(q, cos, sin, q)
+    raise ValueError(op)
+
+
+FUNCS = {
+    "rms_norm": (_rms_native, _rms_triton),
+    "rms_norm_qk": (_rms_native, _rms_triton),
+    "norm_scale_shift": (_nss_native, _nss_triton),
+    "residual_norm_scale_shift": (_rnss_native, _rnss_triton),
+    "mul_add": (_mul_add_native, None),
+    "rotary": (_rotary_native, None),
+}
+
+
+def build_case(op: str, size: str) -> Case:
+    L, D, H = SIZES[size]
+    shape, args, nbytes = _inputs(op, L, D, H)
+    n_sets = max(1, math.ceil(3 * torch.cuda.get_device_properties(0).L2_cache_size / nbytes))
+    arg_sets = [args] + [_inputs(op, L, D, H)[1] for _ in range(n_sets - 1)]
+    native, triton_fn = FUNCS[op]
+    return Case(op, size, shape, native, triton_fn, arg_sets, nbytes)
+
+
+def _time(fn: Callable, case: Case) -> tuple[float, float]:
+    """(do_bench median ms on the first input set, CUDA-graph median ms rotating over all sets)."""
+    args = case.arg_sets[0]
+    ms = do_bench(lambda: fn(*args), warmup=25, rep=200, return_mode="median")
+    sets = itertools.cycle(case.arg_sets)
+    ms_graph = do_bench_cudagraph(lambda: fn(*next(sets)), rep=50, return_mode="median")
+    return ms, ms_graph
 
 
 def _max_diff(a, b) -> float:
@@ -168,37 +194,39 @@ def copy_bandwidth_gbps() -> float:
 
 
 def run_case(case: Case, copy_gbps: float) -> list[Result]:
-    def result(impl, ms, diff, compile_s=None):
-        gbps = case.nbytes / (ms * 1e-3) / 1e9
+    def result(impl, fn, diff, compile_s=None):
+        ms, ms_graph = _time(fn, case)
+        gbps, gbps_graph = (case.nbytes / (t * 1e-3) / 1e9 for t in (ms, ms_graph))
         return Result(case.op, case.size, case.shape, impl, round(ms, 5), round(gbps, 1),
-                      round(gbps / copy_gbps, 3), diff, compile_s)
+                      round(gbps / copy_gbps, 3), round(ms_graph, 5), round(gbps_graph / copy_gbps, 3),
+                      diff, compile_s)
 
-    ref = case.native(*case.args)
-    results = [result("eager", _time(case.native, case.args), 0.0)]
+    args = case.arg_sets[0]
+    ref = case.native(*args)
+    results = [result("eager", case.native, 0.0)]
     compiled = torch.compile(case.native, backend="inductor", fullgraph=True, dynamic=False)
     t0 = time.perf_counter()
-    out = compiled(*case.args)
+    out = compiled(*args)
     torch.cuda.synchronize()
     compile_s = round(time.perf_counter() - t0, 2)
-    results.append(result("compiled", _time(compiled, case.args), _max_diff(out, ref), compile_s))
+    results.append(result("compiled", compiled, _max_diff(out, ref), compile_s))
     if case.triton is not None:
-        out = case.triton(*case.args)
-        results.append(result("triton", _time(case.triton, case.args), _max_diff(out, ref)))
+        results.append(result("triton", case.triton, _max_diff(case.triton(*args), ref)))
     return results
 
 
 def warps_sweep(sizes: list[str]) -> list[dict]:
-    """Direct kernel calls at num_warps 4/8/16 against the default heuristic."""
+    """Direct kernel calls (same inputs as the table's) at num_warps 4/8/16; do_bench medians."""
     from ditserve.kernels import triton_norm as T
 
     rows = []
     for size in sizes:
-        L, D, _ = SIZES[size]
-        x = _randn(1, L, D, scale=2.0, shift=0.3)
+        L, D, H = SIZES[size]
+        _, (x, w), _ = _inputs("rms_norm", L, D, H)
         residual = _randn(1, L, D)
-        shift, scale, gate = _randn(1, 1, 6 * D, scale=0.5).chunk(6, dim=-1)[:3]
+        shift, scale, gate = _modulation(D)
         calls = {
-            "rms_norm": lambda nw: T.rms_norm(x, None, EPS, num_warps=nw),
+            "rms_norm": lambda nw: T.rms_norm(x, w, EPS, num_warps=nw),
             "norm_scale_shift": lambda nw: T.norm_scale_shift(x, None, scale, shift, EPS, False, num_warps=nw),
             "residual_norm_scale_shift": lambda nw: T.residual_norm_scale_shift(
                 x, residual, gate, None, scale, shift, EPS, False, num_warps=nw),
@@ -219,22 +247,23 @@ def env_info() -> dict:
                                     cwd=Path(__file__).parent, check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             commit = "unknown"
+    props = torch.cuda.get_device_properties(0)
     return {
         "gpu": torch.cuda.get_device_name(),
+        "sms": props.multi_processor_count,
+        "l2_mb": round(props.L2_cache_size / 2**20, 1),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "commit": commit,
         "date": datetime.date.today().isoformat(),
         "dtype": str(DTYPE).removeprefix("torch."),
-        "triton_registered": K.TRITON_REGISTERED,
     }
 
 
 def main() -> None:
-    all_ops = "rms_norm,norm_scale_shift,residual_norm_scale_shift,mul_add,rotary"
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ops", default=all_ops)
+    p.add_argument("--ops", default=",".join(ALL_OPS))
     p.add_argument("--sizes", default=",".join(SIZES))
     p.add_argument("--no-sweep", action="store_true")
     a = p.parse_args()
@@ -243,28 +272,40 @@ def main() -> None:
     if not K.TRITON_REGISTERED:
         raise SystemExit("the Triton kernels are not registered (is triton importable?)")
     torch._dynamo.config.cache_size_limit = 64
+    # Compile in this process: a pool of compile workers starting up competes for the CPU with the timed
+    # launches (seen: the first case timed 3x slow).
+    torch._inductor.config.compile_threads = 1
     torch.manual_seed(0)
+    ops = a.ops.split(",")
+    if "rms_norm" in ops:
+        ops.insert(ops.index("rms_norm") + 1, "rms_norm_qk")
+    sizes = a.sizes.split(",")
 
     copy_gbps = copy_bandwidth_gbps()
     results: list[Result] = []
-    for case in build_cases(a.ops.split(","), a.sizes.split(",")):
-        case_results = run_case(case, copy_gbps)
-        for r in case_results:  # progress, on stderr
-            print(f"  {r.op:26s} {r.size:10s} {r.impl:9s} {r.ms:8.4f} ms", file=sys.stderr, flush=True)
-        results.extend(case_results)
-    sweep = [] if a.no_sweep else warps_sweep(a.sizes.split(","))
+    for size in sizes:
+        for op in ops:
+            case_results = run_case(build_case(op, size), copy_gbps)
+            for r in case_results:  # progress, on stderr
+                print(f"  {r.op:26s} {r.size:10s} {r.impl:9s} {r.ms:8.4f} ms {r.ms_graph:8.4f} ms (graph)",
+                      file=sys.stderr, flush=True)
+            results.extend(case_results)
+            torch.cuda.empty_cache()
+    sweep = [] if a.no_sweep else warps_sweep(sizes)
 
     print(f"\ncopy bandwidth (read+write): {copy_gbps:.0f} GB/s")
-    print(f"{'op':26s} {'size':10s} {'shape':14s} {'impl':9s} {'ms':>8s} {'GB/s':>7s} {'%copy':>6s} "
-          f"{'max|Δ|':>8s} {'compile s':>9s}")
+    print(f"{'op':26s} {'size':10s} {'shape':13s} {'impl':8s} {'ms':>7s} {'GB/s':>5s} {'%copy':>5s} "
+          f"{'ms_graph':>8s} {'%copy':>5s} {'max|Δ|':>7s} {'compile_s':>9s}")
     for r in results:
         cs = f"{r.compile_s:9.1f}" if r.compile_s is not None else ""
-        print(f"{r.op:26s} {r.size:10s} {r.shape:14s} {r.impl:9s} {r.ms:8.4f} {r.gbps:7.0f} "
-              f"{100 * r.frac_of_copy:5.0f}% {r.max_abs_diff_vs_eager:8.3g} {cs}")
+        print(f"{r.op:26s} {r.size:10s} {r.shape:13s} {r.impl:8s} {r.ms:7.4f} {r.gbps:5.0f} "
+              f"{100 * r.frac_of_copy:4.0f}% {r.ms_graph:8.4f} {100 * r.frac_of_copy_graph:4.0f}% "
+              f"{r.max_abs_diff_vs_eager:7.3g} {cs}")
     if sweep:
-        print("\nnum_warps sweep (direct kernel calls, ms; * = default heuristic)")
+        print("\nnum_warps sweep (direct kernel calls, do_bench ms; * = default heuristic)")
         for s in sweep:
-            print(f"  {s['op']:26s} {s['size']:10s} warps={s['num_warps']:2d} {s['ms']:8.4f}{' *' if s['default'] else ''}")
+            print(f"  {s['op']:26s} {s['size']:10s} warps={s['num_warps']:2d} {s['ms']:8.4f}"
+                  f"{' *' if s['default'] else ''}")
     env = env_info()
     env["copy_gbps"] = round(copy_gbps, 1)
     print(json.dumps({"bench": "ops", "env": env, "results": [asdict(r) for r in results], "sweep": sweep}))

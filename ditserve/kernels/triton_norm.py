@@ -42,7 +42,8 @@ def launch_config(D: int, num_warps: int | None = None) -> tuple[int, int, int]:
     block = triton.next_power_of_2(D)
     rows = max(1, 1024 // block)  # small rows: several per program so each program moves >= 1k elements
     if num_warps is None:
-        num_warps = min(16, max(4, block * rows // 512))  # 16 fp32 elements a thread (8 for <= 2k)
+        # 32 elements of a row a thread: 4 warps at D <= 4096, 8 at 8192 (bench/ops.py's num_warps sweep).
+        num_warps = min(16, max(4, block * rows // 1024))
     return block, rows, num_warps
 
 
@@ -89,9 +90,11 @@ def _rms_norm_kernel(
     rows, cols, mask = _row_block(n_rows, D, ROWS, BLOCK)
     offs = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
     y = _normalize(x, mask, D, eps, True)
     if HAS_WEIGHT:
-        y = y * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+        y = y * w
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -103,12 +106,15 @@ def _norm_scale_shift_kernel(
     rows, cols, mask = _row_block(n_rows, D, ROWS, BLOCK)
     offs = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # Every load is issued before the reductions, so their latencies overlap instead of adding up.
+    scale = tl.load(scale_ptr + _mod_offsets(rows, cols, L, sc_b, sc_l), mask=mask, other=0.0)
+    shift = tl.load(shift_ptr + _mod_offsets(rows, cols, L, sh_b, sh_l), mask=mask, other=0.0)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
     y = _normalize(x, mask, D, eps, RMS)
     if HAS_WEIGHT:
-        y = y * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
-    scale = tl.load(scale_ptr + _mod_offsets(rows, cols, L, sc_b, sc_l), mask=mask, other=0.0).to(tl.float32)
-    shift = tl.load(shift_ptr + _mod_offsets(rows, cols, L, sh_b, sh_l), mask=mask, other=0.0).to(tl.float32)
-    y = y * (1 + scale) + shift
+        y = y * w
+    y = y * (1 + scale.to(tl.float32)) + shift.to(tl.float32)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -121,18 +127,23 @@ def _residual_norm_scale_shift_kernel(
     rows, cols, mask = _row_block(n_rows, D, ROWS, BLOCK)
     offs = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_GATE:
-        x = x * tl.load(gate_ptr + _mod_offsets(rows, cols, L, g_b, g_l), mask=mask, other=0.0).to(tl.float32)
     res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # Every load is issued before the reductions, so their latencies overlap instead of adding up.
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + _mod_offsets(rows, cols, L, g_b, g_l), mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + _mod_offsets(rows, cols, L, sc_b, sc_l), mask=mask, other=0.0)
+    shift = tl.load(shift_ptr + _mod_offsets(rows, cols, L, sh_b, sh_l), mask=mask, other=0.0)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+    if HAS_GATE:
+        x = x * gate.to(tl.float32)
     # The new residual stream is rounded to its dtype first, and that rounded value is what gets normalised.
     r = (res + x).to(r_ptr.dtype.element_ty)
     tl.store(r_ptr + offs, r, mask=mask)
     y = _normalize(r.to(tl.float32), mask, D, eps, RMS)
     if HAS_WEIGHT:
-        y = y * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
-    scale = tl.load(scale_ptr + _mod_offsets(rows, cols, L, sc_b, sc_l), mask=mask, other=0.0).to(tl.float32)
-    shift = tl.load(shift_ptr + _mod_offsets(rows, cols, L, sh_b, sh_l), mask=mask, other=0.0).to(tl.float32)
-    y = y * (1 + scale) + shift
+        y = y * w
+    y = y * (1 + scale.to(tl.float32)) + shift.to(tl.float32)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
