@@ -105,7 +105,8 @@ def load_component(folder: Path, class_name: str, engine: EngineConfig) -> Any:
     if kind == "diffusers":
         _read_json(folder / "config.json")
         find_weight_files(folder)  # refuses pickle-only folders before diffusers sees them
-        model = cls.from_pretrained(folder, dtype=_encoder_dtype(engine), use_safetensors=True)
+        # `torch_dtype` (not `dtype`): every diffusers release we support takes it; `dtype` is 0.42+ only.
+        model = cls.from_pretrained(folder, torch_dtype=_encoder_dtype(engine), use_safetensors=True)
         return _frozen(model.to(device))
     if kind == "transformers":
         _read_json(folder / "config.json")
