@@ -1,0 +1,173 @@
+"""FLUX.1-dev transformer, one forward at full size (random weights), ditserve beside diffusers in one process.
+
+GPU only. Batch 1, 1024x1024 (4096 image tokens) + 512 text tokens, bf16. Measures, in this order:
+  1. ditserve: dummy load of the transformer alone (meta -> device -> random init), peak memory of the load and
+     of one 1024x1024 forward (the issue-3 memory bound: <= 30 GB on an 80 GB GPU);
+  2. diffusers' FluxTransformer2DModel built with the SAME weights (copied through our weight map), output
+     relative error ours vs diffusers on the same inputs;
+  3. one-forward times (CUDA events, median of --iters after warmup) for diffusers eager / regional compile and
+     ditserve eager / regional compile, with compile seconds, TFLOP/s from torch.utils.flop_counter and the
+     bf16 GEMM rate measured in the same run.
+Prints a table to stderr and ONE JSON line last on stdout.
+
+    python bench/flux_step.py [--iters 10] [--skip-compile] [--kernels auto|native|triton]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def timed(fn, iters: int, warmup: int = 3) -> float:
+    """Median ms of fn() over `iters` runs, CUDA events, after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def gemm_rate_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    ms = timed(lambda: a @ b, iters=20)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def count_tflop(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fc = FlopCounterMode(display=False)
+    with fc:
+        fn()
+    return fc.get_total_flops() / 1e12
+
+
+def compile_seconds(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--kernels", default="auto", choices=["auto", "native", "triton"])
+    ap.add_argument("--skip-compile", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/flux_step.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+
+    import diffusers
+
+    from ditserve.compile import CompileConfig, compile_model, flux_example_inputs
+    from ditserve.config import EngineConfig
+    from ditserve.loader import load_transformer
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    dev = torch.device("cuda")
+    rec: dict = {"bench": "flux_step", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                 "diffusers": diffusers.__version__, "height": 1024, "width": 1024, "text_len": 512,
+                 "kernels": args.kernels}
+    try:
+        rec["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip() or None
+    except OSError:
+        rec["commit"] = None
+    rec["gemm_bf16_tflops"] = round(gemm_rate_tflops(), 1)
+
+    # 1. ditserve: dummy transformer alone, then peak memory of one 1024x1024 forward.
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    engine = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", kernels=args.kernels)
+    t0 = time.perf_counter()
+    ours, _ = load_transformer("flux.1-dev", engine)
+    torch.cuda.synchronize()
+    rec["ditserve_dummy_load_s"] = round(time.perf_counter() - t0, 2)
+    rec["ditserve_params_b"] = round(sum(p.numel() for p in ours.parameters()) / 1e9, 4)
+    rec["ditserve_load_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    inputs = flux_example_inputs(ours.config, 1024, 1024, batch=1, text_len=512, device=dev, dtype=torch.bfloat16)
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        out_ours = ours(**inputs)
+    torch.cuda.synchronize()
+    rec["ditserve_forward_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    log(f"ditserve dummy load {rec['ditserve_dummy_load_s']} s, load peak {rec['ditserve_load_peak_gib']} GiB, "
+        f"1024x1024 forward peak {rec['ditserve_forward_peak_gib']} GiB")
+
+    # 2. diffusers with the same weights.
+    from diffusers import FluxTransformer2DModel
+
+    from ditserve.models.flux import FLUX_1_DEV
+
+    cfg = {k: v for k, v in FLUX_1_DEV.components["transformer"][1].items() if not k.startswith("_")}
+    with torch.device("meta"):
+        ref = FluxTransformer2DModel(**cfg)
+    ref = ref.to_empty(device=dev).to(torch.bfloat16).eval().requires_grad_(False)
+    ours_params = dict(ours.named_parameters())
+    ref_params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for key, (name, start, stop) in ours.weight_map().items():
+            src = ours_params[name] if start is None else ours_params[name][start:stop]
+            ref_params[key].copy_(src)
+    with torch.inference_mode():
+        out_ref = ref(**inputs, return_dict=False)[0]
+    rec["rel_err_vs_diffusers"] = float((out_ours.float() - out_ref.float()).norm() / out_ref.float().norm())
+    log(f"relative error ours vs diffusers (bf16): {rec['rel_err_vs_diffusers']:.4f}")
+    del out_ours, out_ref
+
+    def run(model, **kw):
+        with torch.inference_mode():
+            return model(**inputs, **kw)
+
+    tflop = count_tflop(lambda: run(ours))
+    rec["tflop_per_forward"] = round(tflop, 2)
+    rows = {}
+
+    def measure(name, fn):
+        ms = timed(fn, args.iters)
+        rows[name] = {"ms": round(ms, 2), "tflops": round(tflop / ms * 1e3, 1),
+                      "frac_of_gemm_rate": round(tflop / ms * 1e3 / rec["gemm_bf16_tflops"], 3)}
+        log(f"{name:28s} {ms:8.2f} ms  {tflop / ms * 1e3:6.1f} TFLOP/s")
+
+    measure("diffusers_eager", lambda: run(ref, return_dict=False))
+    measure("ditserve_eager", lambda: run(ours))
+    if not args.skip_compile:
+        # diffusers' regional compilation: its own API, compiling each repeated block class.
+        ref.compile_repeated_blocks(fullgraph=True)
+        rows_c = compile_seconds(lambda: run(ref, return_dict=False))
+        measure("diffusers_regional_compile", lambda: run(ref, return_dict=False))
+        rows["diffusers_regional_compile"]["compile_s"] = round(rows_c, 1)
+        compile_model(ours, CompileConfig())
+        rows_c = compile_seconds(lambda: run(ours))
+        measure("ditserve_regional_compile", lambda: run(ours))
+        rows["ditserve_regional_compile"]["compile_s"] = round(rows_c, 1)
+        best = rows["diffusers_regional_compile"]["ms"]
+        rec["ratio_vs_diffusers_compiled"] = round(rows["ditserve_regional_compile"]["ms"] / best, 3)
+    rec["results"] = rows
+    rec["peak_gib_all"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print(json.dumps(rec))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
