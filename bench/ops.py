@@ -13,7 +13,8 @@ device-to-device copy bandwidth measured in the same run (a large copy_: bytes r
 
 Sizes: FLUX.1-dev at 1024² (4608 tokens x 3072) and Wan2.1-14B at 480x832x81 (32760 tokens x 5120); the
 RMSNorm rows also at their per-head q/k-norm shape (D = 128). Modulation is per-sample (B=1, 1, D), sliced
-from one (1, 1, 6D) vector as the models do. Also sweeps num_warps of the three Triton kernels.
+from one (1, 1, 6D) vector as the models do. Also sweeps the launch layouts of the three Triton kernels
+(resident / looped rows, chunk, num_warps).
 
 Usage: python bench/ops.py [--ops rms_norm,norm_scale_shift,...] [--sizes flux1-dev,wan-14b] [--no-sweep]
 Prints a table, then ONE JSON line last: {"bench": "ops", "env": {...}, "results": [...], "sweep": [...]}.
@@ -215,27 +216,36 @@ def run_case(case: Case, copy_gbps: float) -> list[Result]:
     return results
 
 
-def warps_sweep(sizes: list[str]) -> list[dict]:
-    """Direct kernel calls (same inputs as the table's) at num_warps 4/8/16; do_bench medians."""
+SWEEP = [  # (looped, chunk, num_warps): the launch layouts compared for each Triton op and size
+    (False, None, 4), (False, None, 8), (False, None, 16),
+    (True, 512, 4), (True, 1024, 4), (True, 2048, 4), (True, 2048, 8),
+]
+
+
+def layout_sweep(sizes: list[str]) -> list[dict]:
+    """Direct kernel calls (the table's inputs) in each SWEEP layout; CUDA-graph medians with rotation."""
     from ditserve.kernels import triton_norm as T
 
+    direct = {
+        "rms_norm": lambda args, **kw: T.rms_norm(*args, EPS, **kw),
+        "norm_scale_shift": lambda args, **kw: T.norm_scale_shift(args[0], None, *args[1:], EPS, False, **kw),
+        "residual_norm_scale_shift": lambda args, **kw: T.residual_norm_scale_shift(
+            *args[:3], None, *args[3:], EPS, False, **kw),
+    }
     rows = []
     for size in sizes:
-        L, D, H = SIZES[size]
-        _, (x, w), _ = _inputs("rms_norm", L, D, H)
-        residual = _randn(1, L, D)
-        shift, scale, gate = _modulation(D)
-        calls = {
-            "rms_norm": lambda nw: T.rms_norm(x, w, EPS, num_warps=nw),
-            "norm_scale_shift": lambda nw: T.norm_scale_shift(x, None, scale, shift, EPS, False, num_warps=nw),
-            "residual_norm_scale_shift": lambda nw: T.residual_norm_scale_shift(
-                x, residual, gate, None, scale, shift, EPS, False, num_warps=nw),
-        }
-        default = T.launch_config(D)[2]
-        for op, call in calls.items():
-            for nw in (4, 8, 16):
-                ms = do_bench(lambda: call(nw), warmup=25, rep=100, return_mode="median")
-                rows.append({"op": op, "size": size, "num_warps": nw, "default": nw == default, "ms": round(ms, 5)})
+        D = SIZES[size][1]
+        default = T.launch_config(D)
+        for op, call in direct.items():
+            case = build_case(op, size)
+            for looped, chunk, nw in SWEEP:
+                kw = {"looped": looped, "chunk": chunk, "num_warps": nw}
+                is_default = T.launch_config(D, **kw) == default
+                sets = itertools.cycle(case.arg_sets)
+                ms = do_bench_cudagraph(lambda: call(next(sets), **kw), rep=50, return_mode="median")
+                rows.append({"op": op, "size": size, "layout": "looped" if looped else "resident", "chunk": chunk,
+                             "num_warps": nw, "default": is_default, "ms_graph": round(ms, 5)})
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -291,7 +301,7 @@ def main() -> None:
                       file=sys.stderr, flush=True)
             results.extend(case_results)
             torch.cuda.empty_cache()
-    sweep = [] if a.no_sweep else warps_sweep(sizes)
+    sweep = [] if a.no_sweep else layout_sweep(sizes)
 
     print(f"\ncopy bandwidth (read+write): {copy_gbps:.0f} GB/s")
     print(f"{'op':26s} {'size':10s} {'shape':13s} {'impl':8s} {'ms':>7s} {'GB/s':>5s} {'%copy':>5s} "
@@ -302,10 +312,10 @@ def main() -> None:
               f"{100 * r.frac_of_copy:4.0f}% {r.ms_graph:8.4f} {100 * r.frac_of_copy_graph:4.0f}% "
               f"{r.max_abs_diff_vs_eager:7.3g} {cs}")
     if sweep:
-        print("\nnum_warps sweep (direct kernel calls, do_bench ms; * = default heuristic)")
-        for s in sweep:
-            print(f"  {s['op']:26s} {s['size']:10s} warps={s['num_warps']:2d} {s['ms']:8.4f}"
-                  f"{' *' if s['default'] else ''}")
+        print("\nlayout sweep (direct kernel calls, CUDA-graph ms; * = the automatic choice)")
+        for r in sweep:
+            print(f"  {r['op']:26s} {r['size']:10s} {r['layout']:8s} chunk={str(r['chunk']):4s} "
+                  f"warps={r['num_warps']:2d} {r['ms_graph']:8.4f}{' *' if r['default'] else ''}")
     env = env_info()
     env["copy_gbps"] = round(copy_gbps, 1)
     print(json.dumps({"bench": "ops", "env": env, "results": [asdict(r) for r in results], "sweep": sweep}))

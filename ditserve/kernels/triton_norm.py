@@ -14,16 +14,24 @@ Layout handling, done explicitly in the wrappers:
     dim is not unit-stride is copied (`.contiguous()` of the expanded view).
   - outputs are new contiguous tensors (or the `out=` tensors, which must be contiguous), written fully.
 
-Launch: one program per ROWS rows (ROWS = 1 for D >= 1024; several rows for small D, e.g. per-head
-q/k norms with D = 128), a whole row held in registers (BLOCK = next_pow2(D), D <= MAX_D), fp32 reductions.
-The row count and L only set the grid and the index math: they are `do_not_specialize` ints, so a new
-resolution or batch size reuses the compiled kernel.
+Launch, two layouts chosen by row width (`launch_config`):
+  - resident (D <= RESIDENT_MAX_D): a whole row in registers (BLOCK = next_pow2(D)), one program per ROWS rows
+    (ROWS = 1 for D >= 1024; several rows for small D, e.g. per-head q/k norms with D = 128), reductions
+    over registers; every input read once.
+  - looped (wider rows, e.g. Wan's 5120): one program per row walks it in CHUNK-wide pieces: a pass for the
+    mean (LayerNorm), a pass for the variance / mean square, a pass writing the output. The re-reads hit
+    L1/L2, and the small register footprint keeps many rows in flight (a resident 5120-row padded to 8192
+    left too few rows in flight per SM: ~40% of copy bandwidth on an H200).
+All math is fp32. The row count and L only set the grid and the index math: they are `do_not_specialize`
+ints, so a new resolution or batch size reuses the compiled kernel.
 
 Dtypes: bf16, fp16, fp32 run the kernels; any other dtype (fp64) runs the reference from
 `ditserve.ops.functional` (the op classes never send fp64 here; this keeps the custom op total).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -32,19 +40,32 @@ import triton.language as tl
 from ditserve.ops import functional as Fn
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-MAX_D = 16384  # a whole row lives in registers; past this it would spill
+RESIDENT_MAX_D = 4096  # wider rows take the looped kernels (bench/ops.py's layout sweep)
+MAX_RESIDENT_D = 16384  # a resident row past this would spill registers
+LOOP_CHUNK = 1024
 
 
-def launch_config(D: int, num_warps: int | None = None) -> tuple[int, int, int]:
-    """(BLOCK, ROWS, num_warps) for rows of D elements."""
-    if D > MAX_D:
-        raise ValueError(f"the Triton norm kernels take rows of at most {MAX_D} elements, got D={D}")
+@dataclass(frozen=True)
+class LaunchConfig:
+    looped: bool
+    block: int  # resident: next_pow2(D); looped: the chunk width
+    rows: int  # rows per program (resident only; looped programs take one row)
+    num_warps: int
+
+
+def launch_config(D: int, num_warps: int | None = None, looped: bool | None = None,
+                  chunk: int | None = None) -> LaunchConfig:
+    """How to launch over rows of D elements. None picks by D; the explicit choices are for benchmarks."""
+    if looped is None:
+        looped = D > RESIDENT_MAX_D
+    if looped:
+        return LaunchConfig(True, chunk or LOOP_CHUNK, 1, num_warps or 4)
+    if D > MAX_RESIDENT_D:
+        raise ValueError(f"resident rows hold at most {MAX_RESIDENT_D} elements, got D={D}")
     block = triton.next_power_of_2(D)
     rows = max(1, 1024 // block)  # small rows: several per program so each program moves >= 1k elements
-    if num_warps is None:
-        # 32 elements of a row a thread: 4 warps at D <= 4096, 8 at 8192 (bench/ops.py's num_warps sweep).
-        num_warps = min(16, max(4, block * rows // 1024))
-    return block, rows, num_warps
+    # 32 elements of a row a thread: 4 warps at D <= 4096, 8 at 8192 (bench/ops.py's num_warps sweep).
+    return LaunchConfig(False, block, rows, num_warps or min(16, max(4, block * rows // 1024)))
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
@@ -106,15 +127,14 @@ def _norm_scale_shift_kernel(
     rows, cols, mask = _row_block(n_rows, D, ROWS, BLOCK)
     offs = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # Every load is issued before the reductions, so their latencies overlap instead of adding up.
-    scale = tl.load(scale_ptr + _mod_offsets(rows, cols, L, sc_b, sc_l), mask=mask, other=0.0)
-    shift = tl.load(shift_ptr + _mod_offsets(rows, cols, L, sh_b, sh_l), mask=mask, other=0.0)
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
     y = _normalize(x, mask, D, eps, RMS)
+    # The vectors are loaded after the reductions: loading them first kept more registers live and measured
+    # ~15% slower at D=3072 (H200).
     if HAS_WEIGHT:
-        y = y * w
-    y = y * (1 + scale.to(tl.float32)) + shift.to(tl.float32)
+        y = y * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+    scale = tl.load(scale_ptr + _mod_offsets(rows, cols, L, sc_b, sc_l), mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + _mod_offsets(rows, cols, L, sh_b, sh_l), mask=mask, other=0.0).to(tl.float32)
+    y = y * (1 + scale) + shift
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -127,24 +147,108 @@ def _residual_norm_scale_shift_kernel(
     rows, cols, mask = _row_block(n_rows, D, ROWS, BLOCK)
     offs = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        x = x * tl.load(gate_ptr + _mod_offsets(rows, cols, L, g_b, g_l), mask=mask, other=0.0).to(tl.float32)
     res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # Every load is issued before the reductions, so their latencies overlap instead of adding up.
-    if HAS_GATE:
-        gate = tl.load(gate_ptr + _mod_offsets(rows, cols, L, g_b, g_l), mask=mask, other=0.0)
-    scale = tl.load(scale_ptr + _mod_offsets(rows, cols, L, sc_b, sc_l), mask=mask, other=0.0)
-    shift = tl.load(shift_ptr + _mod_offsets(rows, cols, L, sh_b, sh_l), mask=mask, other=0.0)
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
-    if HAS_GATE:
-        x = x * gate.to(tl.float32)
     # The new residual stream is rounded to its dtype first, and that rounded value is what gets normalised.
     r = (res + x).to(r_ptr.dtype.element_ty)
     tl.store(r_ptr + offs, r, mask=mask)
     y = _normalize(r.to(tl.float32), mask, D, eps, RMS)
     if HAS_WEIGHT:
-        y = y * w
-    y = y * (1 + scale.to(tl.float32)) + shift.to(tl.float32)
+        y = y * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+    scale = tl.load(scale_ptr + _mod_offsets(rows, cols, L, sc_b, sc_l), mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + _mod_offsets(rows, cols, L, sh_b, sh_l), mask=mask, other=0.0).to(tl.float32)
+    y = y * (1 + scale) + shift
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# Looped kernels: one program per row, CHUNK-wide pieces.
+
+
+@triton.jit
+def _looped_stats(row_ptr, D, eps, RMS: tl.constexpr, CHUNK: tl.constexpr):
+    """(mean, rstd) of one row of D elements at row_ptr; mean is 0 for RMS. Same formulas as `_normalize`."""
+    cols = tl.arange(0, CHUNK)
+    acc = tl.zeros([CHUNK], dtype=tl.float32)
+    for k in range(0, D, CHUNK):
+        v = tl.load(row_ptr + k + cols, mask=k + cols < D, other=0.0).to(tl.float32)
+        if RMS:
+            acc += v * v
+        else:
+            acc += v
+    if RMS:
+        mean = 0.0
+        rstd = tl.rsqrt(tl.sum(acc, axis=0) / D + eps)
+    else:
+        mean = tl.sum(acc, axis=0) / D
+        acc = tl.zeros([CHUNK], dtype=tl.float32)
+        for k in range(0, D, CHUNK):
+            m = k + cols < D
+            v = tl.load(row_ptr + k + cols, mask=m, other=0.0).to(tl.float32)
+            vc = tl.where(m, v - mean, 0.0)
+            acc += vc * vc
+        rstd = tl.rsqrt(tl.sum(acc, axis=0) / D + eps)
+    return mean, rstd
+
+
+@triton.jit
+def _looped_output(src_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, D, mean, rstd,
+                   HAS_WEIGHT: tl.constexpr, MODULATE: tl.constexpr, CHUNK: tl.constexpr):
+    """y = (src - mean) * rstd [* w] [* (1 + scale) + shift] over one row; pointers at the row's start."""
+    cols = tl.arange(0, CHUNK)
+    for k in range(0, D, CHUNK):
+        m = k + cols < D
+        y = (tl.load(src_ptr + k + cols, mask=m, other=0.0).to(tl.float32) - mean) * rstd
+        if HAS_WEIGHT:
+            y = y * tl.load(w_ptr + k + cols, mask=m, other=0.0).to(tl.float32)
+        if MODULATE:
+            scale = tl.load(scale_ptr + k + cols, mask=m, other=0.0).to(tl.float32)
+            shift = tl.load(shift_ptr + k + cols, mask=m, other=0.0).to(tl.float32)
+            y = y * (1 + scale) + shift
+        tl.store(y_ptr + k + cols, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rms_norm_looped_kernel(x_ptr, w_ptr, y_ptr, D, eps, HAS_WEIGHT: tl.constexpr, CHUNK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    mean, rstd = _looped_stats(x_ptr + row * D, D, eps, True, CHUNK)
+    _looped_output(x_ptr + row * D, w_ptr, x_ptr, x_ptr, y_ptr + row * D, D, mean, rstd, HAS_WEIGHT, False, CHUNK)
+
+
+@triton.jit(do_not_specialize=["L", "sc_b", "sh_b"])
+def _norm_scale_shift_looped_kernel(
+    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, L, D, sc_b, sc_l, sh_b, sh_l, eps,
+    RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, CHUNK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b, l = row // L, row % L
+    mean, rstd = _looped_stats(x_ptr + row * D, D, eps, RMS, CHUNK)
+    _looped_output(x_ptr + row * D, w_ptr, scale_ptr + b * sc_b + l * sc_l, shift_ptr + b * sh_b + l * sh_l,
+                   y_ptr + row * D, D, mean, rstd, HAS_WEIGHT, True, CHUNK)
+
+
+@triton.jit(do_not_specialize=["L", "g_b", "sc_b", "sh_b"])
+def _residual_norm_scale_shift_looped_kernel(
+    x_ptr, res_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, r_ptr,
+    L, D, g_b, g_l, sc_b, sc_l, sh_b, sh_l, eps,
+    RMS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, CHUNK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b, l = row // L, row % L
+    cols = tl.arange(0, CHUNK)
+    # Pass 1 writes the new residual stream r (rounded to its dtype); the statistics and the output then
+    # read r back. The barrier orders those reads after every thread's writes.
+    for k in range(0, D, CHUNK):
+        m = k + cols < D
+        x = tl.load(x_ptr + row * D + k + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            x = x * tl.load(gate_ptr + b * g_b + l * g_l + k + cols, mask=m, other=0.0).to(tl.float32)
+        res = tl.load(res_ptr + row * D + k + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(r_ptr + row * D + k + cols, (res + x).to(r_ptr.dtype.element_ty), mask=m)
+    tl.debug_barrier()
+    mean, rstd = _looped_stats(r_ptr + row * D, D, eps, RMS, CHUNK)
+    _looped_output(r_ptr + row * D, w_ptr, scale_ptr + b * sc_b + l * sc_l, shift_ptr + b * sh_b + l * sh_l,
+                   y_ptr + row * D, D, mean, rstd, HAS_WEIGHT, True, CHUNK)
 
 
 # ----------------------------------------------------------------------------------------------------- wrappers
@@ -188,13 +292,17 @@ def _check_3d(x: torch.Tensor, residual: torch.Tensor | None = None) -> None:
 
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-    *, out: torch.Tensor | None = None, num_warps: int | None = None,
+    *, out: torch.Tensor | None = None, num_warps: int | None = None, looped: bool | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
-    """y = x / rms(x) * weight over the last dim. x: (..., D) -> contiguous (..., D) in x's dtype."""
+    """y = x / rms(x) * weight over the last dim. x: (..., D) -> contiguous (..., D) in x's dtype.
+
+    out: a contiguous output to write (tests poison it); num_warps / looped / chunk override
+    `launch_config` (benchmarks). The other two ops take the same keywords."""
     if x.dtype not in KERNEL_DTYPES:
         return Fn.rms_norm(x, weight, eps).contiguous()
     D = x.shape[-1]
-    block, rows, num_warps = launch_config(D, num_warps)
+    cfg = launch_config(D, num_warps, looped, chunk)
     x = x.contiguous()
     w, has_w = _weight(weight, D, x)
     y = _out(out, x, x.dtype)
@@ -202,15 +310,21 @@ def rms_norm(
     if n_rows == 0:
         return y
     with torch.cuda.device_of(x):
-        _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
-            x, w, y, n_rows, D, eps, HAS_WEIGHT=has_w, ROWS=rows, BLOCK=block, num_warps=num_warps
-        )
+        if cfg.looped:
+            _rms_norm_looped_kernel[(n_rows,)](
+                x, w, y, D, eps, HAS_WEIGHT=has_w, CHUNK=cfg.block, num_warps=cfg.num_warps
+            )
+        else:
+            _rms_norm_kernel[(triton.cdiv(n_rows, cfg.rows),)](
+                x, w, y, n_rows, D, eps, HAS_WEIGHT=has_w, ROWS=cfg.rows, BLOCK=cfg.block, num_warps=cfg.num_warps
+            )
     return y
 
 
 def norm_scale_shift(
     x: torch.Tensor, weight: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor, eps: float, rms: bool,
-    *, out: torch.Tensor | None = None, num_warps: int | None = None,
+    *, out: torch.Tensor | None = None, num_warps: int | None = None, looped: bool | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """y = norm(x) * (1 + scale) + shift. x: (B, L, D); scale, shift: broadcastable to (B, L, D), typically
     (B, 1, D) or (B, L, D). Returns a contiguous (B, L, D) in x's dtype."""
@@ -218,7 +332,7 @@ def norm_scale_shift(
         return Fn.norm_scale_shift(x, weight, scale, shift, eps, rms).contiguous()
     _check_3d(x)
     B, L, D = x.shape
-    block, rows, num_warps = launch_config(D, num_warps)
+    cfg = launch_config(D, num_warps, looped, chunk)
     x = x.contiguous()
     w, has_w = _weight(weight, D, x)
     scale, sc_b, sc_l = _modulation(scale, B, L, D)
@@ -228,10 +342,16 @@ def norm_scale_shift(
     if n_rows == 0 or D == 0:
         return y
     with torch.cuda.device_of(x):
-        _norm_scale_shift_kernel[(triton.cdiv(n_rows, rows),)](
-            x, w, scale, shift, y, n_rows, L, D, sc_b, sc_l, sh_b, sh_l, eps,
-            RMS=rms, HAS_WEIGHT=has_w, ROWS=rows, BLOCK=block, num_warps=num_warps,
-        )
+        if cfg.looped:
+            _norm_scale_shift_looped_kernel[(n_rows,)](
+                x, w, scale, shift, y, L, D, sc_b, sc_l, sh_b, sh_l, eps,
+                RMS=rms, HAS_WEIGHT=has_w, CHUNK=cfg.block, num_warps=cfg.num_warps,
+            )
+        else:
+            _norm_scale_shift_kernel[(triton.cdiv(n_rows, cfg.rows),)](
+                x, w, scale, shift, y, n_rows, L, D, sc_b, sc_l, sh_b, sh_l, eps,
+                RMS=rms, HAS_WEIGHT=has_w, ROWS=cfg.rows, BLOCK=cfg.block, num_warps=cfg.num_warps,
+            )
     return y
 
 
@@ -239,6 +359,7 @@ def residual_norm_scale_shift(
     x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
     scale: torch.Tensor, shift: torch.Tensor, eps: float, rms: bool,
     *, out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None, num_warps: int | None = None,
+    looped: bool | None = None, chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """r = residual + gate * x (gate None means 1), rounded to residual's dtype; y = norm(r) * (1 + scale) + shift.
 
@@ -250,7 +371,7 @@ def residual_norm_scale_shift(
         return y.contiguous(), r.contiguous()
     _check_3d(x, residual)
     B, L, D = x.shape
-    block, rows, num_warps = launch_config(D, num_warps)
+    cfg = launch_config(D, num_warps, looped, chunk)
     x, residual = x.contiguous(), residual.contiguous()
     w, has_w = _weight(weight, D, x)
     if gate is None:
@@ -265,9 +386,16 @@ def residual_norm_scale_shift(
     if n_rows == 0 or D == 0:
         return y, r
     with torch.cuda.device_of(x):
-        _residual_norm_scale_shift_kernel[(triton.cdiv(n_rows, rows),)](
-            x, residual, gate_t, w, scale, shift, y, r,
-            n_rows, L, D, g_b, g_l, sc_b, sc_l, sh_b, sh_l, eps,
-            RMS=rms, HAS_GATE=gate is not None, HAS_WEIGHT=has_w, ROWS=rows, BLOCK=block, num_warps=num_warps,
-        )
+        if cfg.looped:
+            _residual_norm_scale_shift_looped_kernel[(n_rows,)](
+                x, residual, gate_t, w, scale, shift, y, r, L, D, g_b, g_l, sc_b, sc_l, sh_b, sh_l, eps,
+                RMS=rms, HAS_GATE=gate is not None, HAS_WEIGHT=has_w, CHUNK=cfg.block, num_warps=cfg.num_warps,
+            )
+        else:
+            _residual_norm_scale_shift_kernel[(triton.cdiv(n_rows, cfg.rows),)](
+                x, residual, gate_t, w, scale, shift, y, r,
+                n_rows, L, D, g_b, g_l, sc_b, sc_l, sh_b, sh_l, eps,
+                RMS=rms, HAS_GATE=gate is not None, HAS_WEIGHT=has_w, ROWS=cfg.rows, BLOCK=cfg.block,
+                num_warps=cfg.num_warps,
+            )
     return y, r

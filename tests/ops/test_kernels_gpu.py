@@ -137,7 +137,7 @@ def test_residual_keeps_residual_dtype():
 # ------------------------------------------------------------------------------------- writes and layouts
 
 
-@pytest.mark.parametrize("D", [128, 3072, 200])
+@pytest.mark.parametrize("D", [128, 200, 3072, 5120])  # resident (several rows, one row), looped
 def test_every_output_element_is_written(D):
     """Outputs pre-filled with NaN: after the kernel none is left, and the values equal a fresh call's."""
     T = _triton()
@@ -189,14 +189,51 @@ def test_non_contiguous_inputs(per_token):
     _check(y, y_n, y_ref)
 
 
+@pytest.mark.parametrize("looped", [False, True])
+@pytest.mark.parametrize("D", [200, 3072, 5120])
+@pytest.mark.parametrize("rms,per_token", [(False, False), (True, True)])
+def test_both_row_layouts(looped, D, rms, per_token):
+    """Resident and looped kernels each forced at widths the automatic choice would give the other."""
+    T = _triton()
+    x, (gate, scale, shift) = _inputs(3, 37, D, torch.bfloat16, per_token, n_mod=3)
+    residual = torch.randn_like(x)
+    w = _weight(D, torch.bfloat16, True)
+    _check(T.rms_norm(x, w, EPS, looped=looped), Fn.rms_norm(x, w, EPS), Fn.rms_norm(x.double(), w.double(), EPS))
+    _check(
+        T.norm_scale_shift(x, w, scale, shift, EPS, rms, looped=looped),
+        Fn.norm_scale_shift(x, w, scale, shift, EPS, rms),
+        Fn.norm_scale_shift(x.double(), w.double(), scale.double(), shift.double(), EPS, rms),
+    )
+    y, r = T.residual_norm_scale_shift(x, residual, gate, w, scale, shift, EPS, rms, looped=looped)
+    y_n, r_n = Fn.residual_norm_scale_shift(x, residual, gate, w, scale, shift, EPS, rms)
+    y_ref, r_ref = Fn.residual_norm_scale_shift(
+        x.double(), residual.double(), gate.double(), w.double(), scale.double(), shift.double(), EPS, rms
+    )
+    _check(r, r_n, r_ref)
+    _check(y, y_n, y_ref)
+
+
+def test_very_wide_rows():
+    """Rows wider than a resident block can hold go through the looped kernels."""
+    T = _triton()
+    D = 2 * T.MAX_RESIDENT_D + 7
+    x, (scale, shift) = _inputs(1, 5, D, torch.bfloat16, per_token=False, n_mod=2)
+    _check(K.rms_norm(x, None, EPS), Fn.rms_norm(x, None, EPS), Fn.rms_norm(x.double(), None, EPS))
+    _check(
+        K.norm_scale_shift(x, None, scale, shift, EPS, False),
+        Fn.norm_scale_shift(x, None, scale, shift, EPS, False),
+        Fn.norm_scale_shift(x.double(), None, scale.double(), shift.double(), EPS, False),
+    )
+    with pytest.raises(ValueError, match="resident rows"):
+        T.rms_norm(x, None, EPS, looped=False)
+
+
 def test_bad_shapes_raise():
     T = _triton()
     x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
     s = torch.zeros(4, 64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"\(B, L, D\)"):
         T.norm_scale_shift(x, None, s, s, EPS, False)
-    with pytest.raises(ValueError, match="at most"):
-        T.rms_norm(torch.randn(2, T.MAX_D * 2, device="cuda", dtype=torch.bfloat16), None, EPS)
     with pytest.raises(ValueError, match="weight"):
         T.rms_norm(x, torch.ones(32, device="cuda", dtype=torch.bfloat16), EPS)
 
@@ -243,11 +280,12 @@ def _count_triton_compiles(monkeypatch) -> list[str]:
     return compiled
 
 
-def test_new_row_counts_reuse_the_compiled_kernels(monkeypatch):
+@pytest.mark.parametrize("D", [3072, 5120])  # resident and looped kernels
+def test_new_row_counts_reuse_the_compiled_kernels(monkeypatch, D):
     """Row count and L are not specialised: after a first call, other row counts compile nothing new."""
     compiled = _count_triton_compiles(monkeypatch)
     for i, L in enumerate((37, 64, 129, 1000)):
-        x, (gate, scale, shift) = _inputs(2, L, 3072, torch.bfloat16, per_token=(i % 2 == 1), n_mod=3)
+        x, (gate, scale, shift) = _inputs(2, L, D, torch.bfloat16, per_token=(i % 2 == 1), n_mod=3)
         K.rms_norm(x, None, EPS)
         K.norm_scale_shift(x, None, scale, shift, EPS, False)
         K.residual_norm_scale_shift(x, torch.randn_like(x), gate, None, scale, shift, EPS, False)
