@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -88,11 +89,14 @@ def main() -> int:
     rec: dict = {"bench": "flux_step", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                  "diffusers": diffusers.__version__, "height": 1024, "width": 1024, "text_len": 512,
                  "kernels": args.kernels}
-    try:
-        rec["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True).stdout.strip() or None
-    except OSError:
-        rec["commit"] = None
+    # The device machine gets a copy of the tree without .git: pass DITSERVE_COMMIT there.
+    rec["commit"] = os.environ.get("DITSERVE_COMMIT")
+    if not rec["commit"]:
+        try:
+            rec["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip() or None
+        except OSError:
+            rec["commit"] = None
     rec["gemm_bf16_tflops"] = round(gemm_rate_tflops(), 1)
 
     # 1. ditserve: dummy transformer alone, then peak memory of one 1024x1024 forward.
