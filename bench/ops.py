@@ -235,8 +235,9 @@ def layout_sweep(sizes: list[str]) -> list[dict]:
     rows = []
     for size in sizes:
         D = SIZES[size][1]
-        default = T.launch_config(D)
         for op, call in direct.items():
+            max_d = T.RMS_RESIDENT_MAX_D if op == "rms_norm" else T.RESIDENT_MAX_D
+            default = T.launch_config(D, resident_max_d=max_d)
             case = build_case(op, size)
             for looped, chunk, nw in SWEEP:
                 kw = {"looped": looped, "chunk": chunk, "num_warps": nw}

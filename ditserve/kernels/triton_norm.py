@@ -15,7 +15,7 @@ Layout handling, done explicitly in the wrappers:
   - outputs are new contiguous tensors (or the `out=` tensors, which must be contiguous), written fully.
 
 Launch, two layouts chosen by row width (`launch_config`):
-  - resident (D <= RESIDENT_MAX_D): a whole row in registers (BLOCK = next_pow2(D)), one program per ROWS rows
+  - resident (D <= RESIDENT_MAX_D, RMS_RESIDENT_MAX_D for rms_norm): a whole row in registers (BLOCK = next_pow2(D)), one program per ROWS rows
     (ROWS = 1 for D >= 1024; several rows for small D, e.g. per-head q/k norms with D = 128), reductions
     over registers; every input read once.
   - looped (wider rows, e.g. Wan's 5120): one program per row walks it in CHUNK-wide pieces: a pass for the
@@ -40,7 +40,11 @@ import triton.language as tl
 from ditserve.ops import functional as Fn
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-RESIDENT_MAX_D = 4096  # wider rows take the looped kernels (bench/ops.py's layout sweep)
+# Widest rows kept resident; wider rows take the looped kernels (bench/ops.py's layout sweep, H200, D=5120:
+# norm_scale_shift resident 0.357 ms vs looped 0.259; rms_norm, with only the weight beside the row,
+# resident 0.171-0.173 vs looped 0.200).
+RESIDENT_MAX_D = 4096
+RMS_RESIDENT_MAX_D = 8192
 MAX_RESIDENT_D = 16384  # a resident row past this would spill registers
 LOOP_CHUNK = 1024
 
@@ -54,10 +58,10 @@ class LaunchConfig:
 
 
 def launch_config(D: int, num_warps: int | None = None, looped: bool | None = None,
-                  chunk: int | None = None) -> LaunchConfig:
+                  chunk: int | None = None, resident_max_d: int = RESIDENT_MAX_D) -> LaunchConfig:
     """How to launch over rows of D elements. None picks by D; the explicit choices are for benchmarks."""
     if looped is None:
-        looped = D > RESIDENT_MAX_D
+        looped = D > resident_max_d
     if looped:
         return LaunchConfig(True, chunk or LOOP_CHUNK, 1, num_warps or 4)
     if D > MAX_RESIDENT_D:
@@ -302,7 +306,7 @@ def rms_norm(
     if x.dtype not in KERNEL_DTYPES:
         return Fn.rms_norm(x, weight, eps).contiguous()
     D = x.shape[-1]
-    cfg = launch_config(D, num_warps, looped, chunk)
+    cfg = launch_config(D, num_warps, looped, chunk, RMS_RESIDENT_MAX_D)
     x = x.contiguous()
     w, has_w = _weight(weight, D, x)
     y = _out(out, x, x.dtype)
