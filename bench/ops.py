@@ -190,7 +190,6 @@ def copy_bandwidth_gbps() -> float:
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
     nbytes = 2 * src.numel() * src.element_size()
-    del src, dst
     return nbytes / (ms * 1e-3) / 1e9
 
 

@@ -15,9 +15,9 @@ Layout handling, done explicitly in the wrappers:
   - outputs are new contiguous tensors (or the `out=` tensors, which must be contiguous), written fully.
 
 Launch, two layouts chosen by row width (`launch_config`):
-  - resident (D <= RESIDENT_MAX_D, RMS_RESIDENT_MAX_D for rms_norm): a whole row in registers (BLOCK = next_pow2(D)), one program per ROWS rows
-    (ROWS = 1 for D >= 1024; several rows for small D, e.g. per-head q/k norms with D = 128), reductions
-    over registers; every input read once.
+  - resident (D <= RESIDENT_MAX_D; RMS_RESIDENT_MAX_D for rms_norm): a whole row in registers
+    (BLOCK = next_pow2(D)), one program per ROWS rows (ROWS = 1 for D >= 1024; several rows for small D,
+    e.g. per-head q/k norms with D = 128), reductions over registers; every input read once.
   - looped (wider rows, e.g. Wan's 5120): one program per row walks it in CHUNK-wide pieces: a pass for the
     mean (LayerNorm), a pass for the variance / mean square, a pass writing the output. The re-reads hit
     L1/L2, and the small register footprint keeps many rows in flight (a resident 5120-row padded to 8192
