@@ -1,8 +1,8 @@
 """The Triton norm kernels (ditserve/kernels/triton_norm.py) on CUDA: accuracy against an fp64 reference,
 bit-level agreement with the native path in half precision, full writes, layouts, opcheck, compile.
 
-Error rule (DESIGN §3.4): ‖kernel − ref64‖ / ‖ref64‖ ≤ 2 × the same error of the native path at the same dtype
-(+ 1e-6 so fp32's ~1e-7 errors are not judged on rounding noise).
+Error rule (DESIGN §3.4): ‖kernel − ref64‖ / ‖ref64‖ ≤ 2 × the same error of the native path at the
+same dtype (+ 1e-6 so fp32's ~1e-7 errors are not judged on rounding noise).
 """
 
 from __future__ import annotations
