@@ -16,6 +16,7 @@ Prints a table to stderr and ONE JSON line last on stdout.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -166,21 +167,28 @@ def main() -> int:
         c = compile_seconds(lambda: run(ref, return_dict=False))
         measure("diffusers_regional_compile", lambda: run(ref, return_dict=False), c)
 
-    # ditserve in each kernels mode: a fresh model per mode (op paths are bound at construction), weights copied
-    # from diffusers' model on the device, a fresh dynamo cache so each mode pays its own compile.
+    # ditserve in each kernels mode, eager and compiled: op paths are bound at construction (and "auto" picks
+    # differently for a model that will be compiled), so each row gets a fresh model; weights are copied from
+    # diffusers' model on the device; dynamo's cache is dropped first so the old model is freed and each
+    # compiled row pays its own compile.
     ref_sd = ref.state_dict()
-    for i, kernels in enumerate(args.kernels.split(",")):
-        if i > 0:
-            del ours
-            torch.cuda.empty_cache()
-            ours, _ = load_transformer("flux.1-dev", replace(engine, kernels=kernels))
-            ours.load_diffusers_state_dict(ref_sd)
-        torch._dynamo.reset()
-        measure(f"ditserve_eager[{kernels}]", lambda: run(ours))
-        if not args.skip_compile:
-            compile_model(ours, CompileConfig())
-            c = compile_seconds(lambda: run(ours))
-            measure(f"ditserve_regional_compile[{kernels}]", lambda: run(ours), c)
+    first = True
+    for kernels in args.kernels.split(","):
+        for compiled in ((False, True) if not args.skip_compile else (False,)):
+            if not first:
+                torch._dynamo.reset()
+                del ours
+                gc.collect()
+                torch.cuda.empty_cache()
+                ours, _ = load_transformer("flux.1-dev", replace(engine, kernels=kernels, compile=compiled))
+                ours.load_diffusers_state_dict(ref_sd)
+            first = False
+            if compiled:
+                compile_model(ours, CompileConfig())
+                c = compile_seconds(lambda: run(ours))
+                measure(f"ditserve_regional_compile[{kernels}]", lambda: run(ours), c)
+            else:
+                measure(f"ditserve_eager[{kernels}]", lambda: run(ours))
     if not args.skip_compile:
         best_ref = rows["diffusers_regional_compile"]["ms"]
         ours_default = rows[f"ditserve_regional_compile[{args.kernels.split(',')[0]}]"]["ms"]

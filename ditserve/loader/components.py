@@ -149,7 +149,7 @@ def build_dit(class_name: str, config: dict[str, Any], engine: EngineConfig, fil
     cls, config_cls = registry.component_class(class_name), registry.dit_config_class(class_name)
     cfg = config_cls.from_diffusers(config)
     device, dtype = engine.torch_device, engine.torch_dtype
-    ops = OpsConfig(device=device.type, dtype=dtype, kernels=engine.kernels)
+    ops = OpsConfig(device=device.type, dtype=dtype, kernels=engine.kernels, compiled=engine.compile)
     with torch.device("meta"):
         model = cls(cfg, ops=ops, attention=engine.attention, device="meta", dtype=dtype)
     _materialize(model, device)

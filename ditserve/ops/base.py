@@ -25,14 +25,19 @@ class OpsConfig:
 
     device: the device type the model will run on ("cuda", "cpu", ...); None means the best available.
     dtype: the compute dtype of the model's activations (some kernels only pay off in half precision).
-    kernels: "auto" uses a fast path where it applies and is measured faster (see each op's
-        `FAST_BY_DEFAULT`); "native" forces the PyTorch reference everywhere (tests, debugging);
-        "triton" uses every applicable Triton kernel and raises if the platform has none.
+    kernels: "auto" uses a fast path where it applies and is measured faster (see `compiled`);
+        "native" forces the PyTorch reference everywhere (tests, debugging); "triton" uses every applicable
+        Triton kernel and raises if the platform has none.
+    compiled: whether the model will run under torch.compile. It changes what "auto" picks: compiled, inductor
+        fuses the native reference into few kernels, so a fast path is taken only where bench/ops.py measured
+        it beating that fused code (the op's `FAST_BY_DEFAULT`); eager, the native reference is several fp32
+        kernels per op (5-10x slower than a fused kernel at FLUX sizes), so every applicable fast path is taken.
     """
 
     device: str | None = None
     dtype: torch.dtype = torch.bfloat16
     kernels: KernelsChoice = "auto"
+    compiled: bool = False
 
     def __post_init__(self):
         if self.kernels not in ("auto", "native", "triton"):
@@ -50,7 +55,8 @@ class CustomOp(nn.Module):
     """Base class of every op. Subclasses implement `forward_native` and optionally `forward_cuda`.
 
     Class attributes a subclass may set:
-      FAST_BY_DEFAULT: whether "auto" takes the fast path (set from bench/ops.py measurements).
+      FAST_BY_DEFAULT: whether "auto" takes the fast path in a compiled model (set from bench/ops.py
+        measurements against the compiled native path; eager models take every applicable fast path).
       FAST_DTYPES: the activation dtypes the fast path supports (others stay native).
     """
 
@@ -78,7 +84,7 @@ class CustomOp(nn.Module):
             )
         if not (plat.fast_kernels and self.has_fast_path() and ops.dtype in self.FAST_DTYPES):
             return "native"
-        if ops.kernels == "triton" or self.FAST_BY_DEFAULT:
+        if ops.kernels == "triton" or not ops.compiled or self.FAST_BY_DEFAULT:
             return "cuda"
         return "native"
 

@@ -696,17 +696,31 @@ def test_triton_keeps_native_for_ops_without_kernel(cls, fake_cuda):
     assert _build(cls, OpsConfig(device="cuda", dtype=torch.bfloat16, kernels="triton")).path == "native"
 
 
-def test_auto_follows_fast_by_default(fake_cuda):
+def test_auto_follows_fast_by_default_when_compiled(fake_cuda):
+    """Compiled models take a kernel only where it beat inductor's fused native code (FAST_BY_DEFAULT)."""
     class Measured(RMSNorm):
         FAST_BY_DEFAULT = True
 
     class Unmeasured(RMSNorm):
         FAST_BY_DEFAULT = False
 
-    bf16 = OpsConfig(device="cuda", dtype=torch.bfloat16, kernels="auto")
+    bf16 = OpsConfig(device="cuda", dtype=torch.bfloat16, kernels="auto", compiled=True)
     assert Measured(16, ops=bf16).path == "cuda"
     assert Unmeasured(16, ops=bf16).path == "native"
-    assert Measured(16, ops=OpsConfig(device="cuda", dtype=torch.float32)).path == "native"
+    assert Measured(16, ops=OpsConfig(device="cuda", dtype=torch.float32, compiled=True)).path == "native"
+
+
+@pytest.mark.parametrize("cls", FAST_OP_CLASSES)
+def test_auto_takes_every_kernel_when_eager(cls, fake_cuda):
+    """Eager models take every applicable kernel (the native reference is several fp32 launches there),
+    whatever FAST_BY_DEFAULT says; fp32 and ops without a kernel stay native."""
+    assert _build(cls, OpsConfig(device="cuda", dtype=torch.bfloat16, compiled=False)).path == "cuda"
+    assert _build(cls, OpsConfig(device="cuda", dtype=torch.float32, compiled=False)).path == "native"
+
+
+@pytest.mark.parametrize("cls", NATIVE_ONLY_CLASSES)
+def test_auto_eager_keeps_native_for_ops_without_kernel(cls, fake_cuda):
+    assert _build(cls, OpsConfig(device="cuda", dtype=torch.bfloat16, compiled=False)).path == "native"
 
 
 def test_fake_cuda_without_triton_raises_for_triton(monkeypatch):
