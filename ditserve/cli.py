@@ -2,6 +2,7 @@
 
     ditserve generate --prompt "a red circle on a blue background" --output out.png
     ditserve compile-report --model /models/FLUX.1-dev
+    ditserve serve --model /models/FLUX.1-dev --port 30000
 
 Flags parse into the same settings classes the server uses (`EngineConfig`, `SamplingParams`), which do the
 validation. A user mistake (bad flag, bad size, bad model path) prints one `ditserve: error: ...` line on
@@ -70,6 +71,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print only the output paths and errors (no progress bar, no timing summary)")
     g.add_argument("--verbose", "-v", action="store_true", help="log what is loaded and how (INFO level)")
     g.set_defaults(func=_generate)
+
+    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Serve POST /v1/images/generations (OpenAI's image API), /v1/models, /health, "
+                                   "/ready, /metrics and a web page at /. The model loads in the background; "
+                                   "/ready turns 200 once it is loaded and warmed up.")
+    _add_engine_flags(s)
+    s.add_argument("--compile", action="store_true", help="torch.compile the transformer (warmed up before /ready)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=30000, help="TCP port (default: 30000; 0 picks a free one)")
+    key = s.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (visible in the "
+                                                     "process list: prefer --api-key-file)")
+    key.add_argument("--api-key-file", default=None, help="read the API key from the first line of this file")
+    s.add_argument("--max-batch-size", type=int, default=4,
+                   help="most images in one denoise batch, and the largest n of a request (default: 4)")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="most requests waiting; more get 429 with Retry-After (default: 64)")
+    s.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take from arrival to answer; then 504 (default: 600)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body; more is 413 "
+                                                                       "(default: 1 MiB)")
+    s.add_argument("--output-dir", default=None,
+                   help="folder for response_format=url images (default: a temporary folder removed at exit)")
+    s.add_argument("--url-ttl", type=float, default=3600.0, help="seconds an image URL stays valid (default: 3600)")
+    s.add_argument("--output-max-bytes", type=int, default=1 << 30,
+                   help="largest total size of the URL image folder; the oldest go first (default: 1 GiB)")
+    s.add_argument("--warmup-size", default=None,
+                   help="WIDTHxHEIGHT of the warmup run (default: the model's size); use your requests' size")
+    s.add_argument("--warmup-steps", type=int, default=None, help="steps of the warmup run (default: the model's)")
+    s.add_argument("--no-warmup", action="store_true", help="ready as soon as the model is loaded")
+    s.add_argument("--verbose", "-v", action="store_true", help="INFO logs and an access log")
+    s.set_defaults(func=_serve)
 
     from ditserve.compile import add_compile_report_args, compile_report_main
 
@@ -184,6 +217,50 @@ def _generate(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"{loaded.name}: load {load_s:.2f} s | {_format_summary(result, result.params.steps)}",
               file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ serve
+
+
+def _read_api_key(args: argparse.Namespace) -> str | None:
+    if args.api_key_file is None:
+        return args.api_key
+    try:
+        lines = Path(args.api_key_file).expanduser().read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"--api-key-file {args.api_key_file!r}: {e.strerror or e}") from None
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise ConfigError(f"--api-key-file {args.api_key_file!r}: the first line is empty")
+    return key
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ditserve.server import ServerConfig, run_server
+    from ditserve.server.app import parse_size
+
+    warmup_size = None
+    if args.warmup_size is not None:
+        try:
+            warmup_size = parse_size(args.warmup_size)
+        except ConfigError as e:
+            raise ConfigError(f"--warmup-size: {e}") from None
+    if args.warmup_steps is not None:
+        SamplingParams(prompt="", steps=args.warmup_steps).validate()
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
+    config = ServerConfig(api_key=_read_api_key(args), max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                          request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                          output_dir=Path(args.output_dir) if args.output_dir else None, url_ttl=args.url_ttl,
+                          output_max_bytes=args.output_max_bytes, warmup=not args.no_warmup,
+                          warmup_size=warmup_size, warmup_steps=args.warmup_steps)
+    engine = EngineConfig(device=args.device, dtype=args.dtype, compile=args.compile, kernels=args.kernels,
+                          attention=args.attention, load_format=args.load_format)
+    _check_engine(engine)
+    _quiet_libraries()
+    run_server(args.model, engine, config, args.host, args.port, verbose=args.verbose,
+               announce=lambda line: print(line, file=sys.stderr, flush=True))
     return 0
 
 

@@ -261,31 +261,70 @@ class FluxPipeline:
             p.seed = secrets.randbits(63)
         return p
 
+    def batch_key(self, params: SamplingParams) -> tuple:
+        """What resolved requests must share to run in one denoise batch: the image size (latent shape and
+        the resolution-dependent schedule), the step count, the guidance (one value per batch in `denoise`) and
+        the T5 length (text sequences are concatenated). Prompts, seeds and num_images may differ."""
+        return (params.height, params.width, params.steps, params.guidance, params.max_sequence_length)
+
     @torch.inference_mode()
     def generate(self, params: SamplingParams, progress: bool = True) -> GenerationResult:
         """Run one request: len(params.prompts) * params.num_images images."""
-        p = self.resolve(params)
+        return self.generate_batch([params], progress=progress)[0]
+
+    @torch.inference_mode()
+    def generate_batch(self, requests: list[SamplingParams], progress: bool = False) -> list[GenerationResult]:
+        """Run several compatible requests (equal `batch_key`) as one batch: one text-encoder call, one denoise
+        loop over all their images, one VAE decode. Returns one result per request, in order.
+
+        Each request keeps the noise its seed gives alone: its rows are its own (n_i, C, h, w) draw from
+        `Generator(device).manual_seed(seed_i)`, and the draws are concatenated (B = sum of n_i). Its images
+        are therefore those of `generate(request)` up to the rounding of batched kernels (in fp32 on CPU a rare
+        pixel differs by 1/255). Timings and peak memory in each result are the whole batch's. Raises
+        ConfigError for an empty list or requests that differ in `batch_key`.
+        """
+        if not requests:
+            raise ConfigError("generate_batch needs at least one request")
+        ps = [self.resolve(r) for r in requests]
+        keys = {self.batch_key(p) for p in ps}
+        if len(keys) > 1:
+            raise ConfigError(f"requests in one batch must share size, steps, guidance and max_sequence_length; "
+                              f"got {sorted(keys, key=repr)}")
+        first = ps[0]
+        counts = [len(p.prompts) * p.num_images for p in ps]  # images per request
         if self._track_memory:
             torch.cuda.reset_peak_memory_stats(self.device)
         self._sync()
         t0 = time.perf_counter()
 
-        text = self.encode_prompt(p.prompts, p.num_images, p.max_sequence_length)
+        prompts = [s for p in ps for s in p.prompts]
+        text = self.encode_prompt(prompts, 1, first.max_sequence_length)  # (len(prompts), ...)
+        repeats = torch.tensor([p.num_images for p in ps for _ in p.prompts], device=self.device)
+        text = PromptEmbeds(prompt_embeds=text.prompt_embeds.repeat_interleave(repeats, dim=0),  # (B, T, Dj)
+                            pooled_prompt_embeds=text.pooled_prompt_embeds.repeat_interleave(repeats, dim=0),
+                            text_ids=text.text_ids)
         self._sync()
         t1 = time.perf_counter()
 
-        latents = self.prepare_latents(len(p.prompts) * p.num_images, p.height, p.width, p.seed)
-        schedule = self.timesteps(p.steps, latents.latents.shape[1])
-        final = self.denoise(latents, text, schedule, p.guidance, progress=progress)
+        parts = [self.prepare_latents(n, first.height, first.width, p.seed) for n, p in zip(counts, ps)]
+        latents = Latents(latents=torch.cat([part.latents for part in parts]),  # (B, L, 4C)
+                          img_ids=parts[0].img_ids, height=first.height, width=first.width)
+        schedule = self.timesteps(first.steps, latents.latents.shape[1])
+        final = self.denoise(latents, text, schedule, first.guidance, progress=progress)
         self._sync()
         t2 = time.perf_counter()
 
-        images = self.decode(final, p.height, p.width)
+        images = self.decode(final, first.height, first.width)
         t3 = time.perf_counter()  # to_pil copied to the host: the device is idle
 
         peak = torch.cuda.max_memory_allocated(self.device) if self._track_memory else None
         timings = {"text_encode_s": t1 - t0, "denoise_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0}
-        return GenerationResult(images=images, timings=timings, peak_memory_bytes=peak, params=p)
+        results, start = [], 0
+        for n, p in zip(counts, ps):
+            results.append(GenerationResult(images=images[start:start + n], timings=dict(timings),
+                                            peak_memory_bytes=peak, params=p))
+            start += n
+        return results
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:

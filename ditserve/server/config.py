@@ -1,0 +1,57 @@
+"""`ServerConfig`: the HTTP server's per-process settings (the engine's are `EngineConfig`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ditserve.config import ConfigError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 30000
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of `ditserve serve`.
+
+    api_key: clients must send `Authorization: Bearer <api_key>` on /v1/* (None: no key needed).
+    max_batch_size: most images in one denoise batch; also the largest `n` one request may ask for.
+    max_queue: most requests waiting for the engine; one more gets 429 with Retry-After.
+    request_timeout: seconds from arrival to answer; past it the request gets 504 (a request still waiting
+        is dropped from the queue; one already running finishes and its result is discarded).
+    max_body_bytes: largest request body; a larger one gets 413.
+    output_dir: where images for `response_format: "url"` are kept (None: a temporary folder, removed at
+        exit). Files are deleted after `url_ttl` seconds, and the oldest first when the folder would exceed
+        `output_max_bytes`.
+    warmup: run the model at start, before /ready turns true, with batch 1 and (when batching is on) batch 2,
+        so the first real request does not pay compilation or allocator growth.
+    warmup_size: (height, width) of the warmup, and warmup_steps its step count (None: the model's
+        defaults). Set them to what requests will use: a compiled or cached model is warm for that shape.
+    """
+
+    api_key: str | None = None
+    max_batch_size: int = 4
+    max_queue: int = 64
+    request_timeout: float = 600.0
+    max_body_bytes: int = 1 << 20
+    output_dir: Path | None = None
+    url_ttl: float = 3600.0
+    output_max_bytes: int = 1 << 30
+    warmup: bool = True
+    warmup_size: tuple[int, int] | None = None
+    warmup_steps: int | None = None
+
+    def __post_init__(self):
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("the API key is empty")
+        for name, low in (("max_batch_size", 1), ("max_queue", 1), ("max_body_bytes", 1024),
+                          ("output_max_bytes", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
+        for name in ("request_timeout", "url_ttl"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")

@@ -1,0 +1,279 @@
+"""The engine worker: one thread owns the model and runs requests in batches from a bounded queue.
+
+    HTTP handler --submit--> queue (<= max_queue requests) --> worker thread: batch -> generate_batch -> futures
+
+The worker thread loads the model, warms it up, then loops: take the oldest waiting request, add the waiting
+requests that can share its denoise batch (equal `pipeline.batch_key`: same size, steps, guidance and text
+length) up to `max_batch_size` images, run them with `pipeline.generate_batch`, and complete each request's
+future. Handlers wait on those futures from the event loop, so the loop never blocks on the model.
+
+A failing batch fails only its own requests: CUDA out-of-memory (the allocator's cache is emptied) and any
+other exception become an `EngineFailure` on those futures, and the worker takes the next batch. `close()`
+stops accepting, lets the queued and running requests finish (drain), then stops the thread.
+
+The pipeline contract (FluxPipeline has it): `spec` (ModelSpec), `device`, `resolve(params)` (defaults
+filled, a seed drawn; raises ConfigError), `batch_key(params)`, `generate_batch(list[params])` (one
+GenerationResult per request, with `timings` text_encode_s / denoise_s / decode_s).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+import torch
+
+from ditserve.config import SamplingParams
+from ditserve.logging import init_logger
+from ditserve.server.config import ServerConfig
+from ditserve.server.metrics import ServerMetrics
+
+logger = init_logger(__name__)
+
+# (model name, pipeline): what a loader returns.
+Loader = Callable[[], "tuple[str, Any]"]
+
+# Worker states, in order; "failed" when the model could not be loaded or warmed up.
+STATES = ("created", "loading", "warming", "ready", "draining", "stopped", "failed")
+
+
+class QueueFull(Exception):
+    """The queue holds max_queue requests. `retry_after`: seconds until a retry is likely to be accepted."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the request queue is full; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class NotAccepting(Exception):
+    """The worker takes no requests: it is not ready yet, or it is shutting down."""
+
+
+class EngineFailure(Exception):
+    """A batch failed in the engine. reason: "out_of_memory" or "error"."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(eq=False)  # identity equality: a job is removed from the queue by identity
+class Job:
+    """One request in the queue. `future` gets the request's GenerationResult or an EngineFailure."""
+
+    params: SamplingParams  # resolved: every default filled in, seed set
+    key: Hashable  # pipeline.batch_key(params)
+    images: int  # images this request makes
+    arrival: float  # time.monotonic() when the request arrived
+    future: Future = field(default_factory=Future)
+
+
+class EngineWorker:
+    """Owns the pipeline (built by `load` on the worker thread) and runs its batches."""
+
+    def __init__(self, load: Loader, config: ServerConfig, metrics: ServerMetrics,
+                 on_fatal: Callable[[BaseException], None] | None = None):
+        self._load = load
+        self.config = config
+        self.metrics = metrics
+        self.on_fatal = on_fatal  # called (on the worker thread) when loading or warmup fails
+        self.model_name: str | None = None
+        self.pipeline: Any = None
+        self.state = "created"
+        self.error: BaseException | None = None
+        self.started_at = int(time.time())
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._accepting = False
+        self._closing = False
+        self._batch_seconds: float | None = None  # moving average of batch run time, for Retry-After
+        self._empty_cache: Callable[[], None] = lambda: None
+        self._thread = threading.Thread(target=self._main, name="ditserve-engine", daemon=True)
+
+    # --------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self.state = "loading"
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def alive(self) -> bool:
+        """False once the worker failed or its thread died: the process cannot serve any more."""
+        return self.state != "failed" and (self._thread.is_alive() or self.state in ("created", "stopped"))
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until ready (True), failed or stopped (False), or `timeout` seconds pass (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self.state in ("created", "loading", "warming"):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+        return self.state == "ready"
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting requests, finish the queued and running ones, and stop the thread (waiting up to
+        `timeout` seconds). Requests still queued after that fail with NotAccepting."""
+        with self._cond:
+            self._accepting = False
+            self._closing = True
+            if self.state == "ready":
+                self.state = "draining"
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        with self._cond:
+            left = list(self._queue)
+            self._queue.clear()
+            self.metrics.queue_depth.set(0)
+        for job in left:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(NotAccepting("the server shut down before this request ran"))
+
+    # ---------------------------------------------------------------------------------------- requests
+
+    def submit(self, params: SamplingParams) -> Job:
+        """Queue a resolved request. Raises NotAccepting (not ready, or shutting down) or QueueFull."""
+        with self._cond:
+            if not self._accepting:
+                raise NotAccepting(f"the engine is {self.state}")
+            if len(self._queue) >= self.config.max_queue:
+                raise QueueFull(self._retry_after())
+            job = Job(params=params, key=self.pipeline.batch_key(params),
+                      images=len(params.prompts) * params.num_images, arrival=time.monotonic())
+            self._queue.append(job)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify_all()
+        return job
+
+    def cancel(self, job: Job) -> bool:
+        """Give up on a request (its client timed out). A queued request is removed and never runs (True);
+        a running one finishes and its result is dropped (False)."""
+        with self._cond:
+            if not job.future.cancel():
+                return False
+            try:
+                self._queue.remove(job)
+            except ValueError:  # already taken into a batch; the worker skips it
+                pass
+            self.metrics.queue_depth.set(len(self._queue))
+            return True
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def _retry_after(self) -> int:
+        """Seconds until the queue has likely moved on: the batches ahead of a new request, at the recent
+        batch run time (at least 1 s)."""
+        per_batch = self._batch_seconds or 1.0
+        batches_ahead = math.ceil(len(self._queue) / self.config.max_batch_size)
+        return max(1, math.ceil(per_batch * batches_ahead))
+
+    # ------------------------------------------------------------------------------------------ thread
+
+    def _main(self) -> None:
+        try:
+            self.model_name, self.pipeline = self._load()
+            device = torch.device(self.pipeline.device)
+            self.metrics.watch_device(device)
+            if device.type == "cuda":
+                self._empty_cache = torch.cuda.empty_cache
+            self._set_state("warming")
+            if self.config.warmup:
+                self._warmup()
+        except BaseException as e:  # anything at all: the server must learn it can never be ready
+            self.error = e
+            self._set_state("failed")
+            if self.on_fatal is not None:
+                self.on_fatal(e)
+            return
+        with self._cond:
+            if not self._closing:
+                self._accepting = True
+                self.state = "ready"
+                self.metrics.ready.set(1)
+            self._cond.notify_all()
+        logger.info(f"engine ready: {self.model_name}")
+        while (batch := self._next_batch()) is not None:
+            if batch:
+                self._run(batch)
+        self.metrics.ready.set(0)
+        self._set_state("stopped")
+
+    def _set_state(self, state: str) -> None:
+        with self._cond:
+            self.state = state
+            self._cond.notify_all()
+
+    def _warmup(self) -> None:
+        """Run the real path once per batch shape requests will use: batch 1 and, when batching is on, batch 2
+        (a compiled model specialises batch size 1; every larger batch shares one graph). Size and steps are
+        the configured warmup's, else the model's defaults."""
+        cfg = self.config
+        height, width = cfg.warmup_size if cfg.warmup_size is not None else (None, None)
+        for n in (1, 2) if cfg.max_batch_size >= 2 else (1,):
+            params = SamplingParams(prompt="warmup", height=height, width=width, steps=cfg.warmup_steps,
+                                    seed=0, num_images=n)
+            start = time.perf_counter()
+            self.pipeline.generate_batch([self.pipeline.resolve(params)])
+            logger.info(f"warmup batch of {n}: {time.perf_counter() - start:.2f} s")
+
+    def _next_batch(self) -> list[Job] | None:
+        """The next batch (possibly empty when every taken request was cancelled meanwhile), or None when
+        closing with an empty queue."""
+        with self._cond:
+            while not self._queue and not self._closing:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            head = self._queue.popleft()
+            batch, images = [head], head.images
+            for job in list(self._queue):
+                if job.key == head.key and images + job.images <= self.config.max_batch_size:
+                    self._queue.remove(job)
+                    batch.append(job)
+                    images += job.images
+            self.metrics.queue_depth.set(len(self._queue))
+        # From here a cancel() fails: the request runs and its client gets the answer (or has left).
+        return [job for job in batch if job.future.set_running_or_notify_cancel()]
+
+    def _run(self, batch: list[Job]) -> None:
+        start = time.monotonic()
+        for job in batch:
+            self.metrics.stage_seconds.labels("queue").observe(start - job.arrival)
+        self.metrics.batch_images.observe(sum(job.images for job in batch))
+        failure: tuple[str, str] | None = None
+        try:
+            results = self.pipeline.generate_batch([job.params for job in batch])
+        except torch.OutOfMemoryError:
+            # Not bound to a name: the traceback (and the tensors its frames hold) is freed when this block
+            # ends, before the cache is emptied below.
+            failure = ("out_of_memory", "the GPU ran out of memory on this batch; retry later, or ask for "
+                                        "fewer or smaller images")
+        except Exception as e:
+            logger.exception(f"batch of {len(batch)} request(s) failed")
+            failure = ("error", f"the engine failed on this request: {type(e).__name__}: {e}")
+        if failure is not None:
+            if failure[0] == "out_of_memory":
+                self._empty_cache()
+            self.metrics.engine_failures.labels(failure[0]).inc()
+            for job in batch:
+                job.future.set_exception(EngineFailure(*failure))
+            return
+        elapsed = time.monotonic() - start
+        self._batch_seconds = elapsed if self._batch_seconds is None else 0.8 * self._batch_seconds + 0.2 * elapsed
+        timings = results[0].timings
+        for stage in ("text_encode", "denoise", "decode"):
+            self.metrics.stage_seconds.labels(stage).observe(timings[f"{stage}_s"])
+        for job, result in zip(batch, results):
+            job.future.set_result(result)

@@ -1,0 +1,100 @@
+"""Fixtures of the server tests: a fake pipeline (instant, scriptable failures), live servers on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Callable
+
+import pytest
+import torch
+from PIL import Image
+
+from ditserve.config import EngineConfig, ModelSpec, SamplingParams
+from ditserve.pipelines import GenerationResult
+from ditserve.server import ServerConfig, create_app, load_pipeline
+from ditserve.server.app import listen_socket
+
+FAKE_SPEC = ModelSpec(name="fake", pipeline="FakePipeline", components={}, default_steps=2, default_guidance=0.0,
+                      default_height=64, default_width=64, max_sequence_length=16)
+
+
+class FakePipeline:
+    """The pipeline contract with no model: image i of a request is a solid colour derived from (seed, i),
+    so tests can tell which request an image belongs to. `gate` (an Event) holds each batch until set;
+    `fail` (a callable returning an exception or None, given the batch) makes a batch raise."""
+
+    def __init__(self, delay: float = 0.0, gate: threading.Event | None = None,
+                 fail: Callable[[list[SamplingParams]], BaseException | None] | None = None):
+        self.spec = FAKE_SPEC
+        self.device = torch.device("cpu")
+        self.delay, self.gate, self.fail = delay, gate, fail
+        self.batches: list[list[SamplingParams]] = []
+        self.started = threading.Event()  # set when a (non-warmup) batch begins
+
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        p = params.resolved(self.spec)
+        if p.seed is None:
+            p.seed = 12345
+        return p
+
+    def batch_key(self, p: SamplingParams) -> tuple:
+        return (p.height, p.width, p.steps, p.guidance)
+
+    def generate_batch(self, requests: list[SamplingParams]) -> list[GenerationResult]:
+        self.batches.append(list(requests))
+        if requests[0].prompt != "warmup":
+            self.started.set()
+        if self.gate is not None:
+            self.gate.wait(30)
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail is not None and (exc := self.fail(requests)) is not None:
+            raise exc
+        timings = {"text_encode_s": 0.001, "denoise_s": 0.002, "decode_s": 0.001, "total_s": 0.004}
+        return [GenerationResult(images=[fake_image(p, i) for i in range(p.num_images)], timings=timings,
+                                 peak_memory_bytes=None, params=p) for p in requests]
+
+
+def fake_colour(seed: int, i: int) -> tuple[int, int, int]:
+    return ((seed * 7 + i * 31) % 256, (seed * 13 + i) % 256, (seed + 5 * i) % 256)
+
+
+def fake_image(p: SamplingParams, i: int):
+    return Image.new("RGB", (p.width, p.height), fake_colour(p.seed, i))
+
+
+def fake_app(pipeline: FakePipeline | None = None, **config):
+    pipeline = pipeline or FakePipeline()
+    config.setdefault("warmup", False)
+    return create_app(lambda: ("fake", pipeline), ServerConfig(**config))
+
+
+@contextlib.contextmanager
+def live_server(app, timeout: float = 60.0):
+    """Serve `app` with uvicorn on a free loopback port in a thread; yields the base URL once /ready is 200
+    (or, when the app's engine never gets ready, once uvicorn has started)."""
+    import uvicorn
+
+    sock = listen_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=30))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    app.state.worker.wait_ready(max(0.0, deadline - time.monotonic()))
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+@pytest.fixture(scope="session")
+def default_pipeline():
+    """The packaged default model on CPU (fp32), loaded once for the session."""
+    return load_pipeline(None, EngineConfig(device="cpu"))
