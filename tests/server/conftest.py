@@ -71,10 +71,16 @@ def fake_app(pipeline: FakePipeline | None = None, **config):
     return create_app(lambda: ("fake", pipeline), ServerConfig(**config))
 
 
+class Live:
+    def __init__(self, url: str, server, thread: threading.Thread):
+        self.url, self.server, self.thread = url, server, thread
+
+
 @contextlib.contextmanager
 def live_server(app, timeout: float = 60.0):
-    """Serve `app` with uvicorn on a free loopback port in a thread; yields the base URL once /ready is 200
-    (or, when the app's engine never gets ready, once uvicorn has started)."""
+    """Serve `app` with uvicorn on a free loopback port in a thread; yields a `Live` (url, uvicorn server,
+    thread) once the engine is ready (or, when it never gets ready, once uvicorn has started). Setting
+    `live.server.should_exit` is what SIGTERM does to a real server."""
     import uvicorn
 
     sock = listen_socket("127.0.0.1", 0)
@@ -87,7 +93,7 @@ def live_server(app, timeout: float = 60.0):
         time.sleep(0.01)
     app.state.worker.wait_ready(max(0.0, deadline - time.monotonic()))
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield Live(f"http://127.0.0.1:{port}", server, thread)
     finally:
         server.should_exit = True
         thread.join(60)
