@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import io
 import re
+import secrets
 import socket
 import threading
 import time
@@ -240,6 +241,8 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {worker.model_name!r}",
                            param="model", code="model_not_found")
         params, fmt, quality = _request_params(body, config, formats)
+        if params.seed is None:  # drawn here, below 2**53: JSON readers that parse numbers as doubles
+            params.seed = secrets.randbits(53)  # (JavaScript) read it exactly and can send it back
         try:
             params = worker.pipeline.resolve(params)
         except ConfigError as e:

@@ -1,0 +1,105 @@
+"""The web page at / end to end in headless Chromium (Debian's `chromium`, driven by Playwright) against the
+packaged default model: fill the form, generate, see the image and the history.
+
+Skips, saying why, only where Chromium or the Playwright package is not installed (`.ci/run` installs both);
+a browser that is installed but fails to start is a failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ditserve.config import SamplingParams
+from ditserve.server import ServerConfig, create_app
+
+from .conftest import live_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BIG_SEED = 2**53 + 1  # not exact as a JavaScript number: the page must carry seeds as digit strings
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # pragma: no cover - depends on the environment
+    sync_playwright = None
+
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium "
+                                                "chromium-driver; .ci/run does this)"),
+    pytest.mark.skipif(sync_playwright is None, reason="the playwright Python package is not installed "
+                                                       "(pip install -e '.[test]')"),
+]
+
+
+def data_url_image(src: str) -> Image.Image:
+    header, b64 = src.split(",", 1)
+    assert header == "data:image/png;base64"
+    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def page_server(default_pipeline):
+    name, pipe = default_pipeline
+    app = create_app(lambda: (name, pipe), ServerConfig(warmup_size=(64, 64), warmup_steps=1))
+    with live_server(app) as live:
+        yield live, pipe
+
+
+def test_web_page_generates_and_keeps_history(page_server, tmp_path):
+    live, pipe = page_server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(live.url + "/")
+            page.wait_for_function("document.getElementById('model-line').textContent.includes('default-model')",
+                                   timeout=20_000)
+            assert "256x256" in page.inner_text("#model-line")
+            assert page.is_hidden("#api-key-label")  # no key configured
+
+            page.fill("#prompt", "a red circle on a blue background")
+            page.select_option("#size", "256x256")
+            page.fill("#steps", "2")
+            page.fill("#seed", str(BIG_SEED))
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=30_000)
+            assert page.is_visible("#result")
+            assert page.evaluate("document.getElementById('result').naturalWidth") == 256
+            info = page.inner_text("#result-info")
+            assert f"seed {BIG_SEED}" in info and "256x256" in info and "2 steps" in info
+
+            shown = data_url_image(page.get_attribute("#result", "src"))
+            direct = pipe.generate(SamplingParams(prompt="a red circle on a blue background", height=256, width=256,
+                                                  steps=2, seed=BIG_SEED), progress=False).images[0]
+            diff = np.abs(np.asarray(shown, np.int16) - np.asarray(direct, np.int16))
+            assert diff.max() <= 1  # the page shows the model's image for that request
+
+            page.fill("#prompt", "a green tree")
+            page.fill("#seed", "")
+            page.click("#generate")
+            page.wait_for_function("document.querySelectorAll('#history li').length === 2", timeout=30_000)
+            captions = page.locator("#history li .prompt").all_inner_texts()
+            assert captions == ["a green tree", "a red circle on a blue background"]  # newest first
+
+            page.locator("#history li").nth(1).click()  # back to the first image, form refilled
+            assert page.input_value("#seed") == str(BIG_SEED)
+            assert page.get_attribute("#result", "src") == page.locator("#history li img").nth(1).get_attribute("src")
+
+            page.fill("#steps", "0")  # the server's 400 shows as an error on the page
+            page.evaluate("document.getElementById('steps').removeAttribute('min')")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').className === 'error'", timeout=30_000)
+            assert "400" in page.inner_text("#status") and "steps" in page.inner_text("#status")
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            assert errors == []
+        finally:
+            browser.close()
