@@ -438,3 +438,32 @@ def test_parse_size():
     for bad in ("1000x1000", "1024", "axb", "16x16"):
         with pytest.raises(ConfigError):
             parse_size(bad)
+
+
+def test_handler_exception_is_500_and_the_server_keeps_serving():
+    """A failure outside the engine (here: the pipeline returns something that is not an image, so encoding
+    fails) answers 500 with OpenAI's body, and the next request is served."""
+    pipe = FakePipeline()
+    real = pipe.generate_batch
+
+    def broken(requests):
+        results = real(requests)
+        if requests[0].prompt == "broken":
+            results[0].images = ["not an image"]
+        return results
+
+    pipe.generate_batch = broken
+    with TestClient(fake_app(pipe), raise_server_exceptions=False) as client:
+        assert client.app.state.worker.wait_ready(10)
+        assert_error(client.post(URL, json={"prompt": "broken"}), 500, code="internal_error")
+        assert client.post(URL, json={"prompt": "fine"}).status_code == 200
+
+
+@pytest.mark.gpu
+def test_gpu_memory_metrics():
+    pipe = FakePipeline()
+    pipe.device = torch.device("cuda")
+    with client_for(fake_app(pipe)) as client:
+        text = client.get("/metrics").text
+    for name in ("allocated", "reserved", "peak"):
+        assert f'ditserve_gpu_memory_{name}_bytes{{device="cuda"}}' in text, name
