@@ -240,7 +240,8 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
         if body.model is not None and body.model != worker.model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {worker.model_name!r}",
                            param="model", code="model_not_found")
-        params, fmt, quality = _request_params(body, config, formats)
+        params, fmt, quality = _request_params(body, config, formats,
+                                               getattr(worker.pipeline, "supports_negative_prompt", False))
         if params.seed is None:  # drawn here, below 2**53: JSON readers that parse numbers as doubles
             params.seed = secrets.randbits(53)  # (JavaScript) read it exactly and can send it back
         try:
@@ -334,9 +335,11 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
     return app
 
 
-def _request_params(body: ImageGenerationRequest, config: ServerConfig,
-                    formats: set[str]) -> tuple[SamplingParams, str, int]:
-    """The request's SamplingParams (unresolved), output format and encoder quality. Raises APIError(400)."""
+def _request_params(body: ImageGenerationRequest, config: ServerConfig, formats: set[str],
+                    negative_prompts: bool) -> tuple[SamplingParams, str, int]:
+    """The request's SamplingParams (unresolved), output format and encoder quality. Raises APIError(400).
+    A negative prompt goes to `params.extra["negative_prompt"]`, for pipelines that declare
+    `supports_negative_prompt = True` (true classifier-free guidance); for others it is a 400."""
     for option in UNSUPPORTED_OPENAI_OPTIONS:
         if getattr(body, option) is not None:
             raise APIError(400, f"{option!r} is not supported by ditserve; leave it unset", param=option,
@@ -344,9 +347,9 @@ def _request_params(body: ImageGenerationRequest, config: ServerConfig,
     if body.stream:
         raise APIError(400, "streaming is not supported; leave 'stream' unset or false", param="stream",
                        code="unsupported_parameter")
-    if body.negative_prompt is not None:
-        raise APIError(400, "negative_prompt is not supported by this model: FLUX.1 runs with distilled guidance "
-                            "and no classifier-free guidance pass that a negative prompt could steer",
+    if body.negative_prompt is not None and not negative_prompts:
+        raise APIError(400, "negative_prompt is not supported by this model: its pipeline has no classifier-free "
+                            "guidance pass that a negative prompt could steer (FLUX.1 uses distilled guidance)",
                        param="negative_prompt", code="unsupported_parameter")
     if not 1 <= body.n <= config.max_batch_size:
         raise APIError(400, f"n must be between 1 and {config.max_batch_size} (the server's max batch size), "
@@ -370,6 +373,8 @@ def _request_params(body: ImageGenerationRequest, config: ServerConfig,
         raise APIError(400, str(e), param="size", code="invalid_value") from None
     params = SamplingParams(prompt=body.prompt, height=height, width=width, steps=body.num_inference_steps,
                             guidance=body.guidance_scale, seed=body.seed, num_images=body.n)
+    if body.negative_prompt is not None:
+        params.extra["negative_prompt"] = body.negative_prompt
     try:
         params.validate()
     except ConfigError as e:

@@ -200,6 +200,14 @@ def test_negative_prompt_and_unsupported_options_are_400(client):
     assert client.post(URL, json={"prompt": "a", "stream": False}).status_code == 200
 
 
+def test_negative_prompt_reaches_a_pipeline_that_supports_it():
+    pipe = FakePipeline()
+    pipe.supports_negative_prompt = True
+    with client_for(fake_app(pipe)) as client:
+        assert client.post(URL, json={"prompt": "a", "negative_prompt": "blurry"}).status_code == 200
+    assert pipe.batches[0][0].extra == {"negative_prompt": "blurry"}
+
+
 @pytest.mark.parametrize("body", [b"{bad json", b'{"prompt": "a",}', b"", b"\xff\xfe"])
 def test_malformed_json_is_400(client, body):
     r = client.post(URL, content=body, headers={"content-type": "application/json"})

@@ -84,6 +84,9 @@ def test_openai_client_errors(default_server):
     with pytest.raises(openai.NotFoundError) as e:
         client.images.generate(prompt="x", model="dall-e-3")
     assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:  # FluxPipeline has no true CFG
+        client.images.generate(prompt="x", extra_body={"negative_prompt": "blurry"})
+    assert e.value.body["param"] == "negative_prompt" and "not supported by this model" in e.value.body["message"]
     with pytest.raises(openai.UnprocessableEntityError):
         client.images.generate(prompt="x", extra_body={"num_inference_steps": "two"})
     with pytest.raises(openai.AuthenticationError):
