@@ -112,9 +112,11 @@ def test_shutdown_drains_in_flight_requests():
             time.sleep(0.01)
         assert app.state.worker.queue_depth() == 2  # one running, two queued
         live.server.should_exit = True
-        time.sleep(0.3)
-        with pytest.raises(httpx2.ConnectError):
-            httpx2.get(live.url + "/health", timeout=2)
+        deadline = time.monotonic() + 10
+        with pytest.raises(httpx2.ConnectError):  # the listening socket closes within uvicorn's next tick
+            while time.monotonic() < deadline:
+                httpx2.get(live.url + "/health", timeout=2)
+                time.sleep(0.05)
         gate.set()
         for t in threads:
             t.join(30)
