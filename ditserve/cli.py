@@ -44,6 +44,12 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=["auto", "native", "triton"], default="auto",
                    help="fused-op code paths: auto (fast where measured faster), native (PyTorch), triton")
     p.add_argument("--attention", choices=list(BACKENDS), default="sdpa", help="attention backend")
+    p.add_argument("--cache", default=None,
+                   help="DiT block cache (lossy, off by default): fbcache-safe, fbcache-fast, dbcache-safe, "
+                        "dbcache-fast, or fbcache / dbcache with knobs, e.g. dbcache:fn=8,bn=0,threshold=0.12,"
+                        "warmup=4,max_consecutive=3,taylorseer=1")
+    p.add_argument("--cache-backend", choices=["ditserve", "cache-dit"], default="ditserve",
+                   help="ditserve's own cache, or the cache-dit library (must be installed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +170,12 @@ def _check_engine(engine: EngineConfig) -> None:
         if not plat.fast_kernels:
             raise ConfigError(f"--kernels triton: this platform cannot run Triton kernels (device "
                               f"{plat.device_type!r}, triton importable: {plat.has_triton}); use --kernels auto")
+    if engine.cache_backend == "cache-dit":
+        from ditserve.cache import cache_dit
+
+        if not engine.cache:
+            raise ConfigError("--cache-backend cache-dit: give the cache to mount with --cache (e.g. --cache fbcache)")
+        cache_dit.check_available()
     if not attention_backend_available(engine.attention):
         _, package = BACKENDS[engine.attention]
         raise ConfigError(f"--attention {engine.attention}: needs the Python package {package!r}, which is not "
@@ -185,9 +197,11 @@ def _format_summary(result, n_steps: int) -> str:
     t = result.timings
     rate = n_steps / t["denoise_s"] if t["denoise_s"] > 0 else float("inf")
     peak = "n/a" if result.peak_memory_bytes is None else f"{result.peak_memory_bytes / 2**30:.2f} GiB"
+    c = result.cache_stats
+    cache = "" if c is None else f" | cache {c['policy']}: {c['computed']} computed, {c['cached']} cached"
     return (f"text encode {t['text_encode_s']:.2f} s | denoise {t['denoise_s']:.2f} s "
-            f"({n_steps} steps, {rate:.1f} step/s) | decode {t['decode_s']:.2f} s | total {t['total_s']:.2f} s | "
-            f"peak memory {peak} | seed {result.params.seed}")
+            f"({n_steps} steps, {rate:.1f} step/s){cache} | decode {t['decode_s']:.2f} s | "
+            f"total {t['total_s']:.2f} s | peak memory {peak} | seed {result.params.seed}")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -197,7 +211,8 @@ def _generate(args: argparse.Namespace) -> int:
     params.validate()  # size, steps, seed, ... before the model load; model limits are checked after it
     paths = output_paths(args.output, args.num_images)
     engine = EngineConfig(device=args.device, dtype=args.dtype, compile=args.compile, kernels=args.kernels,
-                          attention=args.attention, load_format=args.load_format)
+                          attention=args.attention, load_format=args.load_format, cache=args.cache,
+                          cache_backend=args.cache_backend)
     _check_engine(engine)
 
     from ditserve.loader import load_model
@@ -256,7 +271,8 @@ def _serve(args: argparse.Namespace) -> int:
                           output_max_bytes=args.output_max_bytes, warmup=not args.no_warmup,
                           warmup_size=warmup_size, warmup_steps=args.warmup_steps)
     engine = EngineConfig(device=args.device, dtype=args.dtype, compile=args.compile, kernels=args.kernels,
-                          attention=args.attention, load_format=args.load_format)
+                          attention=args.attention, load_format=args.load_format, cache=args.cache,
+                          cache_backend=args.cache_backend)
     _check_engine(engine)
     _quiet_libraries()
     run_server(args.model, engine, config, args.host, args.port, verbose=args.verbose,

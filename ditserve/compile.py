@@ -147,6 +147,9 @@ def compile_model(model: nn.Module, cfg: CompileConfig) -> nn.Module:
         if inner:
             raise ValueError(f"{type(model).__name__} has regionally compiled blocks ({inner[0]}, ...); "
                              f"it cannot also be compiled whole")
+        if getattr(model, "block_cache", None) is not None:
+            raise ConfigError(f"{type(model).__name__} has a block cache mounted: its per-step decision would "
+                              f"break a whole-model graph; compile regionally (the blocks are the regions)")
         targets = [model]
     set_process_compiler_flags()
     for module in targets:
@@ -159,6 +162,26 @@ def compile_model(model: nn.Module, cfg: CompileConfig) -> nn.Module:
         module.compile(**cfg.compile_kwargs())
         _compiled[module] = cfg
     return model
+
+
+# ---------------------------------------------------------------------------------------------- warmup
+
+
+def warmup(pipeline, params, dummy: bool = True) -> dict[str, Any]:
+    """Run one request as real ones will run, so that they compile nothing: call it after the cache is mounted
+    and the model compiled (the pipeline's constructor does both), with the size, step count and batch of the
+    expected requests (dynamic shapes cover other sizes, but a step count or a batch of 1 may specialise).
+
+    With `dummy` (default) it runs under `ditserve.dummy_run`: the DiT's output projection and the VAE decode
+    are skipped (neither is a compiled region, so the compiled graphs are those real requests use) and no
+    images are made. Returns {"seconds": wall time, "cache_stats": the run's cache stats or None}.
+    """
+    from ditserve.dummy_run import dummy_run
+
+    start = time.perf_counter()
+    with dummy_run() if dummy else contextlib.nullcontext():
+        result = pipeline.generate(params, progress=False)
+    return {"seconds": time.perf_counter() - start, "cache_stats": result.cache_stats}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -395,6 +418,9 @@ def add_compile_report_args(parser: argparse.ArgumentParser) -> None:
                         help="compile with static shapes (dynamic=False): every resolution recompiles")
     parser.add_argument("--whole-model", action="store_true",
                         help="compile the whole model as one graph instead of each repeated block")
+    parser.add_argument("--cache", default=None,
+                        help="mount this block cache (NAME[:knob=value,...], as `generate --cache`) before "
+                             "compiling, and run enough calls per size to take its cached path")
 
 
 def _check_size(name: str, v: int) -> None:
@@ -457,6 +483,12 @@ def compile_report_main(args: argparse.Namespace) -> int:
     if not attention_backend_available(args.attention):
         raise ConfigError(f"--attention {args.attention}: its Python package is not installed")
     cfg = CompileConfig(mode=args.mode, dynamic=not args.static, backend=args.backend, regional=not args.whole_model)
+    from ditserve.cache import mount_cache, parse_cache
+
+    cache_settings = parse_cache(args.cache)
+    if cache_settings is not None and args.whole_model:
+        raise ConfigError("--cache needs regional compilation (the blocks are the compiled regions); "
+                          "drop --whole-model")
     for name in ("height", "width", "height2", "width2"):
         if getattr(args, name) is not None:
             _check_size(name, getattr(args, name))
@@ -485,9 +517,15 @@ def compile_report_main(args: argparse.Namespace) -> int:
     def make_inputs(h: int, w: int) -> dict:
         return make(model.config, h, w, text_len=text_len, device=param.device, dtype=param.dtype)
 
+    steady_iters = 3
+    cache = mount_cache(model, cache_settings)  # before compiling, as the engine does
+    if cache is not None:  # each size: warmup steps, then cached steps (the inputs repeat, so they are cached)
+        steady_iters = max(steady_iters, cache_settings.warmup + 2)
     report = compile_report(model, make_inputs, [(height, width), (h2, w2)], cfg,
-                            name=args.model or "default")
+                            name=args.model or "default", steady_iters=steady_iters)
     report["text_len"] = text_len
+    if cache is not None:
+        report["cache"] = {"settings": cache_settings.spec(), **cache.stats().as_dict()}
     _progress(f"{report['graph_count']} graphs, {report['graph_breaks']} graph breaks, "
               f"{report['recompiles']} recompiles, compile {report['compile_seconds']:.1f} s")
     print(json.dumps(report))

@@ -53,6 +53,8 @@ class EngineConfig:
     attention: attention backend name ("sdpa", "flash-attn", "sage").
     load_format: "auto" (safetensors from the model folder), "safetensors", or "dummy" (random weights at full
         size, for benchmarks and capacity planning).
+    cache: a DiT block cache, "NAME[:knob=value,...]" (see `ditserve.cache.policy`; lossy), or None (off).
+    cache_backend: "ditserve" (the engine's own cache) or "cache-dit" (the cache-dit library, if installed).
     """
 
     device: str | None = None
@@ -61,8 +63,15 @@ class EngineConfig:
     kernels: str = "auto"
     attention: str = "sdpa"
     load_format: str = "auto"
+    cache: str | None = None
+    cache_backend: str = "ditserve"
 
     def __post_init__(self):
+        from ditserve.cache.policy import parse_cache  # (ditserve.cache imports this module)
+
+        parse_cache(self.cache)  # raises ConfigError for unknown names, knobs or values
+        if self.cache_backend not in ("ditserve", "cache-dit"):
+            raise ConfigError(f"unknown cache backend {self.cache_backend!r}; valid: ditserve, cache-dit")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
         if self.load_format not in LOAD_FORMATS:

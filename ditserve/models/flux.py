@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditserve.config import ConfigError, ModelSpec
+from ditserve.dummy_run import in_dummy_run
 from ditserve.ops import (
     Attention, Linear, MulAdd, NormScaleShift, OpsConfig, ResidualNormScaleShift, RMSNorm, Rotary,
     axial_rope_cos_sin,
@@ -231,6 +232,15 @@ class FluxSingleBlock(nn.Module):
 # -------------------------------------------------------------------------------------------------- model
 
 
+@dataclass
+class FluxBlockContext:
+    """What every block of one forward takes besides the hidden states."""
+
+    temb: torch.Tensor  # (B, D) conditioning vector
+    cos: torch.Tensor  # (S, Dh/2) fp32 RoPE table of the joint sequence [txt, img]
+    sin: torch.Tensor  # (S, Dh/2) fp32
+
+
 class FluxTransformer(nn.Module):
     """The FLUX.1 transformer. Inputs and conventions are diffusers' `FluxTransformer2DModel.forward`:
 
@@ -245,6 +255,15 @@ class FluxTransformer(nn.Module):
     """
 
     repeated_blocks = ("double_blocks", "single_blocks")
+
+    # The block-cache interface (see `ditserve.cache`): `prepare` -> `run_blocks` over ranges of the flat
+    # block index (double blocks 0 .. num_layers-1, then single blocks) -> `finish`. The block state between
+    # ranges is always the pair (img (B, L, D), txt (B, T, D)); a cache mounted in `block_cache` decides
+    # which ranges run. Blocks stay the compiled regions; the cache runs eagerly between them.
+    block_cache = None
+    # For `--cache-backend cache-dit` (ditserve.cache.cache_dit): each block list and its cache-dit
+    # ForwardPattern number. Double blocks take and return (img, txt): 0; single blocks the joint sequence: 3.
+    cache_dit_block_patterns = (("double_blocks", 0), ("single_blocks", 3))
 
     def __init__(self, config: FluxConfig, ops: OpsConfig | None = None, attention: str = "sdpa", device=None,
                  dtype=None):
@@ -291,11 +310,29 @@ class FluxTransformer(nn.Module):
         if self.guidance_embedder is None and guidance is not None:
             raise ValueError("this FLUX.1 transformer has no guidance embedder (guidance_embeds=False, e.g. "
                              "FLUX.1-schnell): pass guidance=None")
+        img, txt, ctx = self.prepare(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
+                                     txt_ids, guidance)
+        if self.block_cache is None:
+            img, txt = self.run_blocks(img, txt, ctx, 0, self.num_blocks)
+        else:
+            img, txt = self.block_cache.run(self, img, txt, ctx)
+        return self.finish(img, ctx)
+
+    # ----------------------------------------------------------------------------------- block interface
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks in the flat order `run_blocks` indexes: double blocks, then single blocks."""
+        return self.config.num_layers + self.config.num_single_layers
+
+    def prepare(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                guidance=None) -> tuple[torch.Tensor, torch.Tensor, "FluxBlockContext"]:
+        """Everything before the blocks (arguments as `forward`): -> img (B, L, D), txt (B, T, D) and the
+        per-forward constants every block takes."""
         if img_ids.ndim == 3:  # (B, L, 3): diffusers' deprecated form; positions are shared across the batch
             img_ids = img_ids[0]
         if txt_ids.ndim == 3:
             txt_ids = txt_ids[0]
-        T = encoder_hidden_states.shape[1]
 
         img = self.x_embedder(hidden_states)  # (B, L, D)
         txt = self.context_embedder(encoder_hidden_states)  # (B, T, D)
@@ -310,15 +347,33 @@ class FluxTransformer(nn.Module):
         # RoPE tables for the joint sequence [txt, img], computed once for all blocks.
         ids = torch.cat((txt_ids, img_ids), dim=0)  # (S, 3)
         cos, sin = axial_rope_cos_sin(ids, self.config.axes_dims_rope, ROPE_THETA)  # (S, Dh/2) fp32
+        return img, txt, FluxBlockContext(temb=temb, cos=cos, sin=sin)
 
-        for block in self.double_blocks:
-            img, txt = block(img, txt, temb, cos, sin)  # (B, L, D), (B, T, D)
-        x = torch.cat((txt, img), dim=1)  # (B, S, D)
-        for block in self.single_blocks:
-            x = block(x, temb, cos, sin)  # (B, S, D)
-        img = x[:, T:]  # (B, L, D)
+    def run_blocks(self, img: torch.Tensor, txt: torch.Tensor, ctx: "FluxBlockContext", start: int, stop: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks [start, stop) of the flat order on (img (B, L, D), txt (B, T, D)) -> (img, txt).
 
-        scale, shift = self.norm_out_mod(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
+        Double blocks take the two streams; single blocks take the joint sequence [txt, img], joined once on
+        entering the single blocks and split (as views) on leaving them.
+        """
+        n_double = self.config.num_layers
+        for block in self.double_blocks[start:min(stop, n_double)]:
+            img, txt = block(img, txt, ctx.temb, ctx.cos, ctx.sin)  # (B, L, D), (B, T, D)
+        if stop > n_double:
+            T = txt.shape[1]
+            x = torch.cat((txt, img), dim=1)  # (B, S, D)
+            for block in self.single_blocks[max(start - n_double, 0):stop - n_double]:
+                x = block(x, ctx.temb, ctx.cos, ctx.sin)  # (B, S, D)
+            txt, img = x[:, :T], x[:, T:]  # (B, T, D), (B, L, D)
+        return img, txt
+
+    def finish(self, img: torch.Tensor, ctx: "FluxBlockContext") -> torch.Tensor:
+        """Everything after the blocks: img (B, L, D) -> (B, L, out_channels). In a dummy run
+        (`ditserve.dummy_run`) the output projection is skipped and a zero tensor of the output's shape (a
+        broadcast view: no memory) is returned."""
+        if in_dummy_run():
+            return img.new_zeros(()).expand(*img.shape[:2], self.config.out_channels)
+        scale, shift = self.norm_out_mod(F.silu(ctx.temb)).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
         img = self.norm_out(img, scale, shift)  # (B, L, D)
         return self.proj_out(img)  # (B, L, out_channels)
 

@@ -25,12 +25,15 @@ class GenerationResult:
     peak_memory_bytes: peak device memory allocated during the request (CUDA), or None where torch does not
         track it (CPU).
     params: the request with every default filled in, including the seed actually used.
+    cache_stats: with a DiT cache, {"policy": name, "computed": steps, "cached": steps} of the denoise loop
+        (transformer calls; a batch's requests share one loop and so one count); None without a cache.
     """
 
     images: list[Any]  # list[PIL.Image.Image]
     timings: dict[str, float]
     peak_memory_bytes: int | None
     params: SamplingParams
+    cache_stats: dict[str, Any] | None = None
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:

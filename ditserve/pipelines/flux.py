@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ditserve.config import ConfigError, EngineConfig, ModelSpec, SamplingParams
+from ditserve.dummy_run import in_dummy_run
 from ditserve.logging import init_logger
 from ditserve.pipelines import GenerationResult, synchronizer, to_pil
 
@@ -119,6 +120,13 @@ class FluxPipeline:
         self._sync = synchronizer(self.device)
         self._track_memory = self.device.type == "cuda"
 
+        # The cache is mounted before compiling (ditserve.cache): the compiled regions are then the blocks the
+        # cached path calls, and a warmup with the cache on compiles exactly what requests run.
+        self.cache = None
+        if engine.cache:
+            from ditserve.cache import mount_engine_cache
+
+            self.cache = mount_engine_cache(self.transformer, engine)
         if engine.compile:  # regional, in place; compiling happens at the first denoise step
             from ditserve.compile import CompileConfig, compile_model
 
@@ -220,8 +228,11 @@ class FluxPipeline:
 
     def denoise(self, latents: Latents, text: PromptEmbeds, schedule: Timesteps, guidance: float,
                 progress: bool = True) -> torch.Tensor:
-        """The sampling loop: returns the final packed latents (B, L, 4C). No host sync beyond the scheduler's."""
+        """The sampling loop: returns the final packed latents (B, L, 4C). No host sync beyond the scheduler's
+        and, with a cache, one per step for its decision. The cache state is reset here: one loop, one request."""
         x = latents.latents  # (B, L, 4C)
+        if self.cache is not None:
+            self.cache.reset(len(schedule.timesteps))
         B = x.shape[0]
         g = torch.full((B,), guidance, device=self.device, dtype=torch.float32) if self.guidance_embeds else None
         for t in tqdm(schedule.timesteps, desc="denoise", unit="step", disable=not progress):
@@ -314,15 +325,17 @@ class FluxPipeline:
         self._sync()
         t2 = time.perf_counter()
 
-        images = self.decode(final, first.height, first.width)
+        # A dummy run (warmup / autotune) skips the decode: its images are thrown away.
+        images = [] if in_dummy_run() else self.decode(final, first.height, first.width)
         t3 = time.perf_counter()  # to_pil copied to the host: the device is idle
+        cache_stats = None if self.cache is None else {"policy": self.cache.name, **self.cache.stats().as_dict()}
 
         peak = torch.cuda.max_memory_allocated(self.device) if self._track_memory else None
         timings = {"text_encode_s": t1 - t0, "denoise_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0}
         results, start = [], 0
         for n, p in zip(counts, ps):
             results.append(GenerationResult(images=images[start:start + n], timings=dict(timings),
-                                            peak_memory_bytes=peak, params=p))
+                                            peak_memory_bytes=peak, params=p, cache_stats=cache_stats))
             start += n
         return results
 

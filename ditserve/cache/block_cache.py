@@ -1,0 +1,223 @@
+"""The block cache: per step, compute the first blocks, and reuse the residual of the middle blocks when the
+first blocks' output barely changed since the middle blocks were last computed.
+
+A model opts in by declaring the block interface (`FluxTransformer` does):
+
+    num_blocks                                  blocks in a flat order (FLUX: 19 double, then 38 single)
+    run_blocks(img, txt, ctx, start, stop)      run blocks [start, stop) -> (img, txt)
+    block_cache                                 attribute its forward consults: None, or a BlockCache
+
+and its forward does `prepare` -> `block_cache.run(model, img, txt, ctx)` (or all blocks) -> `finish`. One
+step of the cache, for the active CFG branch:
+
+    img, txt = blocks [0, fn)                        always
+    signal   = img - img_in                          the first blocks' residual, (B, L, D)
+    diff     = relL1(signal, signal at the last computed step)   a 0-d tensor on the device
+    cached   = past warmup and under the consecutive cap and diff.item() < threshold   (one host sync)
+    img, txt = (img, txt) + residual                 if cached (the stored, or TaylorSeer-extrapolated, one)
+             = blocks [fn, N - bn), residual stored  else
+    img, txt = blocks [N - bn, N)                    always
+
+Compile: the blocks are the compiled regions and this code runs eagerly between them, so its control flow is
+in no graph: the cached path adds no graph, no break and no recompile, and the only host sync of a step is the
+`.item()` above (warmup steps and steps past the cap make none). Because the regions are the same blocks
+whatever the cache decides, mounting the cache never changes which compiled code runs; it must still be
+mounted before a whole-model compile (which `mount_cache` and `compile_model` refuse to combine).
+
+State is kept per CFG branch (`with cache.branch("uncond"): ...`), reset per request by the pipeline
+(`reset(num_steps)`); a branch that has done `num_steps` steps, or sees a new input shape, starts afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol, runtime_checkable
+
+import torch
+
+from ditserve.cache.policy import CacheSettings
+from ditserve.config import ConfigError
+
+Pair = tuple[torch.Tensor, torch.Tensor]  # (img (B, L, D), txt (B, T, D))
+
+
+@runtime_checkable
+class BlockCacheable(Protocol):
+    """The interface a model declares to take a block cache (see the module docstring)."""
+
+    block_cache: "BlockCache | None"
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    def run_blocks(self, img: torch.Tensor, txt: torch.Tensor, ctx, start: int, stop: int) -> Pair: ...
+
+
+class TaylorSeer:
+    """Extrapolates a sequence of tensor pairs sampled at integer steps (the computed steps) to a later step.
+
+    order 0 returns the last sample. Order k keeps the backward divided differences of the last k+1 samples
+    (Newton's form), so the prediction is exact for sequences polynomial of degree <= k in the step index,
+    whatever the spacing of the samples. With fewer samples than k+1 the order drops to what is available.
+    Memory: k+1 pairs.
+    """
+
+    def __init__(self, order: int):
+        self.order = order
+        self.steps: list[int] = []  # sample steps, newest first
+        self.diffs: list[Pair] = []  # diffs[j] = f[x_n, ..., x_{n-j}], newest sample first
+
+    def update(self, step: int, value: Pair) -> None:
+        """Add the sample `value` at `step` (later than every earlier sample)."""
+        new = [value]
+        for j in range(1, min(self.order, len(self.steps)) + 1):
+            span = float(step - self.steps[j - 1])
+            new.append(tuple((a - b) / span for a, b in zip(new[j - 1], self.diffs[j - 1])))
+        self.diffs = new
+        self.steps = ([step] + self.steps)[:self.order + 1]
+
+    def predict(self, step: int) -> Pair:
+        """The extrapolated pair at `step`."""
+        out = self.diffs[0]
+        weight = 1.0
+        for j in range(1, len(self.diffs)):
+            weight *= float(step - self.steps[j - 1])
+            out = tuple(o + weight * d for o, d in zip(out, self.diffs[j]))
+        return out
+
+
+@dataclass
+class _Branch:
+    """The cache state of one CFG branch for the current request."""
+
+    order: int
+    step: int = 0  # steps done in this request
+    consecutive: int = 0  # cached steps since the last computed one
+    signal: torch.Tensor | None = None  # the first blocks' residual at the last computed step
+    residual: TaylorSeer = field(init=False)
+
+    def __post_init__(self):
+        self.residual = TaylorSeer(self.order)
+
+
+@dataclass
+class CacheStats:
+    """Since the last reset, summed over CFG branches: steps (transformer calls) whose middle blocks were
+    computed or cached, and host syncs made for cache decisions (at most one per step)."""
+
+    computed: int = 0
+    cached: int = 0
+    host_syncs: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"computed": self.computed, "cached": self.cached, "host_syncs": self.host_syncs}
+
+
+def relative_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mean|a - b| / mean|b| as a 0-d float32 tensor on the tensors' device (inf where b is all zeros)."""
+    return (a - b).abs().mean(dtype=torch.float32) / b.abs().mean(dtype=torch.float32)
+
+
+class BlockCache:
+    """Runtime of the block cache for one model (see the module docstring). Built by `mount_cache`."""
+
+    def __init__(self, settings: CacheSettings, num_blocks: int):
+        self.settings = settings
+        self.num_blocks = num_blocks
+        self.num_steps: int | None = None
+        self._branches: dict[str, _Branch] = {}
+        self._branch = "cond"
+        self._stats = CacheStats()
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    # ------------------------------------------------------------------------------------- request API
+
+    def reset(self, num_steps: int | None = None) -> None:
+        """Forget all state (every branch): call at the start of each request. With `num_steps`, a branch
+        that has done that many steps starts afresh at its next call (so state never outlives a request)."""
+        self.num_steps = num_steps
+        self._branches.clear()
+        self._stats = CacheStats()
+
+    @contextlib.contextmanager
+    def branch(self, key: str) -> Iterator[None]:
+        """Calls inside this block use (and update) the state of CFG branch `key` ("cond" outside any)."""
+        saved, self._branch = self._branch, key
+        try:
+            yield
+        finally:
+            self._branch = saved
+
+    def stats(self) -> CacheStats:
+        return CacheStats(**self._stats.as_dict())
+
+    # ------------------------------------------------------------------------------------------ a step
+
+    def _state(self, signal: torch.Tensor) -> _Branch:
+        st = self._branches.get(self._branch)
+        stale = st is not None and (
+            (self.num_steps is not None and st.step >= self.num_steps)
+            or (st.signal is not None and st.signal.shape != signal.shape))
+        if st is None or stale:
+            st = self._branches[self._branch] = _Branch(order=self.settings.taylorseer)
+        return st
+
+    def run(self, model: BlockCacheable, img: torch.Tensor, txt: torch.Tensor, ctx) -> Pair:
+        """One transformer step over all blocks of `model`: img (B, L, D), txt (B, T, D) -> (img, txt)."""
+        s, N = self.settings, self.num_blocks
+        img_in = img
+        img, txt = model.run_blocks(img, txt, ctx, 0, s.fn)
+        signal = img - img_in  # (B, L, D)
+        st = self._state(signal)
+        step = st.step
+        st.step += 1
+
+        use_cache = False
+        if (s.threshold > 0 and step >= s.warmup and st.signal is not None
+                and (s.max_consecutive == 0 or st.consecutive < s.max_consecutive)):
+            use_cache = relative_l1(signal, st.signal).item() < s.threshold  # the step's one host sync
+            self._stats.host_syncs += 1
+        if use_cache:
+            r_img, r_txt = st.residual.predict(step)
+            img, txt = img + r_img, txt + r_txt
+            self._stats.cached += 1
+            st.consecutive += 1
+        else:
+            mid_img, mid_txt = img, txt
+            img, txt = model.run_blocks(img, txt, ctx, s.fn, N - s.bn)
+            st.residual.update(step, (img - mid_img, txt - mid_txt))
+            st.signal = signal
+            self._stats.computed += 1
+            st.consecutive = 0
+        if s.bn:
+            img, txt = model.run_blocks(img, txt, ctx, N - s.bn, N)
+        return img, txt
+
+
+def mount_cache(model, settings: CacheSettings | None) -> BlockCache | None:
+    """Mount a block cache with `settings` on `model` (replacing any mounted one); None unmounts.
+
+    Raises ConfigError when the model does not declare the block interface, when fn + bn leaves no block to
+    cache, or when the model was compiled whole (the cache's Python control flow would be traced into the
+    graph). Regionally compiled blocks are fine: the cache runs between them.
+    """
+    from ditserve.compile import is_compiled
+
+    if settings is None:
+        if isinstance(model, BlockCacheable):
+            model.block_cache = None
+        return None
+    name = type(model).__name__
+    if not isinstance(model, BlockCacheable):
+        raise ConfigError(f"--cache {settings.name}: {name} does not declare the block-cache interface "
+                          f"(num_blocks, run_blocks, block_cache)")
+    if is_compiled(model):
+        raise ConfigError(f"--cache {settings.name}: {name} was compiled whole; mount the cache before compiling, "
+                          f"and compile regionally (the blocks are the compiled regions)")
+    settings.check_model(model.num_blocks, name)
+    model.block_cache = BlockCache(settings, model.num_blocks)
+    return model.block_cache
