@@ -13,7 +13,8 @@ step of the cache, for the active CFG branch:
     img, txt = blocks [0, fn)                        always
     signal   = img - img_in                          the first blocks' residual, (B, L, D)
     diff     = relL1(signal, signal at the last computed step)   a 0-d tensor on the device
-    cached   = past warmup and under the consecutive cap and diff.item() < threshold   (one host sync)
+    cached   = past warmup and under the consecutive cap and diff.item() < threshold   (one host sync;
+               none with threshold inf, a fixed step mask)
     img, txt = (img, txt) + residual                 if cached (the stored, or TaylorSeer-extrapolated, one)
              = blocks [fn, N - bn), residual stored  else
     img, txt = blocks [N - bn, N)                    always
@@ -31,6 +32,7 @@ State is kept per CFG branch (`with cache.branch("uncond"): ...`), reset per req
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol, runtime_checkable
 
@@ -176,9 +178,9 @@ class BlockCache:
         step = st.step
         st.step += 1
 
-        use_cache = False
-        if (s.threshold > 0 and step >= s.warmup and st.signal is not None
-                and (s.max_consecutive == 0 or st.consecutive < s.max_consecutive)):
+        use_cache = (s.threshold > 0 and step >= s.warmup and st.signal is not None
+                     and (s.max_consecutive == 0 or st.consecutive < s.max_consecutive))
+        if use_cache and s.threshold != math.inf:
             use_cache = relative_l1(signal, st.signal).item() < s.threshold  # the step's one host sync
             self._stats.host_syncs += 1
         if use_cache:

@@ -23,7 +23,9 @@ class CacheSettings:
         differs. fn=1 is First-Block Cache.
     bn: the last `bn` blocks are computed at every step too (Dual-Block Cache when > 0); they refine what the
         cached middle residual gives.
-    threshold: a step whose signal is below it reuses the cached residual of the middle blocks. 0 never caches.
+    threshold: a step whose signal is below it reuses the cached residual of the middle blocks. 0 never caches;
+        inf caches every step that warmup and max_consecutive allow: a fixed step mask, decided without
+        reading the signal (no host sync), the same speed-up on every model.
     warmup: the first `warmup` steps of each request are always computed (the trajectory changes fastest there).
     max_consecutive: at most this many cached steps in a row, then one is computed; 0 means no cap.
     taylorseer: 0 reuses the last computed residual as is; 1 or 2 extrapolates it from the last 2 or 3
@@ -53,8 +55,8 @@ class CacheSettings:
             raise ConfigError(f"cache knob taylorseer must be 0 (off), 1 or 2 (extrapolation order), "
                               f"got {self.taylorseer}")
         t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ConfigError(f"cache knob threshold must be a finite number >= 0, got {t!r}")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t < 0:
+            raise ConfigError(f"cache knob threshold must be a number >= 0 (or inf), got {t!r}")
 
     def check_model(self, num_blocks: int, model_name: str) -> None:
         """Raise ConfigError unless fn + bn leaves at least one block of `num_blocks` to cache."""
