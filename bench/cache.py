@@ -90,18 +90,20 @@ def use_cache(pipe, settings, backend: str = "ditserve"):
 
 
 def speed(args) -> dict:
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/cache.py speed needs a CUDA GPU")
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("bench/cache.py speed needs a CUDA GPU (or --device cpu for a smoke run)")
     from dataclasses import replace
 
     from ditserve.cache import parse_cache
     from ditserve.config import EngineConfig
 
-    engine = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=not args.no_compile)
+    engine = EngineConfig(device=args.device, dtype="bf16" if cuda else "fp32", load_format="dummy",
+                          compile=not args.no_compile)
     t0 = time.perf_counter()
     pipe = build_pipeline(args.model, engine)
     rec: dict = {"load_s": round(time.perf_counter() - t0, 1)}
-    sync = torch.cuda.synchronize
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     with torch.inference_mode():
         text = pipe.encode_prompt(["a red circle on a blue background"], 1, pipe.spec.max_sequence_length)
         latents = pipe.prepare_latents(1, args.height, args.width, seed=0)
@@ -147,7 +149,8 @@ def speed(args) -> dict:
                 rows.append(row)
                 log(json.dumps(row))
     rec["rows"] = rows
-    rec["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if cuda:
+        rec["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return rec
 
 
@@ -235,18 +238,20 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=1024, help="speed: image width")
     ap.add_argument("--no-compile", action="store_true", help="speed: eager instead of regional compile")
     ap.add_argument("--prompts", type=int, default=16, help="quality: prompts (one seed each)")
-    ap.add_argument("--device", default="cpu", help="quality: device")
+    ap.add_argument("--device", default=None, help="device (default: cuda for speed, cpu for quality)")
     ap.add_argument("--out", default=None, help="also write the JSON record to this file")
     args = ap.parse_args()
     if args.model is None:
         args.model = "flux.1-dev" if args.mode == "speed" else "/tmp/ditserve-cache-testbed"
+    if args.device is None:
+        args.device = "cuda" if args.mode == "speed" else "cpu"
 
     import diffusers
 
     start = time.perf_counter()
     rec = {"bench": f"cache-{args.mode}", "commit": commit(), "torch": torch.__version__,
            "diffusers": diffusers.__version__,
-           "device": torch.cuda.get_device_name() if args.mode == "speed" else args.device,
+           "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
            "steps": args.steps, "presets": args.presets}
     rec.update(speed(args) if args.mode == "speed" else quality(args))
     rec["wall_s"] = round(time.perf_counter() - start, 1)
