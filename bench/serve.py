@@ -245,7 +245,7 @@ def main() -> int:
                      "n": args.n, "max_batch_size": args.max_batch_size, "compile": args.compile,
                      "duration_s": args.duration, "server_ready_s": round(server.ready_s, 2) if server else None,
                      "env": {"python": platform.python_version(), "machine": platform.machine(),
-                             "cpus": os.cpu_count()}}
+                             "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()}}
         try:
             import torch
 
@@ -282,6 +282,9 @@ def main() -> int:
     finally:
         if server is not None:
             server.stop()
+    # Other work on the machine skews a CPU run badly (torch's threads wait on each other): the 1-minute load
+    # average after the run should be about what the bench itself makes.
+    rec["env"]["loadavg_after"] = os.getloadavg()
     line = json.dumps(rec)
     if args.output:
         with open(args.output, "w") as f:
