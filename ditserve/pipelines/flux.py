@@ -335,7 +335,8 @@ class FluxPipeline:
         results, start = [], 0
         for n, p in zip(counts, ps):
             results.append(GenerationResult(images=images[start:start + n], timings=dict(timings),
-                                            peak_memory_bytes=peak, params=p, cache_stats=cache_stats))
+                                            peak_memory_bytes=peak, params=p,
+                                            cache_stats=None if cache_stats is None else dict(cache_stats)))
             start += n
         return results
 
