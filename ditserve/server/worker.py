@@ -4,7 +4,8 @@
 
 The worker thread loads the model, warms it up, then loops: take the oldest waiting request, add the waiting
 requests that can share its denoise batch (equal `pipeline.batch_key`: same size, steps, guidance and text
-length) up to `max_batch_size` images, run them with `pipeline.generate_batch`, and complete each request's
+length) up to `max_batch_size` images (none when the pipeline has a DiT cache mounted, whose skip decisions are
+taken for a whole batch), run them with `pipeline.generate_batch`, and complete each request's
 future. Handlers wait on those futures from the event loop, so the loop never blocks on the model.
 
 A failing batch fails only its own requests: CUDA out-of-memory (the allocator's cache is emptied) and any
@@ -93,6 +94,7 @@ class EngineWorker:
         self._closing = False
         self._batch_seconds: float | None = None  # moving average of batch run time, for Retry-After
         self._empty_cache: Callable[[], None] = lambda: None
+        self._one_request_per_batch = False
         self._thread = threading.Thread(target=self._main, name="ditserve-engine", daemon=True)
 
     # --------------------------------------------------------------------------------------- lifecycle
@@ -188,6 +190,9 @@ class EngineWorker:
             self.metrics.watch_device(device)
             if device.type == "cuda":
                 self._empty_cache = torch.cuda.empty_cache
+            # A DiT cache decides per batch (one residual difference over all rows), so a request batched with
+            # others could be computed differently from the same request alone: with a cache, one request a batch.
+            self._one_request_per_batch = getattr(self.pipeline, "cache", None) is not None
             self._set_state("warming")
             if self.config.warmup:
                 self._warmup()
@@ -238,7 +243,7 @@ class EngineWorker:
                 return None
             head = self._queue.popleft()
             batch, images = [head], head.images
-            for job in list(self._queue):
+            for job in [] if self._one_request_per_batch else list(self._queue):
                 if job.key == head.key and images + job.images <= self.config.max_batch_size:
                     self._queue.remove(job)
                     batch.append(job)

@@ -138,3 +138,19 @@ def test_worker_skips_cancelled_requests_and_drains_on_close():
     assert [b[0].prompt for b in pipe.batches] == ["blocker", "kept0", "kept1", "kept2"]
     assert all(job.future.result(0).images for job in [blocker, *kept])
     assert dropped.future.cancelled()
+
+
+def test_worker_does_not_batch_requests_together_under_a_dit_cache():
+    """A DiT cache takes one skip decision per batch: batching two requests could change each one's image."""
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    pipe.cache = object()  # what FluxPipeline holds when --cache is on
+    worker = started_worker(pipe, max_batch_size=4)
+    try:
+        jobs = [submit(worker, pipe, prompt=p) for p in ("blocker", "a", "b")]
+        gate.set()
+        for job in jobs:
+            job.future.result(10)
+    finally:
+        worker.close(10)
+    assert [[p.prompt for p in b] for b in pipe.batches] == [["blocker"], ["a"], ["b"]]
