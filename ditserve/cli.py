@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ditserve.config import DTYPES, LOAD_FORMATS, ConfigError, EngineConfig, SamplingParams
+from ditserve.config import ConfigError, EngineConfig, SamplingParams
+from ditserve.engine_args import add_engine_flags, check_engine
 
 # Output suffix -> PIL format name.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -29,27 +30,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    from ditserve.ops.attention import BACKENDS
-
-    p.add_argument("--model", default=None,
-                   help="diffusers-format model folder or hub id (default: the small packaged model)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="compute dtype (default: bf16 on GPUs, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: best available)")
-    p.add_argument("--load-format", choices=list(LOAD_FORMATS), default="auto",
-                   help="auto/safetensors: the model's weights; dummy: random weights at full size")
-    p.add_argument("--kernels", choices=["auto", "native", "triton"], default="auto",
-                   help="fused-op code paths: auto (fast where measured faster), native (PyTorch), triton")
-    p.add_argument("--attention", choices=list(BACKENDS), default="sdpa", help="attention backend")
-    p.add_argument("--cache", default=None,
-                   help="DiT block cache (lossy, off by default): fbcache-safe, fbcache-fast, dbcache-safe, "
-                        "dbcache-fast, or fbcache / dbcache with knobs, e.g. dbcache:fn=8,bn=0,threshold=0.12,"
-                        "warmup=4,max_consecutive=3,taylorseer=1")
-    p.add_argument("--cache-backend", choices=["ditserve", "cache-dit"], default="ditserve",
-                   help="ditserve's own cache, or the cache-dit library (must be installed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="T5 prompt tokens (default: model's, 512 for FLUX.1-dev, 256 for schnell)")
     g.add_argument("--output", default="out.png",
                    help="output file: .png, .jpg/.jpeg or .webp; several images are saved as NAME-0.png, ...")
-    _add_engine_flags(g)
+    add_engine_flags(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer (regionally)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--quiet", "-q", action="store_true",
@@ -82,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve POST /v1/images/generations (OpenAI's image API), /v1/models, /health, "
                                    "/ready, /metrics and a web page at /. The model loads in the background; "
                                    "/ready turns 200 once it is loaded and warmed up.")
-    _add_engine_flags(s)
+    add_engine_flags(s)
     s.add_argument("--compile", action="store_true", help="torch.compile the transformer (warmed up before /ready)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=30000, help="TCP port (default: 30000; 0 picks a free one)")
@@ -148,40 +128,6 @@ def save_image(image, path: Path) -> None:
     image.save(path, format=fmt, **options)
 
 
-def _check_engine(engine: EngineConfig) -> None:
-    """Engine choices that can be refused before the (slow) model load."""
-    import torch
-
-    from ditserve.ops.attention import BACKENDS, attention_backend_available
-
-    if engine.device is not None:
-        try:
-            device = torch.device(engine.device)
-        except RuntimeError as e:
-            raise ConfigError(f"--device {engine.device!r}: {e}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {engine.device!r}: torch sees no CUDA device")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {engine.device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
-    if engine.kernels == "triton":
-        from ditserve.platform import platform_for
-
-        plat = platform_for(engine.torch_device)
-        if not plat.fast_kernels:
-            raise ConfigError(f"--kernels triton: this platform cannot run Triton kernels (device "
-                              f"{plat.device_type!r}, triton importable: {plat.has_triton}); use --kernels auto")
-    if engine.cache_backend == "cache-dit":
-        from ditserve.cache import cache_dit
-
-        if not engine.cache:
-            raise ConfigError("--cache-backend cache-dit: give the cache to mount with --cache (e.g. --cache fbcache)")
-        cache_dit.check_available()
-    if not attention_backend_available(engine.attention):
-        _, package = BACKENDS[engine.attention]
-        raise ConfigError(f"--attention {engine.attention}: needs the Python package {package!r}, which is not "
-                          f"installed (install it, or use --attention sdpa)")
-
-
 def _quiet_libraries() -> None:
     """diffusers' and transformers' own loading chatter (per-file progress bars, advice to install
     accelerate) off: the CLI logs what it loads itself. Their errors still show."""
@@ -213,7 +159,7 @@ def _generate(args: argparse.Namespace) -> int:
     engine = EngineConfig(device=args.device, dtype=args.dtype, compile=args.compile, kernels=args.kernels,
                           attention=args.attention, load_format=args.load_format, cache=args.cache,
                           cache_backend=args.cache_backend)
-    _check_engine(engine)
+    check_engine(engine)
 
     from ditserve.loader import load_model
     from ditserve.registry import pipeline_class
@@ -273,7 +219,7 @@ def _serve(args: argparse.Namespace) -> int:
     engine = EngineConfig(device=args.device, dtype=args.dtype, compile=args.compile, kernels=args.kernels,
                           attention=args.attention, load_format=args.load_format, cache=args.cache,
                           cache_backend=args.cache_backend)
-    _check_engine(engine)
+    check_engine(engine)
     _quiet_libraries()
     run_server(args.model, engine, config, args.host, args.port, verbose=args.verbose,
                announce=lambda line: print(line, file=sys.stderr, flush=True))

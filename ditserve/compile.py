@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ditserve.config import DTYPES, LOAD_FORMATS, MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, ConfigError
+from ditserve.config import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, ConfigError
 
 # Backends a user may pick. inductor is the engine's; eager / aot_eager trace exactly as inductor does (same
 # graphs, breaks and recompiles) but skip code generation: quick graph-break checks.
@@ -386,12 +386,11 @@ def compile_report(model: nn.Module, make_inputs: Callable[[int, int], dict], si
 
 
 def add_compile_report_args(parser: argparse.ArgumentParser) -> None:
-    """The flags of `ditserve compile-report`."""
-    from ditserve.ops.attention import BACKENDS as ATTENTION_BACKENDS
+    """The flags of `ditserve compile-report`: the engine flags every model-loading subcommand shares, plus
+    the sizes and compiler settings of the report."""
+    from ditserve.engine_args import add_engine_flags
 
-    parser.add_argument("--model", default=None,
-                        help="diffusers-format model folder, hub id, or with --load-format dummy a preset name "
-                             "(default: the small packaged model)")
+    add_engine_flags(parser)
     parser.add_argument("--height", type=int, default=None,
                         help="first image height, a multiple of 16 (default: the model's default size)")
     parser.add_argument("--width", type=int, default=None, help="first image width (default: the model's)")
@@ -402,14 +401,6 @@ def add_compile_report_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-len", type=int, default=None,
                         help="text tokens (default: the model's max_sequence_length: 512 for FLUX.1-dev-like "
                              "models, 256 for schnell-like ones)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
-                        help="compute dtype (default: bf16 on GPUs, fp32 on CPU)")
-    parser.add_argument("--device", default=None, help="torch device (default: best available)")
-    parser.add_argument("--load-format", choices=list(LOAD_FORMATS), default="auto",
-                        help="auto/safetensors: the model's weights; dummy: random weights at full size")
-    parser.add_argument("--kernels", choices=["auto", "native", "triton"], default="auto",
-                        help="fused-op code paths")
-    parser.add_argument("--attention", choices=list(ATTENTION_BACKENDS), default="sdpa", help="attention backend")
     parser.add_argument("--backend", choices=list(BACKENDS), default="inductor",
                         help="compiler backend: inductor (the engine's), or aot_eager / eager for a quick "
                              "graph-break and recompile check without code generation")
@@ -418,9 +409,6 @@ def add_compile_report_args(parser: argparse.ArgumentParser) -> None:
                         help="compile with static shapes (dynamic=False): every resolution recompiles")
     parser.add_argument("--whole-model", action="store_true",
                         help="compile the whole model as one graph instead of each repeated block")
-    parser.add_argument("--cache", default=None,
-                        help="mount this block cache (NAME[:knob=value,...], as `generate --cache`) before "
-                             "compiling, and run enough calls per size to take its cached path")
 
 
 def _check_size(name: str, v: int) -> None:
@@ -469,19 +457,15 @@ def compile_report_main(args: argparse.Namespace) -> int:
     """`ditserve compile-report`: load the DiT only, report, print one JSON line last on stdout.
     User mistakes raise ConfigError."""
     from ditserve.config import EngineConfig
+    from ditserve.engine_args import check_engine
     from ditserve.loader import load_transformer
-    from ditserve.ops.attention import attention_backend_available
 
+    if args.cache_backend != "ditserve":
+        raise ConfigError("compile-report mounts ditserve's own cache only; drop --cache-backend")
+    # The cache is mounted below, on the bare transformer, so the engine itself carries none.
     engine = EngineConfig(device=args.device, dtype=args.dtype, compile=True, kernels=args.kernels,
                           attention=args.attention, load_format=args.load_format)
-    try:
-        device = engine.torch_device
-    except RuntimeError as e:
-        raise ConfigError(f"--device {args.device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device!r}: torch sees no CUDA device")
-    if not attention_backend_available(args.attention):
-        raise ConfigError(f"--attention {args.attention}: its Python package is not installed")
+    check_engine(engine)
     cfg = CompileConfig(mode=args.mode, dynamic=not args.static, backend=args.backend, regional=not args.whole_model)
     from ditserve.cache import mount_cache, parse_cache
 

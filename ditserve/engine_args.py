@@ -1,0 +1,65 @@
+"""Engine flags shared by the subcommands that load a model (generate, serve, compile-report), and the checks
+that can refuse an engine configuration before the (slow) model load. One definition, so the subcommands
+cannot drift apart."""
+
+from __future__ import annotations
+
+import argparse
+
+from ditserve.config import DTYPES, LOAD_FORMATS, ConfigError, EngineConfig
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """--model, --dtype, --device, --load-format, --kernels, --attention, --cache, --cache-backend."""
+    from ditserve.cache.policy import PRESETS
+    from ditserve.ops.attention import BACKENDS
+
+    p.add_argument("--model", default=None,
+                   help="diffusers-format model folder or hub id (default: the small packaged model)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="compute dtype (default: bf16 on GPUs, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: best available)")
+    p.add_argument("--load-format", choices=list(LOAD_FORMATS), default="auto",
+                   help="auto/safetensors: the model's weights; dummy: random weights at full size")
+    p.add_argument("--kernels", choices=["auto", "native", "triton"], default="auto",
+                   help="fused-op code paths: auto (fast where measured faster), native (PyTorch), triton")
+    p.add_argument("--attention", choices=list(BACKENDS), default="sdpa", help="attention backend")
+    p.add_argument("--cache", default=None,
+                   help=f"DiT block cache (lossy, off by default): a preset ({', '.join(PRESETS)}), optionally "
+                        "with knobs, e.g. dbcache:fn=8,bn=0,threshold=0.12,warmup=4,max_consecutive=3,taylorseer=1")
+    p.add_argument("--cache-backend", choices=["ditserve", "cache-dit"], default="ditserve",
+                   help="ditserve's own cache, or the cache-dit library (must be installed)")
+
+
+def check_engine(engine: EngineConfig) -> None:
+    """Engine choices that can be refused before the (slow) model load."""
+    import torch
+
+    from ditserve.ops.attention import BACKENDS, attention_backend_available
+
+    if engine.device is not None:
+        try:
+            device = torch.device(engine.device)
+        except RuntimeError as e:
+            raise ConfigError(f"--device {engine.device!r}: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {engine.device!r}: torch sees no CUDA device")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {engine.device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if engine.kernels == "triton":
+        from ditserve.platform import platform_for
+
+        plat = platform_for(engine.torch_device)
+        if not plat.fast_kernels:
+            raise ConfigError(f"--kernels triton: this platform cannot run Triton kernels (device "
+                              f"{plat.device_type!r}, triton importable: {plat.has_triton}); use --kernels auto")
+    if engine.cache_backend == "cache-dit":
+        from ditserve.cache import cache_dit
+
+        if not engine.cache:
+            raise ConfigError("--cache-backend cache-dit: give the cache to mount with --cache (e.g. --cache fbcache)")
+        cache_dit.check_available()
+    if not attention_backend_available(engine.attention):
+        _, package = BACKENDS[engine.attention]
+        raise ConfigError(f"--attention {engine.attention}: needs the Python package {package!r}, which is not "
+                          f"installed (install it, or use --attention sdpa)")
