@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ditserve.config import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, ConfigError
+from ditserve.config import MIN_SIZE, SIZE_MULTIPLE, ConfigError, check_image_size
 
 # Backends a user may pick. inductor is the engine's; eager / aot_eager trace exactly as inductor does (same
 # graphs, breaks and recompiles) but skip code generation: quick graph-break checks.
@@ -411,12 +411,6 @@ def add_compile_report_args(parser: argparse.ArgumentParser) -> None:
                         help="compile the whole model as one graph instead of each repeated block")
 
 
-def _check_size(name: str, v: int) -> None:
-    if not (MIN_SIZE <= v <= MAX_SIZE) or v % SIZE_MULTIPLE:
-        raise ConfigError(f"--{name} must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}, "
-                          f"got {v}")
-
-
 def second_size(height: int, width: int) -> tuple[int, int]:
     """The default second resolution: half the height (a multiple of 16), or the height + 32 where half would
     be below the minimum size. Its token count always differs from the first's."""
@@ -429,23 +423,23 @@ def _default_size(model: str | None, load_format: str) -> tuple[int, int]:
     sample_size, see FluxPipeline.spec_for)."""
     from ditserve import registry
     from ditserve.loader import resolve_model
+    from ditserve.pipelines.flux import default_image_size
 
     if load_format == "dummy" and model in registry.PRESETS:
         spec = registry.preset(model)
         return spec.default_height, spec.default_width
     vae_config = resolve_model(model, weights=load_format != "dummy") / "vae" / "config.json"
-    size = int(json.loads(vae_config.read_text()).get("sample_size", 1024)) if vae_config.is_file() else 1024
-    size = max(size - size % SIZE_MULTIPLE, MIN_SIZE)
+    size = default_image_size(json.loads(vae_config.read_text()).get("sample_size") if vae_config.is_file() else None)
     return size, size
 
 
 def _example_inputs_fn(model: nn.Module) -> tuple[Callable[..., dict], int]:
     """The model family's example-input builder and its default text length."""
     from ditserve.models.flux import FluxTransformer
+    from ditserve.pipelines.flux import default_max_sequence_length
 
     if isinstance(model, FluxTransformer):
-        # FluxPipeline.spec_for's rule (and the presets'): dev-like 512 T5 tokens, schnell-like 256.
-        return flux_example_inputs, 512 if model.config.guidance_embeds else 256
+        return flux_example_inputs, default_max_sequence_length(model.config.guidance_embeds)
     raise ConfigError(f"compile-report has no example inputs for {type(model).__name__}")
 
 
@@ -475,7 +469,7 @@ def compile_report_main(args: argparse.Namespace) -> int:
                           "drop --whole-model")
     for name in ("height", "width", "height2", "width2"):
         if getattr(args, name) is not None:
-            _check_size(name, getattr(args, name))
+            check_image_size(f"--{name}", getattr(args, name))
     if args.text_len is not None and args.text_len < 1:
         raise ConfigError(f"--text-len must be >= 1, got {args.text_len}")
 

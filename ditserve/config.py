@@ -97,6 +97,12 @@ SIZE_MULTIPLE = 16
 MIN_SIZE, MAX_SIZE = 64, 4096
 
 
+def check_image_size(name: str, v: int) -> None:
+    """Raise ConfigError unless `v` is a multiple of SIZE_MULTIPLE within [MIN_SIZE, MAX_SIZE]."""
+    if not (MIN_SIZE <= v <= MAX_SIZE) or v % SIZE_MULTIPLE:
+        raise ConfigError(f"{name} must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}, got {v}")
+
+
 @dataclass
 class SamplingParams:
     """One generation request. None fields take the model's defaults via `resolved(spec)`."""
@@ -146,12 +152,8 @@ class SamplingParams:
         if g is not None and (isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g)):
             raise ConfigError(f"guidance must be a finite number, got {g!r}")
         for name in ("height", "width"):
-            v = getattr(self, name)
-            if v is None:
-                continue
-            if not (MIN_SIZE <= v <= MAX_SIZE) or v % SIZE_MULTIPLE:
-                raise ConfigError(
-                    f"{name} must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}, got {v}")
+            if getattr(self, name) is not None:
+                check_image_size(name, getattr(self, name))
         if self.steps is not None and not (1 <= self.steps <= 1000):
             raise ConfigError(f"steps must be between 1 and 1000, got {self.steps}")
         if not (1 <= self.num_images <= 16):

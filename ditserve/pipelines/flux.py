@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ditserve.config import ConfigError, EngineConfig, ModelSpec, SamplingParams
+from ditserve.config import MIN_SIZE, SIZE_MULTIPLE, ConfigError, EngineConfig, ModelSpec, SamplingParams
 from ditserve.dummy_run import in_dummy_run
 from ditserve.logging import init_logger
 from ditserve.pipelines import GenerationResult, synchronizer, to_pil
@@ -61,6 +61,18 @@ class Timesteps:
 
     timesteps: torch.Tensor  # (N,) float32 in [0, 1000], on the device
     scheduler: Any  # a FlowMatchEulerDiscreteScheduler with set_timesteps and set_begin_index(0) done
+
+
+def default_image_size(vae_sample_size: int | None) -> int:
+    """A checkpoint's default image side: its VAE's natural size (config sample_size; 1024 for FLUX.1, smaller
+    for tiny test models), rounded down to a multiple of 16, at least 64."""
+    size = int(vae_sample_size or 1024)
+    return max(size - size % SIZE_MULTIPLE, MIN_SIZE)
+
+
+def default_max_sequence_length(guidance_embeds: bool) -> int:
+    """T5 tokens by default: 512 for guidance-distilled (FLUX.1-dev-like) models, 256 for schnell-like ones."""
+    return 512 if guidance_embeds else 256
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -149,8 +161,7 @@ class FluxPipeline:
             return preset(name)
         transformer, vae = components["transformer"], components["vae"]
         guided = bool(transformer.config.guidance_embeds)
-        size = int(vae.config.get("sample_size", 1024))
-        size = max(size - size % 16, 64)
+        size = default_image_size(vae.config.get("sample_size"))
         class_names = {"transformer": "FluxTransformer2DModel"}  # the checkpoint's class, not our module's
         return ModelSpec(
             name=name,
@@ -161,7 +172,7 @@ class FluxPipeline:
             default_guidance=3.5 if guided else 0.0,
             default_height=size,
             default_width=size,
-            max_sequence_length=512 if guided else 256,
+            max_sequence_length=default_max_sequence_length(guided),
         )
 
     # -------------------------------------------------------------------------------------------- stages
