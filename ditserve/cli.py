@@ -158,7 +158,7 @@ def _generate(args: argparse.Namespace) -> int:
     paths = output_paths(args.output, args.num_images)
     engine = EngineConfig(device=args.device, dtype=args.dtype, compile=args.compile, kernels=args.kernels,
                           attention=args.attention, load_format=args.load_format, cache=args.cache,
-                          cache_backend=args.cache_backend)
+                          cache_backend=args.cache_backend, quantization=args.quantization)
     check_engine(engine)
 
     from ditserve.loader import load_model
@@ -176,7 +176,8 @@ def _generate(args: argparse.Namespace) -> int:
         save_image(image, path)
         print(path)
     if not args.quiet:
-        print(f"{loaded.name}: load {load_s:.2f} s | {_format_summary(result, result.params.steps)}",
+        quant = f" | quantization {engine.quantization}" if engine.quantization else ""
+        print(f"{loaded.name}: load {load_s:.2f} s{quant} | {_format_summary(result, result.params.steps)}",
               file=sys.stderr)
     return 0
 
@@ -218,7 +219,7 @@ def _serve(args: argparse.Namespace) -> int:
                           warmup_size=warmup_size, warmup_steps=args.warmup_steps)
     engine = EngineConfig(device=args.device, dtype=args.dtype, compile=args.compile, kernels=args.kernels,
                           attention=args.attention, load_format=args.load_format, cache=args.cache,
-                          cache_backend=args.cache_backend)
+                          cache_backend=args.cache_backend, quantization=args.quantization)
     check_engine(engine)
     _quiet_libraries()
     run_server(args.model, engine, config, args.host, args.port, verbose=args.verbose,

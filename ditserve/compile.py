@@ -458,7 +458,7 @@ def compile_report_main(args: argparse.Namespace) -> int:
         raise ConfigError("compile-report mounts ditserve's own cache only; drop --cache-backend")
     # The cache is mounted below, on the bare transformer, so the engine itself carries none.
     engine = EngineConfig(device=args.device, dtype=args.dtype, compile=True, kernels=args.kernels,
-                          attention=args.attention, load_format=args.load_format)
+                          attention=args.attention, load_format=args.load_format, quantization=args.quantization)
     check_engine(engine)
     cfg = CompileConfig(mode=args.mode, dynamic=not args.static, backend=args.backend, regional=not args.whole_model)
     from ditserve.cache import mount_cache, parse_cache

@@ -18,6 +18,7 @@ import torch
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+QUANTIZATIONS = ("fp8",)  # weight quantisation tiers (lossy, off by default); None means off
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,8 @@ class EngineConfig:
         size, for benchmarks and capacity planning).
     cache: a DiT block cache, "NAME[:knob=value,...]" (see `ditserve.cache.policy`; lossy), or None (off).
     cache_backend: "ditserve" (the engine's own cache) or "cache-dit" (the cache-dit library, if installed).
+    quantization: None (off) or "fp8" (lossy: fp8 weights and per-token fp8 activations in the DiT's block
+        GEMMs, see `ditserve.ops.fp8`; CUDA compute capability 8.9+ and bf16 only).
     """
 
     device: str | None = None
@@ -65,6 +68,7 @@ class EngineConfig:
     load_format: str = "auto"
     cache: str | None = None
     cache_backend: str = "ditserve"
+    quantization: str | None = None
 
     def __post_init__(self):
         from ditserve.cache.policy import parse_cache  # (ditserve.cache imports this module)
@@ -78,6 +82,9 @@ class EngineConfig:
             raise ConfigError(f"unknown load format {self.load_format!r}; valid: {', '.join(LOAD_FORMATS)}")
         if self.kernels not in ("auto", "native", "triton"):
             raise ConfigError(f"unknown kernels choice {self.kernels!r}; valid: auto, native, triton")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"unknown quantization {self.quantization!r}; valid: {', '.join(QUANTIZATIONS)} "
+                              f"(or None: off)")
 
     @property
     def torch_device(self) -> torch.device:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 
-from ditserve.config import DTYPES, LOAD_FORMATS, ConfigError, EngineConfig
+from ditserve.config import DTYPES, LOAD_FORMATS, QUANTIZATIONS, ConfigError, EngineConfig
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    """--model, --dtype, --device, --load-format, --kernels, --attention, --cache, --cache-backend."""
+    """--model, --dtype, --device, --load-format, --kernels, --attention, --cache, --cache-backend,
+    --quantization."""
     from ditserve.cache.policy import PRESETS
     from ditserve.ops.attention import BACKENDS
 
@@ -29,6 +30,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                         "with knobs, e.g. dbcache:fn=8,bn=0,threshold=0.12,warmup=4,max_consecutive=3,taylorseer=1")
     p.add_argument("--cache-backend", choices=["ditserve", "cache-dit"], default="ditserve",
                    help="ditserve's own cache, or the cache-dit library (must be installed)")
+    p.add_argument("--quantization", choices=list(QUANTIZATIONS), default=None,
+                   help="quantise the DiT (lossy, off by default): fp8 = fp8 weights and per-token fp8 "
+                        "activations in the transformer blocks' GEMMs; Hopper/Ada GPUs only (compute "
+                        "capability 8.9+), bf16")
 
 
 def check_engine(engine: EngineConfig) -> None:
@@ -59,6 +64,10 @@ def check_engine(engine: EngineConfig) -> None:
         if not engine.cache:
             raise ConfigError("--cache-backend cache-dit: give the cache to mount with --cache (e.g. --cache fbcache)")
         cache_dit.check_available()
+    if engine.quantization == "fp8":
+        from ditserve.ops.fp8 import check_fp8_device
+
+        check_fp8_device(engine.torch_device, engine.torch_dtype)
     if not attention_backend_available(engine.attention):
         _, package = BACKENDS[engine.attention]
         raise ConfigError(f"--attention {engine.attention}: needs the Python package {package!r}, which is not "

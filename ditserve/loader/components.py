@@ -34,7 +34,7 @@ from ditserve.config import ConfigError, EngineConfig, ModelSpec
 from ditserve.loader.source import DEFAULT_MODEL_DIR, read_model_index, resolve_model
 from ditserve.loader.weights import find_weight_files, stream_into
 from ditserve.logging import init_logger
-from ditserve.ops import OpsConfig
+from ditserve.ops import OpsConfig, apply_fp8
 
 logger = init_logger(__name__)
 
@@ -145,7 +145,8 @@ def dummy_component(class_name: str, config: dict[str, Any], engine: EngineConfi
 def build_dit(class_name: str, config: dict[str, Any], engine: EngineConfig, files: list[Path] | None) -> nn.Module:
     """Build our DiT for diffusers class `class_name` from its config.json dict, in the engine's dtype on its
     device: on meta first, then materialised empty, then filled from `files` (safetensors, streamed) or, when
-    `files` is None, with random weights."""
+    `files` is None, with random weights. With engine.quantization "fp8", the layers the model declares
+    eligible are then quantised in place, one at a time (`ditserve.ops.fp8.apply_fp8`)."""
     cls, config_cls = registry.component_class(class_name), registry.dit_config_class(class_name)
     cfg = config_cls.from_diffusers(config)
     device, dtype = engine.torch_device, engine.torch_dtype
@@ -157,6 +158,8 @@ def build_dit(class_name: str, config: dict[str, Any], engine: EngineConfig, fil
         random_init_(model)
     else:
         stream_into(model, files, model.weight_map(), device)
+    if engine.quantization == "fp8":
+        apply_fp8(model)
     return _frozen(model)
 
 

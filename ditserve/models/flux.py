@@ -264,6 +264,15 @@ class FluxTransformer(nn.Module):
     # For `--cache-backend cache-dit` (ditserve.cache.cache_dit): each block list and its cache-dit
     # ForwardPattern number. Double blocks take and return (img, txt): 0; single blocks the joint sequence: 3.
     cache_dit_block_patterns = (("double_blocks", 0), ("single_blocks", 3))
+    # The fp8 tier (`ditserve.ops.fp8.apply_fp8`): per block list, the Linear layers it quantises. These are
+    # the token-wise GEMMs (M = tokens), nearly all of the FLOPs. Left out: each block's `mod` (M = batch
+    # size: an fp8 GEMM gains nothing there), the embedders, norm_out_mod and proj_out (small, and the
+    # conditioning path and the output projection are the most precision-sensitive).
+    fp8_linears = (
+        ("double_blocks", ("img_qkv", "txt_qkv", "img_attn_out", "txt_attn_out", "img_mlp_in", "img_mlp_out",
+                           "txt_mlp_in", "txt_mlp_out")),
+        ("single_blocks", ("qkv_mlp", "out")),
+    )
 
     def __init__(self, config: FluxConfig, ops: OpsConfig | None = None, attention: str = "sdpa", device=None,
                  dtype=None):

@@ -317,10 +317,12 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
     async def ready() -> JSONResponse:
         require_ready()
         spec = worker.pipeline.spec
+        engine = getattr(worker.pipeline, "engine", None)  # EngineConfig (FluxPipeline has one; a test's may not)
         return JSONResponse({"status": "ready", "model": worker.model_name,
                              "default_size": f"{spec.default_width}x{spec.default_height}",
                              "default_steps": spec.default_steps, "default_guidance": spec.default_guidance,
                              "max_n": config.max_batch_size, "api_key_required": config.api_key is not None,
+                             "quantization": engine.quantization if engine is not None else None,
                              "output_formats": sorted(formats)})
 
     @app.get("/metrics")

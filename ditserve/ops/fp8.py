@@ -1,0 +1,163 @@
+"""The fp8 tier (lossy, off by default: `--quantization fp8`): fp8 weights and per-token fp8 activations.
+
+Each quantised Linear holds its weight as float8_e4m3fn with one fp32 scale per output channel (row) and
+quantises its input per token (row) on the fly; the product runs as one row-wise scaled fp8 GEMM
+(`torch._scaled_mm`), accumulating in fp32 and adding the bias in its epilogue:
+
+    y[m, n] = x_scale[m] * w_scale[n] * sum_k x_fp8[m, k] * w_fp8[n, k] + bias[n]
+
+Row-wise (not tensor-wise) scales keep one outlier token or channel from costing every other row its
+precision. The activation quantisation is written in plain torch ops, so under torch.compile inductor fuses
+it into the op that produced the activation (a norm, a GELU) instead of running extra passes over it.
+
+fp8 GEMMs need tensor cores with fp8 support: CUDA compute capability 8.9+ (Ada, Hopper and newer).
+`check_fp8_device` refuses anything else before a model is loaded. torch._scaled_mm also runs on the CPU,
+which is what the tests use; that path is a reference, not a fast path.
+
+Which layers are quantised is the model's decision, declared once in its class (`fp8_linears`): the
+token-wise GEMMs of the repeated blocks, where nearly all FLOPs are.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ditserve.config import DTYPES, ConfigError
+from ditserve.ops.base import CustomOp, OpsConfig
+from ditserve.ops.linear import Linear
+
+FP8_DTYPE = torch.float8_e4m3fn  # 3 mantissa bits, largest value 448
+# CUDA's fp8 GEMMs need both matrix dims along K and N to be multiples of 16 (16-byte aligned fp8 rows).
+FP8_DIM_MULTIPLE = 16
+FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) and newer have fp8 tensor cores
+# The compute (activation) dtype of the tier: the row-wise scaled fp8 GEMM outputs bf16 on every fp8 GPU
+# (on Ada, torch's row-wise kernel outputs nothing else).
+FP8_COMPUTE_DTYPE = torch.bfloat16
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row fp8 quantisation: t (R, C), any float dtype -> (q (R, C) float8_e4m3fn,
+    scale (R, 1) float32) with t ~= q * scale.
+
+    scale = max|row| / 448, so each row uses fp8's full range. The scale is floored at fp32's smallest normal
+    number, so an all-zero row gets a positive scale and quantises to zeros (not 0/0; a subnormal floor could
+    be flushed to zero by fast GPU division). Values are divided in fp32 and clamped to +-448 before the cast
+    (a cast beyond fp8's range gives NaN, and fp32 rounding can land just past it).
+    """
+    # Limits come from torch.finfo here, not from float module globals: dynamo folds finfo to constants,
+    # whereas under dynamic=True it traces a float global as a graph input (a scalar tensor and an .item()).
+    fp8_max = torch.finfo(FP8_DTYPE).max
+    amax = t.abs().amax(dim=-1, keepdim=True).float()  # (R, 1)
+    scale = (amax / fp8_max).clamp(min=torch.finfo(torch.float32).tiny)  # (R, 1) fp32
+    q = (t.float() / scale).clamp(-fp8_max, fp8_max).to(FP8_DTYPE)  # (R, C)
+    return q, scale
+
+
+class Fp8Linear(CustomOp):
+    """A Linear with an fp8 weight and per-token dynamic fp8 activations. x: (..., K) -> (..., N), in x's dtype.
+
+    weight: (N, K) float8_e4m3fn, row-major (CUDA's fp8 GEMM wants its second operand column-major; the
+        forward passes `weight.t()`, a (K, N) column-major view). weight_scale: (1, N) float32, one scale per
+        output channel. bias: (N,) in the compute dtype, or None.
+
+    Build one from a loaded layer with `Fp8Linear.from_linear(linear)`, or a whole model's eligible layers
+    with `apply_fp8(model)`. There is one code path (plain torch ops plus torch._scaled_mm), so `path` is
+    always "native".
+    """
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__(OpsConfig(kernels="native"))  # one path on every device: no platform probe
+        if weight.dtype != FP8_DTYPE or weight.dim() != 2:
+            raise ValueError(f"Fp8Linear: weight must be a 2-D {FP8_DTYPE} tensor, got {weight.dim()}-D {weight.dtype}")
+        N, K = weight.shape
+        if N % FP8_DIM_MULTIPLE or K % FP8_DIM_MULTIPLE:
+            raise ValueError(f"Fp8Linear: in_features ({K}) and out_features ({N}) must be multiples of "
+                             f"{FP8_DIM_MULTIPLE} (fp8 GEMM alignment)")
+        if weight_scale.dtype != torch.float32 or weight_scale.numel() != N:
+            raise ValueError(f"Fp8Linear: weight_scale must hold {N} float32 values, got {weight_scale.numel()} "
+                             f"{weight_scale.dtype}")
+        if bias is not None and tuple(bias.shape) != (N,):
+            raise ValueError(f"Fp8Linear: bias must have shape ({N},), got {tuple(bias.shape)}")
+        self.in_features, self.out_features = K, N
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)  # (N, K) fp8
+        self.register_buffer("weight_scale", weight_scale.reshape(1, N).contiguous())  # (1, N) fp32
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)  # (N,)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: Linear | nn.Linear) -> "Fp8Linear":
+        """Quantise a loaded layer: its weight per output channel to fp8; its bias kept in the weight's
+        (compute) dtype. The layer itself is left unchanged."""
+        if not isinstance(linear, (Linear, nn.Linear)):
+            raise TypeError(f"Fp8Linear.from_linear takes a Linear layer, got {type(linear).__name__}")
+        w = linear.weight  # (N, K)
+        q, scale = quantize_rows(w)  # (N, K) fp8, (N, 1) fp32
+        bias = None if linear.bias is None else linear.bias.to(w.dtype)
+        return cls(q, scale, bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the GEMM effectively uses: (N, K) float32 = fp8 values x per-row scale."""
+        return self.weight.float() * self.weight_scale.t()
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (M, K), M = every token of every sample
+        x_fp8, x_scale = quantize_rows(x2)  # (M, K) fp8, (M, 1) fp32
+        y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=self.bias,
+                             out_dtype=x.dtype)  # (M, N)
+        return y.reshape(*x.shape[:-1], self.out_features)  # (..., N)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+                f"fp8 e4m3 weight (per-channel scale) x per-token fp8 activations, {super().extra_repr()}")
+
+
+@torch.no_grad()
+def apply_fp8(model: nn.Module) -> nn.Module:
+    """Swap the Linear layers `model` declares eligible for fp8 (its class attribute `fp8_linears`: pairs of
+    (block list attribute, names of Linear attributes in each block)) for `Fp8Linear`, in place; returns
+    `model`.
+
+    Works on any loaded model (real or dummy weights, any device). Layers are quantised one at a time and
+    each replaced layer gives up its weight and bias (set to None) as soon as its replacement is in place,
+    so peak memory stays near the unquantised model's plus one layer's fp32 copy (tensors the caller still
+    holds, e.g. a state dict, stay alive). Raises ConfigError for a model that declares no fp8 layers and
+    ValueError for one already quantised.
+    """
+    declared = getattr(model, "fp8_linears", None)
+    if not declared:
+        raise ConfigError(f"{type(model).__name__} declares no fp8 layers (fp8_linears): the fp8 tier does not "
+                          f"support this model")
+    for list_name, layer_names in declared:
+        for i, block in enumerate(getattr(model, list_name)):
+            for name in layer_names:
+                layer = getattr(block, name)
+                if isinstance(layer, Fp8Linear):
+                    raise ValueError(f"{list_name}.{i}.{name} is already fp8: apply_fp8 was called twice")
+                setattr(block, name, Fp8Linear.from_linear(layer))
+                # Release the old weights now, not when the garbage collector finds the layer: an op holds a
+                # reference cycle (its bound forward path), so dropping the layer alone frees nothing.
+                layer.weight = layer.bias = None
+    return model
+
+
+def check_fp8_device(device: torch.device, dtype: torch.dtype) -> None:
+    """Raise ConfigError unless `device` is a CUDA GPU with fp8 tensor cores and `dtype` is bf16.
+
+    Called before any weight is loaded. The capability is that of the device asked for (not the current
+    one), so `cuda:1` on a mixed machine is judged by its own GPU.
+    """
+    need = (f"--quantization fp8 needs an NVIDIA GPU with fp8 tensor cores (compute capability "
+            f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]}+: Ada, Hopper or newer)")
+    if device.type != "cuda":
+        raise ConfigError(f"{need}; the device is {str(device)!r}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{need}; torch sees no CUDA device")
+    cc = tuple(torch.cuda.get_device_capability(device))
+    if cc < FP8_MIN_CAPABILITY:
+        raise ConfigError(f"{need}; {device} is {torch.cuda.get_device_name(device)} with compute capability "
+                          f"{cc[0]}.{cc[1]}")
+    if dtype != FP8_COMPUTE_DTYPE:
+        name = next((k for k, v in DTYPES.items() if v == dtype), str(dtype))
+        raise ConfigError(f"--quantization fp8 computes in bf16 (row-wise scaled fp8 GEMMs produce bf16); "
+                          f"got --dtype {name}: drop --dtype or use --dtype bf16")
