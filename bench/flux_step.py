@@ -1,84 +1,341 @@
-"""FLUX.1-dev transformer, one forward at full size (random weights), ditserve beside diffusers in one process.
+"""FLUX.1 transformer forward and end-to-end generate: ditserve beside diffusers, in one process, same weights.
 
-GPU only. Batch 1, 1024x1024 (4096 image tokens) + 512 text tokens, bf16. Measures, in this order:
-  1. ditserve: dummy load of the transformer alone (meta -> device -> random init), peak memory of the load and
-     of one 1024x1024 forward (the issue-3 memory bound: <= 30 GB on an 80 GB GPU);
-  2. diffusers' FluxTransformer2DModel built with the SAME weights (copied through our weight map), output
-     relative error ours vs diffusers on the same inputs;
-  3. one-forward times (CUDA events, median of --iters after warmup) for diffusers eager / regional compile and
-     ditserve eager / regional compile, with compile seconds, TFLOP/s from torch.utils.flop_counter and the
-     bf16 GEMM rate measured in the same run.
-Prints a table to stderr and ONE JSON line last on stdout.
+GPU benchmark (a `--device cpu` smoke mode exists to check the script itself on a small model). Defaults:
+dummy FLUX.1-dev at full size, batch 1, 1024x1024 (4096 image tokens) + 512 text tokens, bf16. In order:
 
-    python bench/flux_step.py [--iters 10] [--skip-compile] [--kernels auto,native,triton]
+  0. cold start: two fresh child processes that each load the dummy DiT, compile it regionally and run one
+     forward, with one new inductor/Triton cache folder: the first compiles from nothing (cold), the second
+     finds the first's artefacts (a second process, warm);
+  1. ceilings of this GPU in this run: bf16 GEMM rate (8192^3) and SDPA's rate at FLUX's attention shape;
+  2. ditserve: dummy load, load peak, 1024x1024 forward peak; diffusers' FluxTransformer2DModel with the SAME
+     weights; output relative error; FLOPs per forward (torch.utils.flop_counter), split GEMM / attention;
+  3. one-forward times (CUDA events, median of --iters after warmup): diffusers eager, diffusers compiled whole
+     (fullgraph=True) and regionally (compile_repeated_blocks), ditserve eager and compiled per --kernels,
+     ditserve fp8 (when this GPU has fp8), and with --levers the variants listed in LEVERS;
+  4. a profiler trace of ditserve's default compiled forward: GPU time by op family, and time above the floor
+     (GEMM FLOPs at the measured GEMM rate, attention FLOPs at the measured SDPA rate);
+  5. end to end: a --steps-step generate (text encode, denoise, VAE decode) of ditserve's pipeline beside
+     diffusers' FluxPipeline built from the same dummy components (same T5/CLIP/VAE objects, same DiT weights),
+     both compiled; device-to-host syncs inside ditserve's denoise loop (profiler + CUDA sync-debug mode); peak
+     memory of the denoise and of the decode; fp8 image PSNR against bf16 on the same seed.
+Prints a table to stderr and ONE JSON line last on stdout (ratio_vs_diffusers_compiled = ditserve default
+compiled ms / diffusers' best compiled ms).
+
+    python bench/flux_step.py [--iters 10] [--kernels auto,native,triton] [--levers] [--skip-e2e]
+    python bench/flux_step.py --device cpu --model PATH --size 64 --text-len 16 --skip-compile   # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 
 import torch
 
+# Name -> (what changes, prediction written before the run). Each is a ditserve compiled forward.
+LEVERS = {
+    "coordinate_descent": ("inductor coordinate_descent_tuning=True",
+                           "-1 to -2 ms: better block sizes for the fused norm/modulation/RoPE kernels"),
+    "max_autotune": ("mode=max-autotune-no-cudagraphs (GEMM templates autotuned, epilogues fused into them)",
+                     "0 to -3 ms: cuBLAS is already near its rate at these shapes; compile +60 s or more"),
+    "whole_model": ("whole-model compile (regional=False)",
+                    "-1 to -2 ms: residual/gate of block i fuses with the norm of block i+1; compile x3"),
+    "cuda_graph": ("the compiled forward captured in one CUDA graph and replayed",
+                   "-0.5 to -2 ms: ~900 launches a forward, mostly hidden behind GPU work already"),
+    "attention_flash": ("SDPA forced to the flash backend (eager forward, vs eager default = cuDNN)",
+                        "+20 ms: FA2 runs FLUX attention at about half cuDNN's rate on Hopper"),
+}
 
-def timed(fn, iters: int, warmup: int = 3) -> float:
-    """Median ms of fn() over `iters` runs, CUDA events, after `warmup` runs."""
-    for _ in range(warmup):
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Clock:
+    """Median wall time of a callable: CUDA events on a GPU, perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def ms(self, fn, iters: int, warmup: int = 3) -> float:
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(iters):
+            if self.cuda:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn()
+                e.record()
+                torch.cuda.synchronize()
+                times.append(s.elapsed_time(e))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        return times[len(times) // 2]
+
+    def seconds(self, fn) -> float:
+        """Wall seconds of one call (a compile, a generate), synchronised on both ends."""
+        self.sync()
+        t0 = time.perf_counter()
         fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    times.sort()
-    return times[len(times) // 2]
+        self.sync()
+        return time.perf_counter() - t0
 
 
-def gemm_rate_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+def peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def gemm_rate_tflops(clock: Clock, device: torch.device, dtype: torch.dtype) -> float:
+    n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn_like(a)
-    ms = timed(lambda: a @ b, iters=20)
-    return 2 * 8192**3 / ms / 1e9
+    return 2 * n**3 / clock.ms(lambda: a @ b, iters=20) / 1e9
 
 
-def count_tflop(fn) -> float:
+def sdpa_rates_tflops(clock: Clock, heads: int, tokens: int, head_dim: int) -> dict[str, float]:
+    """SDPA forward TFLOP/s at one attention shape (B=1), per backend that runs here (cuDNN, flash, ...)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(1, heads, tokens, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flop = 4 * heads * tokens * tokens * head_dim
+    rates = {}
+    for name, backend in (("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        ctx = contextlib.nullcontext() if backend is None else sdpa_kernel(backend)
+        try:
+            with ctx:
+                ms = clock.ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), iters=20)
+            rates[name] = round(flop / ms / 1e9, 1)
+        except RuntimeError as e:  # backend not available for this shape / GPU
+            rates[name] = None
+            log(f"sdpa {name}: not available ({str(e).splitlines()[0][:80]})")
+    return rates
+
+
+def count_flops(fn) -> dict[str, float]:
+    """TFLOP of one call: total, GEMMs (mm/addmm/bmm/_scaled_mm) and attention (SDPA ops)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     fc = FlopCounterMode(display=False)
     with fc:
         fn()
-    return fc.get_total_flops() / 1e12
+    gemm = attn = 0
+    for op, n in fc.get_flop_counts().get("Global", {}).items():
+        name = str(op)
+        if "attention" in name:
+            attn += n
+        elif any(s in name for s in ("mm", "addmm", "bmm", "linear")):
+            gemm += n
+    return {"total": fc.get_total_flops() / 1e12, "gemm": gemm / 1e12, "attention": attn / 1e12}
 
 
-def compile_seconds(fn) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
+# ------------------------------------------------------------------------------------------ profiler
+
+
+def kernel_family(name: str) -> str:
+    """GPU kernel name -> op family. Inductor names its kernels after the ops it fused
+    ("triton_red_fused_add_mul_native_layer_norm_..."); ditserve's own Triton kernels are named after their op."""
+    n = name.lower()
+    if any(s in n for s in ("flash", "fmha", "cudnn", "attention", "sdpa")):
+        return "attention"
+    if any(s in n for s in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "scaled_mm", "wgmma", "splitk")):
+        return "gemm"
+    if "memcpy" in n or "memset" in n:
+        return "memcpy/memset"
+    if any(s in n for s in ("norm", "rsqrt", "var_mean")):
+        return "norm/modulation/rope (fused)"
+    if any(s in n for s in ("gelu", "tanh", "silu", "erf")):
+        return "activation (fused)"
+    if "triton" in n:
+        return "other elementwise (fused)"
+    return "other"
+
+
+def profile_families(fn, iters: int = 5) -> tuple[dict[str, float], float]:
+    """(GPU ms per forward by family, GPU ms per forward in all) from a torch.profiler trace of `iters` calls."""
+    from torch.profiler import ProfilerActivity, profile
+
     fn()
     torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    fam: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            f = kernel_family(ev.name)
+            fam[f] = fam.get(f, 0.0) + ev.device_time_total / 1e3 / iters  # us -> ms per forward
+    total = sum(fam.values())
+    return {k: round(v, 2) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])}, round(total, 2)
+
+
+def count_syncs(fn) -> dict[str, int]:
+    """Host-blocking CUDA calls and device-to-host copies made by `fn`, from a profiler trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+    counts = {"cudaStreamSynchronize": 0, "cudaDeviceSynchronize": 0, "cudaEventSynchronize": 0,
+              "memcpy_DtoH": 0}
+    for ev in prof.events():
+        if ev.name in counts:
+            counts[ev.name] += 1
+        elif "memcpy" in ev.name.lower() and "dtoh" in ev.name.lower().replace(" ", ""):
+            counts["memcpy_DtoH"] += 1
+    return counts
+
+
+# ------------------------------------------------------------------------------------------ cold start
+
+
+def child_cold_start(args) -> int:
+    """(A child process.) Load the dummy DiT, compile it as the engine does, time the first forward."""
+    from ditserve.compile import CompileConfig, compile_model, flux_example_inputs
+    from ditserve.config import EngineConfig
+    from ditserve.loader import load_transformer
+
+    t0 = time.perf_counter()
+    engine = EngineConfig(device=args.device, dtype=args.dtype, load_format=args.load_format, compile=True)
+    model, _ = load_transformer(args.model, engine)
+    clock = Clock(torch.device(args.device))
+    clock.sync()
+    load_s = time.perf_counter() - t0
+    inputs = flux_example_inputs(model.config, args.size, args.size, text_len=args.text_len, device=args.device,
+                                 dtype=next(model.parameters()).dtype)
+    compile_model(model, CompileConfig())
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        model(**inputs)
+    clock.sync()
+    first_s = time.perf_counter() - t1
+    print(json.dumps({"load_s": round(load_s, 2), "compile_first_forward_s": round(first_s, 2),
+                      "process_s": round(time.perf_counter() - t0, 2)}))
+    return 0
+
+
+def cold_start(args) -> dict:
+    """Two child processes sharing one fresh compile-cache folder: cold, then warm (artefacts reused)."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="ditserve-cold-") as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
+                   TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+        for which in ("cold", "warm_second_process"):
+            cmd = [sys.executable, __file__, "--child-cold-start", "--model", args.model, "--size", str(args.size),
+                   "--text-len", str(args.text_len), "--device", args.device, "--dtype", args.dtype,
+                   "--load-format", args.load_format]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                out[which] = {"error": proc.stderr.strip().splitlines()[-1:]}
+                log(f"cold start ({which}) failed:\n{proc.stderr[-2000:]}")
+                continue
+            rec = json.loads(proc.stdout.strip().splitlines()[-1])
+            rec["wall_s"] = round(time.perf_counter() - t0, 2)
+            out[which] = rec
+            log(f"{which:22s} load {rec['load_s']} s, compile + first forward {rec['compile_first_forward_s']} s, "
+                f"process wall {rec['wall_s']} s")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def diffusers_twin(ours, device: torch.device, dtype: torch.dtype):
+    """diffusers' FluxTransformer2DModel with ours' architecture and exactly ours' weights."""
+    from dataclasses import asdict
+
+    from diffusers import FluxTransformer2DModel
+
+    cfg = asdict(ours.config)
+    with torch.device("meta"):
+        ref = FluxTransformer2DModel(**cfg)
+    ref = ref.to_empty(device=device).to(dtype).eval().requires_grad_(False)
+    ours_params, ref_params = dict(ours.named_parameters()), dict(ref.named_parameters())
+    with torch.no_grad():
+        for key, (name, start, stop) in ours.weight_map().items():
+            src = ours_params[name] if start is None else ours_params[name][start:stop]
+            ref_params[key].copy_(src)
+        for name, buf in ref.named_buffers():  # none in 0.42; kept so a future buffer is not left uninitialised
+            buf.zero_()
+    return ref
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def psnr(a, b) -> float:
+    """PSNR (dB) between two PIL images."""
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = float(((x - y) ** 2).mean())
+    return 999.0 if mse == 0 else 10 * math.log10(255**2 / mse)  # 999: identical (JSON has no inf)
+
+
+def fp8_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="flux.1-dev", help="preset (with --load-format dummy) or model folder")
+    ap.add_argument("--load-format", default="dummy")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--size", type=int, default=1024, help="square image size")
+    ap.add_argument("--text-len", type=int, default=512)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=28, help="end-to-end denoising steps")
     ap.add_argument("--kernels", default="auto",
                     help="comma-separated kernels modes to time (auto, native, triton); the first is the "
                          "default reported as ratio_vs_diffusers_compiled, and the one whose memory is measured")
     ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--skip-fullgraph-diffusers", action="store_true", help="skip diffusers' whole-model compile")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-cold-start", action="store_true")
+    ap.add_argument("--levers", action="store_true", help="also time each entry of LEVERS")
+    ap.add_argument("--child-cold-start", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench/flux_step.py needs a CUDA GPU", file=sys.stderr)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        log("bench/flux_step.py: no CUDA GPU here (use --device cpu for a smoke run)")
         return 2
+    if args.child_cold_start:
+        return child_cold_start(args)
+    cuda = dev.type == "cuda"
+    compile_on = not args.skip_compile
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
 
     import diffusers
 
@@ -86,117 +343,367 @@ def main() -> int:
     from ditserve.config import EngineConfig
     from ditserve.loader import load_transformer
 
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
+    clock = Clock(dev)
+    rec: dict = {"bench": "flux_step", "model": args.model, "load_format": args.load_format,
+                 "gpu": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
+                 "triton": _version("triton"), "diffusers": diffusers.__version__, "height": args.size,
+                 "width": args.size, "text_len": args.text_len, "kernels": args.kernels,
+                 "commit": os.environ.get("DITSERVE_COMMIT") or _git_commit()}
 
-    dev = torch.device("cuda")
-    rec: dict = {"bench": "flux_step", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                 "diffusers": diffusers.__version__, "height": 1024, "width": 1024, "text_len": 512,
-                 "kernels": args.kernels}
-    # The device machine gets a copy of the tree without .git: pass DITSERVE_COMMIT there.
-    rec["commit"] = os.environ.get("DITSERVE_COMMIT")
-    if not rec["commit"]:
-        try:
-            rec["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                           text=True).stdout.strip() or None
-        except OSError:
-            rec["commit"] = None
-    rec["gemm_bf16_tflops"] = round(gemm_rate_tflops(), 1)
+    # 0. cold start, in child processes, before this one holds any GPU memory.
+    if compile_on and not args.skip_cold_start:
+        rec["cold_start"] = cold_start(args)
 
-    # 1. ditserve: dummy transformer alone, then peak memory of one 1024x1024 forward.
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    engine = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", kernels=args.kernels.split(",")[0])
+    # 1. ceilings.
+    rec["gemm_tflops"] = round(gemm_rate_tflops(clock, dev, dtype), 1)
+    log(f"GEMM rate ({args.dtype}): {rec['gemm_tflops']} TFLOP/s")
+
+    # 2. ditserve's DiT alone, then diffusers' twin with the same weights.
+    kernels0 = args.kernels.split(",")[0]
+    engine = EngineConfig(device=args.device, dtype=args.dtype, load_format=args.load_format, kernels=kernels0)
+    free_memory()
+    reset_peak(dev)
     t0 = time.perf_counter()
-    ours, _ = load_transformer("flux.1-dev", engine)
-    torch.cuda.synchronize()
-    rec["ditserve_dummy_load_s"] = round(time.perf_counter() - t0, 2)
+    ours, _ = load_transformer(args.model, engine)
+    clock.sync()
+    rec["ditserve_load_s"] = round(time.perf_counter() - t0, 2)
     rec["ditserve_params_b"] = round(sum(p.numel() for p in ours.parameters()) / 1e9, 4)
-    rec["ditserve_load_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    inputs = flux_example_inputs(ours.config, 1024, 1024, batch=1, text_len=512, device=dev, dtype=torch.bfloat16)
-    torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
-        out_ours = ours(**inputs)
-    torch.cuda.synchronize()
-    rec["ditserve_forward_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    log(f"ditserve dummy load {rec['ditserve_dummy_load_s']} s, load peak {rec['ditserve_load_peak_gib']} GiB, "
-        f"1024x1024 forward peak {rec['ditserve_forward_peak_gib']} GiB")
-
-    # 2. diffusers with the same weights.
-    from diffusers import FluxTransformer2DModel
-
-    from ditserve.models.flux import FLUX_1_DEV
-
-    cfg = {k: v for k, v in FLUX_1_DEV.components["transformer"][1].items() if not k.startswith("_")}
-    with torch.device("meta"):
-        ref = FluxTransformer2DModel(**cfg)
-    ref = ref.to_empty(device=dev).to(torch.bfloat16).eval().requires_grad_(False)
-    ours_params = dict(ours.named_parameters())
-    ref_params = dict(ref.named_parameters())
-    with torch.no_grad():
-        for key, (name, start, stop) in ours.weight_map().items():
-            src = ours_params[name] if start is None else ours_params[name][start:stop]
-            ref_params[key].copy_(src)
-    with torch.inference_mode():
-        out_ref = ref(**inputs, return_dict=False)[0]
-    rec["rel_err_vs_diffusers"] = float((out_ours.float() - out_ref.float()).norm() / out_ref.float().norm())
-    log(f"relative error ours vs diffusers (bf16): {rec['rel_err_vs_diffusers']:.4f}")
-    del out_ours, out_ref
+    rec["ditserve_load_peak_gib"] = peak_gib(dev)
+    c = ours.config
+    if cuda:
+        rec["sdpa_tflops"] = sdpa_rates_tflops(clock, c.num_attention_heads, args.size**2 // 256 + args.text_len,
+                                               c.attention_head_dim)
+        log(f"SDPA rates at this attention shape (TFLOP/s): {rec['sdpa_tflops']}")
+    inputs = flux_example_inputs(c, args.size, args.size, batch=1, text_len=args.text_len, device=dev, dtype=dtype)
 
     def run(model, **kw):
         with torch.inference_mode():
             return model(**inputs, **kw)
 
-    tflop = count_tflop(lambda: run(ours))
-    rec["tflop_per_forward"] = round(tflop, 2)
-    rows = {}
+    reset_peak(dev)
+    out_bf16 = run(ours)
+    rec["ditserve_forward_peak_gib"] = peak_gib(dev)
+    log(f"ditserve load {rec['ditserve_load_s']} s, load peak {rec['ditserve_load_peak_gib']} GiB, forward peak "
+        f"{rec['ditserve_forward_peak_gib']} GiB")
+    ref = diffusers_twin(ours, dev, dtype)
+    rec["rel_err_vs_diffusers"] = rel_err(out_bf16, run(ref, return_dict=False)[0])
+    log(f"relative error ours vs diffusers ({args.dtype}): {rec['rel_err_vs_diffusers']:.4f}")
+    flops = count_flops(lambda: run(ours))
+    rec["tflop_per_forward"] = {k: round(v, 3) for k, v in flops.items()}
+    tflop = flops["total"]
+    rows: dict[str, dict] = {}
 
-    def measure(name, fn, compile_s=None):
-        ms = timed(fn, args.iters)
+    def measure(name, fn, compile_s=None, **extra):
+        ms = clock.ms(fn, args.iters)
         rows[name] = {"ms": round(ms, 2), "tflops": round(tflop / ms * 1e3, 1),
-                      "frac_of_gemm_rate": round(tflop / ms * 1e3 / rec["gemm_bf16_tflops"], 3)}
+                      "frac_of_gemm_rate": round(tflop / ms * 1e3 / rec["gemm_tflops"], 3), **extra}
         if compile_s is not None:
             rows[name]["compile_s"] = round(compile_s, 1)
-        log(f"{name:36s} {ms:8.2f} ms  {tflop / ms * 1e3:6.1f} TFLOP/s"
+        log(f"{name:40s} {ms:9.2f} ms  {tflop / ms * 1e3:7.1f} TFLOP/s"
             + ("" if compile_s is None else f"  (compile {compile_s:.1f} s)"))
+        return ms
 
+    # 3. forward timings. diffusers: eager, whole-model fullgraph compile, regional compile.
     measure("diffusers_eager", lambda: run(ref, return_dict=False))
-    if not args.skip_compile:
-        # diffusers' own regional compilation: each repeated block class compiled once.
+    if compile_on:
+        if not args.skip_fullgraph_diffusers:
+            whole = torch.compile(ref, fullgraph=True)  # a wrapper: `ref` itself stays eager
+            c_s = clock.seconds(lambda: run(whole, return_dict=False))
+            measure("diffusers_fullgraph_compile", lambda: run(whole, return_dict=False), c_s)
+            del whole
+            torch._dynamo.reset()
         ref.compile_repeated_blocks(fullgraph=True)
-        c = compile_seconds(lambda: run(ref, return_dict=False))
-        measure("diffusers_regional_compile", lambda: run(ref, return_dict=False), c)
+        c_s = clock.seconds(lambda: run(ref, return_dict=False))
+        measure("diffusers_regional_compile", lambda: run(ref, return_dict=False), c_s)
 
-    # ditserve in each kernels mode, eager and compiled: op paths are bound at construction (and "auto" picks
-    # differently for a model that will be compiled), so each row gets a fresh model; weights are copied from
-    # diffusers' model on the device; dynamo's cache is dropped first so the old model is freed and each
-    # compiled row pays its own compile.
+    # ditserve, per kernels mode, eager and compiled. Op paths are bound at construction (and "auto" picks
+    # differently for a model that will be compiled), so each row gets a fresh model with the same weights;
+    # dynamo's cache is dropped first so each compiled row pays its own compile.
     ref_sd = ref.state_dict()
+
+    def fresh(kernels=kernels0, compiled=False):
+        nonlocal ours
+        torch._dynamo.reset()
+        ours = None
+        free_memory()
+        model, _ = load_transformer(args.model, replace(engine, kernels=kernels, compile=compiled))
+        model.load_diffusers_state_dict(ref_sd)
+        ours = model
+        return model
+
     first = True
     for kernels in args.kernels.split(","):
-        for compiled in ((False, True) if not args.skip_compile else (False,)):
+        for compiled in ((False, True) if compile_on else (False,)):
             if not first:
-                torch._dynamo.reset()
-                del ours
-                gc.collect()
-                torch.cuda.empty_cache()
-                ours, _ = load_transformer("flux.1-dev", replace(engine, kernels=kernels, compile=compiled))
-                ours.load_diffusers_state_dict(ref_sd)
+                model = None  # the previous row's model is freed before the next one is loaded
+            model = ours if first else fresh(kernels, compiled)
             first = False
             if compiled:
-                compile_model(ours, CompileConfig())
-                c = compile_seconds(lambda: run(ours))
-                measure(f"ditserve_regional_compile[{kernels}]", lambda: run(ours), c)
+                compile_model(model, CompileConfig())
+                c_s = clock.seconds(lambda: run(model))
+                measure(f"ditserve_compiled[{kernels}]", lambda: run(model), c_s)
             else:
-                measure(f"ditserve_eager[{kernels}]", lambda: run(ours))
-    if not args.skip_compile:
-        best_ref = rows["diffusers_regional_compile"]["ms"]
-        ours_default = rows[f"ditserve_regional_compile[{args.kernels.split(',')[0]}]"]["ms"]
-        rec["ratio_vs_diffusers_compiled"] = round(ours_default / best_ref, 3)
-    rec["results"] = rows
-    rec["peak_gib_all"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                measure(f"ditserve_eager[{kernels}]", lambda: run(model))
+
+    # fp8 tier (lossy): same weights, quantised; error against the bf16 output.
+    if fp8_supported(dev):
+        try:
+            from ditserve.ops.fp8 import apply_fp8
+        except ImportError as e:
+            rec["fp8"] = f"not available: {e}"
+        else:
+            model = None
+            model = fresh(kernels0, compile_on)
+            apply_fp8(model)
+            if compile_on:
+                compile_model(model, CompileConfig())
+            c_s = clock.seconds(lambda: run(model)) if compile_on else None
+            err = rel_err(run(model), out_bf16)
+            measure(f"ditserve_fp8{'_compiled' if compile_on else '_eager'}[{kernels0}]", lambda: run(model), c_s,
+                    rel_l2_vs_bf16=round(err, 4))
+    else:
+        rec["fp8"] = "skipped: no fp8 on this device"
+
+    # Levers (each a fresh ditserve compiled model unless noted).
+    if args.levers and cuda and compile_on:
+        model = None
+        rec["levers"] = levers(args, fresh, run, measure, rows, kernels0, clock)
+
+    default_row = f"ditserve_compiled[{kernels0}]" if compile_on else f"ditserve_eager[{kernels0}]"
+    if compile_on:
+        best_ref = min(rows[k]["ms"] for k in rows if k.startswith("diffusers_") and "compile" in k)
+        rec["diffusers_best_compiled_ms"] = best_ref
+        rec["ratio_vs_diffusers_compiled"] = round(rows[default_row]["ms"] / best_ref, 3)
+        fp8_rows = [k for k in rows if k.startswith("ditserve_fp8_compiled")]
+        if fp8_rows:
+            rec["fp8_ratio_vs_diffusers_compiled"] = round(rows[fp8_rows[0]]["ms"] / best_ref, 3)
+
+    # 4. where the time goes: profiler trace of the default compiled forward (rebuilt: levers replaced it).
+    if cuda:
+        model = None
+        model = fresh(kernels0, compile_on)
+        if compile_on:
+            compile_model(model, CompileConfig())
+        fam, gpu_ms = profile_families(lambda: run(model))
+        gemm_floor = flops["gemm"] / rec["gemm_tflops"] * 1e3
+        attn_rate = (rec.get("sdpa_tflops") or {}).get("default") or rec["gemm_tflops"]
+        attn_floor = flops["attention"] / attn_rate * 1e3
+        floors = {"gemm": gemm_floor, "attention": attn_floor}
+        rec["profile"] = {
+            "row": default_row, "gpu_ms_per_forward": gpu_ms, "floor_ms": round(gemm_floor + attn_floor, 2),
+            "by_family": {f: {"ms": ms, "floor_ms": round(floors.get(f, 0.0), 2),
+                              "above_floor_ms": round(ms - floors.get(f, 0.0), 2)} for f, ms in fam.items()}}
+        log(f"profile of {default_row}: GPU {gpu_ms} ms/forward, floor {rec['profile']['floor_ms']} ms "
+            f"(GEMM {gemm_floor:.1f} at {rec['gemm_tflops']} TFLOP/s + attention {attn_floor:.1f} at {attn_rate})")
+        for f, v in rec["profile"]["by_family"].items():
+            log(f"    {f:34s} {v['ms']:8.2f} ms   floor {v['floor_ms']:7.2f}   above {v['above_floor_ms']:7.2f}")
+    rec["forward"] = rows
+
+    # 5. end to end.
+    if not args.skip_e2e:
+        ours = model = None
+        torch._dynamo.reset()
+        free_memory()
+        rec["e2e"] = end_to_end(args, engine, ref, clock, compile_on)
+    rec["peak_gib_all"] = peak_gib(dev)
     print(json.dumps(rec))
     return 0
+
+
+def levers(args, fresh, run, measure, rows, kernels0, clock) -> dict:
+    import torch._inductor.config as inductor_config
+
+    from ditserve.compile import CompileConfig, compile_model
+
+    base = rows[f"ditserve_compiled[{kernels0}]"]["ms"]
+    out = {}
+    model = None  # each lever's model is dropped before the next is loaded (two FLUX DiTs + diffusers' = 72 GB)
+
+    def record(name, ms, **extra):
+        what, prediction = LEVERS[name]
+        out[name] = {"what": what, "prediction": prediction, "ms": round(ms, 2) if ms else None,
+                     "delta_ms": round(ms - base, 2) if ms else None, **extra}
+
+    for name, cfg, patch in (("coordinate_descent", CompileConfig(), {"coordinate_descent_tuning": True}),
+                             ("max_autotune", CompileConfig(mode="max-autotune-no-cudagraphs"), {}),
+                             ("whole_model", CompileConfig(regional=False), {})):
+        model = None
+        try:
+            with inductor_config.patch(patch):
+                model = fresh(kernels0, True)
+                compile_model(model, cfg)
+                c_s = clock.seconds(lambda: run(model))
+                ms = measure(f"lever:{name}", lambda: run(model), c_s)
+            record(name, ms, compile_s=round(c_s, 1))
+        except Exception as e:  # a lever that fails is a result too
+            record(name, None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            log(f"lever {name} failed: {e}")
+
+    # CUDA graph of the whole compiled forward (static inputs: the bench's own).
+    model = None
+    try:
+        model = fresh(kernels0, True)
+        compile_model(model, CompileConfig())
+        run(model)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                run(model)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run(model)
+        ms = measure("lever:cuda_graph", graph.replay)
+        record("cuda_graph", ms)
+        del graph
+    except Exception as e:
+        record("cuda_graph", None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        log(f"lever cuda_graph failed: {e}")
+
+    # Attention backend: eager forward with SDPA forced to flash, against the eager default.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = None
+    try:
+        model = fresh(kernels0, False)
+        eager = measure("lever:eager_default_attention", lambda: run(model))
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            ms = measure("lever:eager_flash_attention", lambda: run(model))
+        out["attention_flash"] = {"what": LEVERS["attention_flash"][0], "prediction": LEVERS["attention_flash"][1],
+                                  "ms": round(ms, 2), "delta_ms": round(ms - eager, 2)}
+    except Exception as e:
+        out["attention_flash"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    return out
+
+
+def end_to_end(args, engine, ref, clock: Clock, compile_on: bool) -> dict:
+    """`steps`-step generate, ditserve vs diffusers' FluxPipeline on shared dummy components."""
+    from diffusers import FluxPipeline as DiffusersFlux
+
+    from ditserve.config import SamplingParams
+    from ditserve.loader import load_model
+    from ditserve.registry import pipeline_class
+
+    dev = torch.device(args.device)
+    e_engine = replace(engine, compile=compile_on)
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, e_engine)
+    load_s = time.perf_counter() - t0
+    comps = loaded.components
+    ref.load_state_dict(_reference_state(comps["transformer"], ref))  # same DiT weights as ours
+    pipe_cls = pipeline_class(loaded.pipeline_class)
+    pipe = pipe_cls(comps, e_engine, pipe_cls.spec_for(loaded.name, comps))
+    theirs = DiffusersFlux(scheduler=comps["scheduler"], vae=comps["vae"], text_encoder=comps["text_encoder"],
+                           tokenizer=comps["tokenizer"], text_encoder_2=comps["text_encoder_2"],
+                           tokenizer_2=comps["tokenizer_2"], transformer=ref)
+    theirs.set_progress_bar_config(disable=True)
+    prompt = "a red circle on a blue background"
+    params = SamplingParams(prompt=prompt, height=args.size, width=args.size, steps=args.steps, seed=0,
+                            max_sequence_length=args.text_len)
+
+    def ours_gen():
+        return pipe.generate(params, progress=False)
+
+    def theirs_gen():
+        return theirs(prompt=prompt, height=args.size, width=args.size, num_inference_steps=args.steps,
+                      guidance_scale=3.5, max_sequence_length=args.text_len,
+                      generator=torch.Generator(dev).manual_seed(0)).images
+
+    out: dict = {"steps": args.steps, "ditserve_load_s": round(load_s, 2)}
+    out["ditserve_first_call_s"] = round(clock.seconds(ours_gen), 2)  # includes the compile
+    out["diffusers_first_call_s"] = round(clock.seconds(theirs_gen), 2)
+    n = 3
+    ours_s = sorted(clock.seconds(ours_gen) for _ in range(n))[n // 2]
+    theirs_s = sorted(clock.seconds(theirs_gen) for _ in range(n))[n // 2]
+    result = ours_gen()
+    out.update(ditserve_s=round(ours_s, 3), diffusers_s=round(theirs_s, 3), ratio=round(ours_s / theirs_s, 3),
+               ditserve_stages_s={k: round(v, 3) for k, v in result.timings.items()})
+    log(f"end to end {args.steps} steps: ditserve {ours_s:.3f} s vs diffusers {theirs_s:.3f} s "
+        f"({ours_s / theirs_s:.3f}x); stages {out['ditserve_stages_s']}")
+    img_ours, img_theirs = result.images[0], theirs_gen()[0]
+    out["psnr_ditserve_vs_diffusers_db"] = round(psnr(img_ours, img_theirs), 2)
+
+    # Stage by stage: syncs in the denoise loop, peak memory of denoise and of decode.
+    with torch.inference_mode():
+        p = pipe.resolve(params)
+        text = pipe.encode_prompt([prompt], 1, p.max_sequence_length)
+        latents = pipe.prepare_latents(1, p.height, p.width, p.seed)
+        schedule = pipe.timesteps(p.steps, latents.latents.shape[1])
+        clock.sync()
+        reset_peak(dev)
+        if dev.type == "cuda":
+            out["denoise_syncs"] = count_syncs(lambda: pipe.denoise(latents, text, schedule, p.guidance,
+                                                                    progress=False))
+            schedule = pipe.timesteps(p.steps, latents.latents.shape[1])
+            torch.cuda.set_sync_debug_mode("error")  # any synchronising call in the loop raises
+            try:
+                final = pipe.denoise(latents, text, schedule, p.guidance, progress=False)
+                out["sync_debug_mode_error_raised"] = False
+            except RuntimeError as e:
+                out["sync_debug_mode_error_raised"] = str(e).splitlines()[0][:200]
+                final = None
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            if final is None:
+                schedule = pipe.timesteps(p.steps, latents.latents.shape[1])
+                final = pipe.denoise(latents, text, schedule, p.guidance, progress=False)
+        else:
+            final = pipe.denoise(latents, text, schedule, p.guidance, progress=False)
+        clock.sync()
+        out["denoise_peak_gib"] = peak_gib(dev)
+        reset_peak(dev)
+        pipe.decode(final, p.height, p.width)
+        out["decode_peak_gib"] = peak_gib(dev)
+    out["request_peak_gib"] = round(result.peak_memory_bytes / 2**30, 2) if result.peak_memory_bytes else None
+    log(f"syncs in the denoise loop: {out.get('denoise_syncs')}, sync-debug error: "
+        f"{out.get('sync_debug_mode_error_raised')}; peak denoise {out['denoise_peak_gib']} GiB, decode "
+        f"{out['decode_peak_gib']} GiB, request {out['request_peak_gib']} GiB")
+
+    # fp8 tier, end to end: time and image PSNR against bf16 on the same seed.
+    if fp8_supported(dev):
+        try:
+            from ditserve.ops.fp8 import apply_fp8
+        except ImportError:
+            pass
+        else:
+            torch._dynamo.reset()
+            apply_fp8(pipe.transformer)
+            clock.seconds(ours_gen)  # recompile for the quantised layers
+            fp8_s = sorted(clock.seconds(ours_gen) for _ in range(n))[n // 2]
+            out["fp8_s"] = round(fp8_s, 3)
+            out["fp8_ratio_vs_diffusers"] = round(fp8_s / theirs_s, 3)
+            out["fp8_psnr_vs_bf16_db"] = round(psnr(ours_gen().images[0], img_ours), 2)
+            log(f"fp8 end to end {fp8_s:.3f} s ({fp8_s / theirs_s:.3f}x diffusers), image PSNR vs bf16 "
+                f"{out['fp8_psnr_vs_bf16_db']} dB")
+    return out
+
+
+def _reference_state(ours, ref) -> dict[str, torch.Tensor]:
+    """diffusers state dict holding `ours`' weights (through ours' weight map)."""
+    params = dict(ours.named_parameters())
+    sd = {}
+    for key, (name, start, stop) in ours.weight_map().items():
+        sd[key] = params[name] if start is None else params[name][start:stop]
+    for key, value in ref.state_dict().items():
+        sd.setdefault(key, value)
+    return sd
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def _git_commit() -> str | None:
+    # The device machine gets a copy of the tree without .git: pass DITSERVE_COMMIT there.
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip() or None
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":

@@ -30,12 +30,14 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 import time
 import weakref
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -121,11 +123,35 @@ def compile_regions(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return regions
 
 
+def compile_cache_dir() -> Path:
+    """Where compiled artefacts persist between processes: $DITSERVE_CACHE_DIR/torch-compile if set, else
+    ~/.cache/ditserve/torch-compile (XDG_CACHE_HOME honoured)."""
+    root = os.environ.get("DITSERVE_CACHE_DIR")
+    if root:
+        return Path(root).expanduser() / "torch-compile"
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg).expanduser() / "ditserve" / "torch-compile"
+
+
 def set_process_compiler_flags() -> None:
-    """Compiler flags ditserve needs for the whole process (idempotent): duck shaping off, so that sizes that
-    happen to coincide at the first call (tokens == hidden width, image tokens == text tokens) do not
-    specialise a dynamic graph. See the module docstring."""
+    """Compiler flags ditserve needs for the whole process (idempotent):
+
+    - duck shaping off, so that sizes that happen to coincide at the first call (tokens == hidden width,
+      image tokens == text tokens) do not specialise a dynamic graph (see the module docstring);
+    - a persistent cache folder for compiled artefacts. Inductor keeps its FX-graph, AOTAutograd, autotuning
+      and Triton kernel caches under $TORCHINDUCTOR_CACHE_DIR, by default in /tmp, which containers and
+      reboots empty. Unless the user set that variable, ditserve points it at `compile_cache_dir()`, so a second
+      process (a restarted server, the next `generate --compile`) reuses the first one's kernels instead of
+      compiling them again. Importing inductor writes its /tmp default into the variable, so "the user set it"
+      means: it holds something other than that default. Inductor reads the variable at each cache lookup, so
+      setting it here, before the first compile, is enough.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     torch.fx.experimental._config.use_duck_shape = False
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
 
 
 def compile_model(model: nn.Module, cfg: CompileConfig) -> nn.Module:
