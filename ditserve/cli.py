@@ -2,6 +2,7 @@
 
     ditserve generate --prompt "a red circle on a blue background" --output out.png
     ditserve compile-report --model /models/FLUX.1-dev
+    ditserve bench --model /models/FLUX.1-dev --compile --runs 5
     ditserve serve --model /models/FLUX.1-dev --port 30000
 
 Flags parse into the same settings classes the server uses (`EngineConfig`, `SamplingParams`), which do the
@@ -17,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ditserve.config import ConfigError, EngineConfig, SamplingParams
-from ditserve.engine_args import add_engine_flags, check_engine
+from ditserve.config import ConfigError, SamplingParams
+from ditserve.engine_args import add_engine_flags, check_engine, engine_from_args
 
 # Output suffix -> PIL format name.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -90,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verbose", "-v", action="store_true", help="INFO logs and an access log")
     s.set_defaults(func=_serve)
 
+    from ditserve.bench import add_bench_args
+
+    b = sub.add_parser("bench", help="time requests of a model on this machine, report latency as JSON",
+                       description="Load the model as generate does, run warmup requests (they compile), then "
+                                   "timed ones; print latency, per-stage times, images/s and peak memory. The "
+                                   "last stdout line is JSON.")
+    add_engine_flags(b)
+    b.add_argument("--compile", action="store_true", help="torch.compile the transformer (the warmup compiles)")
+    add_bench_args(b)
+    b.set_defaults(func=_bench)
+
     from ditserve.compile import add_compile_report_args, compile_report_main
 
     r = sub.add_parser("compile-report", help="compile the DiT, report graph breaks and recompiles as JSON",
@@ -156,9 +168,7 @@ def _generate(args: argparse.Namespace) -> int:
                             max_sequence_length=args.max_sequence_length)
     params.validate()  # size, steps, seed, ... before the model load; model limits are checked after it
     paths = output_paths(args.output, args.num_images)
-    engine = EngineConfig(device=args.device, dtype=args.dtype, compile=args.compile, kernels=args.kernels,
-                          attention=args.attention, load_format=args.load_format, cache=args.cache,
-                          cache_backend=args.cache_backend, quantization=args.quantization)
+    engine = engine_from_args(args)
     check_engine(engine)
 
     from ditserve.loader import load_model
@@ -217,14 +227,24 @@ def _serve(args: argparse.Namespace) -> int:
                           output_dir=Path(args.output_dir) if args.output_dir else None, url_ttl=args.url_ttl,
                           output_max_bytes=args.output_max_bytes, warmup=not args.no_warmup,
                           warmup_size=warmup_size, warmup_steps=args.warmup_steps)
-    engine = EngineConfig(device=args.device, dtype=args.dtype, compile=args.compile, kernels=args.kernels,
-                          attention=args.attention, load_format=args.load_format, cache=args.cache,
-                          cache_backend=args.cache_backend, quantization=args.quantization)
+    engine = engine_from_args(args)
     check_engine(engine)
     _quiet_libraries()
     run_server(args.model, engine, config, args.host, args.port, verbose=args.verbose,
                announce=lambda line: print(line, file=sys.stderr, flush=True))
     return 0
+
+
+# ------------------------------------------------------------------------------------------------------ bench
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ditserve.bench import bench_main
+
+    engine = engine_from_args(args)
+    check_engine(engine)
+    _quiet_libraries()
+    return bench_main(args, engine)
 
 
 # ------------------------------------------------------------------------------------------------------ main

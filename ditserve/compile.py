@@ -476,15 +476,13 @@ def _progress(msg: str) -> None:
 def compile_report_main(args: argparse.Namespace) -> int:
     """`ditserve compile-report`: load the DiT only, report, print one JSON line last on stdout.
     User mistakes raise ConfigError."""
-    from ditserve.config import EngineConfig
-    from ditserve.engine_args import check_engine
+    from ditserve.engine_args import check_engine, engine_from_args
     from ditserve.loader import load_transformer
 
     if args.cache_backend != "ditserve":
         raise ConfigError("compile-report mounts ditserve's own cache only; drop --cache-backend")
     # The cache is mounted below, on the bare transformer, so the engine itself carries none.
-    engine = EngineConfig(device=args.device, dtype=args.dtype, compile=True, kernels=args.kernels,
-                          attention=args.attention, load_format=args.load_format, quantization=args.quantization)
+    engine = engine_from_args(args, compile=True, cache=None, cache_backend="ditserve")
     check_engine(engine)
     cfg = CompileConfig(mode=args.mode, dynamic=not args.static, backend=args.backend, regional=not args.whole_model)
     from ditserve.cache import mount_cache, parse_cache

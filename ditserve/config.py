@@ -19,6 +19,7 @@ import torch
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 QUANTIZATIONS = ("fp8",)  # weight quantisation tiers (lossy, off by default); None means off
+VAE_TILING = ("auto", "on", "off")  # tiled VAE decode: above 1024x1024 pixels, always, never
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,10 @@ class EngineConfig:
     cache_backend: "ditserve" (the engine's own cache) or "cache-dit" (the cache-dit library, if installed).
     quantization: None (off) or "fp8" (lossy: fp8 weights and per-token fp8 activations in the DiT's block
         GEMMs, see `ditserve.ops.fp8`; CUDA compute capability 8.9+ and bf16 only).
+    vae_tiling: "auto" (tiled VAE decode for images larger than 1024x1024 pixels, whole-image decode up to that,
+        so FLUX.1 at its native size decodes exactly as diffusers does), "on" (always tiled) or "off" (never).
+        Tiled decode bounds the decode's activation memory by the tile size instead of the image size; the
+        overlapping tiles are blended, so it is lossy (see `ditserve.pipelines.flux.VAE_TILE`).
     """
 
     device: str | None = None
@@ -69,6 +74,7 @@ class EngineConfig:
     cache: str | None = None
     cache_backend: str = "ditserve"
     quantization: str | None = None
+    vae_tiling: str = "auto"
 
     def __post_init__(self):
         from ditserve.cache.policy import parse_cache  # (ditserve.cache imports this module)
@@ -85,6 +91,8 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"unknown quantization {self.quantization!r}; valid: {', '.join(QUANTIZATIONS)} "
                               f"(or None: off)")
+        if self.vae_tiling not in VAE_TILING:
+            raise ConfigError(f"unknown vae_tiling {self.vae_tiling!r}; valid: {', '.join(VAE_TILING)}")
 
     @property
     def torch_device(self) -> torch.device:

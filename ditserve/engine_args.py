@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import argparse
 
-from ditserve.config import DTYPES, LOAD_FORMATS, QUANTIZATIONS, ConfigError, EngineConfig
+from ditserve.config import DTYPES, LOAD_FORMATS, QUANTIZATIONS, VAE_TILING, ConfigError, EngineConfig
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     """--model, --dtype, --device, --load-format, --kernels, --attention, --cache, --cache-backend,
-    --quantization."""
+    --quantization, --vae-tiling."""
     from ditserve.cache.policy import PRESETS
     from ditserve.ops.attention import BACKENDS
 
@@ -34,6 +34,19 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="quantise the DiT (lossy, off by default): fp8 = fp8 weights and per-token fp8 "
                         "activations in the transformer blocks' GEMMs; Hopper/Ada GPUs only (compute "
                         "capability 8.9+), bf16")
+    p.add_argument("--vae-tiling", choices=list(VAE_TILING), default="auto",
+                   help="tiled VAE decode (lossy: overlapping tiles are blended; bounds decode memory): auto = "
+                        "only for images larger than 1024x1024 pixels (default), on = always, off = never")
+
+
+def engine_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
+    """The EngineConfig of the flags `add_engine_flags` added (plus `--compile` where the subcommand has it);
+    `overrides` replace fields (e.g. compile-report's compile=True, cache=None)."""
+    fields = dict(device=args.device, dtype=args.dtype, compile=getattr(args, "compile", False),
+                  kernels=args.kernels, attention=args.attention, load_format=args.load_format, cache=args.cache,
+                  cache_backend=args.cache_backend, quantization=args.quantization, vae_tiling=args.vae_tiling)
+    fields.update(overrides)
+    return EngineConfig(**fields)
 
 
 def check_engine(engine: EngineConfig) -> None:

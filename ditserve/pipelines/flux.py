@@ -35,6 +35,12 @@ logger = init_logger(__name__)
 REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                        "scheduler")
 
+# Tiled VAE decode (EngineConfig.vae_tiling): tiles of VAE_TILE x VAE_TILE pixels (or the VAE's natural size if
+# smaller) overlapping by a quarter and blended, diffusers' AutoencoderKL.tiled_decode. "auto" tiles images of
+# more than VAE_AUTO_TILE_PIXELS: FLUX.1 at its native 1024x1024 decodes whole, as in diffusers.
+VAE_TILE = 512
+VAE_AUTO_TILE_PIXELS = 1024 * 1024
+
 
 @dataclass
 class PromptEmbeds:
@@ -126,6 +132,12 @@ class FluxPipeline:
         self.dtype = _module_dtype(self.transformer)  # latents and text conditioning
         self.vae_dtype = _module_dtype(self.vae)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_tiling = engine.vae_tiling
+        if self.vae_tiling != "off":  # the tile geometry diffusers' tiled_decode reads (not its use_tiling switch)
+            tile = min(VAE_TILE, self.vae.config.sample_size)
+            self.vae.tile_sample_min_size = tile
+            self.vae.tile_latent_min_size = tile // self.vae_scale_factor
+            self.vae.tile_overlap_factor = 0.25
         self.num_channels_latents = self.transformer.config.in_channels // 4
         self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
         self.clip_max_length = self.tokenizer.model_max_length  # 77 for CLIP-L
@@ -265,7 +277,15 @@ class FluxPipeline:
         h, w = self.latent_size(height, width)
         z = unpack_latents(latents, h, w)  # (B, C, h, w)
         z = z / self.vae.config.scaling_factor + self.vae.config.shift_factor  # undo the VAE's latent normalisation
+        if self.tiled_decode(height, width):
+            return self.vae.tiled_decode(z.to(self.vae_dtype), return_dict=False)[0]  # (B, 3, H, W)
         return self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0]  # (B, 3, H, W)
+
+    def tiled_decode(self, height: int, width: int) -> bool:
+        """Whether an image of this size is decoded in tiles (EngineConfig.vae_tiling)."""
+        if self.vae_tiling == "auto":
+            return height * width > VAE_AUTO_TILE_PIXELS
+        return self.vae_tiling == "on"
 
     def decode(self, latents: torch.Tensor, height: int, width: int) -> list[Any]:
         """Packed latents (B, L, 4C) -> B PIL images of height x width."""

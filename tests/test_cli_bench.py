@@ -1,0 +1,31 @@
+"""`ditserve bench`: runs the packaged model offline, reports one JSON line last; bad flags exit 2."""
+
+from __future__ import annotations
+
+import json
+
+from ditserve.cli import main
+
+
+def test_bench_default_model_reports_json(capsys):
+    assert main(["bench", "--runs", "2", "--warmup", "1", "--steps", "2", "--num-images", "2"]) == 0
+    out, err = capsys.readouterr()
+    rec = json.loads(out.strip().splitlines()[-1])
+    assert rec["bench"] == "ditserve-bench" and rec["model"] == "default-model"
+    assert rec["runs"] == 2 and rec["warmup_requests"] == 1 and rec["steps"] == 2
+    assert rec["images_per_request"] == 2
+    lat = rec["latency_s"]
+    assert 0 < lat["min"] <= lat["median"] <= lat["max"]
+    stages = rec["stages_median_s"]
+    assert set(stages) == {"text_encode_s", "denoise_s", "decode_s"}
+    assert sum(stages.values()) <= lat["max"] * 1.01
+    assert rec["images_per_s"] > 0 and rec["engine"]["vae_tiling"] == "auto"
+    assert "latency   median" in err and "run 2/2" in err
+
+
+def test_bench_bad_values_exit_2(capsys):
+    assert main(["bench", "--runs", "0"]) == 2
+    assert "--runs must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "--warmup", "-1"]) == 2
+    assert main(["bench", "--steps", "0"]) == 2
+    assert main(["bench", "--height", "100"]) == 2  # not a multiple of 16
