@@ -45,24 +45,34 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: merge the adjacent pair of lowest rank (leftmost first) until none of
+    the pairs is a merge."""
+    while len(symbols) > 1:
+        found = [(ranks[pair], i) for i, pair in enumerate(zip(symbols, symbols[1:])) if pair in ranks]
+        if not found:
+            break
+        _, i = min(found)
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+    return symbols
+
+
 def _write_clip_tokenizer(dir: Path) -> None:
     """vocab.json + merges.txt for CLIPTokenizer: all 256 byte symbols (alone and word-final), merges that
-    build each of `_WORDS` left to right, then the two special tokens (last, as in CLIP)."""
+    make each of `_WORDS` one token, then the two special tokens (last, as in CLIP)."""
     byte_chars = list(_bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for tok in byte_chars + [c + "</w>" for c in byte_chars]:
         vocab.setdefault(tok, len(vocab))
-    merges: list[str] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in _WORDS:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        # Merge left to right: ((w o) r) d</w> -> "world</w>".
-        while len(symbols) > 1:
-            pair = f"{symbols[0]} {symbols[1]}"
-            merged = symbols[0] + symbols[1]
-            if pair not in merges:
-                merges.append(pair)
-            vocab.setdefault(merged, len(vocab))
-            symbols = [merged] + symbols[2:]
+        # Encode the word with the merges so far and append a merge of its first two pieces until it is one
+        # token. A merge appended last applies only where no earlier one does, so words already whole stay
+        # whole (building each word left to right instead can be cut short by another word's earlier merge).
+        while len(pieces := _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+    merges = [f"{a} {b}" for a, b in ranks]  # in rank order
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     dir.mkdir(parents=True, exist_ok=True)
