@@ -138,6 +138,10 @@ def set_process_compiler_flags() -> None:
 
     - duck shaping off, so that sizes that happen to coincide at the first call (tokens == hidden width,
       image tokens == text tokens) do not specialise a dynamic graph (see the module docstring);
+    - Python floats specialised: with dynamic=True dynamo otherwise traces a block's float attributes (norm eps,
+      MulAdd's k) as symbolic inputs, fails to turn them into tensors, and restarts the analysis of every block
+      class once: measured on FLUX.1-dev (H100), that second trace was 7.7 s of a 21.8 s cold compile and 5.9 s
+      of an 8.9 s warm one. The floats are constants of the model, so specialising them costs no recompile;
     - a persistent cache folder for compiled artefacts. Inductor keeps its FX-graph, AOTAutograd, autotuning
       and Triton kernel caches under $TORCHINDUCTOR_CACHE_DIR, by default in /tmp, which containers and
       reboots empty. Unless the user set that variable, ditserve points it at `compile_cache_dir()`, so a second
@@ -149,6 +153,7 @@ def set_process_compiler_flags() -> None:
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     torch.fx.experimental._config.use_duck_shape = False
+    torch._dynamo.config.specialize_float = True
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
@@ -397,7 +402,8 @@ def compile_report(model: nn.Module, make_inputs: Callable[[int, int], dict], si
         "torch": torch.__version__,
         "compile": asdict(cfg),
         "graph_count": graph_count,
-        "graph_breaks": sum(breaks.values()),
+        # dynamo's counter misses some kinds (data-dependent branching is logged, not counted): take the larger.
+        "graph_breaks": max(sum(breaks.values()), sum(bool(_GRAPH_BREAK_RE.search(m)) for m in logs.messages)),
         "break_reasons": _break_reasons(logs.messages, breaks),
         "recompiles": recompiles,
         "recompile_reasons": recompile_reasons,
