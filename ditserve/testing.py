@@ -57,21 +57,32 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return symbols
 
 
-def _write_clip_tokenizer(dir: Path) -> None:
-    """vocab.json + merges.txt for CLIPTokenizer: all 256 byte symbols (alone and word-final), merges that
-    make each of `_WORDS` one token, then the two special tokens (last, as in CLIP)."""
+def _write_clip_tokenizer(dir: Path, whole_words: bool = False) -> None:
+    """vocab.json + merges.txt for CLIPTokenizer: all 256 byte symbols (alone and word-final), merges for each
+    of `_WORDS`, then the two special tokens (last, as in CLIP).
+
+    whole_words=False: each word's merges build it left to right ((w o) r) d</w>. Another word's earlier merge
+    can cut that short (b a c k g r o u n d: "g r" of "green" applies first), so some words end up as a few
+    pieces; the test checkpoints keep these token ids. whole_words=True: merges are added where the encoding
+    with the merges so far still splits the word, so every word is one token (the packaged default model).
+    """
     byte_chars = list(_bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for tok in byte_chars + [c + "</w>" for c in byte_chars]:
         vocab.setdefault(tok, len(vocab))
     ranks: dict[tuple[str, str], int] = {}
     for word in _WORDS:
-        # Encode the word with the merges so far and append a merge of its first two pieces until it is one
-        # token. A merge appended last applies only where no earlier one does, so words already whole stay
-        # whole (building each word left to right instead can be cut short by another word's earlier merge).
-        while len(pieces := _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
-            ranks[(pieces[0], pieces[1])] = len(ranks)
-            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        if whole_words:
+            # A merge appended last applies only where no earlier one does: words already whole stay whole.
+            while len(pieces := _bpe(symbols, ranks)) > 1:
+                ranks.setdefault((pieces[0], pieces[1]), len(ranks))
+                vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            continue
+        while len(symbols) > 1:
+            ranks.setdefault((symbols[0], symbols[1]), len(ranks))
+            vocab.setdefault(symbols[0] + symbols[1], len(vocab))
+            symbols = [symbols[0] + symbols[1]] + symbols[2:]
     merges = [f"{a} {b}" for a, b in ranks]  # in rank order
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
@@ -113,13 +124,14 @@ def _write_t5_tokenizer(dir: Path, model_max_length: int = 512) -> None:
     (dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 
 
-def make_tiny_tokenizers(dir: str | Path) -> tuple[Path, Path]:
+def make_tiny_tokenizers(dir: str | Path, whole_words: bool = False) -> tuple[Path, Path]:
     """Write a tiny CLIP tokenizer to `dir/tokenizer` and a tiny T5 tokenizer to `dir/tokenizer_2`.
 
     Both load offline with `from_pretrained` (CLIPTokenizer / T5TokenizerFast). Returns the two folders.
+    T5 gives every built-in word one token; CLIP does so with `whole_words` (see `_write_clip_tokenizer`).
     """
     dir = Path(dir)
-    _write_clip_tokenizer(dir / "tokenizer")
+    _write_clip_tokenizer(dir / "tokenizer", whole_words)
     _write_t5_tokenizer(dir / "tokenizer_2")
     return dir / "tokenizer", dir / "tokenizer_2"
 

@@ -489,7 +489,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     print(f"VAE: shift_factor {vae.config.shift_factor}, scaling_factor {vae.config.scaling_factor}, judge on "
           f"reconstructed held-out renders {vae_accuracy:.1%} ({seconds['vae']:.1f} s)", flush=True)
 
-    make_tiny_tokenizers(out / "_tokenizers")
+    make_tiny_tokenizers(out / "_tokenizers", whole_words=True)
     tokenizer = CLIPTokenizer.from_pretrained(out / "_tokenizers" / "tokenizer")
     tokenizer_2 = T5TokenizerFast.from_pretrained(out / "_tokenizers" / "tokenizer_2")
     shutil.rmtree(out / "_tokenizers")

@@ -135,14 +135,14 @@ def test_flags_and_quick_defaults():
 
 
 def test_tiny_tokenizers_give_every_word_one_token(tmp_path):
-    """The script's tokenizers (ditserve.testing's): each built-in word, the grammar's included, is one token in
-    both, so the text encoders see words, not spellings."""
+    """The script's tokenizers (ditserve.testing's, whole_words=True): each built-in word, the grammar's
+    included, is one token in both, so the text encoders see words, not spellings."""
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     from ditserve import shapes
     from ditserve.testing import _WORDS, make_tiny_tokenizers
 
-    clip_dir, t5_dir = make_tiny_tokenizers(tmp_path)
+    clip_dir, t5_dir = make_tiny_tokenizers(tmp_path, whole_words=True)
     clip, t5 = CLIPTokenizer.from_pretrained(clip_dir), T5TokenizerFast.from_pretrained(t5_dir)
     assert set(shapes.COLOUR_NAMES) | set(shapes.SHAPES) | {"a", "on", "background"} <= set(_WORDS)
     for word in _WORDS:
