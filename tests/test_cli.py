@@ -190,7 +190,6 @@ def test_bad_arguments_exit_2_with_one_line(case, tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, needle", [
     (["--model", "/no/such/model"], "no such folder"),
-    (["--prompt", "x", "--guidance", "3.5"], "guidance"),  # the packaged model has no guidance embedder
     (["--attention", "sage"], "sageattention"),
 ])
 def test_bad_model_or_engine_exit_2(flags, needle, tmp_path, capsys):
@@ -203,6 +202,18 @@ def test_bad_model_or_engine_exit_2(flags, needle, tmp_path, capsys):
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in lines[0]
+
+
+def test_guidance_without_guidance_embedder_exit_2(tmp_path_factory, tmp_path, capsys):
+    """A schnell-like model (no guidance embedder) refuses a guidance scale in one line."""
+    schnell = build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-schnell"), guidance_embeds=False, seed=3,
+                                       sample_size=64)
+    argv = ["generate", "--model", str(schnell), "--prompt", "x", "--steps", "1", "--guidance", "3.5",
+            "--no-progress", "--output", str(tmp_path / "x.png")]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "no guidance embedding" in lines[0] and "Traceback" not in lines[0]
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_model_path_that_is_a_file_or_lacks_model_index(tmp_path, capsys):
