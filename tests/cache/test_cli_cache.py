@@ -3,6 +3,7 @@
 import json
 
 from ditserve.cli import main
+from ditserve.loader import DEFAULT_MODEL_DIR
 
 
 def test_generate_with_cache_reports_stats(tmp_path, capsys):
@@ -19,7 +20,9 @@ def test_generate_bad_cache_is_one_line_error(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fn must be an integer, got 'zero'" in err[0]
     assert main(["generate", "--prompt", "x", "--cache", "fbcache:fn=40"]) == 2  # more than the model's blocks
-    assert "must be below the 4 blocks of FluxTransformer" in capsys.readouterr().err
+    config = json.loads((DEFAULT_MODEL_DIR / "transformer" / "config.json").read_text())
+    blocks = config["num_layers"] + config["num_single_layers"]
+    assert f"must be below the {blocks} blocks of FluxTransformer" in capsys.readouterr().err
 
 
 def test_compile_report_with_cache(capsys):

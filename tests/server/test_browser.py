@@ -63,7 +63,9 @@ def test_web_page_generates_and_keeps_history(page_server, tmp_path):
             page.goto(live.url + "/")
             page.wait_for_function("document.getElementById('model-line').textContent.includes('default-model')",
                                    timeout=20_000)
-            assert "256x256" in page.inner_text("#model-line")
+            spec = pipe.spec  # the page shows the model's defaults
+            assert (f"default {spec.default_width}x{spec.default_height}, {spec.default_steps} steps"
+                    in page.inner_text("#model-line"))
             assert page.is_hidden("#api-key-label")  # no key configured
 
             page.fill("#prompt", "a red circle on a blue background")
