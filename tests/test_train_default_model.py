@@ -75,12 +75,15 @@ def test_quick_model_loads_and_generates_through_ditserve(quick_run):
     loaded = load_model(str(out), engine)
     cls = pipeline_class(loaded.pipeline_class)
     spec = cls.spec_for(loaded.name, loaded.components)
-    # A FLUX.1-dev-like model with a 3-level VAE: 28 steps, guidance 3.5, 64x64 images from 16x16 latents.
+    # A FLUX.1-dev-like model with a 3-level VAE: 28 steps, guidance 3.5, 64x64 images from 16x16 latents, and
+    # by default as many T5 tokens as training used (the saved tokenizer's model_max_length caps the 512).
     assert (spec.default_steps, spec.default_guidance, spec.default_height, spec.default_width) == (28, 3.5, 64, 64)
+    text_len = json.loads((out / "train.json").read_text())["config"]["text_len"]
+    assert spec.max_sequence_length == text_len == 16
     pipe = cls(loaded.components, engine, spec)
     assert pipe.vae_scale_factor == 4 and pipe.latent_size(64, 64) == (16, 16)
-    result = pipe.generate(SamplingParams(prompt="a red circle on a blue background", steps=2, seed=0,
-                                          max_sequence_length=16), progress=False)
+    result = pipe.generate(SamplingParams(prompt="a red circle on a blue background", steps=2, seed=0),
+                           progress=False)
     assert [img.size for img in result.images] == [(64, 64)]
 
 
@@ -125,7 +128,7 @@ def test_install_copies_model_and_record(quick_run, tmp_path, monkeypatch):
 def test_flags_and_quick_defaults():
     script = load_script_module()
     _, cfg = script.parse_args(["--out", "x"])
-    assert cfg.text_len == 512 and cfg.latent_channels == 4 and len(cfg.vae_channels) == 3
+    assert cfg.text_len <= 512 and cfg.latent_channels == 4 and len(cfg.vae_channels) == 3
     assert cfg.width % cfg.head_dim == 0
     _, quick = script.parse_args(["--out", "x", "--quick", "--dit-steps", "7", "--vae-channels", "8", "8", "8"])
     assert quick.device == "cpu" and quick.dit_steps == 7 and quick.vae_channels == (8, 8, 8)
