@@ -26,7 +26,8 @@ DEFAULT_PROMPT = "a red circle on a blue background"
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the prompt of every request (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT,
+                   help=f"the prompt of every request (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--height", type=int, default=None, help="image height (default: model's)")
     p.add_argument("--width", type=int, default=None, help="image width (default: model's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: model's)")

@@ -124,15 +124,17 @@ def _write_t5_tokenizer(dir: Path, model_max_length: int = 512) -> None:
     (dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 
 
-def make_tiny_tokenizers(dir: str | Path, whole_words: bool = False) -> tuple[Path, Path]:
+def make_tiny_tokenizers(dir: str | Path, whole_words: bool = False,
+                         t5_max_length: int = 512) -> tuple[Path, Path]:
     """Write a tiny CLIP tokenizer to `dir/tokenizer` and a tiny T5 tokenizer to `dir/tokenizer_2`.
 
     Both load offline with `from_pretrained` (CLIPTokenizer / T5TokenizerFast). Returns the two folders.
     T5 gives every built-in word one token; CLIP does so with `whole_words` (see `_write_clip_tokenizer`).
+    `t5_max_length` is the T5 tokenizer's model_max_length, which caps the pipeline's default T5 length.
     """
     dir = Path(dir)
     _write_clip_tokenizer(dir / "tokenizer", whole_words)
-    _write_t5_tokenizer(dir / "tokenizer_2")
+    _write_t5_tokenizer(dir / "tokenizer_2", model_max_length=t5_max_length)
     return dir / "tokenizer", dir / "tokenizer_2"
 
 

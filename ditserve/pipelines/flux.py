@@ -164,8 +164,9 @@ class FluxPipeline:
 
         A preset name (e.g. "flux.1-dev") gives the preset. Otherwise defaults follow the transformer: with a
         guidance embedder (FLUX.1-dev-like) 28 steps, guidance 3.5, max_sequence_length 512; without
-        (schnell-like) 4 steps, guidance 0, 256. The default size is the VAE's natural size (its config's
-        sample_size: 1024 for FLUX.1, smaller for tiny test models).
+        (schnell-like) 4 steps, guidance 0, 256; the length is capped by the T5 tokenizer's model_max_length.
+        The default size is the VAE's natural size (its config's sample_size: 1024 for FLUX.1, smaller for tiny
+        test models).
         """
         from ditserve.registry import PRESETS, preset
 
@@ -184,7 +185,9 @@ class FluxPipeline:
             default_guidance=3.5 if guided else 0.0,
             default_height=size,
             default_width=size,
-            max_sequence_length=default_max_sequence_length(guided),
+            # never longer than the T5 tokenizer's own limit (512 for FLUX.1; small models may train on fewer)
+            max_sequence_length=min(default_max_sequence_length(guided),
+                                    getattr(components["tokenizer_2"], "model_max_length", 512)),
         )
 
     # -------------------------------------------------------------------------------------------- stages
