@@ -465,13 +465,24 @@ def _default_size(model: str | None, load_format: str) -> tuple[int, int]:
     return size, size
 
 
-def _example_inputs_fn(model: nn.Module) -> tuple[Callable[..., dict], int]:
-    """The model family's example-input builder and its default text length."""
+def _t5_tokenizer_limit(model: str | None, load_format: str) -> int | None:
+    """The model folder's T5 tokenizer model_max_length (None for a dummy preset or when absent)."""
+    from ditserve import registry
+    from ditserve.loader import resolve_model
+
+    if load_format == "dummy" and model in registry.PRESETS:
+        return None
+    config = resolve_model(model, weights=load_format != "dummy") / "tokenizer_2" / "tokenizer_config.json"
+    return json.loads(config.read_text()).get("model_max_length") if config.is_file() else None
+
+
+def _example_inputs_fn(model: nn.Module, tokenizer_limit: int | None) -> tuple[Callable[..., dict], int]:
+    """The model family's example-input builder and its default text length (the pipeline's rule)."""
     from ditserve.models.flux import FluxTransformer
     from ditserve.pipelines.flux import default_max_sequence_length
 
     if isinstance(model, FluxTransformer):
-        return flux_example_inputs, default_max_sequence_length(model.config.guidance_embeds)
+        return flux_example_inputs, default_max_sequence_length(model.config.guidance_embeds, tokenizer_limit)
     raise ConfigError(f"compile-report has no example inputs for {type(model).__name__}")
 
 
@@ -516,7 +527,7 @@ def compile_report_main(args: argparse.Namespace) -> int:
     _progress(f"loading the transformer of {args.model or 'the packaged default model'}")
     t0 = time.perf_counter()
     model, _ = load_transformer(args.model, engine)
-    make, text_len = _example_inputs_fn(model)
+    make, text_len = _example_inputs_fn(model, _t5_tokenizer_limit(args.model, args.load_format))
     text_len = args.text_len or text_len
     param = next(model.parameters())
     _progress(f"loaded in {time.perf_counter() - t0:.1f} s ({param.device}, {param.dtype}); compiling with "

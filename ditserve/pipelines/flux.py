@@ -76,9 +76,11 @@ def default_image_size(vae_sample_size: int | None) -> int:
     return max(size - size % SIZE_MULTIPLE, MIN_SIZE)
 
 
-def default_max_sequence_length(guidance_embeds: bool) -> int:
-    """T5 tokens by default: 512 for guidance-distilled (FLUX.1-dev-like) models, 256 for schnell-like ones."""
-    return 512 if guidance_embeds else 256
+def default_max_sequence_length(guidance_embeds: bool, tokenizer_limit: int | None = None) -> int:
+    """T5 tokens by default: 512 for guidance-distilled (FLUX.1-dev-like) models, 256 for schnell-like ones,
+    never more than the T5 tokenizer's model_max_length (`tokenizer_limit`; small models may train on fewer)."""
+    n = 512 if guidance_embeds else 256
+    return n if tokenizer_limit is None else min(n, int(tokenizer_limit))
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -185,9 +187,8 @@ class FluxPipeline:
             default_guidance=3.5 if guided else 0.0,
             default_height=size,
             default_width=size,
-            # never longer than the T5 tokenizer's own limit (512 for FLUX.1; small models may train on fewer)
-            max_sequence_length=min(default_max_sequence_length(guided),
-                                    getattr(components["tokenizer_2"], "model_max_length", 512)),
+            max_sequence_length=default_max_sequence_length(
+                guided, getattr(components["tokenizer_2"], "model_max_length", None)),
         )
 
     # -------------------------------------------------------------------------------------------- stages

@@ -20,7 +20,7 @@ from ditserve.compile import (
     CompileConfig, add_compile_report_args, compile_model, compile_regions, compile_report, compile_report_main,
     compiled_modules, flux_example_inputs, is_compiled, second_size,
 )
-from ditserve.config import ConfigError
+from ditserve.config import ConfigError, EngineConfig
 from ditserve.models.flux import FluxConfig, FluxTransformer
 
 EAGER = CompileConfig(backend="eager")
@@ -337,6 +337,21 @@ def test_second_size_differs_in_tokens():
     for h, w in [(1024, 1024), (256, 256), (64, 64), (80, 64), (112, 48)]:
         h2, w2 = second_size(h, w)
         assert h2 % 16 == 0 and w2 % 16 == 0 and h2 >= 64 and h2 * w2 != h * w
+
+
+def test_cli_default_text_len_is_the_pipelines(capsys):
+    """No --text-len: the T5 length the pipeline would use for this model (the default model's tokenizer caps
+    FLUX.1-dev's 512 at the length it was trained with)."""
+    from ditserve.loader import load_model
+    from ditserve.pipelines.flux import FluxPipeline, default_max_sequence_length
+
+    assert compile_report_main(parse("--backend", "eager")) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    loaded = load_model(None, EngineConfig(device="cpu"))
+    spec = FluxPipeline.spec_for(loaded.name, loaded.components)
+    assert report["text_len"] == spec.max_sequence_length < 512
+    assert default_max_sequence_length(True) == 512 and default_max_sequence_length(True, 32) == 32
+    assert default_max_sequence_length(False, 10**30) == 256  # transformers' "no limit" sentinel
 
 
 def test_cli_default_model_json(capsys):
