@@ -17,7 +17,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from ditserve.config import ConfigError, EngineConfig, SamplingParams
@@ -63,8 +63,7 @@ def run_bench(model: str | None, engine: EngineConfig, params: SamplingParams, r
     log(f"{loaded.name}: loaded in {load_s:.2f} s on {pipe.device}")
 
     def request(i: int):
-        p = SamplingParams(**{**params.__dict__, "seed": params.seed + i})
-        return pipe.generate(p, progress=False)
+        return pipe.generate(replace(params, seed=params.seed + i), progress=False)
 
     t1 = time.perf_counter()
     for i in range(warmup):
