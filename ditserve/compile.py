@@ -450,30 +450,25 @@ def second_size(height: int, width: int) -> tuple[int, int]:
     return (h2 if h2 >= MIN_SIZE else height + 2 * SIZE_MULTIPLE), width
 
 
-def _default_size(model: str | None, load_format: str) -> tuple[int, int]:
-    """The model's default (height, width): a preset's own; for a folder the pipeline's rule (the VAE's
-    sample_size, see FluxPipeline.spec_for)."""
+def _checkpoint_defaults(model: str | None, load_format: str) -> tuple[int, int, int | None]:
+    """(height, width, T5 tokenizer limit) the pipeline would default to: a preset's own size and no tokenizer
+    limit; for a folder the VAE's sample_size (see FluxPipeline.spec_for) and tokenizer_2's model_max_length
+    (None where the file is absent). The folder is resolved once."""
     from ditserve import registry
     from ditserve.loader import resolve_model
     from ditserve.pipelines.flux import default_image_size
 
     if load_format == "dummy" and model in registry.PRESETS:
         spec = registry.preset(model)
-        return spec.default_height, spec.default_width
-    vae_config = resolve_model(model, weights=load_format != "dummy") / "vae" / "config.json"
-    size = default_image_size(json.loads(vae_config.read_text()).get("sample_size") if vae_config.is_file() else None)
-    return size, size
+        return spec.default_height, spec.default_width, None
+    folder = resolve_model(model, weights=load_format != "dummy")
 
+    def config(path: str) -> dict:
+        file = folder / path
+        return json.loads(file.read_text()) if file.is_file() else {}
 
-def _t5_tokenizer_limit(model: str | None, load_format: str) -> int | None:
-    """The model folder's T5 tokenizer model_max_length (None for a dummy preset or when absent)."""
-    from ditserve import registry
-    from ditserve.loader import resolve_model
-
-    if load_format == "dummy" and model in registry.PRESETS:
-        return None
-    config = resolve_model(model, weights=load_format != "dummy") / "tokenizer_2" / "tokenizer_config.json"
-    return json.loads(config.read_text()).get("model_max_length") if config.is_file() else None
+    size = default_image_size(config("vae/config.json").get("sample_size"))
+    return size, size, config("tokenizer_2/tokenizer_config.json").get("model_max_length")
 
 
 def _example_inputs_fn(model: nn.Module, tokenizer_limit: int | None) -> tuple[Callable[..., dict], int]:
@@ -515,9 +510,8 @@ def compile_report_main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--text-len must be >= 1, got {args.text_len}")
 
     height, width = args.height, args.width
-    if height is None or width is None:
-        default_h, default_w = _default_size(args.model, args.load_format)
-        height, width = height or default_h, width or default_w
+    default_h, default_w, t5_limit = _checkpoint_defaults(args.model, args.load_format)
+    height, width = height or default_h, width or default_w
     h2, w2 = second_size(height, width)
     h2, w2 = args.height2 or h2, args.width2 or w2
     if (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE) == (h2 // SIZE_MULTIPLE) * (w2 // SIZE_MULTIPLE):
@@ -527,7 +521,7 @@ def compile_report_main(args: argparse.Namespace) -> int:
     _progress(f"loading the transformer of {args.model or 'the packaged default model'}")
     t0 = time.perf_counter()
     model, _ = load_transformer(args.model, engine)
-    make, text_len = _example_inputs_fn(model, _t5_tokenizer_limit(args.model, args.load_format))
+    make, text_len = _example_inputs_fn(model, t5_limit)
     text_len = args.text_len or text_len
     param = next(model.parameters())
     _progress(f"loaded in {time.perf_counter() - t0:.1f} s ({param.device}, {param.dtype}); compiling with "
