@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from statistics import mean
 
 import torch
+from benchutil import commit
 
 PRESET_NAMES = ("fbcache-safe", "fbcache-fast", "dbcache-safe", "dbcache-fast")
 CEILING_THRESHOLD = math.inf  # cache every step the warmup and cap allow
@@ -38,16 +37,6 @@ CEILING_THRESHOLD = math.inf  # cache every step the warmup and cap allow
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def commit() -> str | None:
-    if os.environ.get("DITSERVE_COMMIT"):  # the GPU machine gets the tree without .git
-        return os.environ["DITSERVE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True).stdout.strip() or None
-    except OSError:
-        return None
 
 
 def latent_psnr(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchutil import commit
 from PIL import Image
 
 from ditserve import shapes
@@ -59,7 +60,7 @@ def main() -> int:
     def values(key):
         return [(s.colour, s.shape, s.background)[key] for s in specs]
 
-    rec = {"bench": "default_model", "commit": os.environ.get("DITSERVE_COMMIT") or _git_commit(),
+    rec = {"bench": "default_model", "commit": commit(),
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
            "prompts": len(rows), "seed": args.seed, "accuracy": round(sum(r["ok"] for r in rows) / len(rows), 4),
            "colour_accuracy": frac(0), "shape_accuracy": frac(1), "background_accuracy": frac(2),
@@ -68,14 +69,6 @@ def main() -> int:
            "wrong": [r["prompt"] for r in rows if not r["ok"]]}
     print(json.dumps(rec))
     return 0
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True).stdout.strip() or None
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":

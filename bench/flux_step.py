@@ -40,6 +40,7 @@ import time
 from dataclasses import replace
 
 import torch
+from benchutil import commit, cuda_median_ms
 
 # Name -> (what changes, prediction written before the run). Each is a ditserve compiled forward.
 LEVERS = {
@@ -73,24 +74,16 @@ class Clock:
             torch.cuda.synchronize()
 
     def ms(self, fn, iters: int, warmup: int = 3) -> float:
+        if self.cuda:
+            return cuda_median_ms(fn, iters, warmup)
         for _ in range(warmup):
             fn()
-        self.sync()
         times = []
         for _ in range(iters):
-            if self.cuda:
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        return times[len(times) // 2]
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[iters // 2]
 
     def seconds(self, fn) -> float:
         """Wall seconds of one call (a compile, a generate), synchronised on both ends."""
@@ -295,13 +288,10 @@ def diffusers_twin(ours, device: torch.device, dtype: torch.dtype):
     with torch.device("meta"):
         ref = FluxTransformer2DModel(**cfg)
     ref = ref.to_empty(device=device).to(dtype).eval().requires_grad_(False)
-    ours_params, ref_params = dict(ours.named_parameters()), dict(ref.named_parameters())
     with torch.no_grad():
-        for key, (name, start, stop) in ours.weight_map().items():
-            src = ours_params[name] if start is None else ours_params[name][start:stop]
-            ref_params[key].copy_(src)
-        for name, buf in ref.named_buffers():  # none in 0.42; kept so a future buffer is not left uninitialised
+        for buf in ref.buffers():  # none in 0.42; kept so a future buffer is not left uninitialised
             buf.zero_()
+    ref.load_state_dict(_reference_state(ours, ref))
     return ref
 
 
@@ -365,7 +355,7 @@ def main() -> int:
                  "gpu": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
                  "triton": _version("triton"), "diffusers": diffusers.__version__, "height": args.size,
                  "width": args.size, "text_len": args.text_len, "kernels": args.kernels,
-                 "commit": os.environ.get("DITSERVE_COMMIT") or _git_commit()}
+                 "commit": commit()}
 
     # 0. cold start, in child processes, before this one holds any GPU memory.
     if compile_on and not args.skip_cold_start:
@@ -801,15 +791,6 @@ def _version(module: str) -> str | None:
     try:
         return __import__(module).__version__
     except ImportError:
-        return None
-
-
-def _git_commit() -> str | None:
-    # The device machine gets a copy of the tree without .git: pass DITSERVE_COMMIT there.
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True).stdout.strip() or None
-    except OSError:
         return None
 
 

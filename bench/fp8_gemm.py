@@ -11,10 +11,10 @@ tensor-wise scale. Prints a table to stderr and one JSON line last.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import torch
+from benchutil import commit, cuda_median_ms
 
 SHAPES = {  # name: (M, K, N)
     "double img qkv": (4096, 3072, 9216),
@@ -26,19 +26,8 @@ SHAPES = {  # name: (M, K, N)
 }
 
 
-def ms(fn, iters: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[iters // 2]
+def ms(fn) -> float:
+    return cuda_median_ms(fn, iters=50, warmup=5)
 
 
 def main() -> int:
@@ -69,7 +58,7 @@ def main() -> int:
                                            for k, v in r.items()}}
         print(f"{name:20s} " + "  ".join(f"{k} {flop / v / 1e9:6.0f}" for k, v in r.items()), file=sys.stderr)
     print(json.dumps({"bench": "fp8_gemm", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                      "commit": os.environ.get("DITSERVE_COMMIT"), "tflops_by_shape": rows}))
+                      "commit": commit(), "tflops_by_shape": rows}))
     return 0
 
 

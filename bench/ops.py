@@ -18,7 +18,7 @@ from one (1, 1, 6D) vector as the models do. Also sweeps the launch layouts of t
 
 Usage: python bench/ops.py [--ops rms_norm,norm_scale_shift,...] [--sizes flux1-dev,wan-14b] [--no-sweep]
 Prints a table, then ONE JSON line last: {"bench": "ops", "env": {...}, "results": [...], "sweep": [...]}.
-The commit is read from $DITSERVE_COMMIT, else `git rev-parse --short HEAD`.
+The commit is read from $DITSERVE_COMMIT, else `git rev-parse --short HEAD` (benchutil.commit).
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ import datetime
 import itertools
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import triton  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
+from benchutil import commit as benchutil_commit  # noqa: E402
 from ditserve.kernels import norm as K  # noqa: E402
 from ditserve.ops import functional as Fn  # noqa: E402
 
@@ -250,13 +249,7 @@ def layout_sweep(sizes: list[str]) -> list[dict]:
 
 
 def env_info() -> dict:
-    commit = os.environ.get("DITSERVE_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
+    commit = benchutil_commit() or "unknown"
     props = torch.cuda.get_device_properties(0)
     return {
         "gpu": torch.cuda.get_device_name(),

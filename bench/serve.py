@@ -32,23 +32,13 @@ import threading
 import time
 
 import httpx2
+from benchutil import commit
 
 URL = "/v1/images/generations"
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def commit() -> str | None:
-    # The device machine gets a copy of the tree without .git: pass DITSERVE_COMMIT there.
-    if os.environ.get("DITSERVE_COMMIT"):
-        return os.environ["DITSERVE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        return None
 
 
 def percentile(values: list[float], q: float) -> float | None:

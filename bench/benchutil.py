@@ -1,0 +1,40 @@
+"""What every bench script shares: the commit a run measured, and a CUDA-event median timer.
+
+Imported as `from benchutil import ...`: the scripts run as `python bench/NAME.py`, which puts bench/ first on
+sys.path.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import torch
+
+
+def commit() -> str | None:
+    """$DITSERVE_COMMIT (the GPU machine gets a copy of the tree without .git), else `git rev-parse --short HEAD`
+    of this checkout, else None."""
+    if os.environ.get("DITSERVE_COMMIT"):
+        return os.environ["DITSERVE_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def cuda_median_ms(fn, iters: int, warmup: int) -> float:
+    """Median ms of fn() over `iters` calls, each timed with CUDA events, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[iters // 2]
