@@ -47,8 +47,7 @@ def run_bench(model: str | None, engine: EngineConfig, params: SamplingParams, r
     """Load `model`, run `warmup` + `runs` requests of `params` (seed + i for request i); return the record."""
     import torch
 
-    from ditserve.loader import load_model
-    from ditserve.registry import pipeline_class
+    from ditserve.pipelines import load_pipeline
 
     if runs < 1:
         raise ConfigError(f"--runs must be >= 1, got {runs}")
@@ -56,11 +55,9 @@ def run_bench(model: str | None, engine: EngineConfig, params: SamplingParams, r
         raise ConfigError(f"--warmup must be >= 0, got {warmup}")
     params.validate()
     t0 = time.perf_counter()
-    loaded = load_model(model, engine)
-    pipe_cls = pipeline_class(loaded.pipeline_class)
-    pipe = pipe_cls(loaded.components, engine, pipe_cls.spec_for(loaded.name, loaded.components))
+    name, pipe = load_pipeline(model, engine)
     load_s = time.perf_counter() - t0
-    log(f"{loaded.name}: loaded in {load_s:.2f} s on {pipe.device}")
+    log(f"{name}: loaded in {load_s:.2f} s on {pipe.device}")
 
     def request(i: int):
         return pipe.generate(replace(params, seed=params.seed + i), progress=False)
@@ -82,7 +79,7 @@ def run_bench(model: str | None, engine: EngineConfig, params: SamplingParams, r
     n_images = len(results[0].images)
     peaks = [r.peak_memory_bytes for r in results if r.peak_memory_bytes is not None]
     return {
-        "bench": "ditserve-bench", "model": loaded.name, "device": str(pipe.device),
+        "bench": "ditserve-bench", "model": name, "device": str(pipe.device),
         "gpu": torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else None,
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "engine": asdict(engine),

@@ -171,14 +171,11 @@ def _generate(args: argparse.Namespace) -> int:
     engine = engine_from_args(args)
     check_engine(engine)
 
-    from ditserve.loader import load_model
-    from ditserve.registry import pipeline_class
+    from ditserve.pipelines import load_pipeline
 
     _quiet_libraries()
     t0 = time.perf_counter()
-    loaded = load_model(args.model, engine)
-    pipe_cls = pipeline_class(loaded.pipeline_class)
-    pipe = pipe_cls(loaded.components, engine, pipe_cls.spec_for(loaded.name, loaded.components))
+    name, pipe = load_pipeline(args.model, engine)
     load_s = time.perf_counter() - t0
 
     result = pipe.generate(params, progress=not (args.quiet or args.no_progress))
@@ -187,7 +184,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(path)
     if not args.quiet:
         quant = f" | quantization {engine.quantization}" if engine.quantization else ""
-        print(f"{loaded.name}: load {load_s:.2f} s{quant} | {_format_summary(result, result.params.steps)}",
+        print(f"{name}: load {load_s:.2f} s{quant} | {_format_summary(result, result.params.steps)}",
               file=sys.stderr)
     return 0
 

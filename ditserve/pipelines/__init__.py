@@ -36,6 +36,17 @@ class GenerationResult:
     cache_stats: dict[str, Any] | None = None
 
 
+def load_pipeline(model: str | None, engine) -> tuple[str, Any]:
+    """Load `model` for `engine` (see `ditserve.loader.load_model`) and build its family's pipeline, with the
+    checkpoint's sampling defaults: (model name, pipeline). What generate, serve and bench run."""
+    from ditserve.loader import load_model
+    from ditserve.registry import pipeline_class
+
+    loaded = load_model(model, engine)
+    cls = pipeline_class(loaded.pipeline_class)
+    return loaded.name, cls(loaded.components, engine, cls.spec_for(loaded.name, loaded.components))
+
+
 def synchronizer(device: torch.device) -> Callable[[], None]:
     """The function that waits for `device`'s queued work (a no-op on CPU). Bound once, for stage timings."""
     module = getattr(torch, device.type, None)

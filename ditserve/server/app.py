@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ditserve.config import ConfigError, SamplingParams
 from ditserve.logging import init_logger
+from ditserve.pipelines import load_pipeline
 from ditserve.server.config import ServerConfig
 from ditserve.server.files import OutputStore
 from ditserve.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -437,16 +438,6 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- serving
-
-
-def load_pipeline(model: str | None, engine) -> tuple[str, Any]:
-    """Load `model` for `engine` and build its family's pipeline: (model name, pipeline)."""
-    from ditserve.loader import load_model
-    from ditserve.registry import pipeline_class
-
-    loaded = load_model(model, engine)
-    cls = pipeline_class(loaded.pipeline_class)
-    return loaded.name, cls(loaded.components, engine, cls.spec_for(loaded.name, loaded.components))
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
