@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     g.add_argument("--num-images", type=int, default=1, help="images to generate (numbered outputs if > 1)")
     g.add_argument("--max-sequence-length", type=int, default=None,
-                   help="T5 prompt tokens (default: model's, 512 for FLUX.1-dev, 256 for schnell)")
+                   help="T5 prompt tokens (default: model's, 512 for FLUX.1-dev, 256 for schnell, capped by the "
+                        "T5 tokenizer's model_max_length)")
     g.add_argument("--output", default="out.png",
                    help="output file: .png, .jpg/.jpeg or .webp; several images are saved as NAME-0.png, ...")
     add_engine_flags(g)

@@ -432,7 +432,7 @@ def add_compile_report_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width2", type=int, default=None, help="second image width (default: the first width)")
     parser.add_argument("--text-len", type=int, default=None,
                         help="text tokens (default: the model's max_sequence_length: 512 for FLUX.1-dev-like "
-                             "models, 256 for schnell-like ones)")
+                             "models, 256 for schnell-like ones, capped by the T5 tokenizer's model_max_length)")
     parser.add_argument("--backend", choices=list(BACKENDS), default="inductor",
                         help="compiler backend: inductor (the engine's), or aot_eager / eager for a quick "
                              "graph-break and recompile check without code generation")
