@@ -2,9 +2,10 @@
 
 Numerically this is diffusers' `FluxTransformer2DModel` (0.42.x): same inputs, same conventions, same weights
 (loaded from a diffusers state dict through `FluxTransformer.weight_map`). The layout differs where it is
-faster: q/k/v of each stream come from one fused Linear, the single-stream block computes q/k/v and the MLP
-hidden state with one Linear (3D + 4D outputs) and projects concat(attn, mlp) with one Linear, and the two
-AdaLN modulations of a double-stream block (image and text) are one Linear.
+faster: q/k/v of each stream come from one fused Linear, each MLP's input projection carries its GELU
+(`LinearGELU`: on CUDA in the GEMM's epilogue), the single-stream block projects concat(attn, mlp) with one
+Linear (or, with the epilogue GELU, with one GEMM per part), and the two AdaLN modulations of a
+double-stream block (image and text) are one Linear.
 
 Notation in shape comments: B batch, L image tokens, T text tokens, S = T + L, D = heads * head_dim (hidden),
 H heads, Dh head_dim, C in_channels.
@@ -23,7 +24,7 @@ from torch import nn
 from ditserve.config import ConfigError, ModelSpec
 from ditserve.dummy_run import in_dummy_run
 from ditserve.ops import (
-    Attention, Linear, MulAdd, NormScaleShift, OpsConfig, ResidualNormScaleShift, RMSNorm, Rotary,
+    Attention, Linear, LinearGELU, MulAdd, NormScaleShift, OpsConfig, ResidualNormScaleShift, RMSNorm, Rotary,
     axial_rope_cos_sin,
 )
 
@@ -150,9 +151,9 @@ class FluxDoubleBlock(nn.Module):
         self.img_attn_out = Linear(dim, dim, **lin)
         self.txt_attn_out = Linear(dim, dim, **lin)
         self.norm2 = ResidualNormScaleShift(dim, eps=NORM_EPS, norm="layer", ops=ops)
-        self.img_mlp_in = Linear(dim, 4 * dim, **lin)
+        self.img_mlp_in = LinearGELU(dim, 4 * dim, **lin)  # gelu_tanh(Linear)
         self.img_mlp_out = Linear(4 * dim, dim, **lin)
-        self.txt_mlp_in = Linear(dim, 4 * dim, **lin)
+        self.txt_mlp_in = LinearGELU(dim, 4 * dim, **lin)
         self.txt_mlp_out = Linear(4 * dim, dim, **lin)
         self.gated_add = MulAdd(k=0.0, ops=ops)  # gated_add(y, gate, r) = r + gate * y
 
@@ -179,12 +180,12 @@ class FluxDoubleBlock(nn.Module):
 
         # Image stream: gated residual + AdaLN, then the MLP with a gated residual.
         img_h, img = self.norm2(self.img_attn_out(img_attn), img, img_gate1, img_scale2, img_shift2)  # (B, L, D) x2
-        img_h = self.img_mlp_out(F.gelu(self.img_mlp_in(img_h), approximate="tanh"))  # (B, L, 4D) -> (B, L, D)
+        img_h = self.img_mlp_out(self.img_mlp_in(img_h))  # (B, L, 4D) -> (B, L, D)
         img = self.gated_add(img_h, img_gate2, img)  # (B, L, D)
 
         # Text stream: the same with its own weights.
         txt_h, txt = self.norm2(self.txt_attn_out(txt_attn), txt, txt_gate1, txt_scale2, txt_shift2)  # (B, T, D) x2
-        txt_h = self.txt_mlp_out(F.gelu(self.txt_mlp_in(txt_h), approximate="tanh"))  # (B, T, 4D) -> (B, T, D)
+        txt_h = self.txt_mlp_out(self.txt_mlp_in(txt_h))  # (B, T, 4D) -> (B, T, D)
         txt = self.gated_add(txt_h, txt_gate2, txt)  # (B, T, D)
         if self.clamp_fp16:  # as diffusers: keep fp16 text activations finite
             txt = txt.clamp(-FP16_MAX, FP16_MAX)
@@ -192,8 +193,10 @@ class FluxDoubleBlock(nn.Module):
 
 
 class FluxSingleBlock(nn.Module):
-    """Single-stream block: parallel attention + MLP over the joint sequence, one fused input projection
-    (q, k, v, mlp hidden: 3D + 4D outputs) and one fused output projection over concat(attn, mlp).
+    """Single-stream block: parallel attention + MLP over the joint sequence, with one output projection over
+    concat(attn, gelu(mlp hidden)). When the MLP's GELU runs in its GEMM's epilogue (LinearGELU's CUDA path),
+    the output projection multiplies the two parts separately (`Linear.forward_concat`), so the GELU's output
+    is never copied into a concatenated buffer; otherwise inductor writes both parts into that buffer.
 
     forward(x (B, S, D), temb (B, D), cos, sin (S, Dh/2) fp32) -> x (B, S, D).
     """
@@ -206,23 +209,24 @@ class FluxSingleBlock(nn.Module):
         lin = dict(ops=ops, device=device, dtype=dtype)
         self.mod = Linear(dim, 3 * dim, **lin)  # shift, scale, gate
         self.norm = NormScaleShift(dim, eps=NORM_EPS, norm="layer", ops=ops)
-        self.qkv_mlp = Linear(dim, 3 * dim + 4 * dim, **lin)  # [q | k | v | mlp hidden]
+        self.qkv = Linear(dim, 3 * dim, **lin)  # [q | k | v]
+        self.mlp_in = LinearGELU(dim, 4 * dim, **lin)  # gelu_tanh(mlp hidden)
         self.q_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
         self.k_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
         self.rotary = Rotary(interleaved=True, ops=ops)
         self.attn = Attention(attention)
-        self.out = Linear(dim + 4 * dim, dim, **lin)  # over concat(attn, gelu(mlp))
+        self.out = Linear(dim + 4 * dim, dim, split_concat_input=self.mlp_in.path == "cuda", **lin)
         self.gated_add = MulAdd(k=0.0, ops=ops)  # gated_add(y, gate, r) = r + gate * y
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.mod(F.silu(temb)).unsqueeze(1).chunk(3, dim=-1)  # (B, 1, D) each
         h = self.norm(x, scale, shift)  # (B, S, D)
-        qkv, mlp = self.qkv_mlp(h).split((3 * self.dim, 4 * self.dim), dim=-1)  # (B, S, 3D), (B, S, 4D)
-        q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # (B, S, H, Dh)
+        q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # (B, S, H, Dh)
+        mlp = self.mlp_in(h)  # (B, S, 4D), after the GELU
         q = self.rotary(self.q_norm(q), cos, sin)
         k = self.rotary(self.k_norm(k), cos, sin)
         attn = self.attn(q, k, v).flatten(2)  # (B, S, D)
-        h = self.out(torch.cat((attn, F.gelu(mlp, approximate="tanh")), dim=-1))  # (B, S, 5D) -> (B, S, D)
+        h = self.out.forward_concat((attn, mlp))  # (B, S, D + 4D) -> (B, S, D)
         x = self.gated_add(h, gate, x)  # (B, S, D)
         if self.clamp_fp16:  # as diffusers: keep fp16 activations finite
             x = x.clamp(-FP16_MAX, FP16_MAX)
@@ -271,7 +275,7 @@ class FluxTransformer(nn.Module):
     fp8_linears = (
         ("double_blocks", ("img_qkv", "txt_qkv", "img_attn_out", "txt_attn_out", "img_mlp_in", "img_mlp_out",
                            "txt_mlp_in", "txt_mlp_out")),
-        ("single_blocks", ("qkv_mlp", "out")),
+        ("single_blocks", ("qkv", "mlp_in", "out")),
     )
 
     def __init__(self, config: FluxConfig, ops: OpsConfig | None = None, attention: str = "sdpa", device=None,
@@ -439,8 +443,8 @@ class FluxTransformer(nn.Module):
             src, dst = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
             linear(f"{src}.norm.linear", f"{dst}.mod")
             for j, name in enumerate(("to_q", "to_k", "to_v")):
-                linear(f"{src}.attn.{name}", f"{dst}.qkv_mlp", j * D, (j + 1) * D)
-            linear(f"{src}.proj_mlp", f"{dst}.qkv_mlp", 3 * D, 7 * D)
+                linear(f"{src}.attn.{name}", f"{dst}.qkv", j * D, (j + 1) * D)
+            linear(f"{src}.proj_mlp", f"{dst}.mlp_in")
             param(f"{src}.attn.norm_q.weight", f"{dst}.q_norm.weight")
             param(f"{src}.attn.norm_k.weight", f"{dst}.k_norm.weight")
             linear(f"{src}.proj_out", f"{dst}.out")

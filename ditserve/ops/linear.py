@@ -1,4 +1,5 @@
-"""Linear layer whose bias handling is a construction-time constant."""
+"""Linear layers: the plain one (bias handling a construction-time constant) and one with a tanh-GELU applied
+to its output (on CUDA inside the GEMM's epilogue)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,20 @@ class Linear(CustomOp):
     wasted host time).
     """
 
+    # The activation applied to the output ("gelu_tanh" in LinearGELU): a quantised replacement of this layer
+    # (`ditserve.ops.fp8.Fp8Linear.from_linear`) applies it too.
+    activation: str | None = None
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, ops: OpsConfig | None = None,
-                 dtype: torch.dtype | None = None, device=None, bias_dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, device=None, bias_dtype: torch.dtype | None = None,
+                 split_concat_input: bool = False):
         super().__init__(ops)
         self.in_features, self.out_features = in_features, out_features
+        # How `forward_concat` multiplies a concatenated input: False: concatenate, then one GEMM; True: one GEMM
+        # per part (over the matching columns of the weight) and a sum. Splitting saves the copy into the
+        # concatenated buffer when a part comes from an opaque kernel (a cuBLAS epilogue) that torch.compile
+        # cannot make write into that buffer; the sum then fuses into the next elementwise op.
+        self.split_concat_input = split_concat_input
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=bias_dtype or dtype, device=device))
                      if bias else None)
@@ -44,5 +55,48 @@ class Linear(CustomOp):
             return F.linear(x, self.weight, self.bias.to(x.dtype))
         return F.linear(x, self.weight, self.bias)
 
+    def forward_concat(self, xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """self(torch.cat(xs, dim=-1)): xs (..., K_i) with sum K_i = in_features -> (..., out_features)."""
+        if not self.split_concat_input:
+            return self(torch.cat(xs, dim=-1))
+        y, start = None, 0
+        for i, x in enumerate(xs):
+            stop = start + x.shape[-1]
+            bias = self.bias if i == len(xs) - 1 else None  # (the bias once, with the last part)
+            if bias is not None and self.cast_bias:
+                bias = bias.to(x.dtype)
+            part = F.linear(x, self.weight[:, start:stop], bias)  # (..., out_features)
+            y = part if y is None else y + part
+            start = stop
+        if start != self.in_features:  # (sizes are static: no cost under compile)
+            raise ValueError(f"forward_concat: the parts have {start} features in all, expected {self.in_features}")
+        return y
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {super().extra_repr()}"
+
+
+class LinearGELU(Linear):
+    """gelu_tanh(x @ W^T + b): an MLP's input projection and its activation. x: (..., in) -> (..., out).
+
+    The CUDA path runs the GELU (tanh approximation) and the bias in the GEMM's epilogue: cuBLASLt's
+    GELU_BIAS epilogue, through `torch._addmm_activation`, which torch.compile keeps as one opaque kernel. That
+    saves the separate activation kernel, a read and a write of the (tokens x 4D) hidden state. The native
+    path is the two ops, which inductor fuses into one elementwise kernel after the GEMM. (On the CPU
+    `torch._addmm_activation` computes the exact erf GELU, not the tanh one: the native path is used there.)
+    """
+
+    activation = "gelu_tanh"
+    FAST_BY_DEFAULT = False  # set from bench/flux_step.py's gelu_epilogue lever
+
+    def __init__(self, in_features: int, out_features: int, ops: OpsConfig | None = None,
+                 dtype: torch.dtype | None = None, device=None):
+        super().__init__(in_features, out_features, bias=True, ops=ops, dtype=dtype, device=device)
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(F.linear(x, self.weight, self.bias), approximate="tanh")
+
+    def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (M, in)
+        y = torch._addmm_activation(self.bias, x2, self.weight.t(), use_gelu=True)  # (M, out)
+        return y.reshape(*x.shape[:-1], self.out_features)

@@ -19,7 +19,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from ditserve.compile import CompileConfig, compile_report, flux_example_inputs
 from ditserve.config import ConfigError
 from ditserve.models.flux import FluxConfig, FluxTransformer
-from ditserve.ops import Fp8Linear, Linear, OpsConfig, apply_fp8
+from ditserve.ops import Fp8Linear, Linear, LinearGELU, OpsConfig, apply_fp8
 from ditserve.ops import fp8 as fp8_mod
 
 E4M3 = torch.float8_e4m3fn
@@ -132,6 +132,22 @@ def test_close_to_the_unquantised_layer(dtype):
     err = rel_err(op(x), lin(x).double())
     assert err < 0.05
     assert err > 1e-3  # and it really is quantised (a full-precision fallback would be ~1e-7 / ~3e-3 here)
+
+
+def test_keeps_the_activation_of_the_layer_it_replaces():
+    """An fp8 LinearGELU still applies its GELU (after the bias); concatenated input is multiplied whole."""
+    lin = make_linear(torch.float32)
+    act = LinearGELU(K, lin.out_features, ops=OpsConfig(kernels="native"))
+    act.load_state_dict(lin.state_dict())
+    op, plain = Fp8Linear.from_linear(act), Fp8Linear.from_linear(lin)
+    assert (op.activation, plain.activation) == ("gelu_tanh", None)
+    assert "gelu_tanh" in repr(op)
+    x = randn(4, 9, K, dtype=torch.float32)
+    torch.testing.assert_close(op(x), torch.nn.functional.gelu(plain(x), approximate="tanh"))
+    assert rel_err(op(x), act(x).double()) < 0.05
+    torch.testing.assert_close(plain.forward_concat((x[..., :32], x[..., 32:])), plain(x))
+    with pytest.raises(ValueError, match="activation"):
+        Fp8Linear(op.weight.data, op.weight_scale.data, op.bias.data, activation="relu")
 
 
 def test_activation_scale_is_per_row():
@@ -249,7 +265,7 @@ def test_apply_fp8_swaps_exactly_the_declared_layers():
     fp8 = {name for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
     linear = {name for name, m in model.named_modules() if isinstance(m, Linear)}
     assert fp8 == eligible(model)
-    assert len(fp8) == 8 * 2 + 2 * 2  # 8 per double block, 2 per single block
+    assert len(fp8) == 8 * 2 + 3 * 2  # 8 per double block, 3 per single block
     # Left in full precision: the per-block modulation GEMMs (M = batch), the embedders, the output layers.
     assert {"double_blocks.0.mod", "double_blocks.1.mod", "single_blocks.0.mod", "single_blocks.1.mod",
             "time_embedder.in_layer", "time_embedder.out_layer", "guidance_embedder.in_layer",

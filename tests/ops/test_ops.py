@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 
 from ditserve.ops import (
-    Attention, LayerNorm, Linear, MulAdd, NormScaleShift, NormTanhGate, OpsConfig, ResidualNormScaleShift,
+    Attention, LayerNorm, Linear, LinearGELU, MulAdd, NormScaleShift, NormTanhGate, OpsConfig, ResidualNormScaleShift,
     RMSNorm, Rotary, axial_rope_cos_sin,
 )
 from ditserve.ops.base import CustomOp
@@ -157,6 +157,47 @@ def test_linear_bias_dtype_is_cast_once(dtype, device):
     op.cast_bias = False
     with pytest.raises(RuntimeError):
         op(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernels", ["native", "auto"])
+def test_linear_gelu_parity(kernels, dtype, device):
+    """gelu_tanh(x @ W^T + b), on every path (on a GPU "auto" in an eager model is the cuBLASLt epilogue)."""
+    r = Inputs(2, dtype, device)
+    op = LinearGELU(48, 80, ops=OpsConfig(device=device, dtype=dtype, kernels=kernels), dtype=dtype, device=device)
+    assert op.activation == "gelu_tanh"
+    assert op.path == ("cuda" if device == "cuda" and kernels == "auto" and dtype != torch.float32 else "native")
+    x = r(2, 9, 48)
+    w, b = op.weight.detach(), op.bias.detach()
+
+    def define(x, w, b):
+        return F.gelu(x @ w.T + b, approximate="tanh")
+
+    assert_accurate(op(x), define(*up(x, w, b)), define(x, w, b), dtype, f"linear_gelu {op.path}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32])
+def test_linear_forward_concat_split_equals_cat(dtype, bias_dtype):
+    """forward_concat: one GEMM over cat(xs) or one per part plus a sum: the same product."""
+    r = Inputs(3, dtype, "cpu")
+    xs = (r(2, 5, 16), r(2, 5, 48))
+    cat = Linear(64, 24, ops=NATIVE_OPS, dtype=dtype, bias_dtype=bias_dtype)
+    split = Linear(64, 24, ops=NATIVE_OPS, dtype=dtype, bias_dtype=bias_dtype, split_concat_input=True)
+    split.load_state_dict(cat.state_dict())
+    w, b = cat.weight.detach(), cat.bias.detach()
+
+    def define(a, c, w, b):
+        return torch.cat((a, c), dim=-1) @ w.T + b.to(a.dtype)
+
+    ref = define(*up(*xs, w, b))
+    naive = define(*xs, w, b)
+    assert_accurate(cat.forward_concat(xs), ref, naive, dtype, "forward_concat (cat)")
+    assert_accurate(split.forward_concat(xs), ref, naive, dtype, "forward_concat (split)")
+    for op in (cat, split):  # the parts must add up to in_features
+        with pytest.raises((RuntimeError, ValueError)):
+            op.forward_concat((xs[0], xs[0]))
 
 
 def test_linear_cast_bias_constant():
@@ -518,6 +559,7 @@ def _rotary_inputs(r, L):
 
 COMPILE_CASES = {
     "linear": (lambda ops: Linear(D_, 24, ops=ops), lambda r, L: (r(B_, L, D_),)),
+    "linear_gelu": (lambda ops: LinearGELU(D_, 24, ops=ops), lambda r, L: (r(B_, L, D_),)),
     "linear_bias_dtype": (lambda ops: Linear(D_, 24, ops=ops, dtype=torch.bfloat16, bias_dtype=torch.float32),
                           lambda r, L: (r(B_, L, D_, dtype=torch.bfloat16),)),
     "rms_norm": (lambda ops: RMSNorm(D_, ops=ops), lambda r, L: (r(B_, L, D_),)),
