@@ -1,4 +1,4 @@
-"""What every bench script shares: the commit a run measured, and a CUDA-event median timer.
+"""What every bench script shares: the commit a run measured, a CUDA-event median timer, and stderr logging.
 
 Imported as `from benchutil import ...`: the scripts run as `python bench/NAME.py`, which puts bench/ first on
 sys.path.
@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import torch
+
+
+def log(msg: str) -> None:
+    """Progress and tables go to stderr: stdout carries only the JSON line."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 def commit() -> str | None:

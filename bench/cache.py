@@ -29,14 +29,11 @@ from pathlib import Path
 from statistics import mean
 
 import torch
-from benchutil import commit
+from benchutil import commit, log
 
 PRESET_NAMES = ("fbcache-safe", "fbcache-fast", "dbcache-safe", "dbcache-fast")
 CEILING_THRESHOLD = math.inf  # cache every step the warmup and cap allow
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def latent_psnr(x: torch.Tensor, ref: torch.Tensor) -> float:

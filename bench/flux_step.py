@@ -11,7 +11,7 @@ dummy FLUX.1-dev at full size, batch 1, 1024x1024 (4096 image tokens) + 512 text
      weights; output relative error; FLOPs per forward (torch.utils.flop_counter), split GEMM / attention;
   3. one-forward times (CUDA events, median of --iters after warmup): diffusers eager, diffusers compiled whole
      (fullgraph=True) and regionally (compile_repeated_blocks), ditserve eager and compiled per --kernels,
-     ditserve fp8 (when this GPU has fp8), and with --levers the variants listed in LEVERS;
+     ditserve fp8 (when this GPU has fp8), and with --levers the variants of bench/flux_levers.py;
   4. a profiler trace of ditserve's default compiled forward: GPU time by op family, and time above the floor
      (GEMM FLOPs at the measured GEMM rate, attention FLOPs at the measured SDPA rate);
   5. end to end: a --steps-step generate (text encode, denoise, VAE decode) of ditserve's pipeline beside
@@ -21,7 +21,7 @@ dummy FLUX.1-dev at full size, batch 1, 1024x1024 (4096 image tokens) + 512 text
 Prints a table to stderr and ONE JSON line last on stdout (ratio_vs_diffusers_compiled = ditserve default
 compiled ms / diffusers' best compiled ms).
 
-    python bench/flux_step.py [--iters 10] [--kernels auto,native,triton] [--levers] [--skip-e2e]
+    python bench/flux_step.py [--iters 10] [--kernels auto,native,triton] [--levers [NAME,...]] [--skip-e2e]
     python bench/flux_step.py --device cpu --model PATH --size 64 --text-len 16 --skip-compile   # smoke
 """
 
@@ -40,27 +40,8 @@ import time
 from dataclasses import replace
 
 import torch
-from benchutil import commit, cuda_median_ms
-
-# Name -> (what changes, prediction written before the run). Each is a ditserve compiled forward.
-LEVERS = {
-    "coordinate_descent": ("inductor coordinate_descent_tuning=True",
-                           "-1 to -2 ms: better block sizes for the fused norm/modulation/RoPE kernels"),
-    "max_autotune": ("mode=max-autotune-no-cudagraphs (GEMM templates autotuned, epilogues fused into them)",
-                     "0 to -3 ms: cuBLAS is already near its rate at these shapes; compile +60 s or more"),
-    "whole_model": ("whole-model compile (regional=False)",
-                    "-1 to -2 ms: residual/gate of block i fuses with the norm of block i+1; compile x3"),
-    "cuda_graph": ("the compiled forward captured in one CUDA graph and replayed",
-                   "-0.5 to -2 ms: ~900 launches a forward, mostly hidden behind GPU work already"),
-    "attention_contiguous": ("q, k, v made contiguous (B, H, S, D) before SDPA (compiled: fused into RoPE's store)",
-                             "-3 to -7 ms: in-model attention runs 31.9 ms vs 24.5 at the standalone cuDNN rate"),
-    "attention_flash": ("SDPA forced to the flash backend (eager forward, vs eager default = cuDNN)",
-                        "+20 ms: FA2 runs FLUX attention at about half cuDNN's rate on Hopper"),
-}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from benchutil import commit, cuda_median_ms, log
+from flux_levers import LEVERS, LeverBench, run_levers, select
 
 
 class Clock:
@@ -329,9 +310,9 @@ def main() -> int:
     ap.add_argument("--skip-fullgraph-diffusers", action="store_true", help="skip diffusers' whole-model compile")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-cold-start", action="store_true")
-    ap.add_argument("--levers", action="store_true", help="also time each entry of LEVERS (and the fp8 bias lever)")
-    ap.add_argument("--fp8-levers-only", action="store_true",
-                    help="with --levers: only the fp8 lever (skip the bf16 levers)")
+    ap.add_argument("--levers", nargs="?", const="all", default=None, metavar="NAME,...",
+                    help=f"also measure these levers (bench/flux_levers.py; GPU and compile only), or all: "
+                         f"{', '.join(LEVERS)}")
     ap.add_argument("--child-cold-start", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -342,6 +323,12 @@ def main() -> int:
         return child_cold_start(args)
     cuda = dev.type == "cuda"
     compile_on = not args.skip_compile
+    try:
+        lever_names = select(args.levers)
+    except ValueError as e:
+        ap.error(str(e))
+    if lever_names and not (cuda and compile_on):
+        ap.error("--levers needs a CUDA GPU and compilation (no --skip-compile)")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
 
     import diffusers
@@ -470,15 +457,16 @@ def main() -> int:
                 err = rel_err(run(model), out_bf16)
                 measure(f"ditserve_fp8{'_compiled' if compile_on else '_eager'}[{kernels}]", lambda: run(model),
                         c_s, rel_l2_vs_bf16=round(err, 4))
-            if args.levers and compile_on:
-                rec.setdefault("levers", {})["fp8_bias_epilogue"] = fp8_bias_lever(fresh, run, measure, rows, clock)
     else:
         rec["fp8"] = "skipped: no fp8 on this device"
 
-    # Levers (each a fresh ditserve compiled model unless noted).
-    if args.levers and cuda and compile_on and not args.fp8_levers_only:
+    # Levers (bench/flux_levers.py), each on a fresh model with the same weights; the previous row's model is
+    # dropped first (two FLUX DiTs beside diffusers' would not fit).
+    if lever_names:
         model = None
-        rec.setdefault("levers", {}).update(levers(args, fresh, run, measure, rows, kernels0, clock))
+        rec["levers"] = run_levers(lever_names, LeverBench(
+            fresh=fresh, run=run, measure=measure, clock=clock, rows=rows, kernels0=kernels0, inputs=inputs,
+            steps=args.steps, out_bf16=out_bf16))
 
     default_row = f"ditserve_compiled[{kernels0}]" if compile_on else f"ditserve_eager[{kernels0}]"
     if compile_on:
@@ -533,135 +521,6 @@ def main() -> int:
     rec["peak_gib_all"] = peak_gib(dev)
     print(json.dumps(rec))
     return 0
-
-
-def fp8_bias_lever(fresh, run, measure, rows, clock) -> dict:
-    """fp8 with the bias added after `torch._scaled_mm` (fused by inductor into the next op) instead of in its
-    epilogue, where bench/fp8_gemm.py measured it costing ~10% of the GEMM. Measured -2.62 ms at 299e18c and
-    adopted in `Fp8Linear` since: the lever now re-measures the default (a check that it stays a no-op)."""
-    from ditserve.compile import CompileConfig, compile_model
-    from ditserve.ops import fp8 as fp8_module
-
-    prediction = "-3 to -6 ms: ~10% of the fp8 GEMMs' 60 ms, minus nothing (the add fuses into GELU/residual)"
-
-    def forward_bias_after(self, x):
-        x2 = x.reshape(-1, self.in_features)
-        x_fp8, x_scale = fp8_module.quantize_rows(x2)
-        y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    saved = fp8_module.Fp8Linear.forward_native
-    base = min(v["ms"] for k, v in rows.items() if k.startswith("ditserve_fp8_compiled"))
-    model = None
-    try:
-        fp8_module.Fp8Linear.forward_native = forward_bias_after  # bound when each layer is constructed
-        model = fresh("native", True)
-        fp8_module.apply_fp8(model)
-        compile_model(model, CompileConfig())
-        c_s = clock.seconds(lambda: run(model))
-        ms = measure("lever:fp8_bias_epilogue[native]", lambda: run(model), c_s)
-        return {"what": "fp8 bias added after _scaled_mm", "prediction": prediction, "ms": round(ms, 2),
-                "delta_ms": round(ms - base, 2)}
-    except Exception as e:
-        return {"what": "fp8 bias added after _scaled_mm", "prediction": prediction,
-                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    finally:
-        fp8_module.Fp8Linear.forward_native = saved
-
-
-def levers(args, fresh, run, measure, rows, kernels0, clock) -> dict:
-    import torch._inductor.config as inductor_config
-
-    from ditserve.compile import CompileConfig, compile_model
-
-    base = rows[f"ditserve_compiled[{kernels0}]"]["ms"]
-    out = {}
-    model = None  # each lever's model is dropped before the next is loaded (two FLUX DiTs + diffusers' = 72 GB)
-
-    def record(name, ms, **extra):
-        what, prediction = LEVERS[name]
-        out[name] = {"what": what, "prediction": prediction, "ms": round(ms, 2) if ms else None,
-                     "delta_ms": round(ms - base, 2) if ms else None, **extra}
-
-    def inductor_levers():
-        return (("coordinate_descent", CompileConfig(), {"coordinate_descent_tuning": True}),
-                ("whole_model", CompileConfig(regional=False), {}),
-                ("max_autotune", CompileConfig(mode="max-autotune-no-cudagraphs"), {}))  # slowest compile last
-
-    for name, cfg, patch in inductor_levers():
-        model = None
-        try:
-            with inductor_config.patch(patch):
-                model = fresh(kernels0, True)
-                compile_model(model, cfg)
-                c_s = clock.seconds(lambda: run(model))
-                ms = measure(f"lever:{name}", lambda: run(model), c_s)
-            record(name, ms, compile_s=round(c_s, 1))
-        except Exception as e:  # a lever that fails is a result too
-            record(name, None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            log(f"lever {name} failed: {e}")
-
-    # CUDA graph of the whole compiled forward (static inputs: the bench's own).
-    model = None
-    try:
-        model = fresh(kernels0, True)
-        compile_model(model, CompileConfig())
-        run(model)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                run(model)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run(model)
-        ms = measure("lever:cuda_graph", graph.replay)
-        record("cuda_graph", ms)
-        del graph
-    except Exception as e:
-        record("cuda_graph", None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        log(f"lever cuda_graph failed: {e}")
-
-    # Attention inputs made contiguous (B, H, S, D) before SDPA: inside a compiled block the transposed store
-    # folds into the kernel that produces q / k (RoPE), so the copies should cost ~nothing.
-    import ditserve.ops.attention as attention_module
-
-    def sdpa_contiguous(q, k, v, mask):
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
-            attn_mask=mask)
-        return out.transpose(1, 2)
-
-    model = None
-    saved = attention_module._sdpa
-    try:
-        attention_module._sdpa = sdpa_contiguous  # read when an Attention is constructed
-        model = fresh(kernels0, True)
-        compile_model(model, CompileConfig())
-        c_s = clock.seconds(lambda: run(model))
-        record("attention_contiguous", measure("lever:attention_contiguous", lambda: run(model), c_s))
-    except Exception as e:
-        record("attention_contiguous", None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    finally:
-        attention_module._sdpa = saved
-
-    # Attention backend: eager forward with SDPA forced to flash, against the eager default.
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    model = None
-    try:
-        model = fresh(kernels0, False)
-        eager = measure("lever:eager_default_attention", lambda: run(model))
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            ms = measure("lever:eager_flash_attention", lambda: run(model))
-        out["attention_flash"] = {"what": LEVERS["attention_flash"][0], "prediction": LEVERS["attention_flash"][1],
-                                  "ms": round(ms, 2), "delta_ms": round(ms - eager, 2)}
-    except Exception as e:
-        out["attention_flash"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    return out
 
 
 def end_to_end(args, engine, ref, clock: Clock, compile_on: bool) -> dict:

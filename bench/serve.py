@@ -32,13 +32,10 @@ import threading
 import time
 
 import httpx2
-from benchutil import commit
+from benchutil import commit, log
 
 URL = "/v1/images/generations"
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def percentile(values: list[float], q: float) -> float | None:
