@@ -127,10 +127,15 @@ def sdpa_rates_tflops(clock: Clock, heads: int, tokens: int, head_dim: int) -> d
 
 
 def count_flops(fn) -> dict[str, float]:
-    """TFLOP of one call: total, GEMMs (mm/addmm/bmm/_scaled_mm) and attention (SDPA ops)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """TFLOP of one call: total, GEMMs (mm/addmm/bmm/_scaled_mm, and _addmm_activation: LinearGELU's
+    epilogue GEMM, which torch's counter has no formula for) and attention (SDPA ops)."""
+    from torch.utils.flop_counter import FlopCounterMode, addmm_flop
 
-    fc = FlopCounterMode(display=False)
+    def addmm_activation_flop(self_shape, a_shape, b_shape, *args, **kwargs):
+        return addmm_flop(self_shape, a_shape, b_shape)
+
+    fc = FlopCounterMode(display=False,
+                         custom_mapping={torch.ops.aten._addmm_activation: addmm_activation_flop})
     with fc:
         fn()
     gemm = attn = 0

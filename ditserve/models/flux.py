@@ -2,10 +2,10 @@
 
 Numerically this is diffusers' `FluxTransformer2DModel` (0.42.x): same inputs, same conventions, same weights
 (loaded from a diffusers state dict through `FluxTransformer.weight_map`). The layout differs where it is
-faster: q/k/v of each stream come from one fused Linear, each MLP's input projection carries its GELU
-(`LinearGELU`: on CUDA in the GEMM's epilogue), the single-stream block projects concat(attn, mlp) with one
-Linear (or, with the epilogue GELU, with one GEMM per part), and the two AdaLN modulations of a
-double-stream block (image and text) are one Linear.
+faster: q/k/v of each stream come from one fused Linear, the double-stream MLPs' input projections carry their
+GELU (`LinearGELU`: on CUDA in the GEMM's epilogue), the single-stream block computes q/k/v and the MLP hidden
+state with one Linear (3D + 4D outputs) and projects concat(attn, mlp) with one Linear, and the two AdaLN
+modulations of a double-stream block (image and text) are one Linear.
 
 Notation in shape comments: B batch, L image tokens, T text tokens, S = T + L, D = heads * head_dim (hidden),
 H heads, Dh head_dim, C in_channels.
@@ -193,10 +193,13 @@ class FluxDoubleBlock(nn.Module):
 
 
 class FluxSingleBlock(nn.Module):
-    """Single-stream block: parallel attention + MLP over the joint sequence, with one output projection over
-    concat(attn, gelu(mlp hidden)). When the MLP's GELU runs in its GEMM's epilogue (LinearGELU's CUDA path),
-    the output projection multiplies the two parts separately (`Linear.forward_concat`), so the GELU's output
-    is never copied into a concatenated buffer; otherwise inductor writes both parts into that buffer.
+    """Single-stream block: parallel attention + MLP over the joint sequence, one fused input projection
+    (q, k, v, mlp hidden: 3D + 4D outputs) and one fused output projection over concat(attn, mlp).
+
+    The GELU stays a separate (compiled: fused, writing straight into the concatenated buffer) op here: moving
+    it into a GEMM epilogue needs the MLP projection split from the q/k/v one and the output projection split
+    in two, and that measured no faster on an H100 (bench/flux_levers.py gelu_epilogue, 4f35b68: the N=12288
+    GEMM fills its last wave of tiles poorly, where the fused N=21504 one does not).
 
     forward(x (B, S, D), temb (B, D), cos, sin (S, Dh/2) fp32) -> x (B, S, D).
     """
@@ -209,24 +212,23 @@ class FluxSingleBlock(nn.Module):
         lin = dict(ops=ops, device=device, dtype=dtype)
         self.mod = Linear(dim, 3 * dim, **lin)  # shift, scale, gate
         self.norm = NormScaleShift(dim, eps=NORM_EPS, norm="layer", ops=ops)
-        self.qkv = Linear(dim, 3 * dim, **lin)  # [q | k | v]
-        self.mlp_in = LinearGELU(dim, 4 * dim, **lin)  # gelu_tanh(mlp hidden)
+        self.qkv_mlp = Linear(dim, 3 * dim + 4 * dim, **lin)  # [q | k | v | mlp hidden]
         self.q_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
         self.k_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
         self.rotary = Rotary(interleaved=True, ops=ops)
         self.attn = Attention(attention)
-        self.out = Linear(dim + 4 * dim, dim, split_concat_input=self.mlp_in.path == "cuda", **lin)
+        self.out = Linear(dim + 4 * dim, dim, **lin)  # over concat(attn, gelu(mlp))
         self.gated_add = MulAdd(k=0.0, ops=ops)  # gated_add(y, gate, r) = r + gate * y
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.mod(F.silu(temb)).unsqueeze(1).chunk(3, dim=-1)  # (B, 1, D) each
         h = self.norm(x, scale, shift)  # (B, S, D)
-        q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # (B, S, H, Dh)
-        mlp = self.mlp_in(h)  # (B, S, 4D), after the GELU
+        qkv, mlp = self.qkv_mlp(h).split((3 * self.dim, 4 * self.dim), dim=-1)  # (B, S, 3D), (B, S, 4D)
+        q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # (B, S, H, Dh)
         q = self.rotary(self.q_norm(q), cos, sin)
         k = self.rotary(self.k_norm(k), cos, sin)
         attn = self.attn(q, k, v).flatten(2)  # (B, S, D)
-        h = self.out.forward_concat((attn, mlp))  # (B, S, D + 4D) -> (B, S, D)
+        h = self.out(torch.cat((attn, F.gelu(mlp, approximate="tanh")), dim=-1))  # (B, S, 5D) -> (B, S, D)
         x = self.gated_add(h, gate, x)  # (B, S, D)
         if self.clamp_fp16:  # as diffusers: keep fp16 activations finite
             x = x.clamp(-FP16_MAX, FP16_MAX)
@@ -275,7 +277,7 @@ class FluxTransformer(nn.Module):
     fp8_linears = (
         ("double_blocks", ("img_qkv", "txt_qkv", "img_attn_out", "txt_attn_out", "img_mlp_in", "img_mlp_out",
                            "txt_mlp_in", "txt_mlp_out")),
-        ("single_blocks", ("qkv", "mlp_in", "out")),
+        ("single_blocks", ("qkv_mlp", "out")),
     )
 
     def __init__(self, config: FluxConfig, ops: OpsConfig | None = None, attention: str = "sdpa", device=None,
@@ -443,8 +445,8 @@ class FluxTransformer(nn.Module):
             src, dst = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
             linear(f"{src}.norm.linear", f"{dst}.mod")
             for j, name in enumerate(("to_q", "to_k", "to_v")):
-                linear(f"{src}.attn.{name}", f"{dst}.qkv", j * D, (j + 1) * D)
-            linear(f"{src}.proj_mlp", f"{dst}.mlp_in")
+                linear(f"{src}.attn.{name}", f"{dst}.qkv_mlp", j * D, (j + 1) * D)
+            linear(f"{src}.proj_mlp", f"{dst}.qkv_mlp", 3 * D, 7 * D)
             param(f"{src}.attn.norm_q.weight", f"{dst}.q_norm.weight")
             param(f"{src}.attn.norm_k.weight", f"{dst}.k_norm.weight")
             linear(f"{src}.proj_out", f"{dst}.out")

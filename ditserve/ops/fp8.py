@@ -120,10 +120,6 @@ class Fp8Linear(CustomOp):
             y = F.gelu(y, approximate="tanh")
         return y.reshape(*x.shape[:-1], self.out_features)  # (..., N)
 
-    def forward_concat(self, xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """self(torch.cat(xs, dim=-1)), as `Linear.forward_concat` (the quantisation scales whole rows)."""
-        return self(torch.cat(xs, dim=-1))
-
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
                 f"fp8 e4m3 weight (per-channel scale) x per-token fp8 activations"

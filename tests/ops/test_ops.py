@@ -177,29 +177,6 @@ def test_linear_gelu_parity(kernels, dtype, device):
     assert_accurate(op(x), define(*up(x, w, b)), define(x, w, b), dtype, f"linear_gelu {op.path}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bias_dtype", [None, torch.float32])
-def test_linear_forward_concat_split_equals_cat(dtype, bias_dtype):
-    """forward_concat: one GEMM over cat(xs) or one per part plus a sum: the same product."""
-    r = Inputs(3, dtype, "cpu")
-    xs = (r(2, 5, 16), r(2, 5, 48))
-    cat = Linear(64, 24, ops=NATIVE_OPS, dtype=dtype, bias_dtype=bias_dtype)
-    split = Linear(64, 24, ops=NATIVE_OPS, dtype=dtype, bias_dtype=bias_dtype, split_concat_input=True)
-    split.load_state_dict(cat.state_dict())
-    w, b = cat.weight.detach(), cat.bias.detach()
-
-    def define(a, c, w, b):
-        return torch.cat((a, c), dim=-1) @ w.T + b.to(a.dtype)
-
-    ref = define(*up(*xs, w, b))
-    naive = define(*xs, w, b)
-    assert_accurate(cat.forward_concat(xs), ref, naive, dtype, "forward_concat (cat)")
-    assert_accurate(split.forward_concat(xs), ref, naive, dtype, "forward_concat (split)")
-    for op in (cat, split):  # the parts must add up to in_features
-        with pytest.raises((RuntimeError, ValueError)):
-            op.forward_concat((xs[0], xs[0]))
-
-
 def test_linear_cast_bias_constant():
     assert Linear(4, 3, ops=NATIVE_OPS, bias_dtype=torch.float32).cast_bias is False  # same as weight (fp32)
     assert Linear(4, 3, bias=False, ops=NATIVE_OPS, dtype=torch.bfloat16, bias_dtype=torch.float32).cast_bias is False
