@@ -35,10 +35,10 @@ LEVERS = {
                         "+20 ms: FA2 runs FLUX attention at about half cuDNN's rate on Hopper"),
     "precomputed_modulation": (
         "every block's AdaLN modulation vectors computed once per request for all steps (one M=steps GEMM per "
-        "block) instead of one M=1 GEMV per block per step; ms = forward without them + the per-request "
-        "precompute / steps",
+        "block: FluxTransformer.precompute_conditioning, the default since 4f35b68 measured it) vs one M=1 GEMV "
+        "per block per step; ms: the default row (forward + the per-request precompute / steps), base: per step",
         "-1.8 to -2.2 ms: the per-step GEMVs read 6.5 GB of modulation weights (~2.1 ms at 3 TB/s); the "
-        "precompute reads them once per request (~2.2 ms / 28 steps)"),
+        "precompute reads them once per request (~2.2 ms / 28 steps). 4f35b68 measured -3.46 ms"),
     "gelu_epilogue": (
         "the double blocks' MLP GELU (tanh) and bias in cuBLASLt's GEMM epilogue (LinearGELU's CUDA path) vs "
         "a separate fused GELU kernel; ms: epilogue on, base: off (whichever is not the default is rebuilt). "
@@ -70,7 +70,9 @@ class LeverBench:
     """What a lever needs from flux_step's run."""
 
     fresh: Callable[..., nn.Module]  # fresh(kernels, compiled) -> a ditserve model with the run's weights
-    run: Callable[..., torch.Tensor]  # run(model) -> one forward on the run's inputs
+    run: Callable[..., torch.Tensor]  # run(model) -> one forward on the run's inputs (conditioning precomputed)
+    run_per_step: Callable[..., torch.Tensor]  # the same, computing the conditioning inside the forward
+    step_share_ms: float  # the per-request conditioning precompute / steps (added to the rows of `run`)
     measure: Callable[..., float]  # measure(row_name, fn, compile_s=None, **extra) -> median ms (and a row)
     clock: Any  # flux_step.Clock
     rows: dict  # the rows measured so far
@@ -135,39 +137,11 @@ def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------ bf16 forward
 
 
-class _Constant(nn.Module):
-    """Stands in for a modulation Linear: returns the vector precomputed for this step."""
-
-    def __init__(self, value: torch.Tensor):
-        super().__init__()
-        self.register_buffer("value", value)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.value
-
-
 def precomputed_modulation(b: LeverBench) -> dict:
-    model = b.fresh(b.kernels0, True)
-    owners = [(blk, "mod") for blk in [*model.double_blocks, *model.single_blocks]] + [(model, "norm_out_mod")]
-    linears = [getattr(o, n) for o, n in owners]
-    with torch.inference_mode():
-        _, _, ctx = model.prepare(**b.inputs)
-        silu = F.silu(ctx.temb)  # (B, D)
-        for (owner, name), lin in zip(owners, linears):
-            setattr(owner, name, _Constant(lin(silu)))
-        # The per-request cost: every modulation GEMM once, over all steps' conditioning vectors.
-        silu_all = silu.repeat(b.steps, 1)  # (steps * B, D)
-        pre_ms = b.clock.ms(lambda: [lin(silu_all) for lin in linears], iters=10)
-        mod_gib = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears) / 2**30
-    from ditserve.compile import CompileConfig, compile_model
-
-    compile_model(model, CompileConfig())
-    c_s = b.clock.seconds(lambda: b.run(model))
-    fwd = b.measure("lever:precomputed_modulation(forward only)", lambda: b.run(model), c_s)
-    err = _rel_err(b.run(model), b.out_bf16)
-    return {"ms": round(fwd + pre_ms / b.steps, 2), "forward_ms": round(fwd, 2),
-            "precompute_ms_per_request": round(pre_ms, 2), "modulation_weights_gib": round(mod_gib, 2),
-            "rel_err_vs_default": err}
+    model, c_s = _compiled(b)
+    per_step = b.measure("lever:modulation_per_step", lambda: b.run_per_step(model), c_s)
+    return {"ms": b.rows[f"ditserve_compiled[{b.kernels0}]"]["ms"], "base_ms": round(per_step, 2),
+            "rel_err_per_step_vs_default": _rel_err(b.run_per_step(model), b.out_bf16)}
 
 
 def gelu_epilogue(b: LeverBench) -> dict:
@@ -194,7 +168,8 @@ def gelu_epilogue(b: LeverBench) -> dict:
     try:
         LinearGELU.FAST_BY_DEFAULT = not default  # read when each layer is constructed
         model, c_s = _compiled(b)
-        other = b.measure(f"lever:gelu_epilogue={'on' if not default else 'off'}", lambda: b.run(model), c_s)
+        other = b.measure(f"lever:gelu_epilogue={'on' if not default else 'off'}", lambda: b.run(model), c_s,
+                          add_ms=b.step_share_ms)
         paths = sorted({m.path for m in model.modules() if isinstance(m, LinearGELU)})
         err = _rel_err(b.run(model), b.out_bf16)
     finally:
@@ -215,7 +190,7 @@ def inductor_lever(b: LeverBench, name: str) -> dict:
                   "max_autotune": (CompileConfig(mode="max-autotune-no-cudagraphs"), {})}[name]
     with inductor_config.patch(patch):
         model, c_s = _compiled(b, cfg)
-        ms = b.measure(f"lever:{name}", lambda: b.run(model), c_s)
+        ms = b.measure(f"lever:{name}", lambda: b.run(model), c_s, add_ms=b.step_share_ms)
     return {"ms": round(ms, 2), "compile_s": round(c_s, 1)}
 
 
@@ -231,7 +206,7 @@ def cuda_graph(b: LeverBench) -> dict:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         b.run(model)
-    return {"ms": round(b.measure("lever:cuda_graph", graph.replay), 2)}
+    return {"ms": round(b.measure("lever:cuda_graph", graph.replay, add_ms=b.step_share_ms), 2)}
 
 
 def attention_contiguous(b: LeverBench) -> dict:
@@ -248,7 +223,8 @@ def attention_contiguous(b: LeverBench) -> dict:
     try:
         attention_module._sdpa = sdpa_contiguous  # read when an Attention is constructed
         model, c_s = _compiled(b)
-        return {"ms": round(b.measure("lever:attention_contiguous", lambda: b.run(model), c_s), 2)}
+        return {"ms": round(b.measure("lever:attention_contiguous", lambda: b.run(model), c_s,
+                                      add_ms=b.step_share_ms), 2)}
     finally:
         attention_module._sdpa = saved
 
@@ -299,7 +275,7 @@ def fp8_tensorwise(b: LeverBench) -> dict:
 
     compile_model(model, CompileConfig())
     c_s = b.clock.seconds(lambda: b.run(model))
-    ms = b.measure("lever:fp8_tensorwise[native]", lambda: b.run(model), c_s)
+    ms = b.measure("lever:fp8_tensorwise[native]", lambda: b.run(model), c_s, add_ms=b.step_share_ms)
     return {"ms": round(ms, 2), "base_ms": base, "compile_s": round(c_s, 1),
             "rel_l2_vs_bf16": _rel_err(b.run(model), b.out_bf16)}
 

@@ -100,6 +100,10 @@ def mount(model, settings: CacheSettings) -> CacheDitCache:
     settings.check_model(min(len(getattr(model, name)) for name, _ in patterns), type(model).__name__)
     cache = CacheDitCache(model, settings)
     cache_config, calibrator = cache.configs()
+    # cache-dit calls every block of a list with the same arguments: each block must get temb and compute its
+    # own modulation (not the per-block vectors the model would otherwise pass).
+    if hasattr(model, "use_per_block_modulation"):
+        model.use_per_block_modulation()
     adapter = BlockAdapter(transformer=model, blocks=[getattr(model, name) for name, _ in patterns],
                            forward_pattern=[getattr(ForwardPattern, f"Pattern_{p}") for _, p in patterns],
                            has_separate_cfg=False)

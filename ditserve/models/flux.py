@@ -128,8 +128,13 @@ class MLPEmbedder(nn.Module):
 class FluxDoubleBlock(nn.Module):
     """Double-stream (MMDiT) block: separate weights per stream, one joint attention over [txt, img].
 
-    forward(img (B, L, D), txt (B, T, D), temb (B, D), cos, sin (T+L, Dh/2) fp32) -> (img, txt), same shapes.
+    forward(img (B, L, D), txt (B, T, D), cond, cos, sin (T+L, Dh/2) fp32) -> (img, txt), same shapes.
+    `cond` is the block's AdaLN vectors (B, 12D) = `self.modulation(silu(temb))`, which the model computes
+    outside the block (per step, or for all steps of a request at once:
+    `FluxTransformer.precompute_conditioning`); or, once `takes_temb` is set, temb (B, D) itself.
     """
+
+    takes_temb = False  # set on the instance by FluxTransformer.use_per_block_modulation
 
     def __init__(self, dim: int, heads: int, head_dim: int, ops: OpsConfig, attention: str, clamp_fp16: bool,
                  device=None, dtype=None):
@@ -157,10 +162,14 @@ class FluxDoubleBlock(nn.Module):
         self.txt_mlp_out = Linear(4 * dim, dim, **lin)
         self.gated_add = MulAdd(k=0.0, ops=ops)  # gated_add(y, gate, r) = r + gate * y
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, cos: torch.Tensor,
+    def modulation(self, silu_temb: torch.Tensor) -> torch.Tensor:
+        """silu(temb) (N, D) -> the block's AdaLN vectors (N, 12D); N = batch, or steps x batch."""
+        return self.mod(silu_temb)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, cond: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = txt.shape[1]
-        mod = self.mod(F.silu(temb)).unsqueeze(1)  # (B, 1, 12D)
+        mod = (self.modulation(F.silu(cond)) if self.takes_temb else cond).unsqueeze(1)  # (B, 1, 12D)
         (img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2,
          txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2) = mod.chunk(12, dim=-1)  # (B, 1, D)
 
@@ -201,8 +210,11 @@ class FluxSingleBlock(nn.Module):
     in two, and that measured no faster on an H100 (bench/flux_levers.py gelu_epilogue, 4f35b68: the N=12288
     GEMM fills its last wave of tiles poorly, where the fused N=21504 one does not).
 
-    forward(x (B, S, D), temb (B, D), cos, sin (S, Dh/2) fp32) -> x (B, S, D).
+    forward(x (B, S, D), cond, cos, sin (S, Dh/2) fp32) -> x (B, S, D); `cond` as in the double block: the
+    block's AdaLN vectors (B, 3D), or temb (B, D) once `takes_temb` is set.
     """
+
+    takes_temb = False
 
     def __init__(self, dim: int, heads: int, head_dim: int, ops: OpsConfig, attention: str, clamp_fp16: bool,
                  device=None, dtype=None):
@@ -220,8 +232,13 @@ class FluxSingleBlock(nn.Module):
         self.out = Linear(dim + 4 * dim, dim, **lin)  # over concat(attn, gelu(mlp))
         self.gated_add = MulAdd(k=0.0, ops=ops)  # gated_add(y, gate, r) = r + gate * y
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.mod(F.silu(temb)).unsqueeze(1).chunk(3, dim=-1)  # (B, 1, D) each
+    def modulation(self, silu_temb: torch.Tensor) -> torch.Tensor:
+        """silu(temb) (N, D) -> the block's AdaLN vectors (N, 3D)."""
+        return self.mod(silu_temb)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        mod = self.modulation(F.silu(cond)) if self.takes_temb else cond  # (B, 3D)
+        shift, scale, gate = mod.unsqueeze(1).chunk(3, dim=-1)  # (B, 1, D) each
         h = self.norm(x, scale, shift)  # (B, S, D)
         qkv, mlp = self.qkv_mlp(h).split((3 * self.dim, 4 * self.dim), dim=-1)  # (B, S, 3D), (B, S, 4D)
         q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # (B, S, H, Dh)
@@ -239,10 +256,24 @@ class FluxSingleBlock(nn.Module):
 
 
 @dataclass
+class FluxConditioning:
+    """The conditioning of one forward (one denoising step): every AdaLN modulation vector, from the timestep,
+    the guidance scale and the pooled text embedding. The vectors are products of silu(temb) with each block's
+    `mod` weights: M = batch GEMMs that only read weights (6 GB a step for FLUX.1). A pipeline knows every
+    step's timestep before the loop, so `FluxTransformer.precompute_conditioning` computes them for all steps
+    at once (one pass over those weights per request) and passes one of these to each forward."""
+
+    temb: torch.Tensor  # (B, D) the conditioning vector
+    mods: tuple[torch.Tensor, ...]  # per block in the flat order: (B, 12D) double, (B, 3D) single; () when the
+    # blocks compute their own (FluxTransformer.use_per_block_modulation)
+    out_mod: torch.Tensor  # (B, 2D): the output norm's (scale, shift)
+
+
+@dataclass
 class FluxBlockContext:
     """What every block of one forward takes besides the hidden states."""
 
-    temb: torch.Tensor  # (B, D) conditioning vector
+    cond: FluxConditioning
     cos: torch.Tensor  # (S, Dh/2) fp32 RoPE table of the joint sequence [txt, img]
     sin: torch.Tensor  # (S, Dh/2) fp32
 
@@ -254,7 +285,9 @@ class FluxTransformer(nn.Module):
     pooled_projections (B, pooled_projection_dim) CLIP pooled output; timestep (B,) in [0, 1] (the model
     multiplies by 1000); img_ids (L, 3), txt_ids (T, 3) RoPE positions (a leading batch dim is accepted and
     its first entry used, as diffusers does); guidance (B,) the distilled guidance scale (multiplied by 1000),
-    required iff config.guidance_embeds. Returns (B, L, out_channels) in the model's dtype.
+    required iff config.guidance_embeds. Returns (B, L, out_channels) in the model's dtype. One more argument,
+    ours: `conditioning`, this step's entry of `precompute_conditioning` (then `timestep`, `guidance` and
+    `pooled_projections` are not read again).
 
     Inputs are expected in the model's dtype (ids may be any float or int dtype). The fp16 overflow clamp of
     diffusers is enabled at construction when `dtype` is float16.
@@ -267,6 +300,10 @@ class FluxTransformer(nn.Module):
     # ranges is always the pair (img (B, L, D), txt (B, T, D)); a cache mounted in `block_cache` decides
     # which ranges run. Blocks stay the compiled regions; the cache runs eagerly between them.
     block_cache = None
+    # False: the model computes every block's modulation vectors (FluxConditioning) and passes each block its
+    # own. True (`use_per_block_modulation`): each block gets temb and computes its own, as diffusers' blocks
+    # do; for wrappers that call all blocks of a list with the same arguments (cache-dit's).
+    blocks_take_temb = False
     # For `--cache-backend cache-dit` (ditserve.cache.cache_dit): each block list and its cache-dit
     # ForwardPattern number. Double blocks take and return (img, txt): 0; single blocks the joint sequence: 3.
     cache_dit_block_patterns = (("double_blocks", 0), ("single_blocks", 3))
@@ -318,15 +355,10 @@ class FluxTransformer(nn.Module):
         img_ids: torch.Tensor,
         txt_ids: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        conditioning: "FluxConditioning | None" = None,
     ) -> torch.Tensor:
-        if self.guidance_embedder is not None and guidance is None:
-            raise ValueError("this FLUX.1 transformer is guidance-distilled (guidance_embeds=True, e.g. FLUX.1-dev): "
-                             "pass guidance, a (B,) tensor of guidance scales")
-        if self.guidance_embedder is None and guidance is not None:
-            raise ValueError("this FLUX.1 transformer has no guidance embedder (guidance_embeds=False, e.g. "
-                             "FLUX.1-schnell): pass guidance=None")
         img, txt, ctx = self.prepare(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
-                                     txt_ids, guidance)
+                                     txt_ids, guidance, conditioning)
         if self.block_cache is None:
             img, txt = self.run_blocks(img, txt, ctx, 0, self.num_blocks)
         else:
@@ -341,9 +373,12 @@ class FluxTransformer(nn.Module):
         return self.config.num_layers + self.config.num_single_layers
 
     def prepare(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
-                guidance=None) -> tuple[torch.Tensor, torch.Tensor, "FluxBlockContext"]:
+                guidance=None, conditioning=None) -> tuple[torch.Tensor, torch.Tensor, "FluxBlockContext"]:
         """Everything before the blocks (arguments as `forward`): -> img (B, L, D), txt (B, T, D) and the
         per-forward constants every block takes."""
+        if conditioning is None:
+            conditioning = self.precompute_conditioning(timestep[None], pooled_projections,
+                                                        None if guidance is None else guidance[None])[0]
         if img_ids.ndim == 3:  # (B, L, 3): diffusers' deprecated form; positions are shared across the batch
             img_ids = img_ids[0]
         if txt_ids.ndim == 3:
@@ -352,17 +387,44 @@ class FluxTransformer(nn.Module):
         img = self.x_embedder(hidden_states)  # (B, L, D)
         txt = self.context_embedder(encoder_hidden_states)  # (B, T, D)
 
-        # Conditioning vector. As diffusers: round the timestep to the model dtype, then scale by 1000.
-        t_freq = timestep_embedding(timestep.to(img.dtype) * 1000).to(img.dtype)  # (B, 256)
-        temb = self.time_embedder(t_freq) + self.pooled_embedder(pooled_projections)  # (B, D)
-        if self.guidance_embedder is not None:
-            g_freq = timestep_embedding(guidance.to(img.dtype) * 1000).to(img.dtype)  # (B, 256)
-            temb = temb + self.guidance_embedder(g_freq)  # (B, D)
-
         # RoPE tables for the joint sequence [txt, img], computed once for all blocks.
         ids = torch.cat((txt_ids, img_ids), dim=0)  # (S, 3)
         cos, sin = axial_rope_cos_sin(ids, self.config.axes_dims_rope, ROPE_THETA)  # (S, Dh/2) fp32
-        return img, txt, FluxBlockContext(temb=temb, cos=cos, sin=sin)
+        return img, txt, FluxBlockContext(cond=conditioning, cos=cos, sin=sin)
+
+    def precompute_conditioning(self, timesteps: torch.Tensor, pooled_projections: torch.Tensor,
+                                guidance: torch.Tensor | None = None) -> list[FluxConditioning]:
+        """The conditioning of N forwards at once: timesteps (N, B) in [0, 1] (each row as `forward`'s
+        `timestep`), pooled_projections (B, pooled_projection_dim), guidance (N, B) or (B,) for all steps, or
+        None -> N FluxConditioning, one per step. Every modulation Linear runs once with M = N x B rows."""
+        if self.guidance_embedder is not None and guidance is None:
+            raise ValueError("this FLUX.1 transformer is guidance-distilled (guidance_embeds=True, e.g. FLUX.1-dev): "
+                             "pass guidance, a (B,) tensor of guidance scales")
+        if self.guidance_embedder is None and guidance is not None:
+            raise ValueError("this FLUX.1 transformer has no guidance embedder (guidance_embeds=False, e.g. "
+                             "FLUX.1-schnell): pass guidance=None")
+        N, B = timesteps.shape
+        dtype = self.x_embedder.weight.dtype  # the compute dtype (the embedders are never quantised)
+        # As diffusers: round the timestep to the model dtype, then scale by 1000.
+        t_freq = timestep_embedding(timesteps.reshape(N * B).to(dtype) * 1000).to(dtype)  # (N*B, 256)
+        temb = self.time_embedder(t_freq) + self.pooled_embedder(pooled_projections).repeat(N, 1)  # (N*B, D)
+        if self.guidance_embedder is not None:
+            g = guidance.expand(N, B).reshape(N * B)
+            temb = temb + self.guidance_embedder(timestep_embedding(g.to(dtype) * 1000).to(dtype))  # (N*B, D)
+        silu = F.silu(temb)
+        blocks = () if self.blocks_take_temb else (*self.double_blocks, *self.single_blocks)
+        mods = [block.modulation(silu).unflatten(0, (N, B)) for block in blocks]  # (N, B, kD) each
+        out_mod = self.norm_out_mod(silu).unflatten(0, (N, B))  # (N, B, 2D)
+        temb = temb.unflatten(0, (N, B))  # (N, B, D)
+        return [FluxConditioning(temb=temb[i], mods=tuple(m[i] for m in mods), out_mod=out_mod[i])
+                for i in range(N)]
+
+    def use_per_block_modulation(self) -> None:
+        """Make each block compute its own modulation vectors from temb (see `blocks_take_temb`). Call it
+        before compiling (a compiled block traces the setting once)."""
+        self.blocks_take_temb = True
+        for block in (*self.double_blocks, *self.single_blocks):
+            block.takes_temb = True
 
     def run_blocks(self, img: torch.Tensor, txt: torch.Tensor, ctx: "FluxBlockContext", start: int, stop: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,14 +433,19 @@ class FluxTransformer(nn.Module):
         Double blocks take the two streams; single blocks take the joint sequence [txt, img], joined once on
         entering the single blocks and split (as views) on leaving them.
         """
-        n_double = self.config.num_layers
-        for block in self.double_blocks[start:min(stop, n_double)]:
-            img, txt = block(img, txt, ctx.temb, ctx.cos, ctx.sin)  # (B, L, D), (B, T, D)
+        n_double, cond = self.config.num_layers, ctx.cond
+
+        def block_cond(i: int) -> torch.Tensor:  # block i's (flat index) modulation vectors, or temb
+            return cond.temb if self.blocks_take_temb else cond.mods[i]
+
+        for i, block in enumerate(self.double_blocks[start:min(stop, n_double)], start):
+            img, txt = block(img, txt, block_cond(i), ctx.cos, ctx.sin)  # (B, L, D), (B, T, D)
         if stop > n_double:
             T = txt.shape[1]
             x = torch.cat((txt, img), dim=1)  # (B, S, D)
-            for block in self.single_blocks[max(start - n_double, 0):stop - n_double]:
-                x = block(x, ctx.temb, ctx.cos, ctx.sin)  # (B, S, D)
+            first = max(start, n_double)
+            for i, block in enumerate(self.single_blocks[first - n_double:stop - n_double], first):
+                x = block(x, block_cond(i), ctx.cos, ctx.sin)  # (B, S, D)
             txt, img = x[:, :T], x[:, T:]  # (B, T, D), (B, L, D)
         return img, txt
 
@@ -388,7 +455,7 @@ class FluxTransformer(nn.Module):
         broadcast view: no memory) is returned."""
         if in_dummy_run():
             return img.new_zeros(()).expand(*img.shape[:2], self.config.out_channels)
-        scale, shift = self.norm_out_mod(F.silu(ctx.temb)).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
+        scale, shift = ctx.cond.out_mod.unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
         img = self.norm_out(img, scale, shift)  # (B, L, D)
         return self.proj_out(img)  # (B, L, out_channels)
 

@@ -262,16 +262,21 @@ class FluxPipeline:
             self.cache.reset(len(schedule.timesteps))
         B = x.shape[0]
         g = torch.full((B,), guidance, device=self.device, dtype=torch.float32) if self.guidance_embeds else None
-        for t in tqdm(schedule.timesteps, desc="denoise", unit="step", disable=not progress):
-            timestep = t.expand(B).to(x.dtype)  # (B,) in [0, 1000], rounded to the latent dtype as diffusers
+        # Every step's timestep is known now: the model's conditioning (its AdaLN modulation vectors) for all
+        # steps at once, one pass over the modulation weights per request instead of one per step.
+        sigmas = (schedule.timesteps.to(x.dtype)[:, None].expand(-1, B) / 1000)  # (steps, B); the model takes [0, 1]
+        conditioning = self.transformer.precompute_conditioning(sigmas, text.pooled_prompt_embeds, g)
+        steps = tqdm(schedule.timesteps, desc="denoise", unit="step", disable=not progress)
+        for t, sigma, cond in zip(steps, sigmas, conditioning):
             velocity = self.transformer(
                 hidden_states=x,
                 encoder_hidden_states=text.prompt_embeds,
                 pooled_projections=text.pooled_prompt_embeds,
-                timestep=timestep / 1000,  # the model takes sigma in [0, 1]
+                timestep=sigma,  # (B,) in [0, 1], rounded to the latent dtype as diffusers
                 img_ids=latents.img_ids,
                 txt_ids=text.text_ids,
                 guidance=g,
+                conditioning=cond,
             )  # (B, L, 4C)
             x = schedule.scheduler.step(velocity, t, x, return_dict=False)[0]  # (B, L, 4C)
         return x

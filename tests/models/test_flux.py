@@ -181,6 +181,72 @@ def test_guidance_argument_is_checked():
         run_ours(schnell, make_inputs(2, 2, 3, guidance=True))
 
 
+# ------------------------------------------------------------------------------------- conditioning
+
+
+def _steps_of(inputs: dict, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n steps' timesteps (n, B) and guidance (n, B) (or None) around one input's."""
+    scale = torch.linspace(1.0, 0.2, n)[:, None]
+    g = inputs["guidance"]
+    return inputs["timestep"][None] * scale, (None if g is None else g[None] + scale)
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False])
+def test_precomputed_conditioning_equals_per_step(guidance_embeds):
+    """precompute_conditioning (all steps at once, the pipeline's way) gives each forward what it would
+    compute from its own timestep and guidance; the diffusers reference agrees."""
+    ref = make_reference(guidance_embeds)
+    ours = ours_from(ref)
+    inputs = make_inputs(3, 4, 6, guidance_embeds)
+    ts, gs = _steps_of(inputs, 4)
+    with torch.no_grad():
+        conds = ours.precompute_conditioning(ts, inputs["pooled_projections"], gs)
+    assert len(conds) == 4
+    D = ours.config.inner_dim
+    assert [m.shape for m in conds[0].mods] == [(2, 12 * D)] * 2 + [(2, 3 * D)] * 2
+    assert conds[0].out_mod.shape == (2, 2 * D) and conds[0].temb.shape == (2, D)
+    outs = []
+    for i, cond in enumerate(conds):
+        step = dict(inputs, timestep=ts[i], guidance=None if gs is None else gs[i])
+        out = run_ours(ours, dict(step, conditioning=cond))
+        assert rel_err(out, run_ours(ours, step)) <= 1e-6, i
+        assert rel_err(out, run_reference(ref, step)) <= 1e-5, i
+        outs.append(out)
+    assert rel_err(outs[0], outs[-1]) > 1e-3  # the steps really differ
+
+
+def test_per_block_modulation_equals_model_computed():
+    """use_per_block_modulation (for cache-dit: every block gets temb and computes its own vectors) gives the
+    same output; the model's conditioning then carries no per-block vectors."""
+    ref = make_reference(True)
+    ours = ours_from(ref)
+    inputs = make_inputs(3, 4, 6, True)
+    expected = run_ours(ours, inputs)
+    ours.use_per_block_modulation()
+    assert ours.blocks_take_temb and all(b.takes_temb for b in (*ours.double_blocks, *ours.single_blocks))
+    with torch.no_grad():
+        assert ours.precompute_conditioning(inputs["timestep"][None], inputs["pooled_projections"],
+                                            inputs["guidance"])[0].mods == ()
+    assert rel_err(run_ours(ours, inputs), expected) <= 1e-6
+
+
+def test_precomputed_conditioning_does_not_recompile_the_blocks():
+    """Each step's vectors are views at another offset of one (steps, B, kD) tensor: the compiled blocks take
+    them all without recompiling."""
+    from ditserve.compile import CompileConfig, compile_model
+
+    model = compile_model(_tiny_model(), CompileConfig(backend="aot_eager"))
+    inputs = make_inputs(3, 5, 7, True)
+    ts, gs = _steps_of(inputs, 3)
+    with torch.no_grad():
+        conds = model.precompute_conditioning(ts, inputs["pooled_projections"], gs)
+        run_ours(model, dict(inputs, conditioning=conds[0]))
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for cond in conds[1:]:
+                run_ours(model, dict(inputs, conditioning=cond))
+            run_ours(model, inputs)  # and the per-forward path (offset 0)
+
+
 # --------------------------------------------------------------------------------------------- weight map
 
 
