@@ -63,6 +63,9 @@ class EngineConfig:
         so FLUX.1 at its native size decodes exactly as diffusers does), "on" (always tiled) or "off" (never).
         Tiled decode bounds the decode's activation memory by the tile size instead of the image size; the
         overlapping tiles are blended, so it is lossy (see `ditserve.pipelines.flux.VAE_TILE`).
+    compile_vae: channels-last + torch.compile of the VAE decoder (lossless: the same math, other kernels).
+        Measured on an H100 at 1024x1024: decode 91 -> 38 ms, its activation memory 2.38 -> 1.25 GiB; the
+        first decode compiles (~24 s cold, cached on disk like the DiT's compile). Off by default.
     """
 
     device: str | None = None
@@ -75,6 +78,7 @@ class EngineConfig:
     cache_backend: str = "ditserve"
     quantization: str | None = None
     vae_tiling: str = "auto"
+    compile_vae: bool = False
 
     def __post_init__(self):
         from ditserve.cache.policy import parse_cache  # (ditserve.cache imports this module)

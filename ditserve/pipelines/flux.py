@@ -35,6 +35,8 @@ logger = init_logger(__name__)
 REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                        "scheduler")
 
+# The torch.compile backend of EngineConfig.compile_vae (tests use "eager": inductor's CPU compile of a VAE is slow).
+VAE_COMPILE_BACKEND = "inductor"
 # Tiled VAE decode (EngineConfig.vae_tiling): tiles of VAE_TILE x VAE_TILE pixels (or the VAE's natural size if
 # smaller) overlapping by a quarter and blended, diffusers' AutoencoderKL.tiled_decode. "auto" tiles images of
 # more than VAE_AUTO_TILE_PIXELS: FLUX.1 at its native 1024x1024 decodes whole, as in diffusers.
@@ -157,6 +159,12 @@ class FluxPipeline:
             from ditserve.compile import CompileConfig, compile_model
 
             self.transformer = compile_model(self.transformer, CompileConfig())
+        if engine.compile_vae:  # (bench/flux_levers.py vae_channels_last_compiled; compiles at the first decode)
+            from ditserve.compile import set_process_compiler_flags
+
+            set_process_compiler_flags()
+            self.vae.to(memory_format=torch.channels_last)
+            self.vae.decoder.compile(backend=VAE_COMPILE_BACKEND)
 
     # ---------------------------------------------------------------------------------------------- spec
 
@@ -365,8 +373,14 @@ class FluxPipeline:
         self._sync()
         t2 = time.perf_counter()
 
-        # A dummy run (warmup / autotune) skips the decode: its images are thrown away.
-        images = [] if in_dummy_run() else self.decode(final, first.height, first.width)
+        # A dummy run (warmup / autotune) skips the decode: its images are thrown away. With a compiled VAE
+        # decoder it decodes once all the same (no images made), so that the decoder compiles in the warmup.
+        if in_dummy_run():
+            if self.engine.compile_vae:
+                self.decode_latents(final, first.height, first.width)
+            images = []
+        else:
+            images = self.decode(final, first.height, first.width)
         t3 = time.perf_counter()  # to_pil copied to the host: the device is idle
         cache_stats = None if self.cache is None else {"policy": self.cache.name, **self.cache.stats().as_dict()}
 
