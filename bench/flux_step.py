@@ -243,27 +243,13 @@ def child_cold_start(args) -> int:
     return 0
 
 
-# Run first, with a throwaway cache: a process that imports dynamo, inductor and Triton and compiles one small
-# kernel. On a machine just started, the first process to do so reads all of those files from disk: measured
-# on a fresh H100 machine, that made the cold compile 19.7 s against 13.5-13.9 s in processes started after
-# another; "cold" here means no compiled artefacts, not a cold file cache.
-PRIME = ("import torch; f = torch.compile(lambda x: torch.nn.functional.gelu(x * 2) + 1); "
-         "x = torch.randn(64, device={device!r}); f(x); f(torch.randn(96, device={device!r}))")
-
-
 def cold_start(args) -> dict:
-    """Two child processes sharing one fresh compile-cache folder: cold, then warm (artefacts reused); a
-    priming process before them (PRIME)."""
+    """Two child processes sharing one fresh compile-cache folder: cold, then warm (artefacts reused).
+
+    Both are CPU-bound (dynamo, inductor, Triton's compiler) and noisy: at d26445d two pairs run one after the
+    other on one H100 machine measured 15.9 and 19.0 s of compile (cold) and 8.3 and 10.3 s (warm); 6400126 on
+    another machine 19.7 and 5.2 s. A priming process (imports and one small compile first) changed nothing."""
     out = {}
-    with tempfile.TemporaryDirectory(prefix="ditserve-prime-") as prime:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(prime, "inductor"),
-                   TRITON_CACHE_DIR=os.path.join(prime, "triton"))
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", PRIME.format(device=args.device)], env=env,
-                              capture_output=True, text=True)
-        out["prime_s"] = round(time.perf_counter() - t0, 2)
-        if proc.returncode != 0:
-            log(f"cold start: the priming process failed:\n{proc.stderr[-2000:]}")
     with tempfile.TemporaryDirectory(prefix="ditserve-cold-") as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
                    TRITON_CACHE_DIR=os.path.join(cache, "triton"))
