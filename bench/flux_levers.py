@@ -53,13 +53,21 @@ LEVERS = {
         "VAE decode of a 1024x1024 image: channels-last, and channels-last + torch.compile of the decoder",
         "eager 99 ms -> compiled 65-80 ms (GroupNorm + SiLU fused, convolutions in NHWC); peak memory of the "
         "decode -1 GiB or more (fewer fp32 intermediates)"),
+    "pointwise_single_config": (
+        "inductor triton.autotune_pointwise=False: one launch config per pointwise kernel instead of 2-3 that are "
+        "compiled and benchmarked at the kernel's first call; cold start (child processes, alternating with the "
+        "default, twice) and the compiled forward",
+        "cold compile + first forward -1 to -3 s (the first forward spends ~4 s beyond compile, mostly first-call "
+        "config benchmarking); forward +0 to +0.5 ms (~5 ms of elementwise kernels, some in a worse config)"),
     "attention_power": (
         "diagnostic: cuDNN SDPA at FLUX's shape timed alone, back to back, and interleaved with the single "
         "block's GEMMs (profiler kernel times), with the SM clock sampled by nvidia-smi",
         "in-model attention runs 0.55 ms a call vs 0.42 alone: interleaved with GEMMs the SM clock drops "
         "(power limit), which would make the standalone rate an unreachable floor"),
 }
-BF16_ORDER = ["precomputed_modulation", "gelu_epilogue", "attention_power", "vae_channels_last_compiled",
+# Levers with a cold-start part: inductor settings the cold-start children compile with (flux_step.py stage 0).
+COLD_START_LEVERS = {"pointwise_single_config": {"triton.autotune_pointwise": False}}
+BF16_ORDER = ["precomputed_modulation", "gelu_epilogue", "pointwise_single_config", "attention_power", "vae_channels_last_compiled",
               "cuda_graph", "attention_contiguous", "attention_flash", "coordinate_descent", "whole_model",
               "max_autotune"]  # slowest compiles last
 FP8_ORDER = ["fp8_tensorwise"]
@@ -99,7 +107,8 @@ def run_levers(names: list[str], b: LeverBench) -> dict:
              "fp8_tensorwise": fp8_tensorwise, "vae_channels_last_compiled": vae_channels_last_compiled,
              "attention_power": attention_power, "cuda_graph": cuda_graph,
              "attention_contiguous": attention_contiguous, "attention_flash": attention_flash,
-             "coordinate_descent": inductor_lever, "whole_model": inductor_lever, "max_autotune": inductor_lever}
+             "coordinate_descent": inductor_lever, "whole_model": inductor_lever, "max_autotune": inductor_lever,
+             "pointwise_single_config": inductor_lever}
     default_row = b.rows.get(f"ditserve_compiled[{b.kernels0}]", {}).get("ms")
     for name in names:
         what, prediction = LEVERS[name]
@@ -185,7 +194,8 @@ def inductor_lever(b: LeverBench, name: str) -> dict:
 
     from ditserve.compile import CompileConfig
 
-    cfg, patch = {"coordinate_descent": (CompileConfig(), {"coordinate_descent_tuning": True}),
+    cfg, patch = {"pointwise_single_config": (CompileConfig(), COLD_START_LEVERS["pointwise_single_config"]),
+                  "coordinate_descent": (CompileConfig(), {"coordinate_descent_tuning": True}),
                   "whole_model": (CompileConfig(regional=False), {}),
                   "max_autotune": (CompileConfig(mode="max-autotune-no-cudagraphs"), {})}[name]
     with inductor_config.patch(patch):

@@ -41,7 +41,7 @@ from dataclasses import replace
 
 import torch
 from benchutil import commit, cuda_median_ms, log
-from flux_levers import LEVERS, LeverBench, run_levers, select
+from flux_levers import COLD_START_LEVERS, LEVERS, LeverBench, run_levers, select
 
 
 class Clock:
@@ -209,7 +209,10 @@ def count_syncs(fn) -> dict[str, int]:
 
 
 def child_cold_start(args) -> int:
-    """(A child process.) Load the dummy DiT, compile it as the engine does, time the first forward."""
+    """(A child process.) Load the dummy DiT, compile it as the engine does (with --child-inductor's inductor
+    settings, if any), time the first forward."""
+    import torch._inductor.config as inductor_config
+
     from ditserve.compile import CompileConfig, compile_model, flux_example_inputs
     from ditserve.config import EngineConfig
     from ditserve.loader import load_transformer
@@ -224,7 +227,7 @@ def child_cold_start(args) -> int:
                                  dtype=next(model.parameters()).dtype)
     compile_model(model, CompileConfig())
     t1 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), inductor_config.patch(json.loads(args.child_inductor)):
         model(**inputs)
     clock.sync()
     first_s = time.perf_counter() - t1
@@ -243,7 +246,7 @@ def child_cold_start(args) -> int:
     return 0
 
 
-def cold_start(args) -> dict:
+def cold_start(args, inductor: dict | None = None) -> dict:
     """Two child processes sharing one fresh compile-cache folder: cold, then warm (artefacts reused).
 
     Both are CPU-bound (dynamo, inductor, Triton's compiler) and noisy: at d26445d two pairs run one after the
@@ -256,7 +259,7 @@ def cold_start(args) -> dict:
         for which in ("cold", "warm_second_process"):
             cmd = [sys.executable, __file__, "--child-cold-start", "--model", args.model, "--size", str(args.size),
                    "--text-len", str(args.text_len), "--device", args.device, "--dtype", args.dtype,
-                   "--load-format", args.load_format]
+                   "--load-format", args.load_format, "--child-inductor", json.dumps(inductor or {})]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -330,6 +333,7 @@ def main() -> int:
                     help=f"also measure these levers (bench/flux_levers.py; GPU and compile only), or all: "
                          f"{', '.join(LEVERS)}")
     ap.add_argument("--child-cold-start", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-inductor", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -363,6 +367,11 @@ def main() -> int:
     # 0. cold start, in child processes, before this one holds any GPU memory.
     if compile_on and not args.skip_cold_start:
         rec["cold_start"] = cold_start(args)
+    if compile_on:  # cold-start levers: the default and the lever's settings alternate, twice (hosts drift)
+        for name in (n for n in lever_names if n in COLD_START_LEVERS):
+            rounds = [{"default": cold_start(args), "lever": cold_start(args, COLD_START_LEVERS[name])}
+                      for _ in range(2)]
+            rec.setdefault("cold_start_levers", {})[name] = {"inductor": COLD_START_LEVERS[name], "rounds": rounds}
     if args.only_cold_start:
         print(json.dumps(rec))
         return 0
