@@ -88,6 +88,7 @@ class LeverBench:
     inputs: dict  # the forward's inputs
     steps: int  # denoising steps of a request
     out_bf16: torch.Tensor  # the default bf16 output (the reference of the error columns)
+    ab_rounds: int = 0  # --ab: inductor levers also alternate this many fresh default / lever models
 
 
 def select(spec: str | None) -> list[str]:
@@ -194,14 +195,27 @@ def inductor_lever(b: LeverBench, name: str) -> dict:
 
     from ditserve.compile import CompileConfig
 
-    cfg, patch = {"pointwise_single_config": (CompileConfig(), COLD_START_LEVERS["pointwise_single_config"]),
-                  "coordinate_descent": (CompileConfig(), {"coordinate_descent_tuning": True}),
-                  "whole_model": (CompileConfig(regional=False), {}),
-                  "max_autotune": (CompileConfig(mode="max-autotune-no-cudagraphs"), {})}[name]
+    cfg_kwargs, patch = {"pointwise_single_config": ({}, COLD_START_LEVERS["pointwise_single_config"]),
+                         "coordinate_descent": ({}, {"coordinate_descent_tuning": True}),
+                         "whole_model": ({"regional": False}, {}),
+                         "max_autotune": ({"mode": "max-autotune-no-cudagraphs"}, {})}[name]
+    cfg = CompileConfig(**cfg_kwargs)
     with inductor_config.patch(patch):
         model, c_s = _compiled(b, cfg)
         ms = b.measure(f"lever:{name}", lambda: b.run(model), c_s, add_ms=b.step_share_ms)
-    return {"ms": round(ms, 2), "compile_s": round(c_s, 1)}
+    out = {"ms": round(ms, 2), "compile_s": round(c_s, 1)}
+    if b.ab_rounds:  # fresh default and lever models alternately: the spread between models of one setting
+        ab = {"default": [], "lever": []}
+        for _ in range(b.ab_rounds):
+            for which, p in (("default", {}), ("lever", patch)):
+                model = None
+                with inductor_config.patch(p):
+                    model, _ = _compiled(b, cfg if which == "lever" else None)
+                    ab[which].append(round(b.measure(f"lever:{name}:{which}", lambda: b.run(model),
+                                                     add_ms=b.step_share_ms), 2))
+        med = {k: sorted(v)[len(v) // 2] for k, v in ab.items()}
+        out.update(ab=ab, ms=med["lever"], base_ms=med["default"])
+    return out
 
 
 def cuda_graph(b: LeverBench) -> dict:

@@ -332,6 +332,9 @@ def main() -> int:
     ap.add_argument("--levers", nargs="?", const="all", default=None, metavar="NAME,...",
                     help=f"also measure these levers (bench/flux_levers.py; GPU and compile only), or all: "
                          f"{', '.join(LEVERS)}")
+    ap.add_argument("--ab", type=int, default=0, metavar="N",
+                    help="with --levers: inductor-setting levers also measure N alternating pairs of fresh default "
+                         "and lever models (the ms is then the median of the lever's, against the default's)")
     ap.add_argument("--child-cold-start", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-inductor", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -367,7 +370,7 @@ def main() -> int:
     # 0. cold start, in child processes, before this one holds any GPU memory.
     if compile_on and not args.skip_cold_start:
         rec["cold_start"] = cold_start(args)
-    if compile_on:  # cold-start levers: the default and the lever's settings alternate, twice (hosts drift)
+    if compile_on and not args.skip_cold_start:  # cold-start levers: default and lever alternate, twice
         for name in (n for n in lever_names if n in COLD_START_LEVERS):
             rounds = [{"default": cold_start(args), "lever": cold_start(args, COLD_START_LEVERS[name])}
                       for _ in range(2)]
@@ -514,7 +517,7 @@ def main() -> int:
         model = None
         rec["levers"] = run_levers(lever_names, LeverBench(
             fresh=fresh, run=run_ours, run_per_step=run, step_share_ms=step_share, measure=measure, clock=clock, rows=rows, kernels0=kernels0, inputs=inputs,
-            steps=args.steps, out_bf16=out_bf16))
+            steps=args.steps, out_bf16=out_bf16, ab_rounds=args.ab))
 
     default_row = f"ditserve_compiled[{kernels0}]" if compile_on else f"ditserve_eager[{kernels0}]"
     if compile_on:
