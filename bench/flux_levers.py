@@ -59,12 +59,6 @@ LEVERS = {
         "default, twice) and the compiled forward",
         "cold compile + first forward -1 to -3 s (the first forward spends ~4 s beyond compile, mostly first-call "
         "config benchmarking); forward +0 to +0.5 ms (~5 ms of elementwise kernels, some in a worse config)"),
-    "dynamic_all_dims": (
-        "compile with dynamic=True (every dim of the blocks' inputs symbolic; the default until token marks) instead "
-        "of the default token marks (only the token dims dynamic); cold start (child processes, alternating with "
-        "the default, twice) and the compiled forward",
-        "cold compile +1.5 to +3 s with dynamic=True (on the CPU, token marks took 24% less dynamo + AOTAutograd "
-        "time and 11% less of an inductor compile); forward +-0.3 ms (the same kernels, other index math)"),
     "attention_power": (
         "diagnostic: cuDNN SDPA at FLUX's shape timed alone, back to back, and interleaved with the single "
         "block's GEMMs (profiler kernel times), with the SM clock sampled by nvidia-smi",
@@ -72,11 +66,8 @@ LEVERS = {
         "(power limit), which would make the standalone rate an unreachable floor"),
 }
 # Levers with a cold-start part: inductor settings the cold-start children compile with (flux_step.py stage 0).
-# Levers with a cold-start part: the settings the cold-start children compile with (flux_step.py stage 0):
-# inductor config patches and CompileConfig fields.
-COLD_START_LEVERS = {"pointwise_single_config": {"inductor": {"triton.autotune_pointwise": False}},
-                     "dynamic_all_dims": {"compile": {"dynamic": True}}}
-BF16_ORDER = ["precomputed_modulation", "gelu_epilogue", "pointwise_single_config", "dynamic_all_dims", "attention_power", "vae_channels_last_compiled",
+COLD_START_LEVERS = {"pointwise_single_config": {"triton.autotune_pointwise": False}}
+BF16_ORDER = ["precomputed_modulation", "gelu_epilogue", "pointwise_single_config", "attention_power", "vae_channels_last_compiled",
               "cuda_graph", "attention_contiguous", "attention_flash", "coordinate_descent", "whole_model",
               "max_autotune"]  # slowest compiles last
 FP8_ORDER = ["fp8_tensorwise"]
@@ -118,7 +109,7 @@ def run_levers(names: list[str], b: LeverBench) -> dict:
              "attention_power": attention_power, "cuda_graph": cuda_graph,
              "attention_contiguous": attention_contiguous, "attention_flash": attention_flash,
              "coordinate_descent": inductor_lever, "whole_model": inductor_lever, "max_autotune": inductor_lever,
-             "pointwise_single_config": inductor_lever, "dynamic_all_dims": inductor_lever}
+             "pointwise_single_config": inductor_lever}
     default_row = b.rows.get(f"ditserve_compiled[{b.kernels0}]", {}).get("ms")
     for name in names:
         what, prediction = LEVERS[name]
@@ -204,8 +195,7 @@ def inductor_lever(b: LeverBench, name: str) -> dict:
 
     from ditserve.compile import CompileConfig
 
-    cfg_kwargs, patch = {"pointwise_single_config": ({}, COLD_START_LEVERS["pointwise_single_config"]["inductor"]),
-                         "dynamic_all_dims": ({"dynamic": True}, {}),
+    cfg_kwargs, patch = {"pointwise_single_config": ({}, COLD_START_LEVERS["pointwise_single_config"]),
                          "coordinate_descent": ({}, {"coordinate_descent_tuning": True}),
                          "whole_model": ({"regional": False}, {}),
                          "max_autotune": ({"mode": "max-autotune-no-cudagraphs"}, {})}[name]

@@ -209,8 +209,8 @@ def count_syncs(fn) -> dict[str, int]:
 
 
 def child_cold_start(args) -> int:
-    """(A child process.) Load the dummy DiT, compile it as the engine does (with --child-settings' inductor
-    settings and CompileConfig fields, if any), time the first forward."""
+    """(A child process.) Load the dummy DiT, compile it as the engine does (with --child-inductor's inductor
+    settings, if any), time the first forward."""
     import torch._inductor.config as inductor_config
 
     from ditserve.compile import CompileConfig, compile_model, flux_example_inputs
@@ -225,10 +225,9 @@ def child_cold_start(args) -> int:
     load_s = time.perf_counter() - t0
     inputs = flux_example_inputs(model.config, args.size, args.size, text_len=args.text_len, device=args.device,
                                  dtype=next(model.parameters()).dtype)
-    settings = json.loads(args.child_settings)
-    compile_model(model, CompileConfig(**settings.get("compile", {})))
+    compile_model(model, CompileConfig())
     t1 = time.perf_counter()
-    with torch.inference_mode(), inductor_config.patch(settings.get("inductor", {})):
+    with torch.inference_mode(), inductor_config.patch(json.loads(args.child_inductor)):
         model(**inputs)
     clock.sync()
     first_s = time.perf_counter() - t1
@@ -247,7 +246,7 @@ def child_cold_start(args) -> int:
     return 0
 
 
-def cold_start(args, settings: dict | None = None) -> dict:
+def cold_start(args, inductor: dict | None = None) -> dict:
     """Two child processes sharing one fresh compile-cache folder: cold, then warm (artefacts reused).
 
     Both are CPU-bound (dynamo, inductor, Triton's compiler) and noisy: at d26445d two pairs run one after the
@@ -260,7 +259,7 @@ def cold_start(args, settings: dict | None = None) -> dict:
         for which in ("cold", "warm_second_process"):
             cmd = [sys.executable, __file__, "--child-cold-start", "--model", args.model, "--size", str(args.size),
                    "--text-len", str(args.text_len), "--device", args.device, "--dtype", args.dtype,
-                   "--load-format", args.load_format, "--child-settings", json.dumps(settings or {})]
+                   "--load-format", args.load_format, "--child-inductor", json.dumps(inductor or {})]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -337,7 +336,7 @@ def main() -> int:
                     help="with --levers: inductor-setting levers also measure N alternating pairs of fresh default "
                          "and lever models (the ms is then the median of the lever's, against the default's)")
     ap.add_argument("--child-cold-start", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--child-settings", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--child-inductor", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -375,7 +374,7 @@ def main() -> int:
         for name in (n for n in lever_names if n in COLD_START_LEVERS):
             rounds = [{"default": cold_start(args), "lever": cold_start(args, COLD_START_LEVERS[name])}
                       for _ in range(2)]
-            rec.setdefault("cold_start_levers", {})[name] = {"settings": COLD_START_LEVERS[name], "rounds": rounds}
+            rec.setdefault("cold_start_levers", {})[name] = {"inductor": COLD_START_LEVERS[name], "rounds": rounds}
     if args.only_cold_start:
         print(json.dumps(rec))
         return 0

@@ -11,9 +11,8 @@ Compiled modules are tracked by identity (a weak registry), so calling `compile_
 a cache, from a warmup path, ...) compiles nothing twice; asking to recompile a module with other settings is
 an error, never a silent no-op.
 
-Dynamic shapes: the sequence lengths are symbolic, so a new resolution reuses the compiled graphs. By default
-(`dynamic="tokens"`) the model marks just the token dims of its blocks' inputs dynamic before each call and
-every other dim stays static: less symbolic work than `dynamic=True` (every dim symbolic). Dynamo's "duck shaping" would give two dimensions that happen to be equal at the first call one shared
+Dynamic shapes: with `dynamic=True` the sequence lengths are symbolic, so a new resolution reuses the compiled
+graphs. Dynamo's "duck shaping" would give two dimensions that happen to be equal at the first call one shared
 symbol, so an image whose token count equals the hidden width (FLUX.1: 3072 tokens at 768x1024, 3072 = D) or
 the text length would specialise the graph to that size and every other resolution would recompile.
 `compile_model` therefore turns duck shaping off for the process (`torch.fx.experimental._config.
@@ -60,12 +59,9 @@ class CompileConfig:
     enabled: compile at all (`compile_model` returns the model untouched when False).
     mode: inductor mode (None = default; "max-autotune-no-cudagraphs" tunes GEMM/conv kernels; modes with
         CUDA graphs need static input addresses, see torch.compile).
-    dynamic: "tokens" (default): the model marks the token dims of its blocks' inputs dynamic before each call
-        (`can_mark_token_dims` / `mark_token_dims`, FLUX.1) and every other dim stays static, so a new
-        resolution does not recompile and the compile does less symbolic work than with True; where the model
-        cannot (a whole-model compile, cache-dit's block wrappers, a model without the hook) it means True.
-        True makes every dim symbolic from the first compile; False specialises to each shape (one compile per
-        resolution); None lets dynamo decide (static first, dynamic after the first recompile).
+    dynamic: True makes sequence lengths symbolic from the first compile, so a new resolution does not
+        recompile; False specialises to each shape (one compile per resolution); None lets dynamo decide
+        (static first, dynamic after the first recompile).
     fullgraph: a graph break inside a compiled region is an error (the engine's setting: zero breaks).
     backend: "inductor" (the engine's), "aot_eager" or "eager" (quick checks, no code generation).
     regional: compile each block of `model.repeated_blocks` (True) or the whole model as one graph (False).
@@ -73,14 +69,12 @@ class CompileConfig:
 
     enabled: bool = True
     mode: str | None = None
-    dynamic: bool | str | None = "tokens"
+    dynamic: bool | None = True
     fullgraph: bool = True
     backend: str = "inductor"
     regional: bool = True
 
     def __post_init__(self):
-        if self.dynamic not in (True, False, None, "tokens"):
-            raise ConfigError(f"compile dynamic must be True, False, None or 'tokens', got {self.dynamic!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown compile backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
         if self.mode is not None:
@@ -90,10 +84,8 @@ class CompileConfig:
                 raise ConfigError(f"compile mode {self.mode!r} needs backend 'inductor', got {self.backend!r}")
 
     def compile_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `torch.compile` / `nn.Module.compile` ("tokens" -> True: `compile_model` turns
-        it into token marks where the model supports them)."""
-        dynamic = True if self.dynamic == "tokens" else self.dynamic
-        kw: dict[str, Any] = dict(backend=self.backend, fullgraph=self.fullgraph, dynamic=dynamic)
+        """Keyword arguments for `torch.compile` / `nn.Module.compile`."""
+        kw: dict[str, Any] = dict(backend=self.backend, fullgraph=self.fullgraph, dynamic=self.dynamic)
         if self.mode is not None:
             kw["mode"] = self.mode
         return kw
@@ -191,10 +183,6 @@ def compile_model(model: nn.Module, cfg: CompileConfig) -> nn.Module:
                               f"break a whole-model graph; compile regionally (the blocks are the regions)")
         targets = [model]
     set_process_compiler_flags()
-    kwargs = cfg.compile_kwargs()
-    if cfg.dynamic == "tokens" and cfg.regional and getattr(model, "can_mark_token_dims", False):
-        model.mark_token_dims = True  # run_blocks marks the token dims; dynamo keeps the rest static
-        kwargs["dynamic"] = None
     for module in targets:
         done = _compiled.get(module)
         if done is not None:
@@ -202,7 +190,7 @@ def compile_model(model: nn.Module, cfg: CompileConfig) -> nn.Module:
                 raise ValueError(f"a {type(module).__name__} was already compiled with {done}; "
                                  f"it cannot be recompiled with {cfg}")
             continue  # the same module object, e.g. listed twice or a second compile_model call
-        module.compile(**kwargs)
+        module.compile(**cfg.compile_kwargs())
         _compiled[module] = cfg
     return model
 
@@ -508,8 +496,7 @@ def compile_report_main(args: argparse.Namespace) -> int:
     # The cache is mounted below, on the bare transformer, so the engine itself carries none.
     engine = engine_from_args(args, compile=True, cache=None, cache_backend="ditserve")
     check_engine(engine)
-    cfg = CompileConfig(mode=args.mode, dynamic=False if args.static else "tokens", backend=args.backend,
-                        regional=not args.whole_model)
+    cfg = CompileConfig(mode=args.mode, dynamic=not args.static, backend=args.backend, regional=not args.whole_model)
     from ditserve.cache import mount_cache, parse_cache
 
     cache_settings = parse_cache(args.cache)

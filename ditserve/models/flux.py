@@ -122,10 +122,6 @@ class MLPEmbedder(nn.Module):
         return self.out_layer(F.silu(self.in_layer(x)))
 
 
-def _no_mark(t: torch.Tensor, dim: int) -> None:
-    """`torch._dynamo.maybe_mark_dynamic`'s stand-in when the blocks are not compiled with token marks."""
-
-
 # ------------------------------------------------------------------------------------------------- blocks
 
 
@@ -308,16 +304,6 @@ class FluxTransformer(nn.Module):
     # own. True (`use_per_block_modulation`): each block gets temb and computes its own, as diffusers' blocks
     # do; for wrappers that call all blocks of a list with the same arguments (cache-dit's).
     blocks_take_temb = False
-    # Set by `ditserve.compile.compile_model` for CompileConfig(dynamic="tokens") (the default): `run_blocks`
-    # marks the token dims of every block input dynamic before the call, and the compiled blocks keep every
-    # other dim static, where dynamic=True would make every dim symbolic (measured on this model: -24% of
-    # dynamo + AOTAutograd time, -11% of a CPU inductor compile).
-    mark_token_dims = False
-
-    @property
-    def can_mark_token_dims(self) -> bool:
-        """Whether `run_blocks` calls each block itself (not under cache-dit, whose wrappers call them)."""
-        return not self.blocks_take_temb
     # For `--cache-backend cache-dit` (ditserve.cache.cache_dit): each block list and its cache-dit
     # ForwardPattern number. Double blocks take and return (img, txt): 0; single blocks the joint sequence: 3.
     cache_dit_block_patterns = (("double_blocks", 0), ("single_blocks", 3))
@@ -452,19 +438,13 @@ class FluxTransformer(nn.Module):
         def block_cond(i: int) -> torch.Tensor:  # block i's (flat index) modulation vectors, or temb
             return cond.temb if self.blocks_take_temb else cond.mods[i]
 
-        mark = torch._dynamo.maybe_mark_dynamic if self.mark_token_dims else _no_mark  # (tensor, dim)
-        mark(ctx.cos, 0)
-        mark(ctx.sin, 0)
         for i, block in enumerate(self.double_blocks[start:min(stop, n_double)], start):
-            mark(img, 1)
-            mark(txt, 1)
             img, txt = block(img, txt, block_cond(i), ctx.cos, ctx.sin)  # (B, L, D), (B, T, D)
         if stop > n_double:
             T = txt.shape[1]
             x = torch.cat((txt, img), dim=1)  # (B, S, D)
             first = max(start, n_double)
             for i, block in enumerate(self.single_blocks[first - n_double:stop - n_double], first):
-                mark(x, 1)
                 x = block(x, block_cond(i), ctx.cos, ctx.sin)  # (B, S, D)
             txt, img = x[:, :T], x[:, T:]  # (B, T, D), (B, L, D)
         return img, txt

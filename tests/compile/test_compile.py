@@ -250,12 +250,12 @@ def test_duck_shaping_off_is_what_keeps_coinciding_sizes_dynamic(monkeypatch):
     assert report["recompiles"] == 1
 
 
-def _restarts(model, sizes, dynamic=True) -> int:
+def _restarts(model, sizes) -> int:
     """How many times dynamo restarted a frame's analysis while compiling `model` regionally at `sizes`."""
     from torch._dynamo.utils import compilation_time_metrics
 
     compilation_time_metrics.clear()
-    compile_model(model, CompileConfig(backend="aot_eager", dynamic=dynamic))
+    compile_model(model, CompileConfig(backend="aot_eager"))
     with torch.inference_mode():
         for h, w in sizes:
             model(**flux_example_inputs(model.config, h, w, text_len=TEXT_LEN))
@@ -266,51 +266,15 @@ def _restarts(model, sizes, dynamic=True) -> int:
 def test_block_floats_are_constants_so_no_block_is_traced_twice(monkeypatch):
     # Under dynamic=True dynamo traces float attributes (norm eps, MulAdd's k) as symbolic, fails to tensorify
     # them and restarts each block class's analysis: a whole second trace (~30% of FLUX.1's cold compile).
-    # compile_model specialises floats; the model has two block classes and none restarts, at either size,
-    # with dynamic=True or the default token marks.
+    # compile_model specialises floats; the model has two block classes and none restarts, at either size.
     sizes = [(64, 64), (64, 128)]
     assert _restarts(tiny_flux(num_layers=1, num_single_layers=1), sizes) == 0
-    torch._dynamo.reset()
-    assert _restarts(tiny_flux(num_layers=1, num_single_layers=1), sizes, dynamic="tokens") == 0
 
     torch._dynamo.reset()
     monkeypatch.setattr(dc, "set_process_compiler_flags", lambda: None)
     torch._dynamo.config.specialize_float = False  # dynamo's default
     torch.fx.experimental._config.use_duck_shape = False
     assert _restarts(tiny_flux(num_layers=1, num_single_layers=1), sizes) >= 1
-
-
-def test_token_marks_are_flux_default_and_new_sizes_do_not_recompile():
-    """CompileConfig's default dynamic="tokens": FLUX marks its blocks' token dims (the rest stays static);
-    other image sizes and text lengths then reuse the two block graphs."""
-    from ditserve.compile import _record_compiles
-
-    model = tiny_flux(num_layers=1, num_single_layers=2)
-    assert CompileConfig().dynamic == "tokens" and not model.mark_token_dims
-    compile_model(model, CompileConfig(backend="aot_eager"))
-    assert model.mark_token_dims
-    with torch.inference_mode(), _record_compiles() as compiles:
-        model(**flux_example_inputs(model.config, 64, 64, text_len=TEXT_LEN))
-        assert len(compiles) == 2  # one graph per block class
-        with torch.compiler.set_stance("fail_on_recompile"):
-            for h, w, t in ((64, 128, TEXT_LEN), (128, 48, 9), (48, 48, 23)):
-                model(**flux_example_inputs(model.config, h, w, text_len=t))
-
-
-def test_token_marks_only_where_run_blocks_calls_the_blocks():
-    whole = tiny_flux(num_layers=1, num_single_layers=1)
-    compile_model(whole, CompileConfig(backend="eager", regional=False))
-    assert not whole.mark_token_dims  # (inside a whole-model graph there is nothing to mark from)
-    wrapped = tiny_flux(num_layers=1, num_single_layers=1)
-    wrapped.use_per_block_modulation()  # as cache-dit's mount does: its wrappers call the blocks
-    assert not wrapped.can_mark_token_dims
-    compile_model(wrapped, EAGER)
-    assert not wrapped.mark_token_dims
-    static = tiny_flux(num_layers=1, num_single_layers=1)
-    compile_model(static, CompileConfig(backend="eager", dynamic=True))
-    assert not static.mark_token_dims
-    with pytest.raises(ConfigError, match="dynamic"):
-        CompileConfig(dynamic="sometimes")
 
 
 def test_report_refuses_compiled_model():
