@@ -67,9 +67,9 @@ LEVERS = {
 }
 # Levers with a cold-start part: inductor settings the cold-start children compile with (flux_step.py stage 0).
 COLD_START_LEVERS = {"pointwise_single_config": {"triton.autotune_pointwise": False}}
-BF16_ORDER = ["precomputed_modulation", "gelu_epilogue", "pointwise_single_config", "attention_power", "vae_channels_last_compiled",
-              "cuda_graph", "attention_contiguous", "attention_flash", "coordinate_descent", "whole_model",
-              "max_autotune"]  # slowest compiles last
+BF16_ORDER = ["precomputed_modulation", "gelu_epilogue", "pointwise_single_config", "attention_power",
+              "vae_channels_last_compiled", "cuda_graph", "attention_contiguous", "attention_flash",
+              "coordinate_descent", "whole_model", "max_autotune"]  # slowest compiles last
 FP8_ORDER = ["fp8_tensorwise"]
 
 

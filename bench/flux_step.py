@@ -516,8 +516,8 @@ def main() -> int:
     if lever_names:
         model = None
         rec["levers"] = run_levers(lever_names, LeverBench(
-            fresh=fresh, run=run_ours, run_per_step=run, step_share_ms=step_share, measure=measure, clock=clock, rows=rows, kernels0=kernels0, inputs=inputs,
-            steps=args.steps, out_bf16=out_bf16, ab_rounds=args.ab))
+            fresh=fresh, run=run_ours, run_per_step=run, step_share_ms=step_share, measure=measure, clock=clock,
+            rows=rows, kernels0=kernels0, inputs=inputs, steps=args.steps, out_bf16=out_bf16, ab_rounds=args.ab))
 
     default_row = f"ditserve_compiled[{kernels0}]" if compile_on else f"ditserve_eager[{kernels0}]"
     if compile_on:

@@ -205,7 +205,8 @@ def warmup(pipeline, params, dummy: bool = True) -> dict[str, Any]:
 
     With `dummy` (default) it runs under `ditserve.dummy_run`: the DiT's output projection and the VAE decode
     are skipped (neither is a compiled region, so the compiled graphs are those real requests use; with
-    `compile_vae` the decode runs, for its compile) and no images are made. Returns {"seconds": wall time, "cache_stats": the run's cache stats or None}.
+    `compile_vae` the decode runs, for its compile) and no images are made. Returns {"seconds": wall time,
+    "cache_stats": the run's cache stats or None}.
     """
     from ditserve.dummy_run import dummy_run
 

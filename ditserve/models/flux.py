@@ -379,6 +379,9 @@ class FluxTransformer(nn.Module):
         if conditioning is None:
             conditioning = self.precompute_conditioning(timestep[None], pooled_projections,
                                                         None if guidance is None else guidance[None])[0]
+        elif conditioning.out_mod.shape[0] != hidden_states.shape[0]:
+            raise ValueError(f"conditioning was computed for a batch of {conditioning.out_mod.shape[0]}, "
+                             f"hidden_states has a batch of {hidden_states.shape[0]}")
         if img_ids.ndim == 3:  # (B, L, 3): diffusers' deprecated form; positions are shared across the batch
             img_ids = img_ids[0]
         if txt_ids.ndim == 3:

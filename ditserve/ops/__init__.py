@@ -8,7 +8,7 @@ from ditserve.ops.norm import LayerNorm, MulAdd, NormScaleShift, NormTanhGate, R
 from ditserve.ops.rotary import Rotary, axial_rope_cos_sin
 
 __all__ = [
-    "Attention", "CustomOp", "Fp8Linear", "LayerNorm", "Linear", "LinearGELU", "MulAdd", "NATIVE", "NormScaleShift", "NormTanhGate",
-    "OpsConfig", "ResidualNormScaleShift", "RMSNorm", "Rotary", "apply_fp8",
+    "Attention", "CustomOp", "Fp8Linear", "LayerNorm", "Linear", "LinearGELU", "MulAdd", "NATIVE", "NormScaleShift",
+    "NormTanhGate", "OpsConfig", "ResidualNormScaleShift", "RMSNorm", "Rotary", "apply_fp8",
     "axial_rope_cos_sin",
 ]

@@ -272,7 +272,8 @@ class FluxPipeline:
         g = torch.full((B,), guidance, device=self.device, dtype=torch.float32) if self.guidance_embeds else None
         # Every step's timestep is known now: the model's conditioning (its AdaLN modulation vectors) for all
         # steps at once, one pass over the modulation weights per request instead of one per step.
-        sigmas = (schedule.timesteps.to(x.dtype)[:, None].expand(-1, B) / 1000)  # (steps, B); the model takes [0, 1]
+        # (steps, B): the model takes sigma in [0, 1], rounded to the latent dtype as diffusers does.
+        sigmas = schedule.timesteps.to(x.dtype)[:, None].expand(-1, B) / 1000
         conditioning = self.transformer.precompute_conditioning(sigmas, text.pooled_prompt_embeds, g)
         steps = tqdm(schedule.timesteps, desc="denoise", unit="step", disable=not progress)
         for t, sigma, cond in zip(steps, sigmas, conditioning):

@@ -213,6 +213,9 @@ def test_precomputed_conditioning_equals_per_step(guidance_embeds):
         assert rel_err(out, run_reference(ref, step)) <= 1e-5, i
         outs.append(out)
     assert rel_err(outs[0], outs[-1]) > 1e-3  # the steps really differ
+    one = {k: (v[:1] if k in ("hidden_states", "encoder_hidden_states") else v) for k, v in inputs.items()}
+    with pytest.raises(ValueError, match="batch of 2"):
+        run_ours(ours, dict(one, conditioning=conds[0]))
 
 
 def test_per_block_modulation_equals_model_computed():
