@@ -218,7 +218,8 @@ def child_cold_start(args) -> int:
     from ditserve.loader import load_transformer
 
     t0 = time.perf_counter()
-    engine = EngineConfig(device=args.device, dtype=args.dtype, load_format=args.load_format, compile=True)
+    engine = EngineConfig(device=args.device, dtype=args.dtype, load_format=args.load_format, compile=True,
+                          kernels=args.kernels.split(",")[0])
     model, _ = load_transformer(args.model, engine)
     clock = Clock(torch.device(args.device))
     clock.sync()
@@ -259,7 +260,8 @@ def cold_start(args, inductor: dict | None = None) -> dict:
         for which in ("cold", "warm_second_process"):
             cmd = [sys.executable, __file__, "--child-cold-start", "--model", args.model, "--size", str(args.size),
                    "--text-len", str(args.text_len), "--device", args.device, "--dtype", args.dtype,
-                   "--load-format", args.load_format, "--child-inductor", json.dumps(inductor or {})]
+                   "--load-format", args.load_format, "--kernels", args.kernels,
+                   "--child-inductor", json.dumps(inductor or {})]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
