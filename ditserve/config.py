@@ -65,7 +65,8 @@ class EngineConfig:
         overlapping tiles are blended, so it is lossy (see `ditserve.pipelines.flux.VAE_TILE`).
     compile_vae: channels-last + torch.compile of the VAE decoder (lossless: the same math, other kernels).
         Measured on an H100 at 1024x1024: decode 91 -> 38 ms, its activation memory 2.38 -> 1.25 GiB; the
-        first decode compiles (~24 s cold, cached on disk like the DiT's compile). Off by default.
+        first decode compiles (18-24 s with an empty compile cache; its artefacts go to the same cache folder as
+        the DiT's). Off by default.
     """
 
     device: str | None = None

@@ -106,6 +106,17 @@ def _config_dict(config: Any) -> dict[str, Any]:
     return dict(config)
 
 
+def compile_vae_decoder(vae) -> None:
+    """EngineConfig.compile_vae: the VAE's weights channels-last and its decoder compiled in place (compiling
+    happens at the first decode). Measured by bench/flux_levers.py vae_channels_last_compiled; the end to end
+    run of bench/flux_step.py times this same function."""
+    from ditserve.compile import set_process_compiler_flags
+
+    set_process_compiler_flags()
+    vae.to(memory_format=torch.channels_last)
+    vae.decoder.compile(backend=VAE_COMPILE_BACKEND)
+
+
 class FluxPipeline:
     """FLUX.1 text-to-image. Built from loaded components (keys as in model_index.json: transformer,
     vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, scheduler), the engine settings and the
@@ -159,12 +170,8 @@ class FluxPipeline:
             from ditserve.compile import CompileConfig, compile_model
 
             self.transformer = compile_model(self.transformer, CompileConfig())
-        if engine.compile_vae:  # (bench/flux_levers.py vae_channels_last_compiled; compiles at the first decode)
-            from ditserve.compile import set_process_compiler_flags
-
-            set_process_compiler_flags()
-            self.vae.to(memory_format=torch.channels_last)
-            self.vae.decoder.compile(backend=VAE_COMPILE_BACKEND)
+        if engine.compile_vae:
+            compile_vae_decoder(self.vae)
 
     # ---------------------------------------------------------------------------------------------- spec
 
