@@ -59,15 +59,33 @@ LEVERS = {
         "default, twice) and the compiled forward",
         "cold compile + first forward -1 to -3 s (the first forward spends ~4 s beyond compile, mostly first-call "
         "config benchmarking); forward +0 to +0.5 ms (~5 ms of elementwise kernels, some in a worse config)"),
+    "static_shapes": (
+        "compile with static shapes (CompileConfig(dynamic=False): every dim specialised, a new resolution "
+        "recompiles) instead of the default dynamic=True; cold start (child processes, alternating with the "
+        "default, twice) and the compiled forward",
+        "cold compile + first forward -3 to -5 s: on the CPU (full-width FLUX blocks, aot_eager) dynamo + "
+        "AOTAutograd take 1.57 s static vs 5.55 s dynamic, and an inductor compile 15.5 vs 20.2 s; forward "
+        "-0.5 to 0 ms (static index math, sizes known to the autotuner)"),
+    "prewarm_off": (
+        "cold start only: CompileConfig(prewarm=False), i.e. torch's default: inductor's compile workers start "
+        "at its first graph and ditserve's Triton norm kernels compile at the first forward, vs the default "
+        "(workers started before loading, the kernels compiled on a side thread while dynamo traces)",
+        "the default starts 1 to 3 s sooner: the kernels' first-call compile took 1-2.4 s (df981f5), and "
+        "until the workers are up inductor compiles a graph's kernels one by one in the main process"),
     "attention_power": (
         "diagnostic: cuDNN SDPA at FLUX's shape timed alone, back to back, and interleaved with the single "
         "block's GEMMs (profiler kernel times), with the SM clock sampled by nvidia-smi",
         "in-model attention runs 0.55 ms a call vs 0.42 alone: interleaved with GEMMs the SM clock drops "
         "(power limit), which would make the standalone rate an unreachable floor"),
 }
-# Levers with a cold-start part: inductor settings the cold-start children compile with (flux_step.py stage 0).
-COLD_START_LEVERS = {"pointwise_single_config": {"triton.autotune_pointwise": False}}
-BF16_ORDER = ["precomputed_modulation", "gelu_epilogue", "pointwise_single_config", "attention_power",
+# Levers with a cold-start part: the settings the cold-start children compile with (flux_step.py stage 0):
+# inductor config patches and CompileConfig fields. Those in COLD_START_ONLY have no in-process part.
+COLD_START_LEVERS = {"pointwise_single_config": {"inductor": {"triton.autotune_pointwise": False}},
+                     "static_shapes": {"compile": {"dynamic": False}},
+                     "prewarm_off": {"compile": {"prewarm": False}}}
+COLD_START_ONLY = {"prewarm_off"}
+BF16_ORDER = ["precomputed_modulation", "gelu_epilogue", "prewarm_off", "pointwise_single_config", "static_shapes",
+              "attention_power",
               "vae_channels_last_compiled", "cuda_graph", "attention_contiguous", "attention_flash",
               "coordinate_descent", "whole_model", "max_autotune"]  # slowest compiles last
 FP8_ORDER = ["fp8_tensorwise"]
@@ -109,11 +127,15 @@ def run_levers(names: list[str], b: LeverBench) -> dict:
              "attention_power": attention_power, "cuda_graph": cuda_graph,
              "attention_contiguous": attention_contiguous, "attention_flash": attention_flash,
              "coordinate_descent": inductor_lever, "whole_model": inductor_lever, "max_autotune": inductor_lever,
-             "pointwise_single_config": inductor_lever}
+             "pointwise_single_config": inductor_lever, "static_shapes": inductor_lever}
     default_row = b.rows.get(f"ditserve_compiled[{b.kernels0}]", {}).get("ms")
     for name in names:
         what, prediction = LEVERS[name]
         rec: dict[str, Any] = {"what": what, "prediction": prediction}
+        if name in COLD_START_ONLY:
+            rec["result"] = "cold start only: see cold_start_levers"
+            out[name] = rec
+            continue
         try:
             res = funcs[name](b, name) if funcs[name] is inductor_lever else funcs[name](b)
             base = res.pop("base_ms", default_row)
@@ -195,7 +217,8 @@ def inductor_lever(b: LeverBench, name: str) -> dict:
 
     from ditserve.compile import CompileConfig
 
-    cfg_kwargs, patch = {"pointwise_single_config": ({}, COLD_START_LEVERS["pointwise_single_config"]),
+    cfg_kwargs, patch = {"pointwise_single_config": ({}, COLD_START_LEVERS["pointwise_single_config"]["inductor"]),
+                         "static_shapes": ({"dynamic": False}, {}),
                          "coordinate_descent": ({}, {"coordinate_descent_tuning": True}),
                          "whole_model": ({"regional": False}, {}),
                          "max_autotune": ({"mode": "max-autotune-no-cudagraphs"}, {})}[name]

@@ -209,15 +209,19 @@ def count_syncs(fn) -> dict[str, int]:
 
 
 def child_cold_start(args) -> int:
-    """(A child process.) Load the dummy DiT, compile it as the engine does (with --child-inductor's inductor
-    settings, if any), time the first forward."""
+    """(A child process.) Load the dummy DiT, compile it as the engine does (with --child-settings' inductor
+    settings and CompileConfig fields, if any), time the first forward."""
     import torch._inductor.config as inductor_config
 
-    from ditserve.compile import CompileConfig, compile_model, flux_example_inputs
+    from ditserve.compile import CompileConfig, compile_model, flux_example_inputs, warm_compile_workers
     from ditserve.config import EngineConfig
     from ditserve.loader import load_transformer
 
+    settings = json.loads(args.child_settings)
+    cfg = CompileConfig(**settings.get("compile", {}))
     t0 = time.perf_counter()
+    if cfg.prewarm:  # as load_pipeline does: the compile workers start before the weights load
+        warm_compile_workers(device=args.device)
     engine = EngineConfig(device=args.device, dtype=args.dtype, load_format=args.load_format, compile=True,
                           kernels=args.kernels.split(",")[0])
     model, _ = load_transformer(args.model, engine)
@@ -226,9 +230,9 @@ def child_cold_start(args) -> int:
     load_s = time.perf_counter() - t0
     inputs = flux_example_inputs(model.config, args.size, args.size, text_len=args.text_len, device=args.device,
                                  dtype=next(model.parameters()).dtype)
-    compile_model(model, CompileConfig())
+    compile_model(model, cfg)
     t1 = time.perf_counter()
-    with torch.inference_mode(), inductor_config.patch(json.loads(args.child_inductor)):
+    with torch.inference_mode(), inductor_config.patch(settings.get("inductor", {})):
         model(**inputs)
     clock.sync()
     first_s = time.perf_counter() - t1
@@ -247,8 +251,9 @@ def child_cold_start(args) -> int:
     return 0
 
 
-def cold_start(args, inductor: dict | None = None) -> dict:
-    """Two child processes sharing one fresh compile-cache folder: cold, then warm (artefacts reused).
+def cold_start(args, settings: dict | None = None, warm: bool = True) -> dict:
+    """Two child processes sharing one fresh compile-cache folder: cold, then (with `warm`) warm (artefacts
+    reused).
 
     Both are CPU-bound (dynamo, inductor, Triton's compiler) and noisy: at d26445d two pairs run one after the
     other on one H100 machine measured 15.9 and 19.0 s of compile (cold) and 8.3 and 10.3 s (warm); 6400126 on
@@ -257,11 +262,11 @@ def cold_start(args, inductor: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="ditserve-cold-") as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
                    TRITON_CACHE_DIR=os.path.join(cache, "triton"))
-        for which in ("cold", "warm_second_process"):
+        for which in ("cold", "warm_second_process")[:2 if warm else 1]:
             cmd = [sys.executable, __file__, "--child-cold-start", "--model", args.model, "--size", str(args.size),
                    "--text-len", str(args.text_len), "--device", args.device, "--dtype", args.dtype,
                    "--load-format", args.load_format, "--kernels", args.kernels,
-                   "--child-inductor", json.dumps(inductor or {})]
+                   "--child-settings", json.dumps(settings or {})]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -338,7 +343,7 @@ def main() -> int:
                     help="with --levers: inductor-setting levers also measure N alternating pairs of fresh default "
                          "and lever models (the ms is then the median of the lever's, against the default's)")
     ap.add_argument("--child-cold-start", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--child-inductor", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--child-settings", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -374,9 +379,9 @@ def main() -> int:
         rec["cold_start"] = cold_start(args)
     if compile_on and not args.skip_cold_start:  # cold-start levers: default and lever alternate, twice
         for name in (n for n in lever_names if n in COLD_START_LEVERS):
-            rounds = [{"default": cold_start(args), "lever": cold_start(args, COLD_START_LEVERS[name])}
-                      for _ in range(2)]
-            rec.setdefault("cold_start_levers", {})[name] = {"inductor": COLD_START_LEVERS[name], "rounds": rounds}
+            rounds = [{"default": cold_start(args, warm=False),
+                       "lever": cold_start(args, COLD_START_LEVERS[name], warm=False)} for _ in range(2)]
+            rec.setdefault("cold_start_levers", {})[name] = {"settings": COLD_START_LEVERS[name], "rounds": rounds}
     if args.only_cold_start:
         print(json.dumps(rec))
         return 0

@@ -63,6 +63,14 @@ class _ModulatedNorm(CustomOp):
     def extra_repr(self) -> str:
         return f"{self.dim}, norm={'rms' if self.rms else 'layer'}, eps={self.eps}, {super().extra_repr()}"
 
+    def warm_inputs(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Tiny inputs with the kernel specialisation of a DiT block's call: x (1, 16, D) and per-sample
+        (1, 1, D) modulation (Triton specialises on D and on the modulation's token stride, 0 here as in the
+        blocks, not on the row count), for `ditserve.compile.prewarm_kernels`."""
+        x = torch.zeros(1, 16, self.dim, device=device, dtype=dtype)
+        mod = torch.zeros(1, 1, self.dim, device=device, dtype=dtype)
+        return x, mod
+
 
 class NormScaleShift(_ModulatedNorm):
     """y = norm(x) * (1 + scale) + shift.
@@ -80,6 +88,11 @@ class NormScaleShift(_ModulatedNorm):
     def forward_cuda(self, x, scale, shift):
         return K.norm_scale_shift(x, self.weight, scale, shift, self.eps, self.rms)
 
+    def warm(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Run the fast path once on tiny inputs (its Triton kernel is compiled now, not at the first call)."""
+        x, mod = self.warm_inputs(device, dtype)
+        self.forward_cuda(x, mod, mod)
+
 
 class ResidualNormScaleShift(_ModulatedNorm):
     """r = residual + gate * x; y = norm(r) * (1 + scale) + shift. Returns (y, r).
@@ -96,6 +109,11 @@ class ResidualNormScaleShift(_ModulatedNorm):
 
     def forward_cuda(self, x, residual, gate, scale, shift):
         return K.residual_norm_scale_shift(x, residual, gate, self.weight, scale, shift, self.eps, self.rms)
+
+    def warm(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Run the fast path once on tiny inputs, gated (as the DiT blocks call it)."""
+        x, mod = self.warm_inputs(device, dtype)
+        self.forward_cuda(x, x, mod, mod, mod)
 
 
 class NormTanhGate(_ModulatedNorm):

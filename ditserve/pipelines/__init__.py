@@ -42,6 +42,10 @@ def load_pipeline(model: str | None, engine) -> tuple[str, Any]:
     from ditserve.loader import load_model
     from ditserve.registry import pipeline_class
 
+    if engine.compile:  # the compile workers start while the weights load (ditserve.compile)
+        from ditserve.compile import warm_compile_workers
+
+        warm_compile_workers(device=engine.torch_device)
     loaded = load_model(model, engine)
     cls = pipeline_class(loaded.pipeline_class)
     return loaded.name, cls(loaded.components, engine, cls.spec_for(loaded.name, loaded.components))

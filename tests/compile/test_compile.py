@@ -277,6 +277,44 @@ def test_block_floats_are_constants_so_no_block_is_traced_twice(monkeypatch):
     assert _restarts(tiny_flux(num_layers=1, num_single_layers=1), sizes) >= 1
 
 
+def test_prewarm_runs_only_for_inductor_and_has_an_off_switch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(dc, "warm_compile_workers", lambda model: calls.append("workers"))
+    monkeypatch.setattr(dc, "prewarm_kernels", lambda model: calls.append("kernels"))
+    compile_model(Toy(), CompileConfig())
+    assert calls == ["workers", "kernels"]
+    calls.clear()
+    compile_model(Toy(), CompileConfig(prewarm=False))
+    compile_model(Toy(), EAGER)  # no code generation, nothing to warm
+    assert calls == []
+
+
+def test_prewarm_does_nothing_off_cuda(monkeypatch):
+    import torch._inductor.async_compile as ac
+
+    started = []
+    monkeypatch.setattr(ac, "maybe_warm_pool", lambda: started.append(True))
+    model = tiny_flux()
+    dc.warm_compile_workers(model)
+    dc.warm_compile_workers(device="cpu")
+    assert started == []
+    assert dc.prewarm_kernels(model) is None
+    dc.warm_compile_workers(device="cuda")  # the engine's call before loading onto a GPU
+    assert started == [True]
+
+
+def test_warm_ops_takes_one_op_per_configuration():
+    from ditserve.ops import NormScaleShift, ResidualNormScaleShift
+
+    ops = [NormScaleShift(32), NormScaleShift(32), NormScaleShift(32, norm="rms"), ResidualNormScaleShift(32),
+           NormScaleShift(64)]
+    native = NormScaleShift(32)
+    for op in ops:
+        op.path = "cuda"  # as the constructor picks on a GPU; native stays native (nothing to warm)
+    model = nn.Sequential(*ops, native)
+    assert dc.warm_ops(model) == [ops[0], ops[2], ops[3], ops[4]]
+
+
 def test_report_refuses_compiled_model():
     model = Toy()
     compile_model(model, EAGER)

@@ -295,6 +295,30 @@ def test_new_row_counts_reuse_the_compiled_kernels(monkeypatch, D):
     assert compiled == []
 
 
+def test_prewarm_compiles_what_the_model_forward_needs(monkeypatch):
+    """ditserve.compile.prewarm_kernels on a FLUX model: it compiles the blocks' norm kernels, with the
+    specialisation of the real calls, so the model's first forward compiles no Triton kernel. (A width no
+    other test uses, so the kernels are not already in this process's cache.)"""
+    from ditserve.compile import flux_example_inputs, prewarm_kernels
+    from ditserve.models.flux import FluxConfig, FluxTransformer
+
+    cfg = FluxConfig(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=3,
+                     joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    ops = OpsConfig(device="cuda", dtype=torch.bfloat16, kernels="auto", compiled=True)
+    model = FluxTransformer(cfg, ops=ops, dtype=torch.bfloat16, device="cuda").eval()
+    compiled = _count_triton_compiles(monkeypatch)
+    thread = prewarm_kernels(model)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    assert sorted(set(compiled)) == ["_norm_scale_shift_kernel", "_residual_norm_scale_shift_kernel"]
+    compiled.clear()
+    inputs = flux_example_inputs(cfg, 64, 128, text_len=8, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        model(**inputs)
+    torch.cuda.synchronize()
+    assert compiled == []
+
+
 def test_compiled_fullgraph_dynamic_no_recompile():
     """The ops inside an inductor graph (fullgraph, dynamic): three row counts, one graph, right values."""
 
