@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -59,13 +59,13 @@ LEVERS = {
         "default, twice) and the compiled forward",
         "cold compile + first forward -1 to -3 s (the first forward spends ~4 s beyond compile, mostly first-call "
         "config benchmarking); forward +0 to +0.5 ms (~5 ms of elementwise kernels, some in a worse config)"),
-    "static_shapes": (
-        "compile with static shapes (CompileConfig(dynamic=False): every dim specialised, a new resolution "
-        "recompiles) instead of the default dynamic=True; cold start (child processes, alternating with the "
-        "default, twice) and the compiled forward",
-        "cold compile + first forward -3 to -5 s: on the CPU (full-width FLUX blocks, aot_eager) dynamo + "
-        "AOTAutograd take 1.57 s static vs 5.55 s dynamic, and an inductor compile 15.5 vs 20.2 s; forward "
-        "-0.5 to 0 ms (static index math, sizes known to the autotuner)"),
+    "dynamic_shapes_on": (
+        "compile with symbolic sizes from the start (--dynamic-shapes on: CompileConfig(dynamic=True)) instead of "
+        "the default auto (static for the first size; d33a9ff measured static as lever static_shapes against "
+        "dynamic=True, then the default); cold start (child processes, alternating with the default, twice) and "
+        "the compiled forward",
+        "cold compile + first forward +4 to +5 s (d33a9ff: static 13.8 / 14.4 s vs dynamic 17.9 / 19.5 s); "
+        "forward 0 to +0.5 ms (symbolic index math)"),
     "prewarm_off": (
         "cold start only: CompileConfig(prewarm=False), i.e. torch's default: inductor's compile workers start "
         "at its first graph and ditserve's Triton norm kernels compile at the first forward, vs the default "
@@ -81,10 +81,10 @@ LEVERS = {
 # Levers with a cold-start part: the settings the cold-start children compile with (flux_step.py stage 0):
 # inductor config patches and CompileConfig fields. Those in COLD_START_ONLY have no in-process part.
 COLD_START_LEVERS = {"pointwise_single_config": {"inductor": {"triton.autotune_pointwise": False}},
-                     "static_shapes": {"compile": {"dynamic": False}},
+                     "dynamic_shapes_on": {"compile": {"dynamic": True}},
                      "prewarm_off": {"compile": {"prewarm": False}}}
 COLD_START_ONLY = {"prewarm_off"}
-BF16_ORDER = ["precomputed_modulation", "gelu_epilogue", "prewarm_off", "pointwise_single_config", "static_shapes",
+BF16_ORDER = ["precomputed_modulation", "gelu_epilogue", "prewarm_off", "pointwise_single_config", "dynamic_shapes_on",
               "attention_power",
               "vae_channels_last_compiled", "cuda_graph", "attention_contiguous", "attention_flash",
               "coordinate_descent", "whole_model", "max_autotune"]  # slowest compiles last
@@ -106,6 +106,7 @@ class LeverBench:
     inputs: dict  # the forward's inputs
     steps: int  # denoising steps of a request
     out_bf16: torch.Tensor  # the default bf16 output (the reference of the error columns)
+    compile_cfg: Any = None  # the engine's CompileConfig (the default rows')
     ab_rounds: int = 0  # --ab: inductor levers also alternate this many fresh default / lever models
 
 
@@ -127,7 +128,7 @@ def run_levers(names: list[str], b: LeverBench) -> dict:
              "attention_power": attention_power, "cuda_graph": cuda_graph,
              "attention_contiguous": attention_contiguous, "attention_flash": attention_flash,
              "coordinate_descent": inductor_lever, "whole_model": inductor_lever, "max_autotune": inductor_lever,
-             "pointwise_single_config": inductor_lever, "static_shapes": inductor_lever}
+             "pointwise_single_config": inductor_lever, "dynamic_shapes_on": inductor_lever}
     default_row = b.rows.get(f"ditserve_compiled[{b.kernels0}]", {}).get("ms")
     for name in names:
         what, prediction = LEVERS[name]
@@ -155,10 +156,10 @@ def run_levers(names: list[str], b: LeverBench) -> dict:
 
 def _compiled(b: LeverBench, cfg=None, kernels=None) -> tuple[nn.Module, float]:
     """A fresh compiled ditserve model and its compile seconds (first call)."""
-    from ditserve.compile import CompileConfig, compile_model
+    from ditserve.compile import compile_model
 
     model = b.fresh(kernels or b.kernels0, True)
-    compile_model(model, cfg or CompileConfig())
+    compile_model(model, cfg or b.compile_cfg)
     return model, b.clock.seconds(lambda: b.run(model))
 
 
@@ -215,14 +216,12 @@ def gelu_epilogue(b: LeverBench) -> dict:
 def inductor_lever(b: LeverBench, name: str) -> dict:
     import torch._inductor.config as inductor_config
 
-    from ditserve.compile import CompileConfig
-
     cfg_kwargs, patch = {"pointwise_single_config": ({}, COLD_START_LEVERS["pointwise_single_config"]["inductor"]),
-                         "static_shapes": ({"dynamic": False}, {}),
+                         "dynamic_shapes_on": ({"dynamic": True}, {}),
                          "coordinate_descent": ({}, {"coordinate_descent_tuning": True}),
                          "whole_model": ({"regional": False}, {}),
                          "max_autotune": ({"mode": "max-autotune-no-cudagraphs"}, {})}[name]
-    cfg = CompileConfig(**cfg_kwargs)
+    cfg = replace(b.compile_cfg, **cfg_kwargs)
     with inductor_config.patch(patch):
         model, c_s = _compiled(b, cfg)
         ms = b.measure(f"lever:{name}", lambda: b.run(model), c_s, add_ms=b.step_share_ms)
@@ -318,9 +317,9 @@ def fp8_tensorwise(b: LeverBench) -> dict:
                 m.weight.data = (w / s).clamp(-448.0, 448.0).to(fp8_module.FP8_DTYPE)
                 m.register_buffer("weight_scale_t", s.reshape(()))
                 m._impl = forward_tensorwise.__get__(m)
-    from ditserve.compile import CompileConfig, compile_model
+    from ditserve.compile import compile_model
 
-    compile_model(model, CompileConfig())
+    compile_model(model, b.compile_cfg)
     c_s = b.clock.seconds(lambda: b.run(model))
     ms = b.measure("lever:fp8_tensorwise[native]", lambda: b.run(model), c_s, add_ms=b.step_share_ms)
     return {"ms": round(ms, 2), "base_ms": base, "compile_s": round(c_s, 1),

@@ -218,12 +218,12 @@ def child_cold_start(args) -> int:
     from ditserve.loader import load_transformer
 
     settings = json.loads(args.child_settings)
-    cfg = CompileConfig(**settings.get("compile", {}))
+    engine = EngineConfig(device=args.device, dtype=args.dtype, load_format=args.load_format, compile=True,
+                          kernels=args.kernels.split(",")[0])
+    cfg = replace(CompileConfig.for_engine(engine), **settings.get("compile", {}))
     t0 = time.perf_counter()
     if cfg.prewarm:  # as load_pipeline does: the compile workers start before the weights load
         warm_compile_workers(device=args.device)
-    engine = EngineConfig(device=args.device, dtype=args.dtype, load_format=args.load_format, compile=True,
-                          kernels=args.kernels.split(",")[0])
     model, _ = load_transformer(args.model, engine)
     clock = Clock(torch.device(args.device))
     clock.sync()
@@ -492,7 +492,7 @@ def main() -> int:
             model = ours if first else fresh(kernels, compiled)
             first = False
             if compiled:
-                compile_model(model, CompileConfig())
+                compile_model(model, CompileConfig.for_engine(engine))
                 c_s = clock.seconds(lambda: run_ours(model))
                 measure(f"ditserve_compiled[{kernels}]", lambda: run_ours(model), c_s, add_ms=step_share)
             else:
@@ -510,7 +510,7 @@ def main() -> int:
                 model = fresh(kernels, compile_on)
                 apply_fp8(model)
                 if compile_on:
-                    compile_model(model, CompileConfig())
+                    compile_model(model, CompileConfig.for_engine(engine))
                 c_s = clock.seconds(lambda: run_ours(model)) if compile_on else None
                 err = rel_err(run_ours(model), out_bf16)
                 measure(f"ditserve_fp8{'_compiled' if compile_on else '_eager'}[{kernels}]",
@@ -524,7 +524,8 @@ def main() -> int:
         model = None
         rec["levers"] = run_levers(lever_names, LeverBench(
             fresh=fresh, run=run_ours, run_per_step=run, step_share_ms=step_share, measure=measure, clock=clock,
-            rows=rows, kernels0=kernels0, inputs=inputs, steps=args.steps, out_bf16=out_bf16, ab_rounds=args.ab))
+            rows=rows, kernels0=kernels0, inputs=inputs, steps=args.steps, out_bf16=out_bf16,
+            compile_cfg=CompileConfig.for_engine(engine), ab_rounds=args.ab))
 
     default_row = f"ditserve_compiled[{kernels0}]" if compile_on else f"ditserve_eager[{kernels0}]"
     if compile_on:
@@ -554,7 +555,7 @@ def main() -> int:
 
                 apply_fp8(model)
             if compile_on:
-                compile_model(model, CompileConfig())
+                compile_model(model, CompileConfig.for_engine(engine))
             fam, gpu_ms = profile_families(lambda: run_ours(model))
             f = {} if quantised else floors  # (fp8 GEMMs have another rate: no floor given)
             rec[key] = {

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve POST /v1/images/generations (OpenAI's image API), /v1/models, /health, "
                                    "/ready, /metrics and a web page at /. The model loads in the background; "
                                    "/ready turns 200 once it is loaded and warmed up.")
-    add_engine_flags(s)
+    add_engine_flags(s, dynamic_shapes="on")
     s.add_argument("--compile", action="store_true", help="torch.compile the transformer (warmed up before /ready)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=30000, help="TCP port (default: 30000; 0 picks a free one)")

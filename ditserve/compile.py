@@ -11,8 +11,13 @@ Compiled modules are tracked by identity (a weak registry), so calling `compile_
 a cache, from a warmup path, ...) compiles nothing twice; asking to recompile a module with other settings is
 an error, never a silent no-op.
 
-Dynamic shapes: with `dynamic=True` the sequence lengths are symbolic, so a new resolution reuses the compiled
-graphs. Dynamo's "duck shaping" would give two dimensions that happen to be equal at the first call one shared
+Dynamic shapes: the engine's default (`EngineConfig.dynamic_shapes="auto"`, `dynamic=None` here) compiles for
+the first size a model runs and, at the first other size, compiles once more with the dims that changed (the
+token counts) symbolic; every later size reuses that graph. With `dynamic=True` ("on") the sequence lengths are
+symbolic from the first compile, so no size recompiles, at a slower first compile (symbolic shapes make dynamo,
+AOTAutograd and inductor do more work: on an H100, FLUX.1-dev's cold compile + first forward took 17.9-19.5 s
+"on" against 13.8-14.4 s static). Dynamo's "duck shaping" would give two dimensions that happen to be equal at
+the first call one shared
 symbol, so an image whose token count equals the hidden width (FLUX.1: 3072 tokens at 768x1024, 3072 = D) or
 the text length would specialise the graph to that size and every other resolution would recompile.
 `compile_model` therefore turns duck shaping off for the process (`torch.fx.experimental._config.
@@ -65,7 +70,7 @@ class CompileConfig:
         CUDA graphs need static input addresses, see torch.compile).
     dynamic: True makes sequence lengths symbolic from the first compile, so a new resolution does not
         recompile; False specialises to each shape (one compile per resolution); None lets dynamo decide
-        (static first, dynamic after the first recompile).
+        (static first, dynamic after the first recompile: the engine's "auto", see `for_engine`).
     fullgraph: a graph break inside a compiled region is an error (the engine's setting: zero breaks).
     backend: "inductor" (the engine's), "aot_eager" or "eager" (quick checks, no code generation).
     regional: compile each block of `model.repeated_blocks` (True) or the whole model as one graph (False).
@@ -90,6 +95,12 @@ class CompileConfig:
                 raise ConfigError(f"unknown compile mode {self.mode!r}; valid: {', '.join(MODES)}")
             if self.backend != "inductor":
                 raise ConfigError(f"compile mode {self.mode!r} needs backend 'inductor', got {self.backend!r}")
+
+    @classmethod
+    def for_engine(cls, engine) -> "CompileConfig":
+        """The engine's compile settings for an EngineConfig: its `dynamic_shapes` ("auto" -> dynamic=None,
+        "on" -> dynamic=True), everything else default."""
+        return cls(dynamic={"auto": None, "on": True}[engine.dynamic_shapes])
 
     def compile_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `torch.compile` / `nn.Module.compile`."""
@@ -286,7 +297,8 @@ def compile_model(model: nn.Module, cfg: CompileConfig) -> nn.Module:
 def warmup(pipeline, params, dummy: bool = True) -> dict[str, Any]:
     """Run one request as real ones will run, so that they compile nothing: call it after the cache is mounted
     and the model compiled (the pipeline's constructor does both), with the size, step count and batch of the
-    expected requests (dynamic shapes cover other sizes, but a step count or a batch of 1 may specialise).
+    expected requests (with dynamic_shapes "on" other sizes reuse the compiled graphs; with "auto" the first
+    other size compiles once more; a step count or a batch of 1 may specialise).
 
     With `dummy` (default) it runs under `ditserve.dummy_run`: the DiT's output projection and the VAE decode
     are skipped (neither is a compiled region, so the compiled graphs are those real requests use; with
@@ -508,7 +520,7 @@ def add_compile_report_args(parser: argparse.ArgumentParser) -> None:
     the sizes and compiler settings of the report."""
     from ditserve.engine_args import add_engine_flags
 
-    add_engine_flags(parser)
+    add_engine_flags(parser, dynamic_shapes="on")  # the report's recompile check is about dynamic shapes
     parser.add_argument("--height", type=int, default=None,
                         help="first image height, a multiple of 16 (default: the model's default size)")
     parser.add_argument("--width", type=int, default=None, help="first image width (default: the model's)")
@@ -524,7 +536,8 @@ def add_compile_report_args(parser: argparse.ArgumentParser) -> None:
                              "graph-break and recompile check without code generation")
     parser.add_argument("--mode", choices=list(MODES), default=None, help="inductor mode (default: default)")
     parser.add_argument("--static", action="store_true",
-                        help="compile with static shapes (dynamic=False): every resolution recompiles")
+                        help="compile with static shapes (dynamic=False): every resolution recompiles "
+                             "(overrides --dynamic-shapes)")
     parser.add_argument("--whole-model", action="store_true",
                         help="compile the whole model as one graph instead of each repeated block")
 
@@ -582,7 +595,8 @@ def compile_report_main(args: argparse.Namespace) -> int:
     # The cache is mounted below, on the bare transformer, so the engine itself carries none.
     engine = engine_from_args(args, compile=True, cache=None, cache_backend="ditserve")
     check_engine(engine)
-    cfg = CompileConfig(mode=args.mode, dynamic=not args.static, backend=args.backend, regional=not args.whole_model)
+    dynamic = False if args.static else CompileConfig.for_engine(engine).dynamic
+    cfg = CompileConfig(mode=args.mode, dynamic=dynamic, backend=args.backend, regional=not args.whole_model)
     from ditserve.cache import mount_cache, parse_cache
 
     cache_settings = parse_cache(args.cache)

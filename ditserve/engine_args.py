@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import argparse
 
-from ditserve.config import DTYPES, LOAD_FORMATS, QUANTIZATIONS, VAE_TILING, ConfigError, EngineConfig
+from ditserve.config import (
+    DTYPES, DYNAMIC_SHAPES, LOAD_FORMATS, QUANTIZATIONS, VAE_TILING, ConfigError, EngineConfig,
+)
 
 
-def add_engine_flags(p: argparse.ArgumentParser) -> None:
+def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto") -> None:
     """--model, --dtype, --device, --load-format, --kernels, --attention, --cache, --cache-backend,
-    --quantization, --vae-tiling, --compile-vae."""
+    --quantization, --vae-tiling, --compile-vae, --dynamic-shapes (default `dynamic_shapes`: a server's
+    requests vary in size, a generate run does not)."""
     from ditserve.cache.policy import PRESETS
     from ditserve.ops.attention import BACKENDS
 
@@ -40,6 +43,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-vae", action="store_true",
                    help="channels-last + torch.compile of the VAE decoder (lossless; on an H100 at 1024x1024 "
                         "the decode takes 38 ms instead of 91 and half the memory; the first decode compiles)")
+    p.add_argument("--dynamic-shapes", choices=list(DYNAMIC_SHAPES), default=dynamic_shapes,
+                   help="with --compile: auto = compile for the first image size, and once more (token counts "
+                        "symbolic) at the first other size; on = one graph for every size from the start, at a "
+                        f"slower first compile (default: {dynamic_shapes})")
 
 
 def engine_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
@@ -48,7 +55,7 @@ def engine_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
     fields = dict(device=args.device, dtype=args.dtype, compile=getattr(args, "compile", False),
                   kernels=args.kernels, attention=args.attention, load_format=args.load_format, cache=args.cache,
                   cache_backend=args.cache_backend, quantization=args.quantization, vae_tiling=args.vae_tiling,
-                  compile_vae=args.compile_vae)
+                  compile_vae=args.compile_vae, dynamic_shapes=args.dynamic_shapes)
     fields.update(overrides)
     return EngineConfig(**fields)
 

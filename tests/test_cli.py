@@ -257,3 +257,23 @@ def test_python_dash_m_on_the_packaged_default_model(tmp_path):
     assert "default-model" in proc.stderr  # the summary names the packaged model
     with Image.open(out) as img:
         assert img.size == (64, 64)
+
+
+def test_dynamic_shapes_defaults_per_subcommand():
+    """A generate / bench run makes one size (auto: the faster first compile); a server's requests vary in
+    size (on: no request waits for a compile); compile-report checks dynamic shapes (on)."""
+    from ditserve.cli import build_parser
+    from ditserve.engine_args import engine_from_args
+
+    parser = build_parser()
+    required = {"generate": ["--prompt", PROMPT], "bench": ["--prompt", PROMPT]}
+
+    def engine(cmd, *extra):
+        return engine_from_args(parser.parse_args([cmd, *required.get(cmd, []), *extra]))
+
+    defaults = {cmd: engine(cmd).dynamic_shapes for cmd in ("generate", "serve", "bench", "compile-report")}
+    assert defaults == {"generate": "auto", "serve": "on", "bench": "auto", "compile-report": "on"}
+    assert engine("generate", "--dynamic-shapes", "on").dynamic_shapes == "on"
+    assert engine("serve", "--dynamic-shapes", "auto").dynamic_shapes == "auto"
+    with pytest.raises(SystemExit):
+        engine("generate", "--dynamic-shapes", "off")

@@ -169,7 +169,7 @@ class FluxPipeline:
         if engine.compile:  # regional, in place; compiling happens at the first denoise step
             from ditserve.compile import CompileConfig, compile_model
 
-            self.transformer = compile_model(self.transformer, CompileConfig())
+            self.transformer = compile_model(self.transformer, CompileConfig.for_engine(engine))
         if engine.compile_vae:
             compile_vae_decoder(self.vae)
 

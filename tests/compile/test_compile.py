@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -315,6 +316,37 @@ def test_warm_ops_takes_one_op_per_configuration():
     assert dc.warm_ops(model) == [ops[0], ops[2], ops[3], ops[4]]
 
 
+def test_engine_dynamic_shapes_setting():
+    assert CompileConfig.for_engine(EngineConfig()).dynamic is None  # "auto", the default
+    assert CompileConfig.for_engine(EngineConfig(dynamic_shapes="on")).dynamic is True
+    with pytest.raises(ConfigError, match="dynamic_shapes"):
+        EngineConfig(dynamic_shapes="off")
+
+
+def _entries(block: nn.Module) -> int:
+    """Compiled entries dynamo holds for a block class's forward."""
+    return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(type(block).forward.__code__))
+
+
+@pytest.mark.parametrize("dynamic_shapes", ["auto", "on"])
+def test_dynamic_shapes_auto_compiles_once_more_then_never(dynamic_shapes):
+    """auto: static for the first size, one more compile (token counts symbolic) at the second size, none at
+    a third; on: one compile for all three sizes."""
+    torch._dynamo.reset()
+    model = tiny_flux(num_layers=1, num_single_layers=1)
+    make = flux_inputs(model)
+    cfg = replace(CompileConfig.for_engine(EngineConfig(dynamic_shapes=dynamic_shapes)), backend="eager")
+    compile_model(model, cfg)
+    blocks = (model.double_blocks[0], model.single_blocks[0])
+    with torch.inference_mode():
+        model(**make(64, 128))
+        assert [_entries(b) for b in blocks] == [1, 1]
+        model(**make(128, 128))
+        assert [_entries(b) for b in blocks] == [2 if dynamic_shapes == "auto" else 1] * 2
+        with torch._dynamo.config.patch(error_on_recompile=True):  # a third size reuses the symbolic graph
+            model(**make(96, 160))
+
+
 def test_report_refuses_compiled_model():
     model = Toy()
     compile_model(model, EAGER)
@@ -400,6 +432,13 @@ def test_cli_default_model_json(capsys):
     assert report["compile"]["backend"] == "eager" and report["text_len"] == 24
     (h, w), (h2, w2) = report["sizes"]
     assert (h, w) != (h2, w2)
+
+
+def test_cli_dynamic_shapes_auto_recompiles_once_per_block_class(capsys):
+    argv = ("--backend", "eager", "--text-len", "24", "--dynamic-shapes", "auto")
+    assert compile_report_main(parse(*argv)) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["recompiles"] == 2 and report["compile"]["dynamic"] is None
 
 
 def test_cli_static_shapes_recompile(capsys):
