@@ -297,12 +297,13 @@ def test_new_row_counts_reuse_the_compiled_kernels(monkeypatch, D):
 
 def test_prewarm_compiles_what_the_model_forward_needs(monkeypatch):
     """ditserve.compile.prewarm_kernels on a FLUX model: it compiles the blocks' norm kernels, with the
-    specialisation of the real calls, so the model's first forward compiles no Triton kernel. (A width no
-    other test uses, so the kernels are not already in this process's cache.)"""
+    specialisation of the real calls, so the model's first forward compiles no Triton kernel. (D = 40 x 16 = 640
+    takes BLOCK = 1024, which no other test's width does, so the kernels are not already in this process's
+    cache: Triton's key holds the constexprs and D's divisibility, not D.)"""
     from ditserve.compile import flux_example_inputs, prewarm_kernels
     from ditserve.models.flux import FluxConfig, FluxTransformer
 
-    cfg = FluxConfig(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=3,
+    cfg = FluxConfig(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=40,
                      joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
     ops = OpsConfig(device="cuda", dtype=torch.bfloat16, kernels="auto", compiled=True)
     model = FluxTransformer(cfg, ops=ops, dtype=torch.bfloat16, device="cuda").eval()
