@@ -66,6 +66,12 @@ LEVERS = {
         "the compiled forward",
         "cold compile + first forward +4 to +5 s (d33a9ff: static 13.8 / 14.4 s vs dynamic 17.9 / 19.5 s); "
         "forward 0 to +0.5 ms (symbolic index math)"),
+    "static_no_padding": (
+        "the default compile (auto: static shapes for the first size) with inductor comprehensive_padding=False "
+        "(static shapes let inductor pad the strides of intermediate buffers; symbolic ones do not)",
+        "-1 to -3 ms: 2fa7121 measured the static graph 3.2 ms slower than the symbolic one (other elementwise "
+        "+1.3 ms, attention +1.1 ms in the profile), which padded buffers and the copies around them would "
+        "explain"),
     "prewarm_off": (
         "cold start only: CompileConfig(prewarm=False), i.e. torch's default: inductor's compile workers start "
         "at its first graph and ditserve's Triton norm kernels compile at the first forward, vs the default "
@@ -84,7 +90,7 @@ COLD_START_LEVERS = {"pointwise_single_config": {"inductor": {"triton.autotune_p
                      "dynamic_shapes_on": {"compile": {"dynamic": True}},
                      "prewarm_off": {"compile": {"prewarm": False}}}
 COLD_START_ONLY = {"prewarm_off"}
-BF16_ORDER = ["precomputed_modulation", "gelu_epilogue", "prewarm_off", "pointwise_single_config", "dynamic_shapes_on",
+BF16_ORDER = ["precomputed_modulation", "gelu_epilogue", "prewarm_off", "pointwise_single_config", "dynamic_shapes_on", "static_no_padding",
               "attention_power",
               "vae_channels_last_compiled", "cuda_graph", "attention_contiguous", "attention_flash",
               "coordinate_descent", "whole_model", "max_autotune"]  # slowest compiles last
@@ -128,7 +134,8 @@ def run_levers(names: list[str], b: LeverBench) -> dict:
              "attention_power": attention_power, "cuda_graph": cuda_graph,
              "attention_contiguous": attention_contiguous, "attention_flash": attention_flash,
              "coordinate_descent": inductor_lever, "whole_model": inductor_lever, "max_autotune": inductor_lever,
-             "pointwise_single_config": inductor_lever, "dynamic_shapes_on": inductor_lever}
+             "pointwise_single_config": inductor_lever, "dynamic_shapes_on": inductor_lever,
+             "static_no_padding": inductor_lever}
     default_row = b.rows.get(f"ditserve_compiled[{b.kernels0}]", {}).get("ms")
     for name in names:
         what, prediction = LEVERS[name]
@@ -218,14 +225,17 @@ def inductor_lever(b: LeverBench, name: str) -> dict:
 
     cfg_kwargs, patch = {"pointwise_single_config": ({}, COLD_START_LEVERS["pointwise_single_config"]["inductor"]),
                          "dynamic_shapes_on": ({"dynamic": True}, {}),
+                         "static_no_padding": ({}, {"comprehensive_padding": False}),
                          "coordinate_descent": ({}, {"coordinate_descent_tuning": True}),
                          "whole_model": ({"regional": False}, {}),
                          "max_autotune": ({"mode": "max-autotune-no-cudagraphs"}, {})}[name]
     cfg = replace(b.compile_cfg, **cfg_kwargs)
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
     with inductor_config.patch(patch):
         model, c_s = _compiled(b, cfg)
         ms = b.measure(f"lever:{name}", lambda: b.run(model), c_s, add_ms=b.step_share_ms)
-    out = {"ms": round(ms, 2), "compile_s": round(c_s, 1)}
+    out = {"ms": round(ms, 2), "compile_s": round(c_s, 1),
+           "frames_compiled": torch._dynamo.utils.counters["frames"]["ok"] - frames}
     if b.ab_rounds:  # fresh default and lever models alternately: the spread between models of one setting
         ab = {"default": [], "lever": []}
         for _ in range(b.ab_rounds):
