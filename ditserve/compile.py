@@ -99,8 +99,8 @@ class CompileConfig:
     @classmethod
     def for_engine(cls, engine) -> "CompileConfig":
         """The engine's compile settings for an EngineConfig: its `dynamic_shapes` ("auto" -> dynamic=None,
-        "on" -> dynamic=True), everything else default."""
-        return cls(dynamic={"auto": None, "on": True}[engine.dynamic_shapes])
+        "on" -> dynamic=True) and `compile_prewarm`, everything else default."""
+        return cls(dynamic={"auto": None, "on": True}[engine.dynamic_shapes], prewarm=engine.compile_prewarm)
 
     def compile_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `torch.compile` / `nn.Module.compile`."""

@@ -60,6 +60,9 @@ class EngineConfig:
         cold compile cache): compile + first forward 13.8-14.4 s with "auto", 17.9-19.5 s with "on" (the
         symbolic shapes make dynamo, AOTAutograd and inductor slower). "on" suits a server whose requests
         vary in size (no request waits for a compile); "auto" a process that makes one size.
+    compile_prewarm: (with `compile`, CUDA) start inductor's compile workers before the weights load and compile
+        the Triton norm kernels on a side thread while dynamo traces (lossless; measured -1.8 to -6.9 s of a
+        cold start on an H100). On by default.
     kernels: "auto" | "native" | "triton" (see `ditserve.ops.OpsConfig`).
     attention: attention backend name ("sdpa", "flash-attn", "sage").
     load_format: "auto" (safetensors from the model folder), "safetensors", or "dummy" (random weights at full
@@ -82,6 +85,7 @@ class EngineConfig:
     dtype: str | None = None
     compile: bool = False
     dynamic_shapes: str = "auto"
+    compile_prewarm: bool = True
     kernels: str = "auto"
     attention: str = "sdpa"
     load_format: str = "auto"

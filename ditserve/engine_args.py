@@ -13,7 +13,7 @@ from ditserve.config import (
 
 def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto") -> None:
     """--model, --dtype, --device, --load-format, --kernels, --attention, --cache, --cache-backend,
-    --quantization, --vae-tiling, --compile-vae, --dynamic-shapes (default `dynamic_shapes`: a server's
+    --quantization, --vae-tiling, --compile-vae, --no-compile-prewarm, --dynamic-shapes (default `dynamic_shapes`: a server's
     requests vary in size, a generate run does not)."""
     from ditserve.cache.policy import PRESETS
     from ditserve.ops.attention import BACKENDS
@@ -47,6 +47,9 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto") -
                    help="with --compile: auto = compile for the first image size, and once more (token counts "
                         "symbolic) at the first other size; on = one graph for every size from the start, at a "
                         f"slower first compile (default: {dynamic_shapes})")
+    p.add_argument("--no-compile-prewarm", dest="compile_prewarm", action="store_false",
+                   help="with --compile: do not start the compile workers and the Triton kernels' compile early "
+                        "(torch's default timing; slower cold start)")
 
 
 def engine_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
@@ -55,7 +58,8 @@ def engine_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
     fields = dict(device=args.device, dtype=args.dtype, compile=getattr(args, "compile", False),
                   kernels=args.kernels, attention=args.attention, load_format=args.load_format, cache=args.cache,
                   cache_backend=args.cache_backend, quantization=args.quantization, vae_tiling=args.vae_tiling,
-                  compile_vae=args.compile_vae, dynamic_shapes=args.dynamic_shapes)
+                  compile_vae=args.compile_vae, dynamic_shapes=args.dynamic_shapes,
+                  compile_prewarm=args.compile_prewarm)
     fields.update(overrides)
     return EngineConfig(**fields)
 

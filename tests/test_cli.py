@@ -275,5 +275,6 @@ def test_dynamic_shapes_defaults_per_subcommand():
     assert defaults == {"generate": "auto", "serve": "on", "bench": "auto", "compile-report": "on"}
     assert engine("generate", "--dynamic-shapes", "on").dynamic_shapes == "on"
     assert engine("serve", "--dynamic-shapes", "auto").dynamic_shapes == "auto"
+    assert engine("generate").compile_prewarm and not engine("serve", "--no-compile-prewarm").compile_prewarm
     with pytest.raises(SystemExit):
         engine("generate", "--dynamic-shapes", "off")

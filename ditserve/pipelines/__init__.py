@@ -42,7 +42,7 @@ def load_pipeline(model: str | None, engine) -> tuple[str, Any]:
     from ditserve.loader import load_model
     from ditserve.registry import pipeline_class
 
-    if engine.compile:  # the compile workers start while the weights load (ditserve.compile)
+    if engine.compile and engine.compile_prewarm:  # compile workers start while the weights load (ditserve.compile)
         from ditserve.compile import warm_compile_workers
 
         warm_compile_workers(device=engine.torch_device)

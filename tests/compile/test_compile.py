@@ -319,6 +319,8 @@ def test_warm_ops_takes_one_op_per_configuration():
 def test_engine_dynamic_shapes_setting():
     assert CompileConfig.for_engine(EngineConfig()).dynamic is None  # "auto", the default
     assert CompileConfig.for_engine(EngineConfig(dynamic_shapes="on")).dynamic is True
+    assert CompileConfig.for_engine(EngineConfig()).prewarm is True
+    assert CompileConfig.for_engine(EngineConfig(compile_prewarm=False)).prewarm is False
     with pytest.raises(ConfigError, match="dynamic_shapes"):
         EngineConfig(dynamic_shapes="off")
 
