@@ -90,8 +90,8 @@ COLD_START_LEVERS = {"pointwise_single_config": {"inductor": {"triton.autotune_p
                      "dynamic_shapes_on": {"compile": {"dynamic": True}},
                      "prewarm_off": {"compile": {"prewarm": False}}}
 COLD_START_ONLY = {"prewarm_off"}
-BF16_ORDER = ["precomputed_modulation", "gelu_epilogue", "prewarm_off", "pointwise_single_config", "dynamic_shapes_on", "static_no_padding",
-              "attention_power",
+BF16_ORDER = ["precomputed_modulation", "gelu_epilogue", "prewarm_off", "pointwise_single_config", "dynamic_shapes_on",
+              "static_no_padding", "attention_power",
               "vae_channels_last_compiled", "cuda_graph", "attention_contiguous", "attention_flash",
               "coordinate_descent", "whole_model", "max_autotune"]  # slowest compiles last
 FP8_ORDER = ["fp8_tensorwise"]

@@ -14,12 +14,12 @@ an error, never a silent no-op.
 Dynamic shapes: the engine's default (`EngineConfig.dynamic_shapes="auto"`, `dynamic=None` here) compiles for
 the first size a model runs and, at the first other size, compiles once more with the dims that changed (the
 token counts) symbolic; every later size reuses that graph. With `dynamic=True` ("on") the sequence lengths are
-symbolic from the first compile, so no size recompiles, at a slower first compile (symbolic shapes make dynamo,
-AOTAutograd and inductor do more work: on an H100, FLUX.1-dev's cold compile + first forward took 17.9-19.5 s
-"on" against 13.8-14.4 s static). Dynamo's "duck shaping" would give two dimensions that happen to be equal at
-the first call one shared
-symbol, so an image whose token count equals the hidden width (FLUX.1: 3072 tokens at 768x1024, 3072 = D) or
-the text length would specialise the graph to that size and every other resolution would recompile.
+symbolic from the first compile, so no size recompiles, at a slower first compile: symbolic shapes make dynamo,
+AOTAutograd and inductor do more work (on an H100, FLUX.1-dev's cold compile + first forward took 12.3-14.4 s
+static against 15.5-19.5 s symbolic, bench/results). Dynamo's "duck shaping" would give two dimensions that
+happen to be equal at the first call one shared symbol, so an image whose token count equals the hidden width
+(FLUX.1: 3072 tokens at 768x1024, 3072 = D) or the text length would specialise the graph to that size and every
+other resolution would recompile.
 `compile_model` therefore turns duck shaping off for the process (`torch.fx.experimental._config.
 use_duck_shape = False`): the one global compiler flag ditserve sets, set when a model is compiled, never at
 import.
@@ -76,7 +76,7 @@ class CompileConfig:
     regional: compile each block of `model.repeated_blocks` (True) or the whole model as one graph (False).
     prewarm: (inductor, CUDA) start the first-call work that does not depend on the traced graph while dynamo
         traces: inductor's Triton compile workers, and our own Triton kernels compiled on a side thread
-        (`warm_compile_workers`, `prewarm_kernels`). Lossless: only when things compile changes.
+        (`warm_compile_workers`, `prewarm_kernels`). Exact: the same kernels run, only their compile moves.
     """
 
     enabled: bool = True
@@ -214,10 +214,6 @@ def warm_ops(model: nn.Module) -> list[nn.Module]:
     return ops
 
 
-# model -> the thread compiling its Triton kernels (tests join it; weak: never keeps a model alive).
-_prewarm_threads: "weakref.WeakKeyDictionary[nn.Module, threading.Thread]" = weakref.WeakKeyDictionary()
-
-
 def prewarm_kernels(model: nn.Module) -> threading.Thread | None:
     """Compile the Triton kernels of the model's fast-path ops (those that took the "cuda" path and define
     `warm(device, dtype)`) on a daemon thread, one call per distinct op configuration; returns the thread, or
@@ -248,7 +244,6 @@ def prewarm_kernels(model: nn.Module) -> threading.Thread | None:
 
     thread = threading.Thread(target=run, name="ditserve-prewarm-kernels", daemon=True)
     thread.start()
-    _prewarm_threads[model] = thread
     return thread
 
 

@@ -56,13 +56,14 @@ class EngineConfig:
     dynamic_shapes: how the compiled DiT handles image sizes (with `compile`). "auto" (default): compiled for
         the first size it runs; the first other size compiles once more with the token counts symbolic, and
         from then on every size reuses that graph (torch's automatic dynamic shapes). "on": symbolic token
-        counts from the first compile, so no size ever recompiles. Measured on an H100 (FLUX.1-dev, 1024x1024,
-        cold compile cache): compile + first forward 13.8-14.4 s with "auto", 17.9-19.5 s with "on" (the
-        symbolic shapes make dynamo, AOTAutograd and inductor slower). "on" suits a server whose requests
-        vary in size (no request waits for a compile); "auto" a process that makes one size.
+        counts from the first compile, so no size ever recompiles. Measured on H100s (FLUX.1-dev, 1024x1024,
+        cold compile cache): compile + first forward 12.3-14.4 s with "auto", 15.5-19.5 s with "on" (symbolic
+        shapes make dynamo, AOTAutograd and inductor slower), while a forward of "on"'s graph ran 1.3-3.2 ms
+        faster. "on" suits a server (sizes vary, many forwards, no request waits for a compile); "auto" a
+        process that makes one size.
     compile_prewarm: (with `compile`, CUDA) start inductor's compile workers before the weights load and compile
-        the Triton norm kernels on a side thread while dynamo traces (lossless; measured -1.8 to -6.9 s of a
-        cold start on an H100). On by default.
+        the Triton norm kernels on a side thread while dynamo traces (exact: only when things compile moves;
+        measured -1.8 to -6.9 s of a cold start on an H100). On by default.
     kernels: "auto" | "native" | "triton" (see `ditserve.ops.OpsConfig`).
     attention: attention backend name ("sdpa", "flash-attn", "sage").
     load_format: "auto" (safetensors from the model folder), "safetensors", or "dummy" (random weights at full

@@ -13,8 +13,8 @@ from ditserve.config import (
 
 def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto") -> None:
     """--model, --dtype, --device, --load-format, --kernels, --attention, --cache, --cache-backend,
-    --quantization, --vae-tiling, --compile-vae, --no-compile-prewarm, --dynamic-shapes (default `dynamic_shapes`: a server's
-    requests vary in size, a generate run does not)."""
+    --quantization, --vae-tiling, --compile-vae, --no-compile-prewarm, --dynamic-shapes (default
+    `dynamic_shapes`: a server's requests vary in size, a generate run's do not)."""
     from ditserve.cache.policy import PRESETS
     from ditserve.ops.attention import BACKENDS
 
