@@ -230,12 +230,10 @@ def inductor_lever(b: LeverBench, name: str) -> dict:
                          "whole_model": ({"regional": False}, {}),
                          "max_autotune": ({"mode": "max-autotune-no-cudagraphs"}, {})}[name]
     cfg = replace(b.compile_cfg, **cfg_kwargs)
-    frames = torch._dynamo.utils.counters["frames"]["ok"]
     with inductor_config.patch(patch):
         model, c_s = _compiled(b, cfg)
         ms = b.measure(f"lever:{name}", lambda: b.run(model), c_s, add_ms=b.step_share_ms)
-    out = {"ms": round(ms, 2), "compile_s": round(c_s, 1),
-           "frames_compiled": torch._dynamo.utils.counters["frames"]["ok"] - frames}
+    out = {"ms": round(ms, 2), "compile_s": round(c_s, 1)}
     if b.ab_rounds:  # fresh default and lever models alternately: the spread between models of one setting
         ab = {"default": [], "lever": []}
         for _ in range(b.ab_rounds):
