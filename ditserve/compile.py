@@ -590,8 +590,9 @@ def compile_report_main(args: argparse.Namespace) -> int:
     # The cache is mounted below, on the bare transformer, so the engine itself carries none.
     engine = engine_from_args(args, compile=True, cache=None, cache_backend="ditserve")
     check_engine(engine)
-    dynamic = False if args.static else CompileConfig.for_engine(engine).dynamic
-    cfg = CompileConfig(mode=args.mode, dynamic=dynamic, backend=args.backend, regional=not args.whole_model)
+    engine_cfg = CompileConfig.for_engine(engine)  # --dynamic-shapes, --no-compile-prewarm
+    cfg = replace(engine_cfg, mode=args.mode, dynamic=False if args.static else engine_cfg.dynamic,
+                  backend=args.backend, regional=not args.whole_model)
     from ditserve.cache import mount_cache, parse_cache
 
     cache_settings = parse_cache(args.cache)

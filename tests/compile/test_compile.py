@@ -441,6 +441,13 @@ def test_cli_dynamic_shapes_auto_recompiles_once_per_block_class(capsys):
     assert compile_report_main(parse(*argv)) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["recompiles"] == 2 and report["compile"]["dynamic"] is None
+    assert report["compile"]["prewarm"] is True
+
+
+def test_cli_no_compile_prewarm_reaches_the_report(capsys):
+    assert compile_report_main(parse("--backend", "eager", "--text-len", "24", "--no-compile-prewarm")) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["compile"]["prewarm"] is False
 
 
 def test_cli_static_shapes_recompile(capsys):
