@@ -68,7 +68,7 @@ def check_engine(engine: EngineConfig) -> None:
     """Engine choices that can be refused before the (slow) model load."""
     import torch
 
-    from ditserve.ops.attention import BACKENDS, attention_backend_available
+    from ditserve.ops.attention import BACKENDS, CUDA_MAJORS, attention_backend_available
 
     if engine.device is not None:
         try:
@@ -100,3 +100,11 @@ def check_engine(engine: EngineConfig) -> None:
         _, package = BACKENDS[engine.attention]
         raise ConfigError(f"--attention {engine.attention}: needs the Python package {package!r}, which is not "
                           f"installed (install it, or use --attention sdpa)")
+    if engine.attention in CUDA_MAJORS:
+        majors = CUDA_MAJORS[engine.attention]
+        dev = engine.torch_device
+        major = torch.cuda.get_device_capability(dev)[0] if dev.type == "cuda" else None
+        if major not in majors:
+            where = f"a CUDA GPU of compute capability {major}.x" if major is not None else f"device {dev.type!r}"
+            raise ConfigError(f"--attention {engine.attention}: its kernels run on CUDA compute capability "
+                              f"{' or '.join(f'{m}.x' for m in majors)} only, not on {where}; use --attention sdpa")

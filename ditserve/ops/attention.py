@@ -2,9 +2,10 @@
 
 All backends take and return (B, L, H, D) tensors. `sdpa` (PyTorch's scaled_dot_product_attention, which
 picks cuDNN / flash / memory-efficient kernels itself) is the default and works everywhere. `flash-attn`
-(the flash_attn package) and `sage` (the sageattention package) are used when importable; asking for one
-that is not installed raises an error naming the package. No mask is passed unless the caller gives one, so
-SDPA can take its fastest (mask-free) kernels.
+(the flash_attn package, FlashAttention-2), `fa4` (the flash-attn-4 package: FlashAttention's CuTe-DSL kernels,
+Hopper and Blackwell) and `sage` (the sageattention package) are used when importable; asking for one that is
+not installed raises an error naming the package. No mask is passed unless the caller gives one, so SDPA can take
+its fastest (mask-free) kernels.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from torch import nn
 # backend name -> (python module it needs, pip package name); None for always-available backends.
 BACKENDS: dict[str, tuple[str, str] | None] = {
     "sdpa": None,
-    "flash-attn": ("flash_attn", "flash-attn"),
+    "flash-attn": ("flash_attn.flash_attn_interface", "flash-attn"),
+    "fa4": ("flash_attn.cute", "flash-attn-4"),
     "sage": ("sageattention", "sageattention"),
 }
+# CUDA compute capabilities (major) each backend's kernels run on; absent = any device its package supports.
+CUDA_MAJORS: dict[str, tuple[int, ...]] = {"fa4": (9, 10)}
 
 
 def _sdpa(q, k, v, mask):
@@ -41,6 +45,32 @@ def _make_flash_attn() -> Callable:
     return flash
 
 
+# flash-attn-4's kernels are CuTe-DSL Python that dynamo cannot trace: wrapped as a custom op, a compiled block keeps
+# them as one opaque call (no graph break) and inductor fuses around it as around SDPA.
+@torch.library.custom_op("ditserve::fa4_attention", mutates_args=())
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, L, H, D) q, k, v -> (B, L, H, D) softmax(q k^T / sqrt(D)) v, by flash-attn-4 (JIT-compiled at the first
+    call of each shape class; FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 keeps the compiled kernels on disk)."""
+    from flash_attn.cute import flash_attn_func
+
+    out = flash_attn_func(q, k, v)
+    return out[0] if isinstance(out, tuple) else out  # (some versions also return the log-sum-exp)
+
+
+@fa4_attention.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape)  # contiguous (B, L, H, D), as the kernel writes it
+
+
+def _make_fa4() -> Callable:
+    def fa4(q, k, v, mask):
+        if mask is not None:
+            raise ValueError("the 'fa4' attention backend takes no mask; use backend='sdpa'")
+        return fa4_attention(q, k, v)
+
+    return fa4
+
+
 def _make_sage() -> Callable:
     from sageattention import sageattn
 
@@ -56,7 +86,12 @@ def attention_backend_available(name: str) -> bool:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(BACKENDS)}")
     need = BACKENDS[name]
-    return need is None or importlib.util.find_spec(need[0]) is not None
+    if need is None:
+        return True
+    try:
+        return importlib.util.find_spec(need[0]) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is absent
+        return False
 
 
 class Attention(nn.Module):
@@ -76,7 +111,8 @@ class Attention(nn.Module):
             )
         self.backend = backend
         self.supports_mask = backend == "sdpa"
-        self._impl: Callable = {"sdpa": lambda: _sdpa, "flash-attn": _make_flash_attn, "sage": _make_sage}[backend]()
+        makers = {"sdpa": lambda: _sdpa, "flash-attn": _make_flash_attn, "fa4": _make_fa4, "sage": _make_sage}
+        self._impl: Callable = makers[backend]()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
         return self._impl(q, k, v, mask)
