@@ -78,6 +78,18 @@ LEVERS = {
         "(workers started before loading, the kernels compiled on a side thread while dynamo traces)",
         "the default starts 1 to 3 s sooner: the kernels' first-call compile took 1-2.4 s (df981f5), and "
         "until the workers are up inductor compiles a graph's kernels one by one in the main process"),
+    "norm_rotary_kernel": (
+        "the q/k RMSNorm + RoPE of every block as ditserve's Triton kernel (RMSNormRotary's CUDA path: reads each "
+        "(token, head) row once from the fused projection, writes it once into the joint [txt, img] q/k) vs "
+        "inductor fusing the native ops (the path before the op existed); ms: kernel on, base: off",
+        "-2.5 to -4 ms: c44df54's per-kernel profile has inductor's fused norm+RoPE kernels at 4.7 ms (single "
+        "blocks, ~0.9 TB/s) + 1.5 ms (double blocks) + 1-2 ms of copies around them; at ~2.5 TB/s the same "
+        "bytes take ~2 ms"),
+    "attention_fa4": (
+        "every block's attention by flash-attn-4 (--attention fa4, its CuTe-DSL SM90 kernel, as the custom op "
+        "ditserve::fa4_attention) vs cuDNN SDPA; needs the flash-attn-4 package (skipped without it)",
+        "-1 to -2 ms: bench/attention.py (c44df54) has FA4 at 510-525 TFLOP/s alone vs cuDNN 573-592, but in the "
+        "model its 57 calls took 24.6 ms vs cuDNN's 26.3 (bench/flux_shapes_ab.py, one model each)"),
     "attention_power": (
         "diagnostic: cuDNN SDPA at FLUX's shape timed alone, back to back, and interleaved with the single "
         "block's GEMMs (profiler kernel times), with the SM clock sampled by nvidia-smi",
@@ -90,7 +102,8 @@ COLD_START_LEVERS = {"pointwise_single_config": {"inductor": {"triton.autotune_p
                      "dynamic_shapes_on": {"compile": {"dynamic": True}},
                      "prewarm_off": {"compile": {"prewarm": False}}}
 COLD_START_ONLY = {"prewarm_off"}
-BF16_ORDER = ["precomputed_modulation", "gelu_epilogue", "prewarm_off", "pointwise_single_config", "dynamic_shapes_on",
+BF16_ORDER = ["norm_rotary_kernel", "attention_fa4",
+              "precomputed_modulation", "gelu_epilogue", "prewarm_off", "pointwise_single_config", "dynamic_shapes_on",
               "static_no_padding", "attention_power",
               "vae_channels_last_compiled", "cuda_graph", "attention_contiguous", "attention_flash",
               "coordinate_descent", "whole_model", "max_autotune"]  # slowest compiles last
@@ -132,6 +145,7 @@ def run_levers(names: list[str], b: LeverBench) -> dict:
     funcs = {"precomputed_modulation": precomputed_modulation, "gelu_epilogue": gelu_epilogue,
              "fp8_tensorwise": fp8_tensorwise, "vae_channels_last_compiled": vae_channels_last_compiled,
              "attention_power": attention_power, "cuda_graph": cuda_graph,
+             "norm_rotary_kernel": norm_rotary_kernel, "attention_fa4": attention_fa4,
              "attention_contiguous": attention_contiguous, "attention_flash": attention_flash,
              "coordinate_descent": inductor_lever, "whole_model": inductor_lever, "max_autotune": inductor_lever,
              "pointwise_single_config": inductor_lever, "dynamic_shapes_on": inductor_lever,
@@ -220,6 +234,70 @@ def gelu_epilogue(b: LeverBench) -> dict:
             "rebuilt_paths": paths, "rel_err_rebuilt_vs_default": err, "micro": micro}
 
 
+def _alternate(b: LeverBench, name: str, build_default: Callable, build_lever: Callable) -> dict:
+    """--ab N: N pairs of fresh default and lever models, alternately (the spread between models of one
+    setting); {"ab": ..., "ms": median lever ms, "base_ms": median default ms}."""
+    ab: dict[str, list[float]] = {"default": [], "lever": []}
+    for _ in range(b.ab_rounds):
+        for which, build in (("default", build_default), ("lever", build_lever)):
+            model = None
+            model = build()
+            ab[which].append(round(b.measure(f"lever:{name}:{which}", lambda: b.run(model),
+                                             add_ms=b.step_share_ms), 2))
+    med = {k: sorted(v)[len(v) // 2] for k, v in ab.items()}
+    return {"ab": ab, "ms": med["lever"], "base_ms": med["default"]}
+
+
+def norm_rotary_kernel(b: LeverBench) -> dict:
+    from ditserve.ops.rotary import RMSNormRotary
+
+    default = RMSNormRotary.FAST_BY_DEFAULT
+
+    def build(fast: bool) -> nn.Module:
+        RMSNormRotary.FAST_BY_DEFAULT = fast  # read when each op is constructed
+        try:
+            return _compiled(b)[0]
+        finally:
+            RMSNormRotary.FAST_BY_DEFAULT = default
+
+    model = build(not default)
+    other = b.measure(f"lever:norm_rotary_kernel={'on' if not default else 'off'}", lambda: b.run(model),
+                      add_ms=b.step_share_ms)
+    paths = sorted({m.path for m in model.modules() if isinstance(m, RMSNormRotary)})
+    err = _rel_err(b.run(model), b.out_bf16)
+    base = b.rows[f"ditserve_compiled[{b.kernels0}]"]["ms"]
+    on, off = (other, base) if not default else (base, other)
+    out = {"ms": round(on, 2), "base_ms": round(off, 2), "kernel_by_default": default, "rebuilt_paths": paths,
+           "rel_err_rebuilt_vs_default": err}
+    if b.ab_rounds:  # here "default" is the kernel off and "lever" on, whichever is the engine's default
+        out.update(_alternate(b, "norm_rotary_kernel", lambda: build(False), lambda: build(True)))
+    return out
+
+
+def attention_fa4(b: LeverBench) -> dict:
+    from ditserve.ops.attention import Attention, attention_backend_available
+
+    if not attention_backend_available("fa4"):
+        return {"result": "skipped: flash-attn-4 is not installed"}
+
+    def build(backend: str) -> nn.Module:
+        from ditserve.compile import compile_model
+
+        model = b.fresh(b.kernels0, True)
+        for blk in [*model.double_blocks, *model.single_blocks]:
+            blk.attn = Attention(backend)
+        compile_model(model, b.compile_cfg)
+        b.run(model)
+        return model
+
+    model = build("fa4")
+    ms = b.measure("lever:attention_fa4", lambda: b.run(model), add_ms=b.step_share_ms)
+    out = {"ms": round(ms, 2), "rel_err_vs_default": _rel_err(b.run(model), b.out_bf16)}
+    if b.ab_rounds:
+        out.update(_alternate(b, "attention_fa4", lambda: build("sdpa"), lambda: build("fa4")))
+    return out
+
+
 def inductor_lever(b: LeverBench, name: str) -> dict:
     import torch._inductor.config as inductor_config
 
@@ -234,17 +312,12 @@ def inductor_lever(b: LeverBench, name: str) -> dict:
         model, c_s = _compiled(b, cfg)
         ms = b.measure(f"lever:{name}", lambda: b.run(model), c_s, add_ms=b.step_share_ms)
     out = {"ms": round(ms, 2), "compile_s": round(c_s, 1)}
-    if b.ab_rounds:  # fresh default and lever models alternately: the spread between models of one setting
-        ab = {"default": [], "lever": []}
-        for _ in range(b.ab_rounds):
-            for which, p in (("default", {}), ("lever", patch)):
-                model = None
-                with inductor_config.patch(p):
-                    model, _ = _compiled(b, cfg if which == "lever" else None)
-                    ab[which].append(round(b.measure(f"lever:{name}:{which}", lambda: b.run(model),
-                                                     add_ms=b.step_share_ms), 2))
-        med = {k: sorted(v)[len(v) // 2] for k, v in ab.items()}
-        out.update(ab=ab, ms=med["lever"], base_ms=med["default"])
+    if b.ab_rounds:
+        def lever_model():
+            with inductor_config.patch(patch):
+                return _compiled(b, cfg)[0]
+
+        out.update(_alternate(b, name, lambda: _compiled(b)[0], lever_model))
     return out
 
 

@@ -155,6 +155,13 @@ def kernel_family(name: str) -> str:
     """GPU kernel name -> op family. Inductor names its kernels after the ops it fused
     ("triton_red_fused_add_mul_native_layer_norm_..."); ditserve's own Triton kernels are named after their op."""
     n = name.lower()
+    if n.startswith("triton_"):  # inductor's fused kernels: named after every op fused in, attention's included
+        n = n.replace("scaled_dot_product_cudnn_attention", "").replace("fa4_attention", "")
+        if any(s in n for s in ("norm", "rsqrt", "var_mean")):
+            return "norm/modulation/rope (fused)"
+        if any(s in n for s in ("gelu", "tanh", "silu", "erf")):
+            return "activation (fused)"
+        return "other elementwise (fused)"
     if any(s in n for s in ("flash", "fmha", "cudnn", "attention", "sdpa")):
         return "attention"
     if any(s in n for s in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "scaled_mm", "wgmma", "splitk")):

@@ -191,12 +191,13 @@ def test_bad_arguments_exit_2_with_one_line(case, tiny, tmp_path, capsys):
 @pytest.mark.parametrize("flags, needle", [
     (["--model", "/no/such/model"], "no such folder"),
     (["--attention", "sage"], "sageattention"),
+    (["--attention", "fa4"], "flash-attn-4"),
 ])
 def test_bad_model_or_engine_exit_2(flags, needle, tmp_path, capsys):
-    if "sage" in flags:
+    if "--attention" in flags:
         from ditserve.ops.attention import attention_backend_available
-        if attention_backend_available("sage"):
-            pytest.skip("sageattention is installed here")
+        if attention_backend_available(flags[1]):
+            pytest.skip(f"the {flags[1]} backend's package is installed here")
     argv = ["generate", "--prompt", PROMPT, "--height", "64", "--width", "64", "--steps", "1", "--no-progress",
             "--output", str(tmp_path / "x.png"), *flags]
     assert main(argv) == 2
@@ -278,3 +279,15 @@ def test_dynamic_shapes_defaults_per_subcommand():
     assert engine("generate").compile_prewarm and not engine("serve", "--no-compile-prewarm").compile_prewarm
     with pytest.raises(SystemExit):
         engine("generate", "--dynamic-shapes", "off")
+
+
+def test_fa4_attention_refused_off_hopper_and_blackwell(monkeypatch):
+    """--attention fa4 with its package installed, on a device its kernels do not run on: refused before loading."""
+    from ditserve.config import ConfigError, EngineConfig
+    from ditserve.engine_args import check_engine
+    from ditserve.ops import attention as A
+
+    monkeypatch.setattr(A, "attention_backend_available", lambda name: True)
+    with pytest.raises(ConfigError, match=r"--attention fa4: .*capability 9.x or 10.x only, not on device 'cpu'"):
+        check_engine(EngineConfig(device="cpu", attention="fa4"))
+    check_engine(EngineConfig(device="cpu", attention="sdpa"))

@@ -24,7 +24,7 @@ from torch import nn
 from ditserve.config import ConfigError, ModelSpec
 from ditserve.dummy_run import in_dummy_run
 from ditserve.ops import (
-    Attention, Linear, LinearGELU, MulAdd, NormScaleShift, OpsConfig, ResidualNormScaleShift, RMSNorm, Rotary,
+    Attention, Linear, LinearGELU, MulAdd, NormScaleShift, OpsConfig, ResidualNormScaleShift, RMSNorm, RMSNormRotary,
     axial_rope_cos_sin,
 )
 
@@ -147,11 +147,12 @@ class FluxDoubleBlock(nn.Module):
         self.norm1 = NormScaleShift(dim, eps=NORM_EPS, norm="layer", ops=ops)
         self.img_qkv = Linear(dim, 3 * dim, **lin)
         self.txt_qkv = Linear(dim, 3 * dim, **lin)
+        # The q/k RMSNorms hold their weights (the checkpoint's names); `norm_rotary` applies them and RoPE in one op.
         self.img_q_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
         self.img_k_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
         self.txt_q_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
         self.txt_k_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
-        self.rotary = Rotary(interleaved=True, ops=ops)
+        self.norm_rotary = RMSNormRotary(head_dim, eps=NORM_EPS, interleaved=True, ops=ops)
         self.attn = Attention(attention)
         self.img_attn_out = Linear(dim, dim, **lin)
         self.txt_attn_out = Linear(dim, dim, **lin)
@@ -179,11 +180,10 @@ class FluxDoubleBlock(nn.Module):
         qkv_shape = (3, self.heads, self.head_dim)
         img_q, img_k, img_v = self.img_qkv(img_h).unflatten(-1, qkv_shape).unbind(2)  # (B, L, H, Dh) each
         txt_q, txt_k, txt_v = self.txt_qkv(txt_h).unflatten(-1, qkv_shape).unbind(2)  # (B, T, H, Dh) each
-        q = torch.cat((self.txt_q_norm(txt_q), self.img_q_norm(img_q)), dim=1)  # (B, S, H, Dh)
-        k = torch.cat((self.txt_k_norm(txt_k), self.img_k_norm(img_k)), dim=1)  # (B, S, H, Dh)
+        # q, k: each stream RMS-normed with its own weight, joined as [txt, img], rotated: (B, S, H, Dh)
+        q = self.norm_rotary((txt_q, img_q), (self.txt_q_norm.weight, self.img_q_norm.weight), cos, sin)
+        k = self.norm_rotary((txt_k, img_k), (self.txt_k_norm.weight, self.img_k_norm.weight), cos, sin)
         v = torch.cat((txt_v, img_v), dim=1)  # (B, S, H, Dh)
-        q = self.rotary(q, cos, sin)
-        k = self.rotary(k, cos, sin)
         attn = self.attn(q, k, v).flatten(2)  # (B, S, D)
         txt_attn, img_attn = attn[:, :T], attn[:, T:]  # (B, T, D), (B, L, D)
 
@@ -225,9 +225,9 @@ class FluxSingleBlock(nn.Module):
         self.mod = Linear(dim, 3 * dim, **lin)  # shift, scale, gate
         self.norm = NormScaleShift(dim, eps=NORM_EPS, norm="layer", ops=ops)
         self.qkv_mlp = Linear(dim, 3 * dim + 4 * dim, **lin)  # [q | k | v | mlp hidden]
-        self.q_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
+        self.q_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)  # weights only, as above
         self.k_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
-        self.rotary = Rotary(interleaved=True, ops=ops)
+        self.norm_rotary = RMSNormRotary(head_dim, eps=NORM_EPS, interleaved=True, ops=ops)
         self.attn = Attention(attention)
         self.out = Linear(dim + 4 * dim, dim, **lin)  # over concat(attn, gelu(mlp))
         self.gated_add = MulAdd(k=0.0, ops=ops)  # gated_add(y, gate, r) = r + gate * y
@@ -242,8 +242,8 @@ class FluxSingleBlock(nn.Module):
         h = self.norm(x, scale, shift)  # (B, S, D)
         qkv, mlp = self.qkv_mlp(h).split((3 * self.dim, 4 * self.dim), dim=-1)  # (B, S, 3D), (B, S, 4D)
         q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # (B, S, H, Dh)
-        q = self.rotary(self.q_norm(q), cos, sin)
-        k = self.rotary(self.k_norm(k), cos, sin)
+        q = self.norm_rotary((q,), (self.q_norm.weight,), cos, sin)  # (B, S, H, Dh)
+        k = self.norm_rotary((k,), (self.k_norm.weight,), cos, sin)
         attn = self.attn(q, k, v).flatten(2)  # (B, S, D)
         h = self.out(torch.cat((attn, F.gelu(mlp, approximate="tanh")), dim=-1))  # (B, S, 5D) -> (B, S, D)
         x = self.gated_add(h, gate, x)  # (B, S, D)

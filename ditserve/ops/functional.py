@@ -11,6 +11,8 @@ per-sample modulation or (B, L, D) for per-token modulation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -120,3 +122,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
         a, b = xf.chunk(2, dim=-1)
         out = torch.cat((a * c - b * s, a * s + b * c), dim=-1)
     return out.to(x.dtype)
+
+
+def rms_norm_rotary(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], cos: torch.Tensor,
+                    sin: torch.Tensor, eps: float, interleaved: bool) -> torch.Tensor:
+    """The per-head q/k norm of a DiT, then RoPE over the joint sequence: each part of xs is RMS-normed with its
+    own weight (and rounded to its dtype, as `rms_norm` returns it), the parts are concatenated over tokens, and
+    the result is rotated by `apply_rotary`.
+
+    xs: (B, L_i, H, D) each; weights: (D,) each; cos, sin: (sum L_i, D/2) or (B, sum L_i, D/2)
+    -> (B, sum L_i, H, D) in xs' dtype.
+    """
+    normed = [rms_norm(x, w, eps) for x, w in zip(xs, weights)]
+    return apply_rotary(normed[0] if len(normed) == 1 else torch.cat(normed, dim=1), cos, sin, interleaved)

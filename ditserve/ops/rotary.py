@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ditserve.kernels import rotary as K
 from ditserve.ops import functional as Fn
 from ditserve.ops.base import CustomOp, OpsConfig
 
@@ -47,3 +48,37 @@ class Rotary(CustomOp):
 
     def extra_repr(self) -> str:
         return f"interleaved={self.interleaved}, {super().extra_repr()}"
+
+
+class RMSNormRotary(CustomOp):
+    """A DiT's per-head q/k RMSNorm, then RoPE over the joint sequence, as one op:
+    forward(xs, weights, cos, sin) = `ditserve.ops.functional.rms_norm_rotary` (each part of xs RMS-normed with
+    its weight, concatenated over tokens, rotated).
+
+    xs: tuple of (B, L_i, H, D) (views of a fused projection are read in place); weights: tuple of (D,);
+    cos, sin: (sum L_i, D/2) or (B, sum L_i, D/2) fp32 -> (B, sum L_i, H, D) in xs' dtype.
+    """
+
+    # Fast path: the Triton kernel `ditserve::rms_norm_rotary`, which reads each row once and writes it once.
+    # Compiled native, inductor fused FLUX.1's q/k norm + RoPE into kernels at ~0.9 TB/s (H100, c44df54).
+    FAST_BY_DEFAULT = True
+
+    def __init__(self, head_dim: int, eps: float = 1e-6, interleaved: bool = True, ops: OpsConfig | None = None):
+        super().__init__(ops)
+        self.head_dim, self.eps, self.interleaved = head_dim, eps, interleaved
+
+    def forward_native(self, xs, weights, cos, sin):
+        return Fn.rms_norm_rotary(xs, weights, cos, sin, self.eps, self.interleaved)
+
+    def forward_cuda(self, xs, weights, cos, sin):
+        return K.rms_norm_rotary(list(xs), list(weights), cos, sin, self.eps, self.interleaved)
+
+    def warm(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Run the fast path once on tiny inputs (the kernel specialises on D and the dtype only)."""
+        x = torch.zeros(1, 4, 2, self.head_dim, device=device, dtype=dtype)
+        w = torch.ones(self.head_dim, device=device, dtype=dtype)
+        tab = torch.zeros(4, self.head_dim // 2, device=device, dtype=torch.float32)
+        self.forward_cuda((x,), (w,), tab, tab)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, eps={self.eps}, interleaved={self.interleaved}, {super().extra_repr()}"

@@ -296,8 +296,8 @@ def test_new_row_counts_reuse_the_compiled_kernels(monkeypatch, D):
 
 
 def test_prewarm_compiles_what_the_model_forward_needs(monkeypatch):
-    """ditserve.compile.prewarm_kernels on a FLUX model: it compiles the blocks' norm kernels, with the
-    specialisation of the real calls, so the model's first forward compiles no Triton kernel. (D = 40 x 16 = 640
+    """ditserve.compile.prewarm_kernels on a FLUX model: it compiles the blocks' norm and q/k norm + RoPE kernels,
+    with the specialisation of the real calls, so the model's first forward compiles no Triton kernel. (D = 40 x 16 = 640
     takes BLOCK = 1024, which no other test's width does, so the kernels are not already in this process's
     cache: Triton's key holds the constexprs and D's divisibility, not D.)"""
     from ditserve.compile import flux_example_inputs, prewarm_kernels
@@ -311,7 +311,8 @@ def test_prewarm_compiles_what_the_model_forward_needs(monkeypatch):
     thread = prewarm_kernels(model)
     thread.join(timeout=300)
     assert not thread.is_alive()
-    assert sorted(set(compiled)) == ["_norm_scale_shift_kernel", "_residual_norm_scale_shift_kernel"]
+    assert sorted(set(compiled)) == ["_norm_scale_shift_kernel", "_residual_norm_scale_shift_kernel",
+                                     "_rms_norm_rotary_kernel"]
     compiled.clear()
     inputs = flux_example_inputs(cfg, 64, 128, text_len=8, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():

@@ -501,6 +501,7 @@ def test_attention_missing_package_named(backend, package, monkeypatch):
 
 
 @pytest.mark.parametrize("backend,module,func", [("flash-attn", "flash_attn", "flash_attn_func"),
+                                                 ("fa4", "flash_attn.cute", "flash_attn_func"),
                                                  ("sage", "sageattention", "sageattn")])
 def test_attention_package_backends_layout_and_mask(backend, module, func, monkeypatch):
     """The wrappers hand (B, L, H, D) tensors straight to the package, and refuse a mask they cannot apply."""
@@ -508,11 +509,20 @@ def test_attention_package_backends_layout_and_mask(backend, module, func, monke
     import sys
     import types
 
+    from ditserve.ops import attention as A
+
     calls = []
-    fake = types.ModuleType(module)
-    fake.__spec__ = importlib.machinery.ModuleSpec(module, loader=None)
-    setattr(fake, func, lambda q, k, v, **kw: calls.append((q.shape, kw)) or q + 1)
-    monkeypatch.setitem(sys.modules, module, fake)
+    # fake packages (every parent too): the module the backend calls, and the one its availability check finds
+    fakes: dict[str, types.ModuleType] = {}
+    for name in (module, A.BACKENDS[backend][0]):
+        parts = name.split(".")
+        for sub in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
+            if sub not in fakes:
+                fakes[sub] = types.ModuleType(sub)
+                fakes[sub].__spec__ = importlib.machinery.ModuleSpec(sub, loader=None, is_package=True)
+                fakes[sub].__path__ = []
+                monkeypatch.setitem(sys.modules, sub, fakes[sub])
+    setattr(fakes[module], func, lambda q, k, v, **kw: calls.append((q.shape, kw)) or q + 1)
     attn = Attention(backend)
     assert attn.supports_mask is False
     q = torch.zeros(2, 7, 3, 16)
@@ -773,3 +783,22 @@ def test_triton_selected_on_real_gpu():
     assert K.TRITON_REGISTERED
     op = RMSNorm(64, ops=OpsConfig(device="cuda", dtype=torch.bfloat16, kernels="triton"))
     assert op.path == "cuda"
+
+
+@pytest.mark.gpu
+def test_fa4_backend_matches_sdpa_and_compiles_fullgraph():
+    """flash-attn-4 (when installed): SDPA's result at FLUX's head dim, and one opaque node in a compiled graph."""
+    from ditserve.ops.attention import attention_backend_available
+
+    if not attention_backend_available("fa4"):
+        pytest.skip("flash-attn-4 is not installed here")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 333, 4, 128, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    fa4, sdpa = Attention("fa4"), Attention("sdpa")
+    ref = sdpa(q, k, v)
+    assert rel_err(fa4(q, k, v), ref) < 1e-2
+    f = torch.compile(lambda a, b, c: fa4(a * 1, b, c) + 1, fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for L in (333, 517):
+            q, k, v = (torch.randn(1, L, 4, 128, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            assert rel_err(f(q, k, v), sdpa(q, k, v) + 1) < 1e-2
