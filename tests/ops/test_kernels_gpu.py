@@ -307,6 +307,10 @@ def test_prewarm_compiles_what_the_model_forward_needs(monkeypatch):
                      joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
     ops = OpsConfig(device="cuda", dtype=torch.bfloat16, kernels="auto", compiled=True)
     model = FluxTransformer(cfg, ops=ops, dtype=torch.bfloat16, device="cuda").eval()
+    from ditserve.kernels import triton_rotary
+
+    # the rotary kernel's variants (head dim 16) may already be in this process from other tests: forget them
+    triton_rotary._rms_norm_rotary_kernel.device_caches.clear()
     compiled = _count_triton_compiles(monkeypatch)
     thread = prewarm_kernels(model)
     thread.join(timeout=300)
