@@ -5,11 +5,13 @@ H100 (0.125 ms a single block for 113 MB moved; bench/flux_shapes_ab.py, c44df54
 bandwidth. This kernel reads each (token, head) row of D channels once from wherever the projection left it,
 and writes it once, normalised and rotated, into the joint output.
 
-One program handles one token of one part and HEADS of its heads: the rows' two halves of the rotation's pairs
-(interleaved: channels 2i and 2i+1; half-split: i and i + D/2) are loaded as two (HEADS, D/2) tiles, and the
-token's cos/sin row is loaded once for all its heads. (A first version, one program per 16 flat (token, head)
-rows with a reshape/split of whole rows and a table row per (token, head), ran at 0.3 TB/s: 0.173 ms a call at
-FLUX.1's single block, slower than inductor's fusion.) Math as `ditserve.ops.functional.rms_norm_rotary`: fp32, the normed row rounded to the output dtype before
+One program handles one token of one part and 8 of its heads (1k elements at D = 128). Each row of D channels
+is loaded contiguously, and again at its channels' rotation partners (interleaved: c xor 1; half-split:
+c + D/2 mod D; the same cache lines), so the output is computed and stored contiguously, with no shuffle between
+lanes; the token's cos/sin row is read once for all its heads. Two earlier versions ran at ~0.3 and ~1.0 TB/s at
+FLUX.1's single block (a copy of the same bytes: 2.9 TB/s): one program per 16 flat (token, head) rows with a
+reshape/split of whole rows and a table row each; then the pairs loaded and stored as two stride-2 tiles.
+Math as `ditserve.ops.functional.rms_norm_rotary`: fp32, the normed row rounded to the output dtype before
 the rotation (as the unfused ops round between them), one rounding at the end. The sequence length, head count and
 strides are `do_not_specialize` ints: a new resolution reuses the compiled kernel, and
 `warm` (prewarm) compiles the very variant the blocks use.
@@ -39,30 +41,36 @@ def _rms_norm_rotary_kernel(
     l_ = (tok % L).to(tl.int64)
     h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)  # (HEADS,)
     m = (h < H)[:, None]
-    j = tl.arange(0, HALF)[None, :]
-    if INTERLEAVED:  # the rotation's pairs: channels (2i, 2i+1), or (i, i + D/2)
-        ia, ib = 2 * j, 2 * j + 1
-    else:
-        ia, ib = j, j + HALF
+    c = tl.arange(0, D)[None, :]  # (1, D) channel
+    # Channel c's rotation partner p, its angle index, and the sign of the partner's term:
+    # out[c] = y[c] cos + sign * y[p] sin, i.e. (a, b) -> (a cos - b sin, b cos + a sin) for each pair (a, b).
+    if INTERLEAVED:  # pairs (2i, 2i+1)
+        p = c ^ 1
+        ang = c // 2
+        sign = tl.where(c % 2 == 0, -1.0, 1.0)
+    else:  # pairs (i, i + D/2)
+        p = (c + HALF) % D
+        ang = c % HALF
+        sign = tl.where(c < HALF, -1.0, 1.0)
     row = b * x_sb + l_ * x_sl + h[:, None].to(tl.int64) * x_sh  # (HEADS, 1)
-    xa = tl.load(x_ptr + row + ia, mask=m, other=0.0).to(tl.float32)  # (HEADS, HALF)
-    xb = tl.load(x_ptr + row + ib, mask=m, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(xa * xa, axis=1) + tl.sum(xb * xb, axis=1)) / D + eps)[:, None]
-    wa = tl.load(w_ptr + ia).to(tl.float32)
-    wb = tl.load(w_ptr + ib).to(tl.float32)
+    x = tl.load(x_ptr + row + c, mask=m, other=0.0).to(tl.float32)  # (HEADS, D), contiguous
+    xp = tl.load(x_ptr + row + p, mask=m, other=0.0).to(tl.float32)  # the partners: the same cache lines
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
     # the norm's output, rounded to the output dtype as the unfused ops round it
-    a = (xa * rstd * wa).to(out_ptr.dtype.element_ty).to(tl.float32)
-    bb = (xb * rstd * wb).to(out_ptr.dtype.element_ty).to(tl.float32)
-    c_off = b * c_sb + l_ * c_sl + j  # (1, HALF): one table row per token, shared by its heads
-    c = tl.load(cos_ptr + c_off).to(tl.float32)
-    s = tl.load(sin_ptr + c_off).to(tl.float32)
+    y = (x * rstd * tl.load(w_ptr + c).to(tl.float32)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    yp = (xp * rstd * tl.load(w_ptr + p).to(tl.float32)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    t_off = b * c_sb + l_ * c_sl + ang  # (1, D): one table row per token, shared by its heads
+    cs = tl.load(cos_ptr + t_off).to(tl.float32)
+    sn = tl.load(sin_ptr + t_off).to(tl.float32)
+    out = y * cs + sign * (yp * sn)
     o_row = b * o_sb + l_ * o_sl + h[:, None].to(tl.int64) * D
-    tl.store(out_ptr + o_row + ia, (a * c - bb * s).to(out_ptr.dtype.element_ty), mask=m)
-    tl.store(out_ptr + o_row + ib, (a * s + bb * c).to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + o_row + c, out.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _heads_per_program(H: int, D: int) -> int:
-    return min(triton.next_power_of_2(H), max(1, 1024 // D))  # ~1k elements a program (8 heads of 128)
+def _heads_per_program(D: int) -> int:
+    """~1k elements a program (8 heads of 128); a function of D only, so the prewarm's tiny call compiles the
+    variant the model's calls use whatever their head count (heads past H are masked)."""
+    return max(1, 1024 // D)
 
 
 def _check(xs, weights, cos, sin) -> tuple[int, int, int, int]:
@@ -93,7 +101,7 @@ def rms_norm_rotary(xs: list[torch.Tensor], weights: list[torch.Tensor], cos: to
         out = torch.empty((B, S, H, D), device=xs[0].device, dtype=dtype)
     cos, sin = cos.contiguous(), sin.contiguous()  # (tiny tables; a no-op for the model's)
     c_sb = cos.stride(0) if cos.dim() == 3 else 0
-    heads = _heads_per_program(H, D)
+    heads = _heads_per_program(D)
     off = 0
     with torch.cuda.device_of(xs[0]):
         for x, w in zip(xs, weights):
