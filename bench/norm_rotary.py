@@ -4,7 +4,8 @@ GPU only. At FLUX.1-dev's 1024x1024 shapes (bf16, 24 heads of 128): the single b
 fused (1, 4608, 21504) projection; the double block's [txt 512 | img 4096] q, views of two (1, L, 9216)
 projections. Times (CUDA-graph replays via triton.testing.do_bench_cudagraph: GPU time alone) the kernel
 (`ditserve::rms_norm_rotary`) and `torch.compile` of the native composition (RMSNorm per part, cat, RoPE), and
-reports GB/s (bytes of q read + written once) against a device-to-device copy of the same bytes.
+reports GB/s (bytes of q read + written once) against a device-to-device copy of the same bytes; then the kernel
+at other launch shapes (heads per program, warps).
 
     python bench/norm_rotary.py
 """
@@ -25,6 +26,7 @@ def main() -> int:
     import triton.testing
 
     from ditserve.kernels import rotary as K
+    from ditserve.kernels import triton_rotary as TK
     from ditserve.ops import functional as Fn
 
     H, D, eps = 24, 128, 1e-6
@@ -53,11 +55,14 @@ def main() -> int:
             "compiled_native": triton.testing.do_bench_cudagraph(lambda: native(xs, ws, cos, sin)),
             "copy_same_bytes": triton.testing.do_bench_cudagraph(lambda: dst.copy_(src)),
         }
+        for heads, warps in ((4, 2), (4, 4), (8, 2), (8, 8), (16, 4), (16, 8), (32, 4), (32, 8)):  # default: 8, 4
+            t[f"kernel_h{heads}_w{warps}"] = triton.testing.do_bench_cudagraph(
+                lambda: TK.rms_norm_rotary(xs, ws, cos, sin, eps, True, heads=heads, num_warps=warps))
         mismatch = (K.rms_norm_rotary(xs, ws, cos, sin, eps, True) != native(xs, ws, cos, sin)).float().mean().item()
         rows[name] = {k: {"ms": round(v, 4), "gb_s": round(nbytes / v / 1e6, 1)} for k, v in t.items()}
         rows[name]["mismatch_vs_native"] = round(mismatch, 5)
-        log(f"{name:16s} " + "  ".join(f"{k} {v * 1e3:7.1f} us ({nbytes / v / 1e6:6.0f} GB/s)" for k, v in t.items())
-            + f"  mismatch {mismatch:.4f}")
+        log(f"{name:16s} mismatch {mismatch:.4f}\n" + "\n".join(f"    {k:20s} {v * 1e3:7.1f} us ({nbytes / v / 1e6:6.0f} GB/s)"
+                                                              for k, v in t.items()))
     print(json.dumps({"bench": "norm_rotary", "commit": commit(), "gpu": torch.cuda.get_device_name(),
                       "torch": torch.__version__, "rows": rows}))
     return 0

@@ -91,8 +91,10 @@ def _check(xs, weights, cos, sin) -> tuple[int, int, int, int]:
 
 
 def rms_norm_rotary(xs: list[torch.Tensor], weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
-                    eps: float, interleaved: bool, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """See `ditserve.kernels.rotary`. out: a contiguous (B, S, H, D) output to write (tests poison it)."""
+                    eps: float, interleaved: bool, *, out: torch.Tensor | None = None, heads: int | None = None,
+                    num_warps: int = 4) -> torch.Tensor:
+    """See `ditserve.kernels.rotary`. out: a contiguous (B, S, H, D) output to write (tests poison it); heads
+    (per program, a power of two) and num_warps override the launch (benchmarks)."""
     B, S, H, D = _check(xs, weights, cos, sin)
     dtype = xs[0].dtype
     if dtype not in KERNEL_DTYPES or D < 2 or D & (D - 1):
@@ -101,7 +103,7 @@ def rms_norm_rotary(xs: list[torch.Tensor], weights: list[torch.Tensor], cos: to
         out = torch.empty((B, S, H, D), device=xs[0].device, dtype=dtype)
     cos, sin = cos.contiguous(), sin.contiguous()  # (tiny tables; a no-op for the model's)
     c_sb = cos.stride(0) if cos.dim() == 3 else 0
-    heads = _heads_per_program(D)
+    heads = heads or _heads_per_program(D)
     off = 0
     with torch.cuda.device_of(xs[0]):
         for x, w in zip(xs, weights):
@@ -113,6 +115,6 @@ def rms_norm_rotary(xs: list[torch.Tensor], weights: list[torch.Tensor], cos: to
                 _rms_norm_rotary_kernel[(B * L, triton.cdiv(H, heads))](
                     x, w.contiguous(), c, s, o, L, H, x.stride(0), x.stride(1), x.stride(2),
                     o.stride(0), o.stride(1), c_sb, c.stride(-2), eps,
-                    D=D, HEADS=heads, INTERLEAVED=interleaved, num_warps=4)
+                    D=D, HEADS=heads, INTERLEAVED=interleaved, num_warps=num_warps)
             off += L
     return out
