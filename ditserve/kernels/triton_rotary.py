@@ -5,11 +5,11 @@ H100 (0.125 ms a single block for 113 MB moved; bench/flux_shapes_ab.py, c44df54
 bandwidth. This kernel reads each (token, head) row of D channels once from wherever the projection left it,
 and writes it once, normalised and rotated, into the joint output.
 
-One program handles one token of one part and 8 of its heads (1k elements at D = 128). Each row of D channels
+One program (one warp) handles one token of one part and 4 of its heads (512 elements at D = 128). Each row of D channels
 is loaded contiguously, and again at its channels' rotation partners (interleaved: c xor 1; half-split:
 c + D/2 mod D; the same cache lines), so the output is computed and stored contiguously, with no shuffle between
-lanes; the token's cos/sin row is read once for all its heads. Two earlier versions ran at ~0.3 and ~1.0 TB/s at
-FLUX.1's single block (a copy of the same bytes: 2.9 TB/s): one program per 16 flat (token, head) rows with a
+lanes; the token's cos/sin row is read once for all its heads. It runs at 1.9 TB/s at FLUX.1's single block (a copy of the
+same bytes: 2.9 TB/s; bench/norm_rotary.py). Two earlier versions ran at ~0.3 and ~1.0 TB/s: one program per 16 flat (token, head) rows with a
 reshape/split of whole rows and a table row each; then the pairs loaded and stored as two stride-2 tiles.
 Math as `ditserve.ops.functional.rms_norm_rotary`: fp32, the normed row rounded to the output dtype before
 the rotation (as the unfused ops round between them), one rounding at the end. The sequence length, head count and
@@ -68,9 +68,11 @@ def _rms_norm_rotary_kernel(
 
 
 def _heads_per_program(D: int) -> int:
-    """~1k elements a program (8 heads of 128); a function of D only, so the prewarm's tiny call compiles the
-    variant the model's calls use whatever their head count (heads past H are masked)."""
-    return max(1, 1024 // D)
+    """512 elements a program (4 heads of 128), one warp: the fastest of bench/norm_rotary.py's sweep on an H100
+    (single block q: 29.7 us = 1.9 TB/s, against 40.5 us for 8 heads and 4 warps, 68.8 us for 1 head; cd30322).
+    A function of D only, so the prewarm's tiny call compiles the variant the model's calls use whatever their
+    head count (heads past H are masked)."""
+    return max(1, 512 // D)
 
 
 def _check(xs, weights, cos, sin) -> tuple[int, int, int, int]:
@@ -92,7 +94,7 @@ def _check(xs, weights, cos, sin) -> tuple[int, int, int, int]:
 
 def rms_norm_rotary(xs: list[torch.Tensor], weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
                     eps: float, interleaved: bool, *, out: torch.Tensor | None = None, heads: int | None = None,
-                    num_warps: int = 4) -> torch.Tensor:
+                    num_warps: int = 1) -> torch.Tensor:
     """See `ditserve.kernels.rotary`. out: a contiguous (B, S, H, D) output to write (tests poison it); heads
     (per program, a power of two) and num_warps override the launch (benchmarks)."""
     B, S, H, D = _check(xs, weights, cos, sin)
