@@ -58,9 +58,9 @@ class EngineConfig:
         from then on every size reuses that graph (torch's automatic dynamic shapes). "on": symbolic token
         counts from the first compile, so no size ever recompiles. Measured on H100s (FLUX.1-dev, 1024x1024,
         cold compile cache): compile + first forward 12.3-14.4 s with "auto", 15.5-19.5 s with "on" (symbolic
-        shapes make dynamo, AOTAutograd and inductor slower), while a forward of "on"'s graph ran 1.3-3.2 ms
-        faster. "on" suits a server (sizes vary, many forwards, no request waits for a compile); "auto" a
-        process that makes one size.
+        shapes make dynamo, AOTAutograd and inductor slower); both graphs run the same kernels at the same speed
+        (bench/flux_shapes_ab.py, f6b0abc). "on" suits a server (sizes vary, no request waits for a compile);
+        "auto" a process that makes one size.
     compile_prewarm: (with `compile`, CUDA) start inductor's compile workers before the weights load and compile
         the Triton norm kernels on a side thread while dynamo traces (exact: only when things compile moves;
         measured -1.8 to -6.9 s of a cold start on an H100). On by default.

@@ -22,7 +22,8 @@ class RMSNorm(CustomOp):
     # Not flipped: FLUX's RMSNorms are the per-head q/k norms (D=128), where the kernel is ~2.5% slower than
     # compiled native (H200, bench/results/ops-2026-11-21-40596fb.json), and in the whole compiled FLUX.1-dev
     # forward forcing it costs 6 ms (141.2 vs 133.7 ms, H100, flux_step-2026-11-21-bac797b-h100.json): the
-    # opaque op stops inductor fusing the norm with the rotary embedding. Eager models take it regardless.
+    # opaque op stops inductor fusing the norm with the rotary embedding. Eager models take it regardless. (FLUX's
+    # blocks now apply these weights through `RMSNormRotary`, whose kernel does the norm and the rotation.)
     FAST_BY_DEFAULT = False
 
     def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True, ops: OpsConfig | None = None,
