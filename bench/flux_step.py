@@ -575,7 +575,8 @@ def main() -> int:
                 + ("" if quantised else f", floor {rec[key]['floor_ms']} ms (GEMM {gemm_floor:.1f} at "
                                         f"{gemm_rate:.0f} TFLOP/s + attention {attn_floor:.1f} at {attn_rate})"))
             for fam_name, v in rec[key]["by_family"].items():
-                log(f"    {fam_name:34s} {v['ms']:8.2f} ms   floor {v['floor_ms']:7.2f}   above {v['above_floor_ms']:7.2f}")
+                log(f"    {fam_name:34s} {v['ms']:8.2f} ms   floor {v['floor_ms']:7.2f}   "
+                    f"above {v['above_floor_ms']:7.2f}")
     rec["forward"] = rows
 
     # 5. end to end.

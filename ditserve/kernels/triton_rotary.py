@@ -5,16 +5,18 @@ H100 (0.125 ms a single block for 113 MB moved; bench/flux_shapes_ab.py, c44df54
 bandwidth. This kernel reads each (token, head) row of D channels once from wherever the projection left it,
 and writes it once, normalised and rotated, into the joint output.
 
-One program (one warp) handles one token of one part and 4 of its heads (512 elements at D = 128). Each row of D channels
-is loaded contiguously, and again at its channels' rotation partners (interleaved: c xor 1; half-split:
-c + D/2 mod D; the same cache lines), so the output is computed and stored contiguously, with no shuffle between
-lanes; the token's cos/sin row is read once for all its heads. It runs at 1.9 TB/s at FLUX.1's single block (a copy of the
-same bytes: 2.9 TB/s; bench/norm_rotary.py). Two earlier versions ran at ~0.3 and ~1.0 TB/s: one program per 16 flat (token, head) rows with a
-reshape/split of whole rows and a table row each; then the pairs loaded and stored as two stride-2 tiles.
-Math as `ditserve.ops.functional.rms_norm_rotary`: fp32, the normed row rounded to the output dtype before
-the rotation (as the unfused ops round between them), one rounding at the end. The sequence length, head count and
-strides are `do_not_specialize` ints: a new resolution reuses the compiled kernel, and
-`warm` (prewarm) compiles the very variant the blocks use.
+One program (one warp) handles one token of one part and 4 of its heads (512 elements at D = 128). Each row of
+D channels is loaded contiguously, and again at its channels' rotation partners (interleaved: c xor 1;
+half-split: c + D/2 mod D; the same cache lines), so the output is computed and stored contiguously, with no
+shuffle between lanes; the token's cos/sin row is read once for all its heads. It runs at 1.9 TB/s at FLUX.1's
+single block (a copy of the same bytes: 2.9 TB/s; bench/norm_rotary.py). Two earlier versions ran at ~0.3 and
+~1.0 TB/s: one program per 16 flat (token, head) rows with a reshape/split of whole rows and a table row each;
+then the pairs loaded and stored as two stride-2 tiles.
+
+Math as `ditserve.ops.functional.rms_norm_rotary`: fp32, the normed row rounded to the output dtype before the
+rotation (as the unfused ops round between them), one rounding at the end. The sequence length, head count and
+strides are `do_not_specialize` ints: a new resolution reuses the compiled kernel, and `warm` (prewarm)
+compiles the very variant the blocks use.
 
 Dtypes bf16, fp16, fp32 and power-of-two D run the kernel; anything else runs the reference.
 """

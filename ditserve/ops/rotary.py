@@ -60,7 +60,8 @@ class RMSNormRotary(CustomOp):
     """
 
     # Fast path: the Triton kernel `ditserve::rms_norm_rotary`, which reads each row once and writes it once.
-    # Compiled native, inductor fused FLUX.1's q/k norm + RoPE into kernels at ~0.9 TB/s (H100, c44df54).
+    # Compiled native, inductor fused FLUX.1's q/k norm + RoPE into kernels at ~0.9 TB/s (H100, c44df54); the
+    # kernel runs at 1.9 TB/s and the compiled FLUX.1-dev forward takes 4.9 ms less with it (2559e2e).
     FAST_BY_DEFAULT = True
 
     def __init__(self, head_dim: int, eps: float = 1e-6, interleaved: bool = True, ops: OpsConfig | None = None):

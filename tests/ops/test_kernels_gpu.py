@@ -297,9 +297,9 @@ def test_new_row_counts_reuse_the_compiled_kernels(monkeypatch, D):
 
 def test_prewarm_compiles_what_the_model_forward_needs(monkeypatch):
     """ditserve.compile.prewarm_kernels on a FLUX model: it compiles the blocks' norm and q/k norm + RoPE kernels,
-    with the specialisation of the real calls, so the model's first forward compiles no Triton kernel. (D = 40 x 16 = 640
-    takes BLOCK = 1024, which no other test's width does, so the kernels are not already in this process's
-    cache: Triton's key holds the constexprs and D's divisibility, not D.)"""
+    with the specialisation of the real calls, so the model's first forward compiles no Triton kernel. (D = 40 x 16
+    = 640 takes BLOCK = 1024, which no other test's width does, so the norm kernels are not already in this
+    process's cache: Triton's key holds the constexprs and D's divisibility, not D.)"""
     from ditserve.compile import flux_example_inputs, prewarm_kernels
     from ditserve.models.flux import FluxConfig, FluxTransformer
 
