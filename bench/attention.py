@@ -16,41 +16,30 @@ registered into SDPA's flash backend by `torch.nn.attention.activate_flash_atten
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from benchutil import commit, cuda_median_ms, log
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def _sdpa(q, k, v):
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-
-
-def _sdpa_flash(q, k, v):
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return _sdpa(q, k, v)
-
-
 def backends() -> dict:
-    out = {"sdpa": _sdpa, "sdpa_flash": _sdpa_flash}
-    if importlib.util.find_spec("flash_attn") is not None:
-        try:
-            importlib.import_module("flash_attn.cute")  # its import error, if any, is the message
+    """Each backend as the engine calls it (`ditserve.ops.attention.Attention`: (B, L, H, D) in and out), and SDPA
+    forced to its flash backend."""
+    from ditserve.ops.attention import Attention, attention_backend_available
 
-            from ditserve.ops.attention import fa4_attention  # flash_attn.cute.flash_attn_func as a custom op
+    sdpa = Attention("sdpa")
 
-            out["fa4"] = fa4_attention
-        except Exception as e:  # noqa: BLE001 - report why, keep measuring the others
-            log(f"fa4: not importable: {type(e).__name__}: {e}")
-    if importlib.util.find_spec("sageattention") is not None:
-        from sageattention import sageattn
+    def sdpa_flash(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return sdpa(q, k, v)
 
-        out["sage"] = lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD")
+    out = {"sdpa": sdpa, "sdpa_flash": sdpa_flash}
+    for name in ("fa4", "sage"):  # fa4: flash_attn.cute.flash_attn_func as ditserve's custom op
+        if attention_backend_available(name):
+            out[name] = Attention(name)
     return out
 
 
@@ -67,7 +56,8 @@ def main() -> int:
     B, L, H, D = 1, args.seq, args.heads, args.head_dim
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-    ref = _sdpa(q.float(), k.float(), v.float())
+    impls = backends()
+    ref = impls["sdpa"](q.float(), k.float(), v.float())
     flop = 4 * B * H * L * L * D
     rows = {}
 
@@ -88,7 +78,6 @@ def main() -> int:
             rows[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
             log(f"{name:12s} failed: {rows[name]['error']}")
 
-    impls = backends()
     for name, fn in impls.items():
         measure(name, fn)
     if "fa4" in impls:  # last: from here on, in this process, SDPA's flash backend runs FA4's kernels
@@ -96,7 +85,7 @@ def main() -> int:
             from torch.nn.attention import activate_flash_attention_impl
 
             activate_flash_attention_impl("FA4")
-            measure("sdpa_fa4", _sdpa_flash)
+            measure("sdpa_fa4", impls["sdpa_flash"])
         except Exception as e:  # noqa: BLE001
             rows["sdpa_fa4"] = {"error": f"{type(e).__name__}: {e}"[:300]}
             log(f"sdpa_fa4: {rows['sdpa_fa4']['error']}")

@@ -1,4 +1,5 @@
-"""What every bench script shares: the commit a run measured, a CUDA-event median timer, and stderr logging.
+"""What every bench script shares: the commit a run measured, a CUDA-event median timer, a profiler's per-kernel
+GPU times, and stderr logging.
 
 Imported as `from benchutil import ...`: the scripts run as `python bench/NAME.py`, which puts bench/ first on
 sys.path.
@@ -44,3 +45,23 @@ def cuda_median_ms(fn, iters: int, warmup: int) -> float:
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e))
     return sorted(times)[iters // 2]
+
+
+def kernel_times(fn, iters: int = 5) -> dict[str, tuple[float, int]]:
+    """{GPU kernel name: (GPU ms per call of fn, launches per call of fn)} from a torch.profiler trace of `iters`
+    calls, after one untraced call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    acc: dict[str, list] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            row = acc.setdefault(ev.name, [0.0, 0])
+            row[0] += ev.device_time_total / 1e3  # us -> ms
+            row[1] += 1
+    return {name: (ms / iters, calls // iters) for name, (ms, calls) in acc.items()}

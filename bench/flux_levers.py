@@ -175,13 +175,48 @@ def run_levers(names: list[str], b: LeverBench) -> dict:
     return out
 
 
-def _compiled(b: LeverBench, cfg=None, kernels=None) -> tuple[nn.Module, float]:
-    """A fresh compiled ditserve model and its compile seconds (first call)."""
+def _compiled(b: LeverBench, cfg=None, kernels=None, edit: Callable[[nn.Module], None] | None = None
+              ) -> tuple[nn.Module, float]:
+    """A fresh compiled ditserve model and its compile seconds (first call); `edit` changes the model before it
+    is compiled."""
     from ditserve.compile import compile_model
 
     model = b.fresh(kernels or b.kernels0, True)
+    if edit is not None:
+        edit(model)
     compile_model(model, cfg or b.compile_cfg)
     return model, b.clock.seconds(lambda: b.run(model))
+
+
+def _compiled_with_fast_path(b: LeverBench, cls: type, fast: bool) -> tuple[nn.Module, float]:
+    """`_compiled` with `cls.FAST_BY_DEFAULT = fast` while the model is built (the ops read it at construction)."""
+    default = cls.FAST_BY_DEFAULT
+    cls.FAST_BY_DEFAULT = fast
+    try:
+        return _compiled(b)
+    finally:
+        cls.FAST_BY_DEFAULT = default
+
+
+def _fast_path_lever(b: LeverBench, name: str, cls: type, flag_key: str, ab: bool = True) -> dict:
+    """The default compiled row against a fresh model built with `cls`'s fast path flipped: ms = fast path on,
+    base_ms = off, whichever is the engine's default. With --ab (and `ab`), pairs of fresh models alternate too;
+    there "default" is the fast path off and "lever" on."""
+    default = cls.FAST_BY_DEFAULT
+    model, c_s = _compiled_with_fast_path(b, cls, not default)
+    other = b.measure(f"lever:{name}={'on' if not default else 'off'}", lambda: b.run(model), c_s,
+                      add_ms=b.step_share_ms)
+    paths = sorted({m.path for m in model.modules() if isinstance(m, cls)})
+    err = _rel_err(b.run(model), b.out_bf16)
+    base = b.rows[f"ditserve_compiled[{b.kernels0}]"]["ms"]
+    on, off = (other, base) if not default else (base, other)
+    out = {"ms": round(on, 2), "base_ms": round(off, 2), flag_key: default, "rebuilt_paths": paths,
+           "rel_err_rebuilt_vs_default": err}
+    if ab and b.ab_rounds:
+        model = None
+        out.update(_alternate(b, name, lambda: _compiled_with_fast_path(b, cls, False)[0],
+                              lambda: _compiled_with_fast_path(b, cls, True)[0]))
+    return out
 
 
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -218,20 +253,7 @@ def gelu_epilogue(b: LeverBench) -> dict:
              "epilogue_ms": round(t_epi, 3), "rel_err_vs_tanh_gelu_fp32": err_tanh,
              "rel_err_vs_erf_gelu_fp32": err_erf}
     log(f"GELU epilogue micro: {micro}")
-    default = LinearGELU.FAST_BY_DEFAULT
-    try:
-        LinearGELU.FAST_BY_DEFAULT = not default  # read when each layer is constructed
-        model, c_s = _compiled(b)
-        other = b.measure(f"lever:gelu_epilogue={'on' if not default else 'off'}", lambda: b.run(model), c_s,
-                          add_ms=b.step_share_ms)
-        paths = sorted({m.path for m in model.modules() if isinstance(m, LinearGELU)})
-        err = _rel_err(b.run(model), b.out_bf16)
-    finally:
-        LinearGELU.FAST_BY_DEFAULT = default
-    base = b.rows[f"ditserve_compiled[{b.kernels0}]"]["ms"]
-    on, off = (other, base) if not default else (base, other)
-    return {"ms": round(on, 2), "base_ms": round(off, 2), "epilogue_by_default": default,
-            "rebuilt_paths": paths, "rel_err_rebuilt_vs_default": err, "micro": micro}
+    return {**_fast_path_lever(b, "gelu_epilogue", LinearGELU, "epilogue_by_default", ab=False), "micro": micro}
 
 
 def _alternate(b: LeverBench, name: str, build_default: Callable, build_lever: Callable) -> dict:
@@ -251,27 +273,7 @@ def _alternate(b: LeverBench, name: str, build_default: Callable, build_lever: C
 def norm_rotary_kernel(b: LeverBench) -> dict:
     from ditserve.ops.rotary import RMSNormRotary
 
-    default = RMSNormRotary.FAST_BY_DEFAULT
-
-    def build(fast: bool) -> nn.Module:
-        RMSNormRotary.FAST_BY_DEFAULT = fast  # read when each op is constructed
-        try:
-            return _compiled(b)[0]
-        finally:
-            RMSNormRotary.FAST_BY_DEFAULT = default
-
-    model = build(not default)
-    other = b.measure(f"lever:norm_rotary_kernel={'on' if not default else 'off'}", lambda: b.run(model),
-                      add_ms=b.step_share_ms)
-    paths = sorted({m.path for m in model.modules() if isinstance(m, RMSNormRotary)})
-    err = _rel_err(b.run(model), b.out_bf16)
-    base = b.rows[f"ditserve_compiled[{b.kernels0}]"]["ms"]
-    on, off = (other, base) if not default else (base, other)
-    out = {"ms": round(on, 2), "base_ms": round(off, 2), "kernel_by_default": default, "rebuilt_paths": paths,
-           "rel_err_rebuilt_vs_default": err}
-    if b.ab_rounds:  # here "default" is the kernel off and "lever" on, whichever is the engine's default
-        out.update(_alternate(b, "norm_rotary_kernel", lambda: build(False), lambda: build(True)))
-    return out
+    return _fast_path_lever(b, "norm_rotary_kernel", RMSNormRotary, "kernel_by_default")
 
 
 def attention_fa4(b: LeverBench) -> dict:
@@ -281,19 +283,17 @@ def attention_fa4(b: LeverBench) -> dict:
         return {"result": "skipped: flash-attn-4 is not installed"}
 
     def build(backend: str) -> nn.Module:
-        from ditserve.compile import compile_model
+        def use_backend(model: nn.Module) -> None:
+            for blk in [*model.double_blocks, *model.single_blocks]:
+                blk.attn = Attention(backend)
 
-        model = b.fresh(b.kernels0, True)
-        for blk in [*model.double_blocks, *model.single_blocks]:
-            blk.attn = Attention(backend)
-        compile_model(model, b.compile_cfg)
-        b.run(model)
-        return model
+        return _compiled(b, edit=use_backend)[0]
 
     model = build("fa4")
     ms = b.measure("lever:attention_fa4", lambda: b.run(model), add_ms=b.step_share_ms)
     out = {"ms": round(ms, 2), "rel_err_vs_default": _rel_err(b.run(model), b.out_bf16)}
     if b.ab_rounds:
+        model = None
         out.update(_alternate(b, "attention_fa4", lambda: build("sdpa"), lambda: build("fa4")))
     return out
 

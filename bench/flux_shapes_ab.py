@@ -19,7 +19,7 @@ import sys
 from collections import defaultdict
 
 import torch
-from benchutil import commit, cuda_median_ms, log
+from benchutil import commit, cuda_median_ms, kernel_times, log
 
 
 def kernel_key(name: str) -> str:
@@ -30,21 +30,12 @@ def kernel_key(name: str) -> str:
 
 def kernel_table(fn, iters: int = 5) -> dict[str, dict]:
     """{kernel: {"ms": GPU ms per forward, "calls": launches per forward}} from a profiler trace."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
     table: dict[str, dict] = defaultdict(lambda: {"ms": 0.0, "calls": 0})
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            row = table[kernel_key(ev.name)]
-            row["ms"] += ev.device_time_total / 1e3 / iters
-            row["calls"] += 1
-    return {k: {"ms": round(v["ms"], 3), "calls": v["calls"] // iters} for k, v in table.items()}
+    for name, (ms, calls) in kernel_times(fn, iters).items():
+        row = table[kernel_key(name)]
+        row["ms"] += ms
+        row["calls"] += calls
+    return {k: {"ms": round(v["ms"], 3), "calls": v["calls"]} for k, v in table.items()}
 
 
 def main() -> int:

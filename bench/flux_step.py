@@ -40,7 +40,7 @@ import time
 from dataclasses import replace
 
 import torch
-from benchutil import commit, cuda_median_ms, log
+from benchutil import commit, cuda_median_ms, kernel_times, log
 from flux_levers import COLD_START_LEVERS, LEVERS, LeverBench, run_levers, select
 
 
@@ -155,16 +155,12 @@ def kernel_family(name: str) -> str:
     """GPU kernel name -> op family. Inductor names its kernels after the ops it fused
     ("triton_red_fused_add_mul_native_layer_norm_..."); ditserve's own Triton kernels are named after their op."""
     n = name.lower()
-    if n.startswith("triton_"):  # inductor's fused kernels: named after every op fused in, attention's included
-        n = n.replace("scaled_dot_product_cudnn_attention", "").replace("fa4_attention", "")
-        if any(s in n for s in ("norm", "rsqrt", "var_mean")):
-            return "norm/modulation/rope (fused)"
-        if any(s in n for s in ("gelu", "tanh", "silu", "erf")):
-            return "activation (fused)"
-        return "other elementwise (fused)"
-    if any(s in n for s in ("flash", "fmha", "cudnn", "attention", "sdpa")):
+    # inductor's fused kernels are named after every op fused in, the attention op or GEMM they feed included
+    fused = n.startswith("triton_")
+    if not fused and any(s in n for s in ("flash", "fmha", "cudnn", "attention", "sdpa")):
         return "attention"
-    if any(s in n for s in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "scaled_mm", "wgmma", "splitk")):
+    if not fused and any(s in n for s in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "scaled_mm", "wgmma",
+                                          "splitk")):
         return "gemm"
     if "memcpy" in n or "memset" in n:
         return "memcpy/memset"
@@ -179,19 +175,10 @@ def kernel_family(name: str) -> str:
 
 def profile_families(fn, iters: int = 5) -> tuple[dict[str, float], float]:
     """(GPU ms per forward by family, GPU ms per forward in all) from a torch.profiler trace of `iters` calls."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
     fam: dict[str, float] = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            f = kernel_family(ev.name)
-            fam[f] = fam.get(f, 0.0) + ev.device_time_total / 1e3 / iters  # us -> ms per forward
+    for name, (ms, _) in kernel_times(fn, iters).items():
+        f = kernel_family(name)
+        fam[f] = fam.get(f, 0.0) + ms
     total = sum(fam.values())
     return {k: round(v, 2) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])}, round(total, 2)
 
