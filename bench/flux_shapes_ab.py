@@ -1,13 +1,16 @@
-"""Why is FLUX.1's statically compiled forward slower than its symbolic-shape one? Per-kernel A/B.
+"""Per-kernel A/B of two builds of FLUX.1's compiled forward: where does the GPU time of one differ from the other's?
 
-GPU only. Builds ditserve's FLUX.1-dev DiT (dummy weights, full size, 1024x1024 + 512 text tokens, bf16), compiles
-it with static shapes (`CompileConfig(dynamic=False)`, what `--dynamic-shapes auto` runs for the first size) and
-with symbolic token counts (`dynamic=True`, `--dynamic-shapes on`), on fresh models in alternation, and for each:
-times the forward (CUDA events, median) and takes a profiler trace. Prints, to stderr, the kernels whose GPU time
-per forward differs most between the two graphs (kernel names with inductor's numeric suffixes removed, so the
-same fusion matches across graphs), and one JSON line last.
+GPU only. Builds ditserve's FLUX.1-dev DiT (dummy weights, full size, 1024x1024 + 512 text tokens, bf16) in two
+variants, on fresh models in alternation, and for each: times the forward (CUDA events, median) and takes a
+profiler trace. Prints, to stderr, the kernels whose GPU time per forward differs most between the two graphs
+(kernel names with inductor's numeric suffixes removed, so the same fusion matches across graphs), and one JSON
+line last. Variants (`--variants A,B`):
 
-    python bench/flux_shapes_ab.py [--rounds 2] [--attention sdpa]
+    static    `CompileConfig(dynamic=False)`, what `--dynamic-shapes auto` runs for the first size
+    symbolic  `dynamic=True` (symbolic token counts), `--dynamic-shapes on`
+    fp8       static, with the fp8 tier (`--quantization fp8`)
+
+    python bench/flux_shapes_ab.py [--variants static,symbolic] [--rounds 2] [--attention sdpa] [--kernels auto]
 """
 
 from __future__ import annotations
@@ -38,13 +41,22 @@ def kernel_table(fn, iters: int = 5) -> dict[str, dict]:
     return {k: {"ms": round(v["ms"], 3), "calls": v["calls"]} for k, v in table.items()}
 
 
+# variant -> (CompileConfig.dynamic, fp8 tier)
+VARIANTS = {"static": (False, False), "symbolic": (True, False), "fp8": (False, True)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2, help="alternating (static, symbolic) pairs of fresh models")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--attention", default="sdpa")
+    ap.add_argument("--kernels", default="auto", help="ditserve's --kernels (auto: its Triton kernels; native)")
+    ap.add_argument("--variants", default="static,symbolic", help=f"two of {sorted(VARIANTS)}, comma-separated")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    if len(variants) != 2 or not set(variants) <= set(VARIANTS):
+        ap.error(f"--variants takes two of {sorted(VARIANTS)}, got {args.variants!r}")
     if not torch.cuda.is_available():
         log("bench/flux_shapes_ab.py needs a CUDA GPU")
         return 2
@@ -53,12 +65,16 @@ def main() -> int:
     from ditserve.config import EngineConfig
     from ditserve.loader import load_transformer
 
-    engine = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=True, attention=args.attention)
+    from ditserve.ops.fp8 import apply_fp8
+
+    engine = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=True, attention=args.attention,
+                          kernels=args.kernels)
     inputs = cond = None
-    ms: dict[str, list[float]] = {"static": [], "symbolic": []}
+    ms: dict[str, list[float]] = {v: [] for v in variants}
     tables: dict[str, dict] = {}
     for r in range(args.rounds):
-        for name, dynamic in (("static", False), ("symbolic", True)):
+        for name in variants:
+            dynamic, fp8 = VARIANTS[name]
             torch._dynamo.reset()
             model = None
             torch.cuda.empty_cache()
@@ -70,6 +86,8 @@ def main() -> int:
             with torch.inference_mode():
                 cond = model.precompute_conditioning(inputs["timestep"][None], inputs["pooled_projections"],
                                                      inputs["guidance"][None])[0]
+            if fp8:
+                apply_fp8(model)
             compile_model(model, CompileConfig(dynamic=dynamic))
 
             def fwd():
@@ -80,21 +98,23 @@ def main() -> int:
             log(f"round {r} {name}: {ms[name][-1]} ms")
             if r == 0:
                 tables[name] = kernel_table(fwd)
-    st, sy = tables["static"], tables["symbolic"]
+    A, B = variants
+    ta, tb = tables[A], tables[B]
     diff = []
-    for k in set(st) | set(sy):
-        a, b = st.get(k, {"ms": 0.0, "calls": 0}), sy.get(k, {"ms": 0.0, "calls": 0})
-        diff.append({"kernel": k, "static_ms": a["ms"], "symbolic_ms": b["ms"], "delta_ms": round(a["ms"] - b["ms"], 3),
-                     "static_calls": a["calls"], "symbolic_calls": b["calls"]})
+    for k in set(ta) | set(tb):
+        a, b = ta.get(k, {"ms": 0.0, "calls": 0}), tb.get(k, {"ms": 0.0, "calls": 0})
+        diff.append({"kernel": k, f"{A}_ms": a["ms"], f"{B}_ms": b["ms"], "delta_ms": round(a["ms"] - b["ms"], 3),
+                     f"{A}_calls": a["calls"], f"{B}_calls": b["calls"]})
     diff.sort(key=lambda d: -abs(d["delta_ms"]))
-    log(f"GPU ms per forward: static {sum(v['ms'] for v in st.values()):.2f} ({len(st)} kernels), symbolic "
-        f"{sum(v['ms'] for v in sy.values()):.2f} ({len(sy)} kernels)")
-    log(f"{'static':>8s} {'symbolic':>9s} {'delta':>7s}  calls  kernel")
+    log(f"GPU ms per forward: {A} {sum(v['ms'] for v in ta.values()):.2f} ({len(ta)} kernels), {B} "
+        f"{sum(v['ms'] for v in tb.values()):.2f} ({len(tb)} kernels)")
+    log(f"{A:>9s} {B:>9s} {'delta':>7s}  calls  kernel")
     for d in diff[:args.top]:
-        log(f"{d['static_ms']:8.3f} {d['symbolic_ms']:9.3f} {d['delta_ms']:7.3f}  {d['static_calls']:>2d}/"
-            f"{d['symbolic_calls']:<2d} {d['kernel']}")
+        log(f"{d[f'{A}_ms']:9.3f} {d[f'{B}_ms']:9.3f} {d['delta_ms']:7.3f}  {d[f'{A}_calls']:>3d}/"
+            f"{d[f'{B}_calls']:<3d} {d['kernel']}")
     print(json.dumps({"bench": "flux_shapes_ab", "commit": commit(), "gpu": torch.cuda.get_device_name(),
-                      "torch": torch.__version__, "attention": args.attention, "forward_ms": ms,
+                      "torch": torch.__version__, "attention": args.attention, "kernels": args.kernels,
+                      "variants": variants, "forward_ms": ms, "tables": tables,
                       "gpu_ms": {n: round(sum(v["ms"] for v in t.values()), 2) for n, t in tables.items()},
                       "top_diff": diff[:args.top]}))
     return 0
