@@ -24,8 +24,8 @@ from torch import nn
 from ditserve.config import ConfigError, ModelSpec
 from ditserve.dummy_run import in_dummy_run
 from ditserve.ops import (
-    Attention, Linear, LinearGELU, MulAdd, NormScaleShift, OpsConfig, ResidualNormScaleShift, RMSNorm, RMSNormRotary,
-    axial_rope_cos_sin,
+    Attention, Fp8Linear, Linear, LinearGELU, MulAdd, NormScaleShift, OpsConfig, ResidualNormScaleShift, RMSNorm,
+    RMSNormRotary, axial_rope_cos_sin,
 )
 
 ROPE_THETA = 10000.0
@@ -189,16 +189,24 @@ class FluxDoubleBlock(nn.Module):
 
         # Image stream: gated residual + AdaLN, then the MLP with a gated residual.
         img_h, img = self.norm2(self.img_attn_out(img_attn), img, img_gate1, img_scale2, img_shift2)  # (B, L, D) x2
-        img_h = self.img_mlp_out(self.img_mlp_in(img_h))  # (B, L, 4D) -> (B, L, D)
+        img_h = self.mlp(self.img_mlp_in, self.img_mlp_out, img_h)  # (B, L, D) -> (B, L, 4D) -> (B, L, D)
         img = self.gated_add(img_h, img_gate2, img)  # (B, L, D)
 
         # Text stream: the same with its own weights.
         txt_h, txt = self.norm2(self.txt_attn_out(txt_attn), txt, txt_gate1, txt_scale2, txt_shift2)  # (B, T, D) x2
-        txt_h = self.txt_mlp_out(self.txt_mlp_in(txt_h))  # (B, T, 4D) -> (B, T, D)
+        txt_h = self.mlp(self.txt_mlp_in, self.txt_mlp_out, txt_h)  # (B, T, D) -> (B, T, D)
         txt = self.gated_add(txt_h, txt_gate2, txt)  # (B, T, D)
         if self.clamp_fp16:  # as diffusers: keep fp16 text activations finite
             txt = txt.clamp(-FP16_MAX, FP16_MAX)
         return img, txt
+
+    @staticmethod
+    def mlp(mlp_in: nn.Module, mlp_out: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """mlp_out(gelu_tanh(mlp_in(x))): x (B, N, D) -> (B, N, D). In the fp8 tier, mlp_in's bias and GELU and
+        mlp_out's input quantisation run as one pass over the (B, N, 4D) hidden state."""
+        if isinstance(mlp_out, Fp8Linear):
+            return mlp_out.forward_after_gelu(None, mlp_in.matmul(x), mlp_in.pending_bias())
+        return mlp_out(mlp_in(x))
 
 
 class FluxSingleBlock(nn.Module):
@@ -245,7 +253,10 @@ class FluxSingleBlock(nn.Module):
         q = self.norm_rotary((q,), (self.q_norm.weight,), cos, sin)  # (B, S, H, Dh)
         k = self.norm_rotary((k,), (self.k_norm.weight,), cos, sin)
         attn = self.attn(q, k, v).flatten(2)  # (B, S, D)
-        h = self.out(torch.cat((attn, F.gelu(mlp, approximate="tanh")), dim=-1))  # (B, S, 5D) -> (B, S, D)
+        if isinstance(self.out, Fp8Linear):  # fp8 tier: the GELU and the fp8 quantisation of [attn | mlp], one pass
+            h = self.out.forward_after_gelu(attn, mlp)  # (B, S, D)
+        else:
+            h = self.out(torch.cat((attn, F.gelu(mlp, approximate="tanh")), dim=-1))  # (B, S, 5D) -> (B, S, D)
         x = self.gated_add(h, gate, x)  # (B, S, D)
         if self.clamp_fp16:  # as diffusers: keep fp16 activations finite
             x = x.clamp(-FP16_MAX, FP16_MAX)
@@ -316,6 +327,11 @@ class FluxTransformer(nn.Module):
                            "txt_mlp_in", "txt_mlp_out")),
         ("single_blocks", ("qkv_mlp", "out")),
     )
+    # fp8 layers whose bias goes in the GEMM's epilogue: their outputs feed opaque kernels (the q/k norm + RoPE,
+    # attention via a concatenation, the residual norm), so a bias added after the GEMM is a pass of its own over
+    # the output (3.7 ms of FLUX.1-dev's fp8 forward on an H100, bench/flux_shapes_ab.py at 1c36007), where the
+    # epilogue costs ~7% of these GEMMs (bench/fp8_gemm.py). The other layers' bias add fuses into the next op.
+    fp8_bias_in_gemm = ("img_qkv", "txt_qkv", "qkv_mlp", "img_attn_out", "txt_attn_out")
 
     def __init__(self, config: FluxConfig, ops: OpsConfig | None = None, attention: str = "sdpa", device=None,
                  dtype=None):

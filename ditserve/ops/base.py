@@ -66,6 +66,7 @@ class CustomOp(nn.Module):
     def __init__(self, ops: OpsConfig | None = None):
         super().__init__()
         ops = ops if ops is not None else OpsConfig()
+        self.ops: OpsConfig = ops  # kept for ops built from this one (e.g. an fp8 replacement's sub-ops)
         self.path: str = self._select_path(ops)
         self._impl: Callable = getattr(self, f"forward_{self.path}")
 

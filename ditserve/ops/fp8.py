@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditserve.config import DTYPES, ConfigError
+from ditserve.kernels import quant as K
 from ditserve.ops.base import CustomOp, OpsConfig
+from ditserve.ops import functional as Fn
+from ditserve.ops.functional import FP8_DTYPE, quantize_rows  # noqa: F401 (re-exported)
 from ditserve.ops.linear import Linear
 
-FP8_DTYPE = torch.float8_e4m3fn  # 3 mantissa bits, largest value 448
 # CUDA's fp8 GEMMs need both matrix dims along K and N to be multiples of 16 (16-byte aligned fp8 rows).
 FP8_DIM_MULTIPLE = 16
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) and newer have fp8 tensor cores
@@ -38,26 +40,32 @@ FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) and newer have fp8
 FP8_COMPUTE_DTYPE = torch.bfloat16
 
 
-def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row fp8 quantisation: t (R, C), any float dtype -> (q (R, C) float8_e4m3fn,
-    scale (R, 1) float32) with t ~= q * scale.
+class GeluQuantize(CustomOp):
+    """The input of an fp8 projection that follows a tanh-GELU: forward(plain, pre, bias) =
+    `ditserve.ops.functional.gelu_quantize_rows`, rows [plain | gelu_tanh(pre + bias)] quantised to fp8 per row.
 
-    scale = max|row| / 448, so each row uses fp8's full range. The scale is floored at fp32's smallest normal
-    number, so an all-zero row gets a positive scale and quantises to zeros (not 0/0; a subnormal floor could
-    be flushed to zero by fast GPU division). Values are divided in fp32 and clamped to +-448 before the cast
-    (a cast beyond fp8's range gives NaN, and fp32 rounding can land just past it).
+    plain: (R, A) or None; pre: (R, G) (a row-strided view is read in place); bias: (G,) or None
+    -> (q (R, A + G) float8_e4m3fn, scale (R, 1) float32).
     """
-    # Limits come from torch.finfo here, not from float module globals: dynamo folds finfo to constants,
-    # whereas under dynamic=True it traces a float global as a graph input (a scalar tensor and an .item()).
-    fp8_max = torch.finfo(FP8_DTYPE).max
-    amax = t.abs().amax(dim=-1, keepdim=True).float()  # (R, 1)
-    scale = (amax / fp8_max).clamp(min=torch.finfo(torch.float32).tiny)  # (R, 1) fp32
-    q = (t.float() / scale).clamp(-fp8_max, fp8_max).to(FP8_DTYPE)  # (R, C)
-    return q, scale
+
+    # Fast path: the Triton kernel `ditserve::gelu_quantize_rows` (one read of each input row, one fp8 write).
+    # Compiled native, inductor reads each row twice (a looped amax, then the quantisation): 11.7 ms of FLUX.1-dev's
+    # fp8 forward on an H100 (bench/flux_shapes_ab.py --variants static,fp8, 1c36007).
+    FAST_BY_DEFAULT = True
+
+    def forward_native(self, plain, pre, bias):
+        return Fn.gelu_quantize_rows(plain, pre, bias)
+
+    def forward_cuda(self, plain, pre, bias):
+        return K.gelu_quantize_rows(plain, pre, bias)
+
+    # No `warm`: the kernel specialises on the row widths, which only the caller knows; it compiles at its first
+    # call (the fp8 tier's cold start pays it once).
 
 
 class Fp8Linear(CustomOp):
-    """A Linear with an fp8 weight and per-token dynamic fp8 activations. x: (..., K) -> (..., N), in x's dtype.
+    """A Linear with an fp8 weight and per-token dynamic fp8 activations. x: (..., K) -> (..., N), in the layer's
+    compute dtype (`out_dtype`: the replaced layer's weight dtype, bf16 in the engine).
 
     weight: (N, K) float8_e4m3fn, row-major (CUDA's fp8 GEMM wants its second operand column-major; the
         forward passes `weight.t()`, a (K, N) column-major view). weight_scale: (1, N) float32, one scale per
@@ -69,7 +77,8 @@ class Fp8Linear(CustomOp):
     """
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 activation: str | None = None):
+                 activation: str | None = None, bias_in_gemm: bool = False, out_dtype: torch.dtype | None = None,
+                 ops: OpsConfig | None = None):
         super().__init__(OpsConfig(kernels="native"))  # one path on every device: no platform probe
         if weight.dtype != FP8_DTYPE or weight.dim() != 2:
             raise ValueError(f"Fp8Linear: weight must be a 2-D {FP8_DTYPE} tensor, got {weight.dim()}-D {weight.dtype}")
@@ -89,48 +98,91 @@ class Fp8Linear(CustomOp):
         self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)  # (N, K) fp8
         self.register_buffer("weight_scale", weight_scale.reshape(1, N).contiguous())  # (1, N) fp32
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)  # (N,)
+        # The bias in the GEMM's epilogue (True) or added after it (False, see `forward_native`).
+        self.bias_in_gemm = bias_in_gemm and bias is not None
+        self.out_dtype = out_dtype or (bias.dtype if bias is not None else FP8_COMPUTE_DTYPE)
+        # For callers whose input is [plain | gelu(pre)] (`forward_after_gelu`); its path follows the model's ops.
+        self.gelu_quantize = GeluQuantize(ops)
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: Linear | nn.Linear) -> "Fp8Linear":
+    def from_linear(cls, linear: Linear | nn.Linear, bias_in_gemm: bool = False) -> "Fp8Linear":
         """Quantise a loaded layer: its weight per output channel to fp8; its bias kept in the weight's
-        (compute) dtype. The layer itself is left unchanged."""
+        (compute) dtype. The layer itself is left unchanged. The new layer's ops (`GeluQuantize`'s path) are
+        those of `linear` when it is one of ours."""
         if not isinstance(linear, (Linear, nn.Linear)):
             raise TypeError(f"Fp8Linear.from_linear takes a Linear layer, got {type(linear).__name__}")
         w = linear.weight  # (N, K)
         q, scale = quantize_rows(w)  # (N, K) fp8, (N, 1) fp32
         bias = None if linear.bias is None else linear.bias.to(w.dtype)
-        return cls(q, scale, bias, activation=getattr(linear, "activation", None))
+        return cls(q, scale, bias, activation=getattr(linear, "activation", None), bias_in_gemm=bias_in_gemm,
+                   out_dtype=w.dtype, ops=getattr(linear, "ops", None))
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the GEMM effectively uses: (N, K) float32 = fp8 values x per-row scale."""
         return self.weight.float() * self.weight_scale.t()
 
-    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # (M, K), M = every token of every sample
-        x_fp8, x_scale = quantize_rows(x2)  # (M, K) fp8, (M, 1) fp32
-        y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                             out_dtype=x.dtype)  # (M, N)
+    def product(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The fp8 GEMM of quantised rows: q (M, K) fp8, scale (M, 1) fp32 -> (M, N) in the compute dtype; the bias
+        is in it only when `bias_in_gemm`."""
+        return torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
+                                bias=self.bias if self.bias_in_gemm else None, out_dtype=self.out_dtype)
+
+    def pending_bias(self) -> torch.Tensor | None:
+        """The bias `product` leaves out (None when it is in the GEMM, or there is none)."""
+        return None if self.bias_in_gemm else self.bias
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """`product`'s output (M, N) -> the layer's: plus the pending bias, then the activation."""
         # The bias is added here, not in _scaled_mm's epilogue: at FLUX.1's shapes the row-wise kernel runs ~10%
         # slower with a bias (bench/fp8_gemm.py), while under torch.compile this add fuses into the next op.
         # Measured on the compiled FLUX.1-dev forward (H100): 112.82 -> 110.20 ms. Eager pays one add kernel.
-        if self.bias is not None:
-            y = y + self.bias
+        # Where the next op is one of our opaque kernels the add cannot fuse: the model asks for `bias_in_gemm`.
+        bias = self.pending_bias()
+        if bias is not None:
+            y = y + bias
         if self.activation == "gelu_tanh":  # fused with the bias add under compile
             y = F.gelu(y, approximate="tanh")
+        return y
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (M, K), M = every token of every sample
+        y = self.finish(self.product(*quantize_rows(x2)))  # (M, N)
         return y.reshape(*x.shape[:-1], self.out_features)  # (..., N)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N): the GEMM alone (no activation; the bias only when `bias_in_gemm`), for a caller
+        that fuses the rest with what follows (`forward_after_gelu` of the next layer)."""
+        y = self.product(*quantize_rows(x.reshape(-1, self.in_features)))  # (M, N)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def forward_after_gelu(self, plain: torch.Tensor | None, pre: torch.Tensor, bias: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+        """This layer applied to [plain | gelu_tanh(pre + bias)] (concatenated over channels), with the GELU and
+        the input's fp8 quantisation in one pass (`GeluQuantize`): plain (..., A) or None, pre (..., G),
+        A + G = in_features, bias (G,) or None -> (..., N)."""
+        G = pre.shape[-1]
+        A = self.in_features - G
+        if (A == 0) != (plain is None) or (plain is not None and plain.shape[-1] != A):
+            raise ValueError(f"Fp8Linear.forward_after_gelu: plain ({None if plain is None else plain.shape[-1]}) + "
+                             f"pre ({G}) channels must make in_features ({self.in_features})")
+        q, scale = self.gelu_quantize(None if plain is None else plain.reshape(-1, A), pre.reshape(-1, G), bias)
+        y = self.finish(self.product(q, scale))  # (M, N)
+        return y.reshape(*pre.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
                 f"fp8 e4m3 weight (per-channel scale) x per-token fp8 activations"
-                + (f", then {self.activation}" if self.activation else "") + f", {super().extra_repr()}")
+                + (f", then {self.activation}" if self.activation else "")
+                + (", bias in the GEMM" if self.bias_in_gemm else "") + f", {super().extra_repr()}")
 
 
 @torch.no_grad()
 def apply_fp8(model: nn.Module) -> nn.Module:
     """Swap the Linear layers `model` declares eligible for fp8 (its class attribute `fp8_linears`: pairs of
     (block list attribute, names of Linear attributes in each block)) for `Fp8Linear`, in place; returns
-    `model`.
+    `model`. Layers named in the model's `fp8_bias_in_gemm` get their bias in the GEMM's epilogue (those whose
+    output goes to an op the bias add cannot fuse into).
 
     Works on any loaded model (real or dummy weights, any device). Layers are quantised one at a time and
     each replaced layer gives up its weight and bias (set to None) as soon as its replacement is in place,
@@ -139,6 +191,7 @@ def apply_fp8(model: nn.Module) -> nn.Module:
     ValueError for one already quantised.
     """
     declared = getattr(model, "fp8_linears", None)
+    in_gemm = set(getattr(model, "fp8_bias_in_gemm", ()))
     if not declared:
         raise ConfigError(f"{type(model).__name__} declares no fp8 layers (fp8_linears): the fp8 tier does not "
                           f"support this model")
@@ -148,7 +201,7 @@ def apply_fp8(model: nn.Module) -> nn.Module:
                 layer = getattr(block, name)
                 if isinstance(layer, Fp8Linear):
                     raise ValueError(f"{list_name}.{i}.{name} is already fp8: apply_fp8 was called twice")
-                setattr(block, name, Fp8Linear.from_linear(layer))
+                setattr(block, name, Fp8Linear.from_linear(layer, bias_in_gemm=name in in_gemm))
                 # Release the old weights now, not when the garbage collector finds the layer: an op holds a
                 # reference cycle (its bound forward path), so dropping the layer alone frees nothing.
                 layer.weight = layer.bias = None

@@ -135,3 +135,39 @@ def rms_norm_rotary(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
     """
     normed = [rms_norm(x, w, eps) for x, w in zip(xs, weights)]
     return apply_rotary(normed[0] if len(normed) == 1 else torch.cat(normed, dim=1), cos, sin, interleaved)
+
+
+FP8_DTYPE = torch.float8_e4m3fn  # 3 mantissa bits, largest value 448
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row fp8 quantisation: t (R, C), any float dtype -> (q (R, C) float8_e4m3fn,
+    scale (R, 1) float32) with t ~= q * scale.
+
+    scale = max|row| / 448, so each row uses fp8's full range. The scale is floored at fp32's smallest normal
+    number, so an all-zero row gets a positive scale and quantises to zeros (not 0/0; a subnormal floor could
+    be flushed to zero by fast GPU division). Values are divided in fp32 and clamped to +-448 before the cast
+    (a cast beyond fp8's range gives NaN, and fp32 rounding can land just past it).
+    """
+    # Limits come from torch.finfo here, not from float module globals: dynamo folds finfo to constants,
+    # whereas under dynamic=True it traces a float global as a graph input (a scalar tensor and an .item()).
+    fp8_max = torch.finfo(FP8_DTYPE).max
+    amax = t.abs().amax(dim=-1, keepdim=True).float()  # (R, 1)
+    scale = (amax / fp8_max).clamp(min=torch.finfo(torch.float32).tiny)  # (R, 1) fp32
+    q = (t.float() / scale).clamp(-fp8_max, fp8_max).to(FP8_DTYPE)  # (R, C)
+    return q, scale
+
+
+def gelu_quantize_rows(plain: torch.Tensor | None, pre: torch.Tensor, bias: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input of an fp8 projection that follows a tanh-GELU, quantised per row: rows of
+    [plain | gelu_tanh(pre + bias)] -> `quantize_rows` of them.
+
+    plain: (R, A) or None (FLUX's single block: the attention output, concatenated before the GELU'd MLP
+    hidden state); pre: (R, G) the MLP hidden state before its activation; bias: (G,) or None, added first.
+    Returns (q (R, A + G) float8_e4m3fn, scale (R, 1) float32). Roundings are the unfused ops' (bias add, then
+    GELU, each rounded to pre's dtype).
+    """
+    y = pre if bias is None else pre + bias
+    y = F.gelu(y, approximate="tanh")  # (R, G)
+    return quantize_rows(y if plain is None else torch.cat((plain, y), dim=-1))

@@ -279,10 +279,10 @@ def test_apply_fp8_frees_each_layer_before_quantising_the_next(monkeypatch):
     seen: list[weakref.ref] = []
     real = Fp8Linear.from_linear.__func__
 
-    def from_linear(cls, linear):
+    def from_linear(cls, linear, **kw):
         assert all(ref() is None for ref in seen), "an earlier layer's full-precision weight is still alive"
         seen.append(weakref.ref(linear.weight))
-        return real(cls, linear)
+        return real(cls, linear, **kw)
 
     monkeypatch.setattr(Fp8Linear, "from_linear", classmethod(from_linear))
     apply_fp8(model)

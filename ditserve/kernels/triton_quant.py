@@ -1,0 +1,99 @@
+"""Triton kernel of `ditserve::gelu_quantize_rows` (imported by `ditserve.kernels.quant` only on CUDA with Triton).
+
+Why a kernel: in the fp8 tier, the input of FLUX.1's MLP output projections is gelu_tanh(hidden + bias)
+quantised per token (and, in the single block, concatenated after the attention output). Compiled, inductor
+writes that as a looped reduction that reads each row twice (once for the row's amax, once to quantise); with
+15360 channels a row, it took 7.99 ms a forward in the single blocks and 3.72 ms in the double blocks
+(bench/flux_shapes_ab.py --variants static,fp8 at 1c36007), ~2.5x the time of reading the inputs once and
+writing fp8 once.
+
+One program handles one row: it loads the row's plain part and its pre-activation part into registers, adds
+the bias, applies the tanh GELU, takes the row's amax, and stores the fp8 row and its scale. Each input byte is
+read once and each output byte written once.
+
+Math as `ditserve.ops.functional.gelu_quantize_rows`: the bias add and the GELU each rounded to the input dtype
+(as the unfused ops round), the amax and the division in fp32, clamped to +-448 before the fp8 cast. The row
+count and strides are `do_not_specialize`: a new resolution reuses the compiled kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from ditserve.ops import functional as Fn
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+FP32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: the scale's floor (see quantize_rows)
+SQRT_2_OVER_PI = 0.7978845608028654
+
+
+@triton.jit(do_not_specialize=["a_stride", "p_stride", "q_stride"])
+def _gelu_quantize_rows_kernel(
+    a_ptr, p_ptr, bias_ptr, q_ptr, s_ptr, a_stride, p_stride, q_stride,
+    A: tl.constexpr, G: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_G: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    dtype = p_ptr.dtype.element_ty
+    cg = tl.arange(0, BLOCK_G)
+    mg = cg < G
+    y = tl.load(p_ptr + row * p_stride + cg, mask=mg, other=0.0).to(tl.float32)  # (BLOCK_G,)
+    if HAS_BIAS:
+        y = (y + tl.load(bias_ptr + cg, mask=mg, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+    # tanh GELU (masked lanes: gelu(0) = 0, which leaves the amax alone), rounded as F.gelu's output is
+    y = (0.5 * y * (1.0 + libdevice.tanh(SQRT_2_OVER_PI * (y + 0.044715 * y * y * y)))).to(dtype).to(tl.float32)
+    amax = tl.max(tl.abs(y), axis=0)
+    if A > 0:
+        ca = tl.arange(0, BLOCK_A)
+        ma = ca < A
+        x = tl.load(a_ptr + row * a_stride + ca, mask=ma, other=0.0).to(tl.float32)  # (BLOCK_A,)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
+    scale = tl.maximum(amax / FP8_MAX, FP32_TINY)
+    q_row = q_ptr + row * q_stride
+    if A > 0:
+        tl.store(q_row + ca, tl.clamp(x / scale, -FP8_MAX, FP8_MAX).to(q_ptr.dtype.element_ty), mask=ma)
+    tl.store(q_row + A + cg, tl.clamp(y / scale, -FP8_MAX, FP8_MAX).to(q_ptr.dtype.element_ty), mask=mg)
+    tl.store(s_ptr + row, scale)
+
+
+def _num_warps(block: int) -> int:
+    """8 warps for a row of up to 8192 elements, 16 beyond (FLUX.1: 12288 and 3072 + 12288): at most 32
+    fp32 values of the row per thread, so it stays in registers."""
+    return 8 if block <= 8192 else 16
+
+
+def gelu_quantize_rows(plain: torch.Tensor | None, pre: torch.Tensor, bias: torch.Tensor | None, *,
+                       num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """See `ditserve.kernels.quant`. num_warps overrides the launch (benchmarks)."""
+    if pre.dim() != 2 or (plain is not None and (plain.dim() != 2 or plain.shape[0] != pre.shape[0]
+                                                  or plain.dtype != pre.dtype)):
+        raise ValueError(f"gelu_quantize_rows: pre must be (R, G) and plain (R, A) of its dtype, got "
+                         f"{tuple(pre.shape)} {pre.dtype} and "
+                         f"{None if plain is None else (tuple(plain.shape), plain.dtype)}")
+    if bias is not None and tuple(bias.shape) != (pre.shape[1],):
+        raise ValueError(f"gelu_quantize_rows: bias must be ({pre.shape[1]},), got {tuple(bias.shape)}")
+    if pre.dtype not in KERNEL_DTYPES:
+        q, s = Fn.gelu_quantize_rows(plain, pre, bias)
+        return q.contiguous(), s.contiguous()
+    R, G = pre.shape
+    A = 0 if plain is None else plain.shape[1]
+    q = torch.empty((R, A + G), device=pre.device, dtype=Fn.FP8_DTYPE)
+    scale = torch.empty((R, 1), device=pre.device, dtype=torch.float32)
+    if R == 0:
+        return q, scale
+    if pre.stride(1) != 1:
+        pre = pre.contiguous()
+    if plain is not None and plain.stride(1) != 1:
+        plain = plain.contiguous()
+    block_g = triton.next_power_of_2(G)
+    block_a = triton.next_power_of_2(A) if A else 1
+    with torch.cuda.device_of(pre):
+        _gelu_quantize_rows_kernel[(R,)](
+            pre if plain is None else plain, pre, pre if bias is None else bias.contiguous(), q, scale,
+            0 if plain is None else plain.stride(0), pre.stride(0), q.stride(0),
+            A=A, G=G, BLOCK_A=block_a, BLOCK_G=block_g, HAS_BIAS=bias is not None,
+            num_warps=num_warps or _num_warps(block_a + block_g))
+    return q, scale
