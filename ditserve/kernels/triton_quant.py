@@ -26,9 +26,10 @@ from triton.language.extra import libdevice
 from ditserve.ops import functional as Fn
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-FP32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: the scale's floor (see quantize_rows)
-SQRT_2_OVER_PI = 0.7978845608028654
+# Constants the kernel reads (Triton kernels see only constexpr globals).
+FP8_MAX = tl.constexpr(448.0)  # torch.finfo(torch.float8_e4m3fn).max
+FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny: the scale's floor (quantize_rows)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
 @triton.jit(do_not_specialize=["a_stride", "p_stride", "q_stride"])
