@@ -12,7 +12,8 @@ the bias, applies the tanh GELU, takes the row's amax, and stores the fp8 row an
 read once and each output byte written once.
 
 Math as `ditserve.ops.functional.gelu_quantize_rows`: the bias add and the GELU each rounded to the input dtype
-(as the unfused ops round), the amax and the division in fp32, clamped to +-448 before the fp8 cast. The row
+(as the unfused ops round; the GELU's fp32 value within a few ulps of PyTorch's), the amax and the scaling in
+fp32, clamped to +-448 before the fp8 cast. The row
 count is the launch grid, not an argument: a new resolution reuses the compiled kernel.
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from ditserve.ops import functional as Fn
 
@@ -30,6 +30,7 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 FP8_MAX = tl.constexpr(448.0)  # torch.finfo(torch.float8_e4m3fn).max
 FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny: the scale's floor (quantize_rows)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+MINUS_2_LOG2E = tl.constexpr(-2.8853900817779268)  # -2 / ln 2: e^(-2z) = 2^(z * MINUS_2_LOG2E)
 
 
 # The strides are specialised (not `do_not_specialize`): they are the model's widths, fixed for every resolution,
@@ -46,9 +47,11 @@ def _gelu_quantize_rows_kernel(
     y = tl.load(p_ptr + row * p_stride + cg, mask=mg, other=0.0).to(tl.float32)  # (BLOCK_G,)
     if HAS_BIAS:
         y = (y + tl.load(bias_ptr + cg, mask=mg, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
-    # tanh GELU (masked lanes: gelu(0) = 0, which leaves the amax alone), rounded as F.gelu's output is
-    # (the operations in PyTorch's CUDA GELU's order)
-    y = (0.5 * y * (1.0 + libdevice.tanh(SQRT_2_OVER_PI * (y + 0.044715 * (y * y * y))))).to(dtype).to(tl.float32)
+    # tanh GELU (masked lanes: gelu(0) = 0, which leaves the amax alone), rounded as F.gelu's output is. Written
+    # as 0.5 x (1 + tanh(z)) = x * sigmoid(2z) = x / (1 + e^(-2z)): one exp2 and one division, where libdevice's
+    # tanh is a long instruction sequence (the kernel is compute-bound at FLUX's widths: bench/gelu_quantize.py).
+    z = SQRT_2_OVER_PI * (y + 0.044715 * (y * y * y))
+    y = (y / (1.0 + tl.exp2(z * MINUS_2_LOG2E))).to(dtype).to(tl.float32)
     amax = tl.max(tl.abs(y), axis=0)
     if A > 0:
         ca = tl.arange(0, BLOCK_A)
@@ -56,9 +59,9 @@ def _gelu_quantize_rows_kernel(
         x = tl.load(a_ptr + row * a_stride + ca, mask=ma, other=0.0).to(tl.float32)  # (BLOCK_A,)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
     scale = tl.maximum(amax / FP8_MAX, FP32_TINY)
-    # Values times the row's reciprocal scale: an element-wise division is several times the cost (IEEE div_rn
-    # made the kernel 2.3x slower on an H100: it is compute-bound at FLUX's widths). Either is within an fp32 ulp
-    # of PyTorch's division, which moves an fp8 value by one step only on a rounding boundary (rare).
+    # Values times the row's reciprocal scale, not divided by it (IEEE division, div_rn, made the kernel 2.3x
+    # slower: 19.3 vs 8.3 ms a forward in the FLUX.1-dev profile). Within an fp32 ulp of PyTorch's division, which
+    # moves an fp8 value by one step only on a rounding boundary (rare).
     inv = 1.0 / scale
     q_row = q_ptr + row * q_stride
     if A > 0:
@@ -67,10 +70,9 @@ def _gelu_quantize_rows_kernel(
     tl.store(s_ptr + row, scale)
 
 
-def _num_warps(block: int) -> int:
-    """8 warps for a row of up to 8192 elements, 16 beyond (FLUX.1: 12288 and 3072 + 12288): at most 32
-    fp32 values of the row per thread, so it stays in registers."""
-    return 8 if block <= 8192 else 16
+# 8 warps a row: the fastest of bench/gelu_quantize.py's sweep (4-32) at FLUX.1's rows (3072 + 12288 and 12288
+# elements; H100, f49456f).
+NUM_WARPS = 8
 
 
 def gelu_quantize_rows(plain: torch.Tensor | None, pre: torch.Tensor, bias: torch.Tensor | None, *,
@@ -103,5 +105,5 @@ def gelu_quantize_rows(plain: torch.Tensor | None, pre: torch.Tensor, bias: torc
             pre if plain is None else plain, pre, pre if bias is None else bias.contiguous(), q, scale,
             0 if plain is None else plain.stride(0), pre.stride(0), q.stride(0),
             A=A, G=G, BLOCK_A=block_a, BLOCK_G=block_g, HAS_BIAS=bias is not None,
-            num_warps=num_warps or _num_warps(block_a + block_g))
+            num_warps=num_warps or NUM_WARPS)
     return q, scale
