@@ -19,6 +19,7 @@ import argparse
 import json
 import re
 import sys
+import time
 from collections import defaultdict
 
 import torch
@@ -29,6 +30,37 @@ def kernel_key(name: str) -> str:
     """Inductor numbers its kernels per graph ("triton_poi_fused_add_mul_3"): drop the trailing number, and cut
     long template names so the same kernel matches across the two graphs."""
     return re.sub(r"_\d+$", "", name)[:110]
+
+
+def host_ms(fn, iters: int = 10) -> float:
+    """Median host ms to issue fn() (launch everything, no wait): when it exceeds the GPU time, the forward is
+    CPU-bound."""
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(times)[iters // 2]
+
+
+def cpu_table(fn, top: int, iters: int = 3) -> list[dict]:
+    """The `top` ops by host self time per call of fn(), from a CPU profiler trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    out = [{"op": e.key[:100], "self_ms": round(e.self_cpu_time_total / 1e3 / iters, 3), "calls": e.count // iters}
+           for e in rows]
+    for row in out:
+        log(f"    host {row['self_ms']:8.3f} ms {row['calls']:5d} calls  {row['op']}")
+    return out
 
 
 def kernel_table(fn, iters: int = 5) -> dict[str, dict]:
@@ -53,6 +85,7 @@ def main() -> int:
     ap.add_argument("--kernels", default="auto", help="ditserve's --kernels (auto: its Triton kernels; native)")
     ap.add_argument("--variants", default="static,symbolic", help=f"two of {sorted(VARIANTS)}, comma-separated")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--cpu-top", type=int, default=0, help="also list the N ops with the most host (CPU) time")
     args = ap.parse_args()
     variants = args.variants.split(",")
     if len(variants) != 2 or not set(variants) <= set(VARIANTS):
@@ -71,6 +104,8 @@ def main() -> int:
                           kernels=args.kernels)
     inputs = cond = None
     ms: dict[str, list[float]] = {v: [] for v in variants}
+    host: dict[str, list[float]] = {v: [] for v in variants}
+    cpu_tables: dict[str, list] = {}
     tables: dict[str, dict] = {}
     for r in range(args.rounds):
         for name in variants:
@@ -95,9 +130,12 @@ def main() -> int:
                     return model(**inputs, conditioning=cond)
 
             ms[name].append(round(cuda_median_ms(fwd, iters=args.iters, warmup=3), 2))
-            log(f"round {r} {name}: {ms[name][-1]} ms")
+            host[name].append(round(host_ms(fwd), 2))
+            log(f"round {r} {name}: {ms[name][-1]} ms, host {host[name][-1]} ms to issue it")
             if r == 0:
                 tables[name] = kernel_table(fwd)
+                if args.cpu_top:
+                    cpu_tables[name] = cpu_table(fwd, args.cpu_top)
     A, B = variants
     ta, tb = tables[A], tables[B]
     diff = []
@@ -114,7 +152,8 @@ def main() -> int:
             f"{d[f'{B}_calls']:<3d} {d['kernel']}")
     print(json.dumps({"bench": "flux_shapes_ab", "commit": commit(), "gpu": torch.cuda.get_device_name(),
                       "torch": torch.__version__, "attention": args.attention, "kernels": args.kernels,
-                      "variants": variants, "forward_ms": ms, "tables": tables,
+                      "variants": variants, "forward_ms": ms, "host_issue_ms": host,
+                      "cpu_top": cpu_tables, "tables": tables,
                       "gpu_ms": {n: round(sum(v["ms"] for v in t.values()), 2) for n, t in tables.items()},
                       "top_diff": diff[:args.top]}))
     return 0
