@@ -47,6 +47,9 @@ RESIDENT_MAX_D = 4096
 RMS_RESIDENT_MAX_D = 8192
 MAX_RESIDENT_D = 16384  # a resident row past this would spill registers
 LOOP_CHUNK = 1024
+# fp8 variants (see `_modulate_store`); the values of `Fn.quantize_rows`' limits, as constexprs for the kernels.
+FP8_MAX = tl.constexpr(448.0)  # torch.finfo(torch.float8_e4m3fn).max
+FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -108,16 +111,25 @@ def _mod_offsets(rows, cols, L, stride_b, stride_l):
 
 
 @triton.jit
-def _modulate_store(y, rows, cols, mask, offs, w_ptr, scale_ptr, shift_ptr, y_ptr, L, D, sc_b, sc_l, sh_b, sh_l,
-                    HAS_WEIGHT: tl.constexpr):
+def _modulate_store(y, rows, cols, mask, offs, w_ptr, scale_ptr, shift_ptr, y_ptr, q_scale_ptr, n_rows, L, D,
+                    sc_b, sc_l, sh_b, sh_l, HAS_WEIGHT: tl.constexpr, QUANT: tl.constexpr, OUT_TY: tl.constexpr):
     """The modulated norms' epilogue: y (ROWS, BLOCK) normalised fp32 -> y [* w] * (1 + scale) + shift, stored
     at y_ptr + offs. The vectors are loaded after the reductions: loading them first kept more registers live
-    and measured ~15% slower at D=3072 (H200)."""
+    and measured ~15% slower at D=3072 (H200).
+
+    QUANT (the fp8 variants): y is rounded to OUT_TY (the activation dtype, as the unfused norm returns it),
+    then quantised per row as `Fn.quantize_rows` does (scale = max|row| / 448, floored at fp32's tiny; values
+    times 1 / scale, clamped to +-448): the fp8 row goes to y_ptr, its scale to q_scale_ptr + row."""
     if HAS_WEIGHT:
         y = y * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
     scale = tl.load(scale_ptr + _mod_offsets(rows, cols, L, sc_b, sc_l), mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + _mod_offsets(rows, cols, L, sh_b, sh_l), mask=mask, other=0.0).to(tl.float32)
     y = y * (1 + scale) + shift
+    if QUANT:
+        y = tl.where(mask, y.to(OUT_TY).to(tl.float32), 0.0)
+        q_scale = tl.maximum(tl.max(tl.abs(y), axis=1) / FP8_MAX, FP32_TINY)  # (ROWS,)
+        y = tl.clamp(y * (1.0 / q_scale)[:, None], -FP8_MAX, FP8_MAX)
+        tl.store(q_scale_ptr + rows, q_scale, mask=rows < n_rows)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -139,22 +151,23 @@ def _rms_norm_kernel(
 
 @triton.jit(do_not_specialize=["n_rows", "L", "sc_b", "sh_b"])
 def _norm_scale_shift_kernel(
-    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, n_rows, L, D, sc_b, sc_l, sh_b, sh_l, eps,
-    RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, q_scale_ptr, n_rows, L, D, sc_b, sc_l, sh_b, sh_l, eps,
+    RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
 ):
     rows, cols, mask = _row_block(n_rows, D, ROWS, BLOCK)
     offs = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = _normalize(x, mask, D, eps, RMS)
-    _modulate_store(y, rows, cols, mask, offs, w_ptr, scale_ptr, shift_ptr, y_ptr, L, D, sc_b, sc_l, sh_b, sh_l,
-                    HAS_WEIGHT)
+    _modulate_store(y, rows, cols, mask, offs, w_ptr, scale_ptr, shift_ptr, y_ptr, q_scale_ptr, n_rows, L, D,
+                    sc_b, sc_l, sh_b, sh_l, HAS_WEIGHT, QUANT, x_ptr.dtype.element_ty)
 
 
 @triton.jit(do_not_specialize=["n_rows", "L", "g_b", "sc_b", "sh_b"])
 def _residual_norm_scale_shift_kernel(
-    x_ptr, res_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, r_ptr,
+    x_ptr, res_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, r_ptr, q_scale_ptr,
     n_rows, L, D, g_b, g_l, sc_b, sc_l, sh_b, sh_l, eps,
     RMS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     rows, cols, mask = _row_block(n_rows, D, ROWS, BLOCK)
     offs = rows[:, None] * D + cols[None, :]
@@ -166,8 +179,8 @@ def _residual_norm_scale_shift_kernel(
     r = (res + x).to(r_ptr.dtype.element_ty)
     tl.store(r_ptr + offs, r, mask=mask)
     y = _normalize(r.to(tl.float32), mask, D, eps, RMS)
-    _modulate_store(y, rows, cols, mask, offs, w_ptr, scale_ptr, shift_ptr, y_ptr, L, D, sc_b, sc_l, sh_b, sh_l,
-                    HAS_WEIGHT)
+    _modulate_store(y, rows, cols, mask, offs, w_ptr, scale_ptr, shift_ptr, y_ptr, q_scale_ptr, n_rows, L, D,
+                    sc_b, sc_l, sh_b, sh_l, HAS_WEIGHT, QUANT, x_ptr.dtype.element_ty)
 
 
 # Looped kernels: one program per row, CHUNK-wide pieces.
@@ -357,10 +370,37 @@ def norm_scale_shift(
             )
         else:
             _norm_scale_shift_kernel[(triton.cdiv(n_rows, cfg.rows),)](
-                x, w, scale, shift, y, n_rows, L, D, sc_b, sc_l, sh_b, sh_l, eps,
-                RMS=rms, HAS_WEIGHT=has_w, ROWS=cfg.rows, BLOCK=cfg.block, num_warps=cfg.num_warps,
+                x, w, scale, shift, y, y, n_rows, L, D, sc_b, sc_l, sh_b, sh_l, eps,
+                RMS=rms, HAS_WEIGHT=has_w, ROWS=cfg.rows, BLOCK=cfg.block, QUANT=False, num_warps=cfg.num_warps,
             )
     return y
+
+
+def norm_scale_shift_fp8(
+    x: torch.Tensor, weight: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor, eps: float, rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`norm_scale_shift`, its output quantised per row: (q (B*L, D) float8_e4m3fn, scale (B*L, 1) float32).
+    Resident rows (D <= RESIDENT_MAX_D, FLUX's 3072) quantise in the norm's kernel; wider rows run the norm
+    kernel, then the reference quantisation."""
+    B, L, D = x.shape if x.dim() == 3 else (None, None, None)
+    if x.dtype not in KERNEL_DTYPES or x.dim() != 3 or launch_config(D).looped:
+        y = norm_scale_shift(x, weight, scale, shift, eps, rms)
+        return Fn.quantize_rows(y.reshape(-1, y.shape[-1]))
+    cfg = launch_config(D)
+    x = x.contiguous()
+    w, has_w = _weight(weight, D, x)
+    scale, sc_b, sc_l = _modulation(scale, B, L, D)
+    shift, sh_b, sh_l = _modulation(shift, B, L, D)
+    n_rows = B * L
+    q = torch.empty((n_rows, D), dtype=Fn.FP8_DTYPE, device=x.device)
+    q_scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
+    if n_rows and D:
+        with torch.cuda.device_of(x):
+            _norm_scale_shift_kernel[(triton.cdiv(n_rows, cfg.rows),)](
+                x, w, scale, shift, q, q_scale, n_rows, L, D, sc_b, sc_l, sh_b, sh_l, eps,
+                RMS=rms, HAS_WEIGHT=has_w, ROWS=cfg.rows, BLOCK=cfg.block, QUANT=True, num_warps=cfg.num_warps,
+            )
+    return q, q_scale
 
 
 def residual_norm_scale_shift(
@@ -401,9 +441,45 @@ def residual_norm_scale_shift(
             )
         else:
             _residual_norm_scale_shift_kernel[(triton.cdiv(n_rows, cfg.rows),)](
-                x, residual, gate_t, w, scale, shift, y, r,
+                x, residual, gate_t, w, scale, shift, y, r, y,
                 n_rows, L, D, g_b, g_l, sc_b, sc_l, sh_b, sh_l, eps,
                 RMS=rms, HAS_GATE=gate is not None, HAS_WEIGHT=has_w, ROWS=cfg.rows, BLOCK=cfg.block,
-                num_warps=cfg.num_warps,
+                QUANT=False, num_warps=cfg.num_warps,
             )
     return y, r
+
+
+def residual_norm_scale_shift_fp8(
+    x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
+    scale: torch.Tensor, shift: torch.Tensor, eps: float, rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`residual_norm_scale_shift`, y quantised per row: (q (B*L, D) float8_e4m3fn, scale (B*L, 1) float32, r).
+    Resident rows quantise in the kernel; wider rows run the norm kernel, then the reference quantisation."""
+    resident = x.dim() == 3 and not launch_config(x.shape[-1]).looped
+    if x.dtype not in KERNEL_DTYPES or residual.dtype not in KERNEL_DTYPES or not resident:
+        y, r = residual_norm_scale_shift(x, residual, gate, weight, scale, shift, eps, rms)
+        return (*Fn.quantize_rows(y.reshape(-1, y.shape[-1])), r)
+    _check_3d(x, residual)
+    B, L, D = x.shape
+    cfg = launch_config(D)
+    x, residual = x.contiguous(), residual.contiguous()
+    w, has_w = _weight(weight, D, x)
+    if gate is None:
+        gate_t, g_b, g_l = x, 0, 0  # unread placeholder
+    else:
+        gate_t, g_b, g_l = _modulation(gate, B, L, D)
+    scale, sc_b, sc_l = _modulation(scale, B, L, D)
+    shift, sh_b, sh_l = _modulation(shift, B, L, D)
+    n_rows = B * L
+    q = torch.empty((n_rows, D), dtype=Fn.FP8_DTYPE, device=x.device)
+    q_scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
+    r = torch.empty(residual.shape, dtype=residual.dtype, device=x.device)
+    if n_rows and D:
+        with torch.cuda.device_of(x):
+            _residual_norm_scale_shift_kernel[(triton.cdiv(n_rows, cfg.rows),)](
+                x, residual, gate_t, w, scale, shift, q, r, q_scale,
+                n_rows, L, D, g_b, g_l, sc_b, sc_l, sh_b, sh_l, eps,
+                RMS=rms, HAS_GATE=gate is not None, HAS_WEIGHT=has_w, ROWS=cfg.rows, BLOCK=cfg.block,
+                QUANT=True, num_warps=cfg.num_warps,
+            )
+    return q, q_scale, r

@@ -175,8 +175,9 @@ class FluxDoubleBlock(nn.Module):
          txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2) = mod.chunk(12, dim=-1)  # (B, 1, D)
 
         # Attention over the joint sequence [txt, img].
-        img_h = self.norm1(img, img_scale1, img_shift1)  # (B, L, D)
-        txt_h = self.norm1(txt, txt_scale1, txt_shift1)  # (B, T, D)
+        # (fp8 tier: the norms hand the projections their input already quantised, see `Linear.takes_fp8`)
+        img_h = self.norm1(img, img_scale1, img_shift1, quantize=self.img_qkv.takes_fp8)  # (B, L, D)
+        txt_h = self.norm1(txt, txt_scale1, txt_shift1, quantize=self.txt_qkv.takes_fp8)  # (B, T, D)
         qkv_shape = (3, self.heads, self.head_dim)
         img_q, img_k, img_v = self.img_qkv(img_h).unflatten(-1, qkv_shape).unbind(2)  # (B, L, H, Dh) each
         txt_q, txt_k, txt_v = self.txt_qkv(txt_h).unflatten(-1, qkv_shape).unbind(2)  # (B, T, H, Dh) each
@@ -188,12 +189,14 @@ class FluxDoubleBlock(nn.Module):
         txt_attn, img_attn = attn[:, :T], attn[:, T:]  # (B, T, D), (B, L, D)
 
         # Image stream: gated residual + AdaLN, then the MLP with a gated residual.
-        img_h, img = self.norm2(self.img_attn_out(img_attn), img, img_gate1, img_scale2, img_shift2)  # (B, L, D) x2
+        img_h, img = self.norm2(self.img_attn_out(img_attn), img, img_gate1, img_scale2, img_shift2,
+                                quantize=self.img_mlp_in.takes_fp8)  # (B, L, D) x2
         img_h = self.mlp(self.img_mlp_in, self.img_mlp_out, img_h)  # (B, L, D) -> (B, L, 4D) -> (B, L, D)
         img = self.gated_add(img_h, img_gate2, img)  # (B, L, D)
 
         # Text stream: the same with its own weights.
-        txt_h, txt = self.norm2(self.txt_attn_out(txt_attn), txt, txt_gate1, txt_scale2, txt_shift2)  # (B, T, D) x2
+        txt_h, txt = self.norm2(self.txt_attn_out(txt_attn), txt, txt_gate1, txt_scale2, txt_shift2,
+                                quantize=self.txt_mlp_in.takes_fp8)  # (B, T, D) x2
         txt_h = self.mlp(self.txt_mlp_in, self.txt_mlp_out, txt_h)  # (B, T, D) -> (B, T, D)
         txt = self.gated_add(txt_h, txt_gate2, txt)  # (B, T, D)
         if self.clamp_fp16:  # as diffusers: keep fp16 text activations finite
@@ -247,7 +250,7 @@ class FluxSingleBlock(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         mod = self.modulation(F.silu(cond)) if self.takes_temb else cond  # (B, 3D)
         shift, scale, gate = mod.unsqueeze(1).chunk(3, dim=-1)  # (B, 1, D) each
-        h = self.norm(x, scale, shift)  # (B, S, D)
+        h = self.norm(x, scale, shift, quantize=self.qkv_mlp.takes_fp8)  # (B, S, D) (fp8 tier: quantised)
         qkv, mlp = self.qkv_mlp(h).split((3 * self.dim, 4 * self.dim), dim=-1)  # (B, S, 3D), (B, S, 4D)
         q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # (B, S, H, Dh)
         q = self.norm_rotary((q,), (self.q_norm.weight,), cos, sin)  # (B, S, H, Dh)

@@ -145,16 +145,22 @@ class Fp8Linear(CustomOp):
             y = F.gelu(y, approximate="tanh")
         return y
 
-    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # (M, K), M = every token of every sample
-        y = self.finish(self.product(*quantize_rows(x2)))  # (M, N)
-        return y.reshape(*x.shape[:-1], self.out_features)  # (..., N)
+    takes_fp8 = True  # forward and matmul also take their input already quantised (a QuantizedRows)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def _quantized(self, x: torch.Tensor | Fn.QuantizedRows) -> Fn.QuantizedRows:
+        """x (..., K) quantised per token (M = every token of every sample), or x itself if it already is."""
+        return x if isinstance(x, Fn.QuantizedRows) else Fn.quantized(x)
+
+    def forward_native(self, x: torch.Tensor | Fn.QuantizedRows) -> torch.Tensor:
+        q, scale, shape = self._quantized(x)  # (M, K) fp8, (M, 1) fp32
+        y = self.finish(self.product(q, scale))  # (M, N)
+        return y.reshape(*shape[:-1], self.out_features)  # (..., N)
+
+    def matmul(self, x: torch.Tensor | Fn.QuantizedRows) -> torch.Tensor:
         """x (..., K) -> (..., N): the GEMM alone (no activation; the bias only when `bias_in_gemm`), for a caller
         that fuses the rest with what follows (`forward_after_gelu` of the next layer)."""
-        y = self.product(*quantize_rows(x.reshape(-1, self.in_features)))  # (M, N)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        q, scale, shape = self._quantized(x)
+        return self.product(q, scale).reshape(*shape[:-1], self.out_features)
 
     def forward_after_gelu(self, plain: torch.Tensor | None, pre: torch.Tensor, bias: torch.Tensor | None = None
                            ) -> torch.Tensor:

@@ -12,6 +12,7 @@ per-sample modulation or (B, L, D) for per-token modulation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +157,20 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (amax / fp8_max).clamp(min=torch.finfo(torch.float32).tiny)  # (R, 1) fp32
     q = (t.float() / scale).clamp(-fp8_max, fp8_max).to(FP8_DTYPE)  # (R, C)
     return q, scale
+
+
+class QuantizedRows(NamedTuple):
+    """An activation quantised to fp8 per row (`quantize_rows`), standing in for the tensor it quantises: what
+    an fp8 layer's producer (a norm) hands it when the two fuse (`NormScaleShift(..., quantize=True)`)."""
+
+    q: torch.Tensor  # (R, C) float8_e4m3fn
+    scale: torch.Tensor  # (R, 1) float32
+    shape: torch.Size  # the activation's shape (..., C); R = the product of its leading dims
+
+
+def quantized(y: torch.Tensor) -> QuantizedRows:
+    """`quantize_rows` of y (..., C) over its last dim, as a QuantizedRows."""
+    return QuantizedRows(*quantize_rows(y.reshape(-1, y.shape[-1])), y.shape)
 
 
 def gelu_quantize_rows(plain: torch.Tensor | None, pre: torch.Tensor, bias: torch.Tensor | None

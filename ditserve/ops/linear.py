@@ -24,6 +24,9 @@ class Linear(CustomOp):
     # The activation applied to the output ("gelu_tanh" in LinearGELU): a quantised replacement of this layer
     # (`ditserve.ops.fp8.Fp8Linear.from_linear`) applies it too.
     activation: str | None = None
+    # Whether the layer takes its input quantised to fp8 (a `QuantizedRows`): True only for `Fp8Linear`. A block
+    # asks its norm for a quantised output when the layer after it takes one.
+    takes_fp8: bool = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, ops: OpsConfig | None = None,
                  dtype: torch.dtype | None = None, device=None, bias_dtype: torch.dtype | None = None):

@@ -76,17 +76,22 @@ class _ModulatedNorm(CustomOp):
 class NormScaleShift(_ModulatedNorm):
     """y = norm(x) * (1 + scale) + shift.
 
-    x: (B, L, D); scale, shift: (B, 1, D) or (B, L, D). Returns (B, L, D) in x's dtype.
+    x: (B, L, D); scale, shift: (B, 1, D) or (B, L, D). Returns (B, L, D) in x's dtype, or with quantize=True
+    (the fp8 tier, for an fp8 layer to read) y quantised per row: a `QuantizedRows` (on CUDA, in the kernel).
     """
 
     # Kernel 0.026 ms vs compiled native 0.038 at FLUX.1-dev size, 0.247 vs 0.310 at Wan-14B size
     # (H200, bf16, GPU time; bench/results/ops-2026-11-21-40596fb.json).
     FAST_BY_DEFAULT = True
 
-    def forward_native(self, x, scale, shift):
-        return Fn.norm_scale_shift(x, self.weight, scale, shift, self.eps, self.rms)
+    def forward_native(self, x, scale, shift, quantize: bool = False):
+        y = Fn.norm_scale_shift(x, self.weight, scale, shift, self.eps, self.rms)
+        return Fn.quantized(y) if quantize else y
 
-    def forward_cuda(self, x, scale, shift):
+    def forward_cuda(self, x, scale, shift, quantize: bool = False):
+        if quantize:
+            return Fn.QuantizedRows(*K.norm_scale_shift_fp8(x, self.weight, scale, shift, self.eps, self.rms),
+                                    x.shape)
         return K.norm_scale_shift(x, self.weight, scale, shift, self.eps, self.rms)
 
     def warm(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -96,7 +101,8 @@ class NormScaleShift(_ModulatedNorm):
 
 
 class ResidualNormScaleShift(_ModulatedNorm):
-    """r = residual + gate * x; y = norm(r) * (1 + scale) + shift. Returns (y, r).
+    """r = residual + gate * x; y = norm(r) * (1 + scale) + shift. Returns (y, r); with quantize=True, y as a
+    `QuantizedRows` (see `NormScaleShift`).
 
     x, residual: (B, L, D); gate (or None for 1), scale, shift: (B, 1, D) or (B, L, D).
     """
@@ -105,10 +111,15 @@ class ResidualNormScaleShift(_ModulatedNorm):
     # (H200, bf16, GPU time; bench/results/ops-2026-11-21-40596fb.json).
     FAST_BY_DEFAULT = True
 
-    def forward_native(self, x, residual, gate, scale, shift):
-        return Fn.residual_norm_scale_shift(x, residual, gate, self.weight, scale, shift, self.eps, self.rms)
+    def forward_native(self, x, residual, gate, scale, shift, quantize: bool = False):
+        y, r = Fn.residual_norm_scale_shift(x, residual, gate, self.weight, scale, shift, self.eps, self.rms)
+        return (Fn.quantized(y), r) if quantize else (y, r)
 
-    def forward_cuda(self, x, residual, gate, scale, shift):
+    def forward_cuda(self, x, residual, gate, scale, shift, quantize: bool = False):
+        if quantize:
+            q, q_scale, r = K.residual_norm_scale_shift_fp8(x, residual, gate, self.weight, scale, shift, self.eps,
+                                                            self.rms)
+            return Fn.QuantizedRows(q, q_scale, x.shape), r
         return K.residual_norm_scale_shift(x, residual, gate, self.weight, scale, shift, self.eps, self.rms)
 
     def warm(self, device: torch.device, dtype: torch.dtype) -> None:

@@ -1,10 +1,13 @@
-"""The fp8 tier's fused GELU + activation quantisation (`ditserve::gelu_quantize_rows`, `GeluQuantize`,
-`Fp8Linear.forward_after_gelu`), the fp8 bias in the GEMM's epilogue, and their use in the FLUX blocks.
+"""The fp8 tier's fused ops: GELU + activation quantisation (`ditserve::gelu_quantize_rows`, `GeluQuantize`,
+`Fp8Linear.forward_after_gelu`), the norms with an fp8 output (`ditserve::norm_scale_shift_fp8`,
+`ditserve::residual_norm_scale_shift_fp8`, `QuantizedRows`), the fp8 bias in the GEMM's epilogue, and their use
+in the FLUX blocks.
 
-On the CPU: the op's reference is exactly the unfused ops (bias add, tanh GELU, concatenation, per-row
+On the CPU: each op's reference is exactly the unfused ops (bias add, tanh GELU, concatenation, norm, per-row
 quantisation), `forward_after_gelu` is exactly the layer applied to the GELU'd concatenation, and an fp8 FLUX
 model computes the same function through the fused path as through the unfused one. gpu-marked: the Triton
-kernel agrees with the reference bit for bit (fp8 values and scales), reading row-strided views in place.
+kernels agree with the references (scales to fp32 rounding, fp8 values within one step on rare rounding
+boundaries), reading row-strided views in place.
 """
 
 from __future__ import annotations
@@ -173,3 +176,70 @@ def test_kernel_matches_the_reference(case, shape):
 def test_kernel_handles_no_rows():
     q, s = K.gelu_quantize_rows(None, torch.zeros(0, 64, device="cuda", dtype=torch.bfloat16), None)
     assert q.shape == (0, 64) and s.shape == (0, 1)
+
+
+# ------------------------------------------------------------------ norms with an fp8 output (QuantizedRows)
+
+NORM_OPS = {"norm_scale_shift_fp8": torch.ops.ditserve.norm_scale_shift_fp8.default,
+            "residual_norm_scale_shift_fp8": torch.ops.ditserve.residual_norm_scale_shift_fp8.default}
+
+
+def norm_args(name, device="cpu", B=2, L=33, D=3072, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(11)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype).to(device)  # noqa: E731
+    x, mod = r(B, L, D), (r(B, 1, D), r(B, 1, D))
+    if name == "norm_scale_shift_fp8":
+        return (x, None, *mod, 1e-6, False)
+    return (x, r(B, L, D), r(B, 1, D), None, *mod, 1e-6, False)
+
+
+def norm_reference(name, args):
+    """The unfused ops: the norm, then `quantize_rows` of its output."""
+    if name == "norm_scale_shift_fp8":
+        y = Fn.norm_scale_shift(*args)
+        return (*Fn.quantize_rows(y.reshape(-1, y.shape[-1])),)
+    y, r = Fn.residual_norm_scale_shift(*args)
+    return (*Fn.quantize_rows(y.reshape(-1, y.shape[-1])), r)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("name", list(NORM_OPS))
+def test_norm_fp8_opcheck(device, name):
+    torch.library.opcheck(NORM_OPS[name], norm_args(name, device, D=64))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("name", list(NORM_OPS))
+@pytest.mark.parametrize("D", [3072, 200, 5120])  # FLUX's width (resident), an odd one, Wan's (looped: unfused)
+def test_norm_fp8_matches_the_unfused_ops(device, name, D):
+    args = norm_args(name, device, D=D)
+    out, ref = NORM_OPS[name](*args), norm_reference(name, args)
+    q, s, q_ref, s_ref = out[0], out[1], ref[0], ref[1]
+    assert q.shape == q_ref.shape == (2 * 33, D) and q.dtype == torch.float8_e4m3fn and s.shape == (2 * 33, 1)
+    if device == "cpu":  # the default implementation is the reference
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+    else:
+        # The kernel's fp32 norm differs from the reference's by ulps, which can move the bf16 rounding of an
+        # element (and so a row's amax) by one bf16 step: compare dequantised values, within one fp8 step.
+        assert torch.allclose(s, s_ref, rtol=1e-2, atol=0)
+        deq, deq_ref = q.float() * s, q_ref.float() * s_ref
+        assert ((deq - deq_ref).abs() <= 0.13 * deq_ref.abs() + 2 * s_ref).all()
+        assert (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item() < 1e-2
+    if name == "residual_norm_scale_shift_fp8":
+        assert torch.equal(out[2], ref[2])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_norm_ops_hand_an_fp8_layer_its_input(device):
+    """NormScaleShift(quantize=True) -> Fp8Linear gives the layer applied to the norm's output."""
+    from ditserve.ops import NormScaleShift
+
+    ops = OpsConfig(device=device, dtype=torch.bfloat16, kernels="auto", compiled=True)
+    norm = NormScaleShift(64, ops=ops)
+    lin = Fp8Linear.from_linear(make_linear(torch.bfloat16, k=64, n=32)).to(device)
+    x, _, scale, shift, *_ = norm_args("norm_scale_shift_fp8", device, D=64)
+    quantized = norm(x, scale, shift, quantize=True)
+    assert isinstance(quantized, Fn.QuantizedRows) and quantized.shape == x.shape
+    out, ref = lin(quantized), lin(norm(x, scale, shift))
+    assert out.shape == ref.shape == (2, 33, 32)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
