@@ -283,6 +283,10 @@ class FluxConditioning:
     out_mod: torch.Tensor  # (B, 2D): the output norm's (scale, shift)
 
 
+# A pytree node (its fields are leaves): so `ditserve.cuda_graphs.GraphedForward` copies its tensors into a graph.
+torch.utils._pytree.register_dataclass(FluxConditioning)
+
+
 @dataclass
 class FluxBlockContext:
     """What every block of one forward takes besides the hidden states."""

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ditserve.config import MIN_SIZE, SIZE_MULTIPLE, ConfigError, EngineConfig, ModelSpec, SamplingParams
+from ditserve.cuda_graphs import GraphedForward, resolve_cuda_graphs
 from ditserve.dummy_run import in_dummy_run
 from ditserve.logging import init_logger
 from ditserve.pipelines import GenerationResult, synchronizer, to_pil
@@ -172,6 +173,14 @@ class FluxPipeline:
             self.transformer = compile_model(self.transformer, CompileConfig.for_engine(engine))
         if engine.compile_vae:
             compile_vae_decoder(self.vae)
+        self.bind_forward()
+
+    def bind_forward(self) -> None:
+        """Set `forward`, what the denoise loop calls: the transformer replayed from CUDA graphs
+        (EngineConfig.cuda_graphs, `ditserve.cuda_graphs`) or the transformer itself. Call it again after
+        changing the transformer in place (e.g. `apply_fp8`): captured graphs replay the old one."""
+        graphs = resolve_cuda_graphs(self.engine.cuda_graphs, self.device, cache=self.cache is not None)
+        self.forward = GraphedForward(self.transformer) if graphs else self.transformer
 
     # ---------------------------------------------------------------------------------------------- spec
 
@@ -284,7 +293,7 @@ class FluxPipeline:
         conditioning = self.transformer.precompute_conditioning(sigmas, text.pooled_prompt_embeds, g)
         steps = tqdm(schedule.timesteps, desc="denoise", unit="step", disable=not progress)
         for t, sigma, cond in zip(steps, sigmas, conditioning):
-            velocity = self.transformer(
+            velocity = self.forward(
                 hidden_states=x,
                 encoder_hidden_states=text.prompt_embeds,
                 pooled_projections=text.pooled_prompt_embeds,

@@ -1,0 +1,122 @@
+"""CUDA graphs for the denoise forward (`ditserve.cuda_graphs`, EngineConfig.cuda_graphs).
+
+On the CPU: the setting's resolution and refusals, the flag, and that a CPU pipeline calls its transformer
+directly. gpu-marked: `GraphedForward` warms up, captures once per signature, replays with new inputs exactly as
+the plain call computes, hands out outputs that later replays do not overwrite, respects `max_graphs`; a FLUX
+transformer with per-step conditioning replays exactly; a pipeline makes the same image with graphs on and off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ditserve.cli import build_parser
+from ditserve.config import ConfigError, EngineConfig
+from ditserve.cuda_graphs import GraphedForward, resolve_cuda_graphs
+from ditserve.engine_args import check_engine, engine_from_args
+from ditserve.loader import load_model
+from ditserve.pipelines.flux import FluxPipeline
+from ditserve.testing import build_tiny_flux_pipeline
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_unknown_setting_is_a_config_error():
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        EngineConfig(cuda_graphs="sometimes")
+
+
+def test_resolution():
+    assert resolve_cuda_graphs("auto", CUDA, cache=False)
+    assert not resolve_cuda_graphs("auto", CPU, cache=False)
+    assert not resolve_cuda_graphs("auto", CUDA, cache=True)
+    assert resolve_cuda_graphs("on", CUDA, cache=False)
+    assert not resolve_cuda_graphs("off", CUDA, cache=False)
+    with pytest.raises(ConfigError, match="not a CUDA GPU"):
+        resolve_cuda_graphs("on", CPU, cache=False)
+    with pytest.raises(ConfigError, match="block cache"):
+        resolve_cuda_graphs("on", CUDA, cache=True)
+
+
+def test_flag_and_check_engine():
+    args = build_parser().parse_args(["generate", "--prompt", "a prompt", "--cuda-graphs", "off"])
+    assert engine_from_args(args).cuda_graphs == "off"
+    args = build_parser().parse_args(["generate", "--prompt", "a prompt"])
+    assert engine_from_args(args).cuda_graphs == "auto"
+    with pytest.raises(ConfigError, match="--cuda-graphs on"):
+        check_engine(EngineConfig(device="cpu", cuda_graphs="on"))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("graphs"), guidance_embeds=True, seed=5)
+
+
+def _pipe(folder, **engine_kw) -> FluxPipeline:
+    engine = EngineConfig(**engine_kw)
+    loaded = load_model(str(folder), engine)
+    return FluxPipeline(loaded.components, engine, FluxPipeline.spec_for(loaded.name, loaded.components))
+
+
+def test_cpu_pipeline_calls_its_transformer(folder):
+    pipe = _pipe(folder, device="cpu", dtype="fp32")
+    assert pipe.forward is pipe.transformer
+
+
+# ------------------------------------------------------------------------------------------------- CUDA
+
+
+class _Affine(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 8, device="cuda")
+        self.calls = 0
+
+    def forward(self, x, *, shift=None):
+        self.calls += 1  # counts Python calls: a replay makes none
+        y = torch.relu(self.lin(x))
+        return y if shift is None else y + shift
+
+
+@pytest.mark.gpu
+def test_warmup_capture_replay_are_exact():
+    torch.manual_seed(0)
+    f = _Affine()
+    g = GraphedForward(f, warmup=1)
+    xs = [torch.randn(4, 16, device="cuda") for _ in range(5)]
+    outs = [g(x, shift=torch.full((8,), float(i), device="cuda")) for i, x in enumerate(xs)]
+    # call 1 plain, call 2 captures (one side-stream call, one captured call), calls 3-5 replay
+    assert f.calls == 1 + 2 and len(g.graphs) == 1 and next(iter(g.graphs.values())).replays == 4
+    for i, (x, out) in enumerate(zip(xs, outs)):
+        assert torch.equal(out, f(x, shift=torch.full((8,), float(i), device="cuda")))
+    # outputs are copies: the later replays did not overwrite the earlier outputs
+    assert not torch.equal(outs[2], outs[3])
+
+
+@pytest.mark.gpu
+def test_a_new_signature_gets_its_own_graph_up_to_max_graphs():
+    f = _Affine()
+    g = GraphedForward(f, warmup=1, max_graphs=2)
+    for rows in (4, 4, 4, 8, 8, 8, 16, 16, 16):
+        x = torch.randn(rows, 16, device="cuda")
+        assert torch.equal(g(x), f(x))
+    assert len(g.graphs) == 2  # rows 16 ran without a graph
+    assert g.calls[next(k for k in g.calls if k not in g.graphs)] == 3
+
+
+@pytest.mark.gpu
+def test_pipeline_image_is_the_same_with_and_without_graphs(folder):
+    """A FLUX transformer fed a new conditioning (a FluxConditioning dataclass) and new latents every step."""
+    pipe = _pipe(folder, device="cuda", dtype="bf16", cuda_graphs="on")
+    assert isinstance(pipe.forward, GraphedForward)
+    params = dict(prompt="a red circle", height=64, width=96, steps=4, seed=3)
+    from ditserve.config import SamplingParams
+
+    with_graphs = pipe.generate(SamplingParams(**params), progress=False).images[0]
+    graphs = next(iter(pipe.forward.graphs.values()))
+    assert graphs.replays == 4 - 2  # steps 1 plain, 2 captured, 3-4 replayed
+    plain = _pipe(folder, device="cuda", dtype="bf16", cuda_graphs="off")
+    assert plain.forward is plain.transformer
+    without = plain.generate(SamplingParams(**params), progress=False).images[0]
+    assert list(with_graphs.getdata()) == list(without.getdata())
