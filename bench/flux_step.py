@@ -11,13 +11,15 @@ dummy FLUX.1-dev at full size, batch 1, 1024x1024 (4096 image tokens) + 512 text
      weights; output relative error; FLOPs per forward (torch.utils.flop_counter), split GEMM / attention;
   3. one-forward times (CUDA events, median of --iters after warmup): diffusers eager, diffusers compiled whole
      (fullgraph=True) and regionally (compile_repeated_blocks), ditserve eager and compiled per --kernels,
-     ditserve fp8 (when this GPU has fp8), and with --levers the variants of bench/flux_levers.py;
+     ditserve fp8 (when this GPU has fp8), each compiled row also replayed from CUDA graphs (`_graphs` rows:
+     --cuda-graphs, the fp8 tier's default), and with --levers the variants of bench/flux_levers.py;
   4. a profiler trace of ditserve's default compiled forward: GPU time by op family, and time above the floor
      (GEMM FLOPs at the measured GEMM rate, attention FLOPs at the measured SDPA rate);
   5. end to end: a --steps-step generate (text encode, denoise, VAE decode) of ditserve's pipeline beside
      diffusers' FluxPipeline built from the same dummy components (same T5/CLIP/VAE objects, same DiT weights),
      both compiled; device-to-host syncs inside ditserve's denoise loop (profiler + CUDA sync-debug mode); peak
-     memory of the denoise and of the decode; fp8 image PSNR against bf16 on the same seed.
+     memory of the denoise and of the decode (the default streamed decode, diffusers' whole decode, tiled,
+     compiled); fp8 image PSNR against bf16 on the same seed.
 Prints a table to stderr and ONE JSON line last on stdout (ratio_vs_diffusers_compiled = ditserve default
 compiled ms / diffusers' best compiled ms).
 
@@ -544,10 +546,9 @@ def main() -> int:
             rows=rows, kernels0=kernels0, inputs=inputs, steps=args.steps, out_bf16=out_bf16,
             compile_cfg=CompileConfig.for_engine(engine), ab_rounds=args.ab))
 
-    # The engine's default: compiled (with --compile), the forward replayed from CUDA graphs on a GPU.
+    # The engine's defaults: bf16 compiled without CUDA graphs (--cuda-graphs auto graphs the fp8 tier only,
+    # whose fastest row is its graphed one).
     default_row = f"ditserve_compiled[{kernels0}]" if compile_on else f"ditserve_eager[{kernels0}]"
-    if f"ditserve_compiled_graphs[{kernels0}]" in rows and compile_on:
-        default_row = f"ditserve_compiled_graphs[{kernels0}]"
     rec["default_row"] = default_row
     if compile_on:
         best_ref = min(rows[k]["ms"] for k in rows if k.startswith("diffusers_") and "compile" in k)
@@ -681,8 +682,17 @@ def end_to_end(args, engine, ref, clock: Clock, compile_on: bool) -> dict:
         clock.sync()
         out["denoise_peak_gib"] = peak_gib(dev)
         reset_peak(dev)
-        whole = pipe.decode(final, p.height, p.width)
+        default = pipe.decode(final, p.height, p.width)  # the engine's default decode (streamed on CUDA)
         out["decode_peak_gib"] = peak_gib(dev)
+        out["decode_streamed"] = pipe.vae_streaming
+        saved_streaming = pipe.vae_streaming
+        pipe.vae_streaming = False  # diffusers' whole-image decode (as --vae-streaming off)
+        reset_peak(dev)
+        whole = pipe.decode(final, p.height, p.width)
+        out["whole_decode_peak_gib"] = peak_gib(dev)
+        out["whole_decode_s"] = round(clock.seconds(lambda: pipe.decode(final, p.height, p.width)), 3)
+        pipe.vae_streaming = saved_streaming
+        out["default_vs_whole_decode_psnr_db"] = round(psnr(default[0], whole[0]), 2)
         saved_tiling = pipe.vae_tiling
         pipe.vae_tiling = "on"  # the same latents, decoded in tiles (as --vae-tiling on)
         reset_peak(dev)
@@ -694,6 +704,7 @@ def end_to_end(args, engine, ref, clock: Clock, compile_on: bool) -> dict:
         out["tiled_vs_whole_decode_psnr_db"] = round(psnr(tiled[0], whole[0]), 2)
         if dev.type == "cuda":  # --compile-vae: the same latents through the channels-last compiled decoder
             compile_vae_decoder(pipe.vae)
+            pipe.vae_streaming = False  # (the compiled decoder is diffusers' whole decode)
             out["compiled_vae_first_decode_s"] = round(clock.seconds(lambda: pipe.decode(final, p.height, p.width)), 2)
             reset_peak(dev)
             fast = pipe.decode(final, p.height, p.width)
@@ -702,10 +713,13 @@ def end_to_end(args, engine, ref, clock: Clock, compile_on: bool) -> dict:
             out["compiled_vae_vs_whole_decode_psnr_db"] = round(psnr(fast[0], whole[0]), 2)
             pipe.vae.decoder._compiled_call_impl = None  # back to the plain decoder for the fp8 rows below
             pipe.vae.to(memory_format=torch.contiguous_format)
+            pipe.vae_streaming = saved_streaming
     out["request_peak_gib"] = round(result.peak_memory_bytes / 2**30, 2) if result.peak_memory_bytes else None
     log(f"syncs in the denoise loop: {out.get('denoise_syncs')}, sync-debug error: "
         f"{out.get('sync_debug_mode_error_raised')}; peak denoise {out['denoise_peak_gib']} GiB, decode "
-        f"{out['decode_peak_gib']} GiB (tiled {out['tiled_decode_peak_gib']} GiB, PSNR vs whole "
+        f"{out['decode_peak_gib']} GiB (streamed: {out['decode_streamed']}, {out['decode_s']} s, PSNR vs whole "
+        f"{out['default_vs_whole_decode_psnr_db']} dB; whole {out['whole_decode_peak_gib']} GiB, "
+        f"{out['whole_decode_s']} s; tiled {out['tiled_decode_peak_gib']} GiB, PSNR vs whole "
         f"{out['tiled_vs_whole_decode_psnr_db']} dB), request {out['request_peak_gib']} GiB")
 
     # fp8 tier, end to end: time and image PSNR against bf16 on the same seed.
@@ -717,7 +731,8 @@ def end_to_end(args, engine, ref, clock: Clock, compile_on: bool) -> dict:
         else:
             torch._dynamo.reset()
             apply_fp8(pipe.transformer)
-            pipe.bind_forward()  # new CUDA graphs for the quantised model
+            pipe.engine = replace(pipe.engine, quantization="fp8")
+            pipe.bind_forward()  # the fp8 tier's forward: CUDA graphs (--cuda-graphs auto), of the quantised model
             clock.seconds(ours_gen)  # recompile for the quantised layers
             fp8_s = sorted(clock.seconds(ours_gen) for _ in range(n))[n // 2]
             out["fp8_s"] = round(fp8_s, 3)

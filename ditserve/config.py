@@ -20,6 +20,7 @@ DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16,
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 QUANTIZATIONS = ("fp8",)  # weight quantisation tiers (lossy, off by default); None means off
 VAE_TILING = ("auto", "on", "off")  # tiled VAE decode: above 1024x1024 pixels, always, never
+VAE_STREAMING = ("auto", "on", "off")  # streamed (exact, memory-lean) VAE decode: on CUDA, always, never
 # compiled DiT and image sizes: static for the first size then symbolic token counts, or symbolic from the start
 DYNAMIC_SHAPES = ("auto", "on")
 CUDA_GRAPHS = ("auto", "on", "off")  # the denoise forward from a CUDA graph: on CUDA without a cache, always, never
@@ -77,10 +78,16 @@ class EngineConfig:
         so FLUX.1 at its native size decodes exactly as diffusers does), "on" (always tiled) or "off" (never).
         Tiled decode bounds the decode's activation memory by the tile size instead of the image size; the
         overlapping tiles are blended, so it is lossy (see `ditserve.pipelines.flux.VAE_TILE`).
-    cuda_graphs: "auto" (default: the denoise loop's transformer forward replayed from a CUDA graph on a CUDA GPU
-        without a block cache), "on" (the same, or a ConfigError where it cannot apply) or "off". Exact (the same
-        kernels); removes the forward's ~60-120 ms of host (CPU) launch work, which bounds the fp8 tier's speed on
-        slower hosts. Costs one forward's activation memory per captured size (see `ditserve.cuda_graphs`).
+    cuda_graphs: the denoise loop's transformer forward replayed from a CUDA graph (exact: the same kernels),
+        which removes its ~60-120 ms of host (CPU) launch work. "auto" (default): for the fp8 tier on a CUDA GPU
+        without a block cache, whose ~89 ms of GPU work the host bounds on slower hosts (FLUX.1-dev on an H100:
+        109.1 -> 94.1 ms a forward); not in bf16, where it measured nothing (130.1 vs 131.0 ms) and would keep a
+        forward's activations reserved. "on": whenever it can apply (else a ConfigError); "off": never.
+    vae_streaming: "auto" (default: on a CUDA GPU, images that are not tiled decode in strips of rows,
+        `ditserve.pipelines.vae_decode`: the whole decode's result, summed in another order, with ~0.43 GiB of
+        activations at 1024x1024 instead of ~2.4 GiB, so the decode is not a request's memory peak; ~40 ms slower
+        on an H100), "on" (also on the CPU; a ConfigError for a VAE it cannot decode or with `compile_vae`) or
+        "off" (diffusers' `vae.decode`).
     compile_vae: channels-last + torch.compile of the VAE decoder (lossless: the same math, other kernels).
         Measured on an H100 at 1024x1024: decode 91 -> 38 ms, its activation memory 2.38 -> 1.25 GiB; the
         first decode compiles (18-24 s with an empty compile cache; its artefacts go to the same cache folder as
@@ -101,6 +108,7 @@ class EngineConfig:
     vae_tiling: str = "auto"
     compile_vae: bool = False
     cuda_graphs: str = "auto"
+    vae_streaming: str = "auto"
 
     def __post_init__(self):
         from ditserve.cache.policy import parse_cache  # (ditserve.cache imports this module)
@@ -121,6 +129,8 @@ class EngineConfig:
                               f"(or None: off)")
         if self.cuda_graphs not in CUDA_GRAPHS:
             raise ConfigError(f"unknown cuda_graphs {self.cuda_graphs!r}; valid: {', '.join(CUDA_GRAPHS)}")
+        if self.vae_streaming not in VAE_STREAMING:
+            raise ConfigError(f"unknown vae_streaming {self.vae_streaming!r}; valid: {', '.join(VAE_STREAMING)}")
         if self.vae_tiling not in VAE_TILING:
             raise ConfigError(f"unknown vae_tiling {self.vae_tiling!r}; valid: {', '.join(VAE_TILING)}")
 

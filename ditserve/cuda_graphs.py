@@ -104,9 +104,9 @@ def _graphable(leaves: list) -> bool:
     return bool(tensors) and all(t.is_cuda for t in tensors)
 
 
-def resolve_cuda_graphs(setting: str, device: torch.device, cache: bool) -> bool:
-    """Whether the engine graphs the denoise forward: "auto" on CUDA without a block cache; "on" the same, or a
-    ConfigError; "off" never."""
+def resolve_cuda_graphs(setting: str, device: torch.device, cache: bool, quantized: bool) -> bool:
+    """Whether the engine graphs the denoise forward (EngineConfig.cuda_graphs): "auto" for a quantised (fp8)
+    model on CUDA without a block cache; "on" on CUDA without a block cache, or a ConfigError; "off" never."""
     from ditserve.config import CUDA_GRAPHS, ConfigError
 
     if setting not in CUDA_GRAPHS:
@@ -118,4 +118,4 @@ def resolve_cuda_graphs(setting: str, device: torch.device, cache: bool) -> bool
            else None)
     if why and setting == "on":
         raise ConfigError(f"--cuda-graphs on cannot apply: {why}; use --cuda-graphs auto or off")
-    return why is None
+    return why is None and (setting == "on" or quantized)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 
 from ditserve.config import (
-    CUDA_GRAPHS, DTYPES, DYNAMIC_SHAPES, LOAD_FORMATS, QUANTIZATIONS, VAE_TILING, ConfigError, EngineConfig,
+    CUDA_GRAPHS, DTYPES, DYNAMIC_SHAPES, LOAD_FORMATS, QUANTIZATIONS, VAE_STREAMING, VAE_TILING, ConfigError,
+    EngineConfig,
 )
 
 
@@ -45,8 +46,12 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto") -
                         "the decode takes 38 ms instead of 91 and half the memory; the first decode compiles)")
     p.add_argument("--cuda-graphs", choices=list(CUDA_GRAPHS), default="auto",
                    help="replay the denoise loop's transformer forward from a CUDA graph (exact; removes its host "
-                        "launch work): auto = on a CUDA GPU without --cache (default), on = the same or an error, "
-                        "off = never")
+                        "launch work): auto = with --quantization fp8 on a CUDA GPU without --cache (default), on = "
+                        "on a CUDA GPU without --cache (else an error), off = never")
+    p.add_argument("--vae-streaming", choices=list(VAE_STREAMING), default="auto",
+                   help="decode the VAE in strips of rows (exact up to summation order; ~0.43 GiB of activations "
+                        "at 1024x1024 instead of ~2.4): auto = on a CUDA GPU (default), on = always, off = "
+                        "diffusers' whole decode")
     p.add_argument("--dynamic-shapes", choices=list(DYNAMIC_SHAPES), default=dynamic_shapes,
                    help="with --compile: auto = compile for the first image size, and once more (token counts "
                         "symbolic) at the first other size; on = one graph for every size from the start, at a "
@@ -63,7 +68,8 @@ def engine_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
                   kernels=args.kernels, attention=args.attention, load_format=args.load_format, cache=args.cache,
                   cache_backend=args.cache_backend, quantization=args.quantization, vae_tiling=args.vae_tiling,
                   compile_vae=args.compile_vae, dynamic_shapes=args.dynamic_shapes,
-                  compile_prewarm=args.compile_prewarm, cuda_graphs=args.cuda_graphs)
+                  compile_prewarm=args.compile_prewarm, cuda_graphs=args.cuda_graphs,
+                  vae_streaming=args.vae_streaming)
     fields.update(overrides)
     return EngineConfig(**fields)
 
@@ -99,7 +105,8 @@ def check_engine(engine: EngineConfig) -> None:
     if engine.cuda_graphs == "on":
         from ditserve.cuda_graphs import resolve_cuda_graphs
 
-        resolve_cuda_graphs(engine.cuda_graphs, engine.torch_device, cache=bool(engine.cache))
+        resolve_cuda_graphs(engine.cuda_graphs, engine.torch_device, cache=bool(engine.cache),
+                            quantized=engine.quantization is not None)
     if engine.quantization == "fp8":
         from ditserve.ops.fp8 import check_fp8_device
 

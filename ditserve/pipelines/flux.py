@@ -30,6 +30,7 @@ from ditserve.cuda_graphs import GraphedForward, resolve_cuda_graphs
 from ditserve.dummy_run import in_dummy_run
 from ditserve.logging import init_logger
 from ditserve.pipelines import GenerationResult, synchronizer, to_pil
+from ditserve.pipelines.vae_decode import streamed_decode, streamed_decode_unsupported
 
 logger = init_logger(__name__)
 
@@ -171,15 +172,28 @@ class FluxPipeline:
             from ditserve.compile import CompileConfig, compile_model
 
             self.transformer = compile_model(self.transformer, CompileConfig.for_engine(engine))
+        self.vae_streaming = self._resolve_vae_streaming(engine)  # before compile_vae (it checks the modules)
         if engine.compile_vae:
             compile_vae_decoder(self.vae)
         self.bind_forward()
+
+    def _resolve_vae_streaming(self, engine: EngineConfig) -> bool:
+        """EngineConfig.vae_streaming: "auto" streams on CUDA where it can, "on" wherever it can (else a
+        ConfigError), "off" never."""
+        if engine.vae_streaming == "off":
+            return False
+        why = ("--compile-vae compiles diffusers' whole decoder instead" if engine.compile_vae
+               else streamed_decode_unsupported(self.vae))
+        if why and engine.vae_streaming == "on":
+            raise ConfigError(f"--vae-streaming on cannot apply: {why}")
+        return why is None and (engine.vae_streaming == "on" or self.device.type == "cuda")
 
     def bind_forward(self) -> None:
         """Set `forward`, what the denoise loop calls: the transformer replayed from CUDA graphs
         (EngineConfig.cuda_graphs, `ditserve.cuda_graphs`) or the transformer itself. Call it again after
         changing the transformer in place (e.g. `apply_fp8`): captured graphs replay the old one."""
-        graphs = resolve_cuda_graphs(self.engine.cuda_graphs, self.device, cache=self.cache is not None)
+        graphs = resolve_cuda_graphs(self.engine.cuda_graphs, self.device, cache=self.cache is not None,
+                                     quantized=self.engine.quantization is not None)
         self.forward = GraphedForward(self.transformer) if graphs else self.transformer
 
     # ---------------------------------------------------------------------------------------------- spec
@@ -313,6 +327,8 @@ class FluxPipeline:
         z = z / self.vae.config.scaling_factor + self.vae.config.shift_factor  # undo the VAE's latent normalisation
         if self.tiled_decode(height, width):
             return self.vae.tiled_decode(z.to(self.vae_dtype), return_dict=False)[0]  # (B, 3, H, W)
+        if self.vae_streaming:
+            return streamed_decode(self.vae, z.to(self.vae_dtype))  # (B, 3, H, W), the same, in strips of rows
         return self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0]  # (B, 3, H, W)
 
     def tiled_decode(self, height: int, width: int) -> bool:
