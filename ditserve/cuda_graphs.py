@@ -48,12 +48,17 @@ class GraphedForward:
     """fn(*args, **kwargs), replayed from CUDA graphs per call signature (see the module docstring)."""
 
     fn: Callable[..., Any]
+    # Calls for which this returns True run `fn` as it is, uncounted: calls whose computation differs at equal
+    # signatures (the engine's dummy warmup runs skip the output projection, `ditserve.dummy_run`).
+    bypass: Callable[[], bool] | None = None
     warmup: int = DEFAULT_WARMUP
     max_graphs: int = DEFAULT_MAX_GRAPHS
     graphs: dict[tuple, _Graph] = field(default_factory=dict)
     calls: dict[tuple, int] = field(default_factory=dict)  # plain calls so far, per signature
 
     def __call__(self, *args, **kwargs):
+        if self.bypass is not None and self.bypass():
+            return self.fn(*args, **kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = (spec, tuple(_leaf_key(x) for x in leaves))
         entry = self.graphs.get(key)

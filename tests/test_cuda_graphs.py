@@ -108,6 +108,30 @@ def test_a_new_signature_gets_its_own_graph_up_to_max_graphs():
 
 
 @pytest.mark.gpu
+def test_bypassed_calls_are_neither_counted_nor_captured():
+    f, skip = _Affine(), [True]
+    g = GraphedForward(f, bypass=lambda: skip[0], warmup=1)
+    x = torch.randn(4, 16, device="cuda")
+    for _ in range(3):
+        g(x)
+    assert not g.graphs and not g.calls and f.calls == 3
+    skip[0] = False
+    g(x), g(x)
+    assert len(g.graphs) == 1
+
+
+@pytest.mark.gpu
+def test_pipeline_dummy_warmup_does_not_capture(folder):
+    from ditserve.config import SamplingParams
+    from ditserve.dummy_run import dummy_run
+
+    pipe = _pipe(folder, device="cuda", dtype="bf16", cuda_graphs="on")
+    with dummy_run():
+        pipe.generate(SamplingParams(prompt="warm", height=64, width=64, steps=3, seed=0), progress=False)
+    assert not pipe.forward.graphs and not pipe.forward.calls
+
+
+@pytest.mark.gpu
 def test_pipeline_image_is_the_same_with_and_without_graphs(folder):
     """A FLUX transformer fed a new conditioning (a FluxConditioning dataclass) and new latents every step."""
     pipe = _pipe(folder, device="cuda", dtype="bf16", cuda_graphs="on")

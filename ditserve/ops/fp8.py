@@ -3,13 +3,16 @@
 Each quantised Linear holds its weight as float8_e4m3fn with one fp32 scale per output channel (row) and
 quantises its input per token (row) on the fly; the product runs as one row-wise scaled fp8 GEMM
 (`torch._scaled_mm`), accumulating in fp32, and the bias is added to its bf16 output (fused by inductor into
-the op that follows):
+the op that follows, or in the GEMM's epilogue where an opaque kernel follows: the model's `fp8_bias_in_gemm`):
 
     y[m, n] = x_scale[m] * w_scale[n] * sum_k x_fp8[m, k] * w_fp8[n, k] + bias[n]
 
 Row-wise (not tensor-wise) scales keep one outlier token or channel from costing every other row its
-precision. The activation quantisation is written in plain torch ops, so under torch.compile inductor fuses
-it into the op that produced the activation (a norm, a GELU) instead of running extra passes over it.
+precision. The activation is quantised by the op that produces it, not in a pass of its own: the AdaLN norms
+hand the layer a `QuantizedRows` (`NormScaleShift(..., quantize=True)`; their CUDA kernels write fp8 rows and
+scales), an MLP's output projection quantises gelu(hidden + bias) in one kernel (`forward_after_gelu`,
+`GeluQuantize`), and elsewhere the plain-torch quantisation (`quantize_rows`) fuses into the producing op under
+torch.compile.
 
 fp8 GEMMs need tensor cores with fp8 support: CUDA compute capability 8.9+ (Ada, Hopper and newer).
 `check_fp8_device` refuses anything else before a model is loaded. torch._scaled_mm also runs on the CPU,
@@ -27,8 +30,8 @@ from torch import nn
 
 from ditserve.config import DTYPES, ConfigError
 from ditserve.kernels import quant as K
-from ditserve.ops.base import CustomOp, OpsConfig
 from ditserve.ops import functional as Fn
+from ditserve.ops.base import CustomOp, OpsConfig
 from ditserve.ops.functional import FP8_DTYPE, quantize_rows  # noqa: F401 (re-exported)
 from ditserve.ops.linear import Linear
 
@@ -73,8 +76,10 @@ class Fp8Linear(CustomOp):
 
     Build one from a loaded layer with `Fp8Linear.from_linear(linear)`, or a whole model's eligible layers
     with `apply_fp8(model)`. There is one code path (plain torch ops plus torch._scaled_mm), so `path` is
-    always "native".
+    always "native" (its `gelu_quantize` op has the model's paths).
     """
+
+    takes_fp8 = True  # forward and matmul also take their input already quantised (a QuantizedRows)
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  activation: str | None = None, bias_in_gemm: bool = False, out_dtype: torch.dtype | None = None,
@@ -144,8 +149,6 @@ class Fp8Linear(CustomOp):
         if self.activation == "gelu_tanh":  # fused with the bias add under compile
             y = F.gelu(y, approximate="tanh")
         return y
-
-    takes_fp8 = True  # forward and matmul also take their input already quantised (a QuantizedRows)
 
     def _quantized(self, x: torch.Tensor | Fn.QuantizedRows) -> Fn.QuantizedRows:
         """x (..., K) quantised per token (M = every token of every sample), or x itself if it already is."""

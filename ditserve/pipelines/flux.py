@@ -194,7 +194,8 @@ class FluxPipeline:
         changing the transformer in place (e.g. `apply_fp8`): captured graphs replay the old one."""
         graphs = resolve_cuda_graphs(self.engine.cuda_graphs, self.device, cache=self.cache is not None,
                                      quantized=self.engine.quantization is not None)
-        self.forward = GraphedForward(self.transformer) if graphs else self.transformer
+        # (dummy warmup runs skip the output projection: they must neither be captured nor replay a real graph)
+        self.forward = GraphedForward(self.transformer, bypass=in_dummy_run) if graphs else self.transformer
 
     # ---------------------------------------------------------------------------------------------- spec
 
