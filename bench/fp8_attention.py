@@ -37,9 +37,11 @@ FP8_MAX = 448.0
 LOG2E = 1.4426950408889634
 
 
-@triton.jit(do_not_specialize=["S"])
+@triton.jit
 def _fp8_attention_kernel(q_ptr, k_ptr, vt_ptr, sq_ptr, sk_ptr, sv_ptr, o_ptr, S, H, qk_scale,
-                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr):
+    # S is specialised (4fb70cc had it `do_not_specialize`: Triton then cannot prove the rows 16-byte aligned);
+    # EVEN: S a multiple of both blocks, no masks
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # b * H + h
     b, h = bh // H, bh % H
@@ -54,15 +56,23 @@ def _fp8_attention_kernel(q_ptr, k_ptr, vt_ptr, sq_ptr, sk_ptr, sv_ptr, o_ptr, S
     for start in range(0, S, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)  # (BN,) key tokens
         in_k = cols < S
-        k = tl.load(k_ptr + base + cols[:, None] * D + d[None, :], mask=in_k[:, None], other=0.0)  # (BN, D)
-        sk = tl.load(sk_ptr + bh * S + cols, mask=in_k, other=0.0)  # (BN,)
+        if EVEN:
+            k = tl.load(k_ptr + base + cols[:, None] * D + d[None, :])  # (BN, D)
+            sk = tl.load(sk_ptr + bh * S + cols)  # (BN,)
+        else:
+            k = tl.load(k_ptr + base + cols[:, None] * D + d[None, :], mask=in_k[:, None], other=0.0)
+            sk = tl.load(sk_ptr + bh * S + cols, mask=in_k, other=0.0)
         s = tl.dot(q, tl.trans(k)) * sq[:, None] * sk[None, :]  # (BM, BN) fp32 logits * log2(e) / sqrt(D)
-        s = tl.where(in_k[None, :], s, -float("inf"))
+        if not EVEN:
+            s = tl.where(in_k[None, :], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])  # (BM, BN) in [0, 1]
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(vt_ptr + base + d[:, None] * S + cols[None, :], mask=in_k[None, :], other=0.0)  # (D, BN)
+        if EVEN:
+            vt = tl.load(vt_ptr + base + d[:, None] * S + cols[None, :])  # (D, BN)
+        else:
+            vt = tl.load(vt_ptr + base + d[:, None] * S + cols[None, :], mask=in_k[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), tl.trans(vt))  # (BM, D)
         m_i = m_new
     sv = tl.load(sv_ptr + bh * D + d)  # (D,)
@@ -95,7 +105,8 @@ def fp8_attention_quantized(q8, k8, vt8, sq, sk, sv, out_dtype=torch.bfloat16, *
     grid = (triton.cdiv(S, block_m), B * H)
     with torch.cuda.device_of(q8):
         _fp8_attention_kernel[grid](q8, k8, vt8, sq, sk, sv, out, S, H, LOG2E / math.sqrt(D),
-                                    D=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+                                    D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+                                    EVEN=S % block_m == 0 and S % block_n == 0, num_warps=num_warps,
                                     num_stages=num_stages)
     return out
 
