@@ -103,8 +103,8 @@ def _leaf_key(x: Any) -> Any:
 
 
 def _graphable(leaves: list) -> bool:
-    """Whether a call with these leaves can be captured: its tensors on one CUDA device, its other leaves
-    hashable (they are part of the key)."""
+    """Whether a call with these leaves can be captured: it has tensors, all on CUDA. (Its other leaves, part of
+    the key, are the plain values a forward takes: None, numbers, strings.)"""
     tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
     return bool(tensors) and all(t.is_cuda for t in tensors)
 
