@@ -349,31 +349,7 @@ def norm_scale_shift(
 ) -> torch.Tensor:
     """y = norm(x) * (1 + scale) + shift. x: (B, L, D); scale, shift: broadcastable to (B, L, D), typically
     (B, 1, D) or (B, L, D). Returns a contiguous (B, L, D) in x's dtype."""
-    if x.dtype not in KERNEL_DTYPES:
-        return Fn.norm_scale_shift(x, weight, scale, shift, eps, rms).contiguous()
-    _check_3d(x)
-    B, L, D = x.shape
-    cfg = launch_config(D, num_warps, looped, chunk)
-    x = x.contiguous()
-    w, has_w = _weight(weight, D, x)
-    scale, sc_b, sc_l = _modulation(scale, B, L, D)
-    shift, sh_b, sh_l = _modulation(shift, B, L, D)
-    y = _out(out, x, x.dtype)
-    n_rows = B * L
-    if n_rows == 0 or D == 0:
-        return y
-    with torch.cuda.device_of(x):
-        if cfg.looped:
-            _norm_scale_shift_looped_kernel[(n_rows,)](
-                x, w, scale, shift, y, L, D, sc_b, sc_l, sh_b, sh_l, eps,
-                RMS=rms, HAS_WEIGHT=has_w, CHUNK=cfg.block, num_warps=cfg.num_warps,
-            )
-        else:
-            _norm_scale_shift_kernel[(triton.cdiv(n_rows, cfg.rows),)](
-                x, w, scale, shift, y, y, n_rows, L, D, sc_b, sc_l, sh_b, sh_l, eps,
-                RMS=rms, HAS_WEIGHT=has_w, ROWS=cfg.rows, BLOCK=cfg.block, QUANT=False, num_warps=cfg.num_warps,
-            )
-    return y
+    return _norm_scale_shift(x, weight, scale, shift, eps, rms, False, out, num_warps, looped, chunk)[0]
 
 
 def norm_scale_shift_fp8(
@@ -382,25 +358,60 @@ def norm_scale_shift_fp8(
     """`norm_scale_shift`, its output quantised per row: (q (B*L, D) float8_e4m3fn, scale (B*L, 1) float32).
     Resident rows (D <= RESIDENT_MAX_D, FLUX's 3072) quantise in the norm's kernel; wider rows run the norm
     kernel, then the reference quantisation."""
-    B, L, D = x.shape if x.dim() == 3 else (None, None, None)
-    if x.dtype not in KERNEL_DTYPES or x.dim() != 3 or launch_config(D).looped:
+    return _norm_scale_shift(x, weight, scale, shift, eps, rms, True)
+
+
+def _unfused_quantization(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether an fp8 variant runs the plain norm, then `Fn.quantize_rows` (not one kernel): a dtype the kernels
+    do not take, or rows too wide to stay resident (the looped kernels write as they go)."""
+    return (any(t.dtype not in KERNEL_DTYPES for t in (x, *tensors)) or x.dim() != 3
+            or launch_config(x.shape[-1]).looped)
+
+
+def _norm_scale_shift(x, weight, scale, shift, eps, rms, quantize: bool, out=None, num_warps=None, looped=None,
+                      chunk=None) -> tuple[torch.Tensor, ...]:
+    """`norm_scale_shift` -> (y,), or with `quantize` `norm_scale_shift_fp8` -> (q, q_scale)."""
+    if quantize and _unfused_quantization(x):
         y = norm_scale_shift(x, weight, scale, shift, eps, rms)
         return Fn.quantize_rows(y.reshape(-1, y.shape[-1]))
-    cfg = launch_config(D)
+    if x.dtype not in KERNEL_DTYPES:
+        return (Fn.norm_scale_shift(x, weight, scale, shift, eps, rms).contiguous(),)
+    _check_3d(x)
+    B, L, D = x.shape
+    cfg = launch_config(D, num_warps, looped, chunk)
     x = x.contiguous()
     w, has_w = _weight(weight, D, x)
     scale, sc_b, sc_l = _modulation(scale, B, L, D)
     shift, sh_b, sh_l = _modulation(shift, B, L, D)
     n_rows = B * L
-    q = torch.empty((n_rows, D), dtype=Fn.FP8_DTYPE, device=x.device)
-    q_scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
-    if n_rows and D:
-        with torch.cuda.device_of(x):
-            _norm_scale_shift_kernel[(triton.cdiv(n_rows, cfg.rows),)](
-                x, w, scale, shift, q, q_scale, n_rows, L, D, sc_b, sc_l, sh_b, sh_l, eps,
-                RMS=rms, HAS_WEIGHT=has_w, ROWS=cfg.rows, BLOCK=cfg.block, QUANT=True, num_warps=cfg.num_warps,
+    y, q_scale = _outputs(out, x, n_rows, D, quantize)
+    if n_rows == 0 or D == 0:
+        return (y, q_scale) if quantize else (y,)
+    with torch.cuda.device_of(x):
+        if cfg.looped:
+            _norm_scale_shift_looped_kernel[(n_rows,)](
+                x, w, scale, shift, y, L, D, sc_b, sc_l, sh_b, sh_l, eps,
+                RMS=rms, HAS_WEIGHT=has_w, CHUNK=cfg.block, num_warps=cfg.num_warps,
             )
-    return q, q_scale
+        else:
+            _norm_scale_shift_kernel[(triton.cdiv(n_rows, cfg.rows),)](
+                x, w, scale, shift, y, q_scale, n_rows, L, D, sc_b, sc_l, sh_b, sh_l, eps,
+                RMS=rms, HAS_WEIGHT=has_w, ROWS=cfg.rows, BLOCK=cfg.block, QUANT=quantize,
+                num_warps=cfg.num_warps,
+            )
+    return (y, q_scale) if quantize else (y,)
+
+
+def _outputs(out: torch.Tensor | None, x: torch.Tensor, n_rows: int, D: int, quantize: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The modulated norms' y output and its per-row fp8 scales: with `quantize`, new (n_rows, D) float8_e4m3fn and
+    (n_rows, 1) float32 tensors; otherwise y in x's dtype (`out` if given) and y again as the scales' unread
+    placeholder pointer."""
+    if quantize:
+        return (torch.empty((n_rows, D), dtype=Fn.FP8_DTYPE, device=x.device),
+                torch.empty((n_rows, 1), dtype=torch.float32, device=x.device))
+    y = _out(out, x, x.dtype)
+    return y, y
 
 
 def residual_norm_scale_shift(
@@ -414,6 +425,25 @@ def residual_norm_scale_shift(
     x, residual: (B, L, D); gate, scale, shift: broadcastable to (B, L, D). Returns (y, r), contiguous,
     y in x's dtype and r in residual's dtype.
     """
+    return _residual_norm_scale_shift(x, residual, gate, weight, scale, shift, eps, rms, False, out, residual_out,
+                                      num_warps, looped, chunk)
+
+
+def residual_norm_scale_shift_fp8(
+    x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
+    scale: torch.Tensor, shift: torch.Tensor, eps: float, rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`residual_norm_scale_shift`, y quantised per row: (q (B*L, D) float8_e4m3fn, scale (B*L, 1) float32, r).
+    Resident rows quantise in the kernel; wider rows run the norm kernel, then the reference quantisation."""
+    return _residual_norm_scale_shift(x, residual, gate, weight, scale, shift, eps, rms, True)
+
+
+def _residual_norm_scale_shift(x, residual, gate, weight, scale, shift, eps, rms, quantize: bool, out=None,
+                               residual_out=None, num_warps=None, looped=None, chunk=None) -> tuple[torch.Tensor, ...]:
+    """`residual_norm_scale_shift` -> (y, r), or with `quantize` `residual_norm_scale_shift_fp8` -> (q, q_scale, r)."""
+    if quantize and _unfused_quantization(x, residual):
+        y, r = residual_norm_scale_shift(x, residual, gate, weight, scale, shift, eps, rms)
+        return (*Fn.quantize_rows(y.reshape(-1, y.shape[-1])), r)
     if x.dtype not in KERNEL_DTYPES or residual.dtype not in KERNEL_DTYPES:
         y, r = Fn.residual_norm_scale_shift(x, residual, gate, weight, scale, shift, eps, rms)
         return y.contiguous(), r.contiguous()
@@ -428,11 +458,12 @@ def residual_norm_scale_shift(
         gate_t, g_b, g_l = _modulation(gate, B, L, D)
     scale, sc_b, sc_l = _modulation(scale, B, L, D)
     shift, sh_b, sh_l = _modulation(shift, B, L, D)
-    y = _out(out, x, x.dtype)
-    r = _out(residual_out, residual, residual.dtype)
     n_rows = B * L
+    y, q_scale = _outputs(out, x, n_rows, D, quantize)
+    r = _out(residual_out, residual, residual.dtype)
+    outs = (y, q_scale, r) if quantize else (y, r)
     if n_rows == 0 or D == 0:
-        return y, r
+        return outs
     with torch.cuda.device_of(x):
         if cfg.looped:
             _residual_norm_scale_shift_looped_kernel[(n_rows,)](
@@ -441,45 +472,9 @@ def residual_norm_scale_shift(
             )
         else:
             _residual_norm_scale_shift_kernel[(triton.cdiv(n_rows, cfg.rows),)](
-                x, residual, gate_t, w, scale, shift, y, r, y,
+                x, residual, gate_t, w, scale, shift, y, r, q_scale,
                 n_rows, L, D, g_b, g_l, sc_b, sc_l, sh_b, sh_l, eps,
                 RMS=rms, HAS_GATE=gate is not None, HAS_WEIGHT=has_w, ROWS=cfg.rows, BLOCK=cfg.block,
-                QUANT=False, num_warps=cfg.num_warps,
+                QUANT=quantize, num_warps=cfg.num_warps,
             )
-    return y, r
-
-
-def residual_norm_scale_shift_fp8(
-    x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
-    scale: torch.Tensor, shift: torch.Tensor, eps: float, rms: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`residual_norm_scale_shift`, y quantised per row: (q (B*L, D) float8_e4m3fn, scale (B*L, 1) float32, r).
-    Resident rows quantise in the kernel; wider rows run the norm kernel, then the reference quantisation."""
-    resident = x.dim() == 3 and not launch_config(x.shape[-1]).looped
-    if x.dtype not in KERNEL_DTYPES or residual.dtype not in KERNEL_DTYPES or not resident:
-        y, r = residual_norm_scale_shift(x, residual, gate, weight, scale, shift, eps, rms)
-        return (*Fn.quantize_rows(y.reshape(-1, y.shape[-1])), r)
-    _check_3d(x, residual)
-    B, L, D = x.shape
-    cfg = launch_config(D)
-    x, residual = x.contiguous(), residual.contiguous()
-    w, has_w = _weight(weight, D, x)
-    if gate is None:
-        gate_t, g_b, g_l = x, 0, 0  # unread placeholder
-    else:
-        gate_t, g_b, g_l = _modulation(gate, B, L, D)
-    scale, sc_b, sc_l = _modulation(scale, B, L, D)
-    shift, sh_b, sh_l = _modulation(shift, B, L, D)
-    n_rows = B * L
-    q = torch.empty((n_rows, D), dtype=Fn.FP8_DTYPE, device=x.device)
-    q_scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
-    r = torch.empty(residual.shape, dtype=residual.dtype, device=x.device)
-    if n_rows and D:
-        with torch.cuda.device_of(x):
-            _residual_norm_scale_shift_kernel[(triton.cdiv(n_rows, cfg.rows),)](
-                x, residual, gate_t, w, scale, shift, q, r, q_scale,
-                n_rows, L, D, g_b, g_l, sc_b, sc_l, sh_b, sh_l, eps,
-                RMS=rms, HAS_GATE=gate is not None, HAS_WEIGHT=has_w, ROWS=cfg.rows, BLOCK=cfg.block,
-                QUANT=True, num_warps=cfg.num_warps,
-            )
-    return q, q_scale, r
+    return outs
