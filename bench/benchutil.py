@@ -1,5 +1,5 @@
 """What every bench script shares: the commit a run measured, a CUDA-event median timer, a profiler's per-kernel
-GPU times, and stderr logging.
+GPU times, a GB/s table of kernel timings, and stderr logging.
 
 Imported as `from benchutil import ...`: the scripts run as `python bench/NAME.py`, which puts bench/ first on
 sys.path.
@@ -29,6 +29,14 @@ def commit() -> str | None:
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
     except OSError:
         return None
+
+
+def bandwidth_rows(times_ms: dict[str, float], nbytes: int) -> dict[str, dict]:
+    """{name: {"ms", "gb_s"}} for timings of calls that each move `nbytes` (read once, written once); logs each
+    as microseconds and GB/s."""
+    for name, ms in times_ms.items():
+        log(f"    {name:20s} {ms * 1e3:7.1f} us ({nbytes / ms / 1e6:6.0f} GB/s)")
+    return {name: {"ms": round(ms, 4), "gb_s": round(nbytes / ms / 1e6, 1)} for name, ms in times_ms.items()}
 
 
 def cuda_median_ms(fn, iters: int, warmup: int) -> float:

@@ -16,7 +16,7 @@ import json
 import sys
 
 import torch
-from benchutil import commit, log
+from benchutil import bandwidth_rows, commit, log
 
 
 def main() -> int:
@@ -59,11 +59,9 @@ def main() -> int:
         q, s = K.gelu_quantize_rows(plain, pre, bias)
         q_ref, s_ref = native(plain, pre, bias)
         mismatch = (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
-        rows[name] = {k: {"ms": round(v, 4), "gb_s": round(nbytes / v / 1e6, 1)} for k, v in t.items()}
-        rows[name]["fp8_mismatch_vs_compiled_native"] = mismatch
         log(f"{name:16s} fp8 values differing from compiled native: {mismatch:.2e}")
-        for k, v in t.items():
-            log(f"    {k:20s} {v * 1e3:7.1f} us ({nbytes / v / 1e6:6.0f} GB/s)")
+        rows[name] = bandwidth_rows(t, nbytes)
+        rows[name]["fp8_mismatch_vs_compiled_native"] = mismatch
     print(json.dumps({"bench": "gelu_quantize", "commit": commit(), "gpu": torch.cuda.get_device_name(),
                       "torch": torch.__version__, "rows": rows}))
     return 0

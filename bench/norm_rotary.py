@@ -16,7 +16,7 @@ import json
 import sys
 
 import torch
-from benchutil import commit, log
+from benchutil import bandwidth_rows, commit, log
 
 
 def main() -> int:
@@ -59,11 +59,9 @@ def main() -> int:
             t[f"kernel_h{heads}_w{warps}"] = triton.testing.do_bench_cudagraph(
                 lambda: TK.rms_norm_rotary(xs, ws, cos, sin, eps, True, heads=heads, num_warps=warps))
         mismatch = (K.rms_norm_rotary(xs, ws, cos, sin, eps, True) != native(xs, ws, cos, sin)).float().mean().item()
-        rows[name] = {k: {"ms": round(v, 4), "gb_s": round(nbytes / v / 1e6, 1)} for k, v in t.items()}
-        rows[name]["mismatch_vs_native"] = round(mismatch, 5)
         log(f"{name:16s} mismatch vs compiled native {mismatch:.4f}")
-        for k, v in t.items():
-            log(f"    {k:20s} {v * 1e3:7.1f} us ({nbytes / v / 1e6:6.0f} GB/s)")
+        rows[name] = bandwidth_rows(t, nbytes)
+        rows[name]["mismatch_vs_native"] = round(mismatch, 5)
     print(json.dumps({"bench": "norm_rotary", "commit": commit(), "gpu": torch.cuda.get_device_name(),
                       "torch": torch.__version__, "rows": rows}))
     return 0
