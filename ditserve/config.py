@@ -84,9 +84,9 @@ class EngineConfig:
         109.1 -> 94.1 ms a forward); not in bf16, where it measured nothing (130.1 vs 131.0 ms) and would keep a
         forward's activations reserved. "on": whenever it can apply (else a ConfigError); "off": never.
     vae_streaming: "auto" (default: on a CUDA GPU, images that are not tiled decode in strips of rows,
-        `ditserve.pipelines.vae_decode`: the whole decode's result, summed in another order, with ~0.43 GiB of
-        activations at 1024x1024 instead of ~2.4 GiB, so the decode is not a request's memory peak; ~40 ms slower
-        on an H100), "on" (also on the CPU; a ConfigError for a VAE it cannot decode or with `compile_vae`) or
+        `ditserve.pipelines.vae_decode`: the whole decode's result, summed in another order, with 431 MiB of
+        activations at 1024x1024 instead of 2428 MiB, so the decode is not a request's memory peak; 129.6 ms
+        instead of 91.8 on an H100, bench/vae_decode.py), "on" (also on the CPU; a ConfigError for a VAE it cannot decode or with `compile_vae`) or
         "off" (diffusers' `vae.decode`).
     compile_vae: channels-last + torch.compile of the VAE decoder (lossless: the same math, other kernels).
         Measured on an H100 at 1024x1024: decode 91 -> 38 ms, its activation memory 2.38 -> 1.25 GiB; the

@@ -49,8 +49,8 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto") -
                         "launch work): auto = with --quantization fp8 on a CUDA GPU without --cache (default), on = "
                         "on a CUDA GPU without --cache (else an error), off = never")
     p.add_argument("--vae-streaming", choices=list(VAE_STREAMING), default="auto",
-                   help="decode the VAE in strips of rows (exact up to summation order; ~0.43 GiB of activations "
-                        "at 1024x1024 instead of ~2.4): auto = on a CUDA GPU (default), on = always, off = "
+                   help="decode the VAE in strips of rows (exact up to summation order; 0.42 GiB of activations "
+                        "at 1024x1024 instead of 2.37): auto = on a CUDA GPU (default), on = always, off = "
                         "diffusers' whole decode")
     p.add_argument("--dynamic-shapes", choices=list(DYNAMIC_SHAPES), default=dynamic_shapes,
                    help="with --compile: auto = compile for the first image size, and once more (token counts "

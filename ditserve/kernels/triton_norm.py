@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ditserve.kernels.triton_quant import FP8_MAX, FP32_TINY  # fp8 variants: `Fn.quantize_rows`' limits
 from ditserve.ops import functional as Fn
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -47,9 +48,6 @@ RESIDENT_MAX_D = 4096
 RMS_RESIDENT_MAX_D = 8192
 MAX_RESIDENT_D = 16384  # a resident row past this would spill registers
 LOOP_CHUNK = 1024
-# fp8 variants (see `_modulate_store`); the values of `Fn.quantize_rows`' limits, as constexprs for the kernels.
-FP8_MAX = tl.constexpr(448.0)  # torch.finfo(torch.float8_e4m3fn).max
-FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)

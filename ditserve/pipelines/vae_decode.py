@@ -1,10 +1,11 @@
 """Exact, memory-lean ("streamed") VAE decode for diffusers' `AutoencoderKL`, the VAE of FLUX.1.
 
-Why. `vae.decode` of a 1024x1024 FLUX.1 image in bf16 allocates ~2.4 GiB on an H100 on top of the weights (1.5 GiB
-of it op outputs, the rest mostly cuDNN's workspaces), while a denoise step of the transformer needs ~0.47 GiB: the
-decode is a request's memory peak. Diffusers' tiled decode bounds memory but is lossy (GroupNorm statistics per
-tile: ~37 dB PSNR against the whole decode). `streamed_decode` computes the same function as
-`vae.decode(z, return_dict=False)[0]` in 438 MiB on the H100 (see Memory).
+Why. `vae.decode` of a 1024x1024 FLUX.1 image in bf16 allocates 2428 MiB on an H100 beyond the weights and its
+output (1.5 GiB of it op outputs, the rest mostly cuDNN's workspaces), more than a denoise step of the
+transformer: the decode was a request's memory peak (bench/flux_step.py's end to end: 56.12 GiB against the
+denoise's 54.23). Diffusers' tiled decode bounds memory but is lossy (GroupNorm statistics per tile: 37.3 dB PSNR
+against the whole decode). `streamed_decode` computes the same function as `vae.decode(z, return_dict=False)[0]`
+with 431 MiB (see Memory; figures from `python3 bench/vae_decode.py`, 58f1cea).
 
 Method. The decoder is [post_quant_conv] -> conv_in -> mid_block -> up blocks (resnets, then nearest-2x upsample +
 3x3 conv) -> GroupNorm -> SiLU -> conv_out. Past the mid block (whose attention runs at the small latent
@@ -45,10 +46,8 @@ a strip sees the same inputs (zero padding only at the true border), upsampling 
 in the activation dtype as in diffusers. GroupNorm's statistics are the same sums in another order (per strip in
 fp32, combined in fp64), applied in fp32 as x * (rstd * weight) + (bias - mean * rstd * weight) (the form of
 PyTorch's own kernels) and rounded once to the activation dtype, as `nn.GroupNorm` does for bf16 input.
-Differences come from summation order only. Measured, random weights: fp32 max |diff| ~1e-6 x max |output|
-(CPU, and H100 without TF32; with TF32 convs, as PyTorch's cuDNN default, ~1e-3 between any two conv algorithms);
-bf16 at 1024^2 on an H100: 50.6 dB PSNR against the whole decode, 47.9 dB against fp32 (the whole bf16 decode:
-47.7 dB), i.e. as close to the fp32 result as diffusers' bf16 decode.
+Differences come from summation order only. Measured, random weights: fp32 max |diff| ~1e-6 x max |output| on the
+CPU (tests/pipelines/test_streamed_decode.py); bf16 at 1024^2 on an H100: 50.5 dB PSNR against the whole decode.
 
 Memory, FLUX.1's VAE at 1024x1024 in bf16, one image, the default budgets. The plan: up blocks at 128^2 and 256^2
 whole (<= 256 MiB); the 256^2 -> 512^2 upsample streamed into a 256 MiB buffer; the 512^2 resnets streamed (the
@@ -56,14 +55,14 @@ first holds its 256 MiB input and 128 MiB h); the 512^2 -> 1024^2 upsample fused
 512 MiB) into the first 1024^2 resnet (its 128 MiB source and 256 MiB h: 384 MiB, the least there for any scheme
 that materialises its output); the other 1024^2 resnets in place (256 MiB); the output streamed. Peak of live
 tensors (op outputs, traced on meta tensors by tests/pipelines/test_streamed_decode.py): 410 MiB, against 1536 MiB
-for `vae.decode`. Peak CUDA allocation on an H100 beyond the weights (cuDNN workspaces included): 438 MiB against
-2434 MiB; a batch of two: 456 MiB against 4097 MiB. (strip_bytes=16 MiB: 485 MiB, 104 ms.)
+for `vae.decode`. Peak CUDA allocation on an H100 beyond the weights and the output (cuDNN workspaces included):
+431 MiB against 2428 MiB.
 
 Compute. Beyond the whole decode's ~10.5 TFLOP per 1024^2 image, the fused upsample's conv (1.24 TFLOP) runs 3
 times instead of once and conv1 of the two in-place resnets (0.31 TFLOP each) twice: ~+3.1 TFLOP (~+30%), plus
 halo rows (2 per strip and conv). Statistics passes only read. On an H100 the decode is bound by kernel launches
-(~350 strips of ~10 kernels): 131 ms against 91 ms for `vae.decode`, a third of it in the fused step, whose strips
-are the shortest (16 rows: it holds the whole budget).
+(~350 strips of ~10 kernels): 129.6 ms against 91.8 ms for `vae.decode` (the fused step's strips are the
+shortest, 16 rows: it holds the whole budget).
 """
 
 from __future__ import annotations
@@ -85,7 +84,7 @@ DEFAULT_MATERIALIZE_BYTES = 384 * MiB
 DEFAULT_STRIP_BYTES = 8 * MiB
 # Strip-sized temporaries a streamed step holds at once, counted generously: op outputs (input strip with halo,
 # its normalised copy, conv output, the strip waiting to be written: 3.25 strips at FLUX.1's first 1024^2 resnet)
-# and on a GPU cuDNN's workspaces and layout copies (6.5 strips in all there, on an H100). A step holding less than
+# and on a GPU cuDNN's workspaces and layout copies, about as many again. A step holding less than
 # materialize_bytes of feature maps gives each strip 1/STRIP_TEMPORARIES of the difference on top of strip_bytes.
 STRIP_TEMPORARIES = 8
 # The fewest rows of a strip, whatever the budget: more than the 2 halo rows that a strip written in place may
