@@ -516,23 +516,21 @@ def main() -> int:
 
     # fp8 tier (lossy): same weights, quantised; error against the bf16 output.
     if fp8_supported(dev):
-        try:
-            from ditserve.ops.fp8 import apply_fp8
-        except ImportError as e:
-            rec["fp8"] = f"not available: {e}"
-        else:
-            for kernels in args.kernels.split(","):  # "native" lets inductor fuse the quantisation into the norms
+        # "_attn" rows: --fp8-attention too (cuDNN's fp8 attention, when its frontend is importable)
+        variants = ("", "_attn") if fp8_attention_available() else ("",)
+        rec["fp8_attention"] = "measured" if "_attn" in variants else "skipped: nvidia-cudnn-frontend missing"
+        for kernels in args.kernels.split(","):  # "native" lets inductor fuse the quantisation into the norms
+            for variant in variants:
                 model = None
-                model = fresh(kernels, compile_on)
-                apply_fp8(model)
+                model = fp8_model(fresh(kernels, compile_on), variant == "_attn", kernels, compile_on)
                 if compile_on:
                     compile_model(model, CompileConfig.for_engine(engine))
                 c_s = clock.seconds(lambda: run_ours(model)) if compile_on else None
                 err = rel_err(run_ours(model), out_bf16)
                 tier = "_compiled" if compile_on else "_eager"
-                measure(f"ditserve_fp8{tier}[{kernels}]", lambda: run_ours(model), c_s, add_ms=step_share,
-                        rel_l2_vs_bf16=round(err, 4))
-                measure_graphed(f"ditserve_fp8{tier}_graphs[{kernels}]", model, step_share,
+                measure(f"ditserve_fp8{variant}{tier}[{kernels}]", lambda: run_ours(model), c_s,
+                        add_ms=step_share, rel_l2_vs_bf16=round(err, 4))
+                measure_graphed(f"ditserve_fp8{variant}{tier}_graphs[{kernels}]", model, step_share,
                                 rel_l2_vs_bf16=round(err, 4))
     else:
         rec["fp8"] = "skipped: no fp8 on this device"
@@ -554,9 +552,11 @@ def main() -> int:
         best_ref = min(rows[k]["ms"] for k in rows if k.startswith("diffusers_") and "compile" in k)
         rec["diffusers_best_compiled_ms"] = best_ref
         rec["ratio_vs_diffusers_compiled"] = round(rows[default_row]["ms"] / best_ref, 3)
-        fp8_rows = [k for k in rows if k.startswith("ditserve_fp8_compiled")]
-        if fp8_rows:
-            rec["fp8_ratio_vs_diffusers_compiled"] = round(min(rows[k]["ms"] for k in fp8_rows) / best_ref, 3)
+        for key, prefix in (("fp8_ratio_vs_diffusers_compiled", "ditserve_fp8_compiled"),
+                            ("fp8_attention_ratio_vs_diffusers_compiled", "ditserve_fp8_attn_compiled")):
+            fp8_rows = [k for k in rows if k.startswith(prefix)]
+            if fp8_rows:
+                rec[key] = round(min(rows[k]["ms"] for k in fp8_rows) / best_ref, 3)
 
     # 4. where the time goes: profiler traces of the default compiled forward (rebuilt: levers replaced it)
     # and of the fastest fp8 row.
@@ -565,17 +565,20 @@ def main() -> int:
         attn_rate = (rec.get("sdpa_tflops") or {}).get("default") or gemm_rate
         attn_floor = flops["attention"] / attn_rate * 1e3
         floors = {"gemm": gemm_floor, "attention": attn_floor}
-        fp8_rows = sorted((k for k in rows if k.startswith("ditserve_fp8")), key=lambda k: rows[k]["ms"])
+        def fastest(prefix: str) -> str | None:
+            named = sorted((k for k in rows if k.startswith(prefix)), key=lambda k: rows[k]["ms"])
+            return named[0] if named else None
+
         for key, row_name, quantised in (("profile", default_row, False),
-                                         ("profile_fp8", fp8_rows[0] if fp8_rows else None, True)):
+                                         ("profile_fp8", fastest("ditserve_fp8_c"), True),
+                                         ("profile_fp8_attention", fastest("ditserve_fp8_attn_"), True)):
             if row_name is None:
                 continue
             model = None
-            model = fresh(row_name.split("[")[1].rstrip("]"), compile_on)
+            kernels = row_name.split("[")[1].rstrip("]")
+            model = fresh(kernels, compile_on)
             if quantised:
-                from ditserve.ops.fp8 import apply_fp8
-
-                apply_fp8(model)
+                model = fp8_model(model, "_attn" in row_name, kernels, compile_on)
             if compile_on:
                 compile_model(model, CompileConfig.for_engine(engine))
             fam, gpu_ms = profile_families(lambda: run_ours(model))
@@ -733,14 +736,37 @@ def end_to_end(args, engine, ref, clock: Clock, compile_on: bool) -> dict:
             apply_fp8(pipe.transformer)
             pipe.engine = replace(pipe.engine, quantization="fp8")
             pipe.bind_forward()  # the fp8 tier's forward: CUDA graphs (--cuda-graphs auto), of the quantised model
-            clock.seconds(ours_gen)  # recompile for the quantised layers
-            fp8_s = sorted(clock.seconds(ours_gen) for _ in range(n))[n // 2]
-            out["fp8_s"] = round(fp8_s, 3)
-            out["fp8_ratio_vs_diffusers"] = round(fp8_s / theirs_s, 3)
-            out["fp8_psnr_vs_bf16_db"] = round(psnr(ours_gen().images[0], img_ours), 2)
-            log(f"fp8 end to end {fp8_s:.3f} s ({fp8_s / theirs_s:.3f}x diffusers), image PSNR vs bf16 "
-                f"{out['fp8_psnr_vs_bf16_db']} dB")
+            for variant in ("fp8", "fp8_attention") if fp8_attention_available() else ("fp8",):
+                if variant == "fp8_attention":
+                    torch._dynamo.reset()
+                    pipe.transformer.use_fp8_attention(pipe.transformer.double_blocks[0].norm1.ops)
+                    pipe.engine = replace(pipe.engine, fp8_attention=True)
+                    pipe.bind_forward()
+                clock.seconds(ours_gen)  # recompile for the quantised layers
+                fp8_s = sorted(clock.seconds(ours_gen) for _ in range(n))[n // 2]
+                out[f"{variant}_s"] = round(fp8_s, 3)
+                out[f"{variant}_ratio_vs_diffusers"] = round(fp8_s / theirs_s, 3)
+                out[f"{variant}_psnr_vs_bf16_db"] = round(psnr(ours_gen().images[0], img_ours), 2)
+                log(f"{variant} end to end {fp8_s:.3f} s ({fp8_s / theirs_s:.3f}x diffusers), image PSNR vs bf16 "
+                    f"{out[f'{variant}_psnr_vs_bf16_db']} dB")
     return out
+
+
+def fp8_attention_available() -> bool:
+    from ditserve.kernels.attention_fp8 import CUDNN_REGISTERED
+
+    return CUDNN_REGISTERED
+
+
+def fp8_model(model, attention: bool, kernels: str, compiled: bool):
+    """`model` in the fp8 tier (`apply_fp8`), with --fp8-attention when `attention`."""
+    from ditserve.ops import OpsConfig
+    from ditserve.ops.fp8 import apply_fp8
+
+    apply_fp8(model)
+    if attention:
+        model.use_fp8_attention(OpsConfig(device="cuda", dtype=torch.bfloat16, kernels=kernels, compiled=compiled))
+    return model
 
 
 def _reference_state(ours, ref) -> dict[str, torch.Tensor]:

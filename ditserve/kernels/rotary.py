@@ -7,6 +7,9 @@ It is `ditserve.ops.functional.rms_norm_rotary`: each part RMS-normed with its w
 the parts concatenated over tokens (FLUX's double block: [text, image]; a single part otherwise), then rotated.
 The parts may be strided views (the q or k slice of a fused projection's output): the CUDA kernel reads them in
 place and writes each part's rows of the joint output, so neither the slices nor the concatenation is copied.
+
+  rms_norm_rotary_fp8(the same arguments) -> (q (B, S, H, D) float8_e4m3fn contiguous, descale (1,) float32)
+is `ditserve.ops.functional.rms_norm_rotary_fp8`: that output quantised with one scale that the weights fix.
 """
 
 from __future__ import annotations
@@ -28,6 +31,22 @@ def _(xs, weights, cos, sin, eps, interleaved):
     return xs[0].new_empty((B, sum(x.shape[1] for x in xs), H, D))
 
 
+# The fp8 attention's input (`--fp8-attention`): the same op, its output quantised to fp8 with one scale fixed by
+# the weights (`Fn.rms_norm_rotary_fp8`), in the kernel.
+@torch.library.custom_op("ditserve::rms_norm_rotary_fp8", mutates_args=())
+def rms_norm_rotary_fp8(xs: list[torch.Tensor], weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                        eps: float, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    q, descale = Fn.rms_norm_rotary_fp8(xs, weights, cos, sin, eps, interleaved)
+    return q.contiguous(), descale
+
+
+@rms_norm_rotary_fp8.register_fake
+def _(xs, weights, cos, sin, eps, interleaved):
+    B, _, H, D = xs[0].shape
+    return (xs[0].new_empty((B, sum(x.shape[1] for x in xs), H, D), dtype=Fn.FP8_DTYPE),
+            xs[0].new_empty((1,), dtype=torch.float32))
+
+
 def _register_triton() -> bool:
     """Register the Triton kernel for CUDA when Triton is importable. Returns whether it did."""
     import importlib.util
@@ -37,6 +56,7 @@ def _register_triton() -> bool:
     from ditserve.kernels import triton_rotary
 
     rms_norm_rotary.register_kernel("cuda")(triton_rotary.rms_norm_rotary)
+    rms_norm_rotary_fp8.register_kernel("cuda")(triton_rotary.rms_norm_rotary_fp8)
     return True
 
 

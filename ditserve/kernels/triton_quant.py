@@ -37,9 +37,11 @@ MINUS_2_LOG2E = tl.constexpr(-2.8853900817779268)  # -2 / ln 2: e^(-2z) = 2^(z *
 # and Triton only vectorises the row loads and stores when it knows they keep 16-byte alignment.
 @triton.jit
 def _gelu_quantize_rows_kernel(
-    a_ptr, p_ptr, bias_ptr, q_ptr, s_ptr, a_stride, p_stride, q_stride,
+    a_ptr, p_ptr, bias_ptr, q_ptr, s_ptr, a_stride, p_stride, q_stride, a_descale_ptr,
     A: tl.constexpr, G: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_G: tl.constexpr, HAS_BIAS: tl.constexpr,
+    A_SCALED: tl.constexpr,
 ):
+    # A_SCALED: the plain part is fp8 with one scale for all of it (fp8 attention's output), read as a * descale
     row = tl.program_id(0).to(tl.int64)
     dtype = p_ptr.dtype.element_ty
     cg = tl.arange(0, BLOCK_G)
@@ -57,6 +59,8 @@ def _gelu_quantize_rows_kernel(
         ca = tl.arange(0, BLOCK_A)
         ma = ca < A
         x = tl.load(a_ptr + row * a_stride + ca, mask=ma, other=0.0).to(tl.float32)  # (BLOCK_A,)
+        if A_SCALED:
+            x = x * tl.load(a_descale_ptr)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
     scale = tl.maximum(amax / FP8_MAX, FP32_TINY)
     # Values times the row's reciprocal scale, not divided by it (IEEE division, div_rn, made the kernel 2.3x
@@ -75,18 +79,23 @@ def _gelu_quantize_rows_kernel(
 NUM_WARPS = 8
 
 
-def gelu_quantize_rows(plain: torch.Tensor | None, pre: torch.Tensor, bias: torch.Tensor | None, *,
-                       num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gelu_quantize_rows(plain: torch.Tensor | None, pre: torch.Tensor, bias: torch.Tensor | None,
+                       plain_descale: torch.Tensor | None = None, *, num_warps: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """See `ditserve.kernels.quant`. num_warps overrides the launch (benchmarks)."""
+    plain_dtype = pre.dtype if plain_descale is None else Fn.FP8_DTYPE
     if pre.dim() != 2 or (plain is not None and (plain.dim() != 2 or plain.shape[0] != pre.shape[0]
-                                                  or plain.dtype != pre.dtype)):
-        raise ValueError(f"gelu_quantize_rows: pre must be (R, G) and plain (R, A) of its dtype, got "
-                         f"{tuple(pre.shape)} {pre.dtype} and "
+                                                  or plain.dtype != plain_dtype)):
+        raise ValueError(f"gelu_quantize_rows: pre must be (R, G) and plain (R, A) of its dtype (fp8 with "
+                         f"plain_descale), got {tuple(pre.shape)} {pre.dtype} and "
                          f"{None if plain is None else (tuple(plain.shape), plain.dtype)}")
     if bias is not None and tuple(bias.shape) != (pre.shape[1],):
         raise ValueError(f"gelu_quantize_rows: bias must be ({pre.shape[1]},), got {tuple(bias.shape)}")
+    if plain_descale is not None and (plain_descale.numel() != 1 or plain_descale.dtype != torch.float32):
+        raise ValueError(f"gelu_quantize_rows: plain_descale must be one float32 value, got "
+                         f"{tuple(plain_descale.shape)} {plain_descale.dtype}")
     if pre.dtype not in KERNEL_DTYPES:
-        q, s = Fn.gelu_quantize_rows(plain, pre, bias)
+        q, s = Fn.gelu_quantize_rows(plain, pre, bias, plain_descale)
         return q.contiguous(), s.contiguous()
     R, G = pre.shape
     A = 0 if plain is None else plain.shape[1]
@@ -104,6 +113,8 @@ def gelu_quantize_rows(plain: torch.Tensor | None, pre: torch.Tensor, bias: torc
         _gelu_quantize_rows_kernel[(R,)](
             pre if plain is None else plain, pre, pre if bias is None else bias.contiguous(), q, scale,
             0 if plain is None else plain.stride(0), pre.stride(0), q.stride(0),
+            scale if plain_descale is None else plain_descale,
             A=A, G=G, BLOCK_A=block_a, BLOCK_G=block_g, HAS_BIAS=bias is not None,
+            A_SCALED=plain is not None and plain_descale is not None,
             num_warps=num_warps or NUM_WARPS)
     return q, scale

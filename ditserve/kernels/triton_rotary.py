@@ -23,10 +23,13 @@ Dtypes bf16, fp16, fp32 and power-of-two D run the kernel; anything else runs th
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
+from ditserve.kernels.triton_quant import FP8_MAX, FP32_TINY  # the fp8 variant: `Fn.rms_norm_rotary_fp8`'s limits
 from ditserve.ops import functional as Fn
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -35,8 +38,13 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 @triton.jit(do_not_specialize=["L", "H", "x_sb", "x_sl", "x_sh", "o_sb", "o_sl", "c_sb", "c_sl"])
 def _rms_norm_rotary_kernel(
     x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, L, H, x_sb, x_sl, x_sh, o_sb, o_sl, c_sb, c_sl, eps,
-    D: tl.constexpr, HEADS: tl.constexpr, INTERLEAVED: tl.constexpr,
+    w2_ptr, descale_ptr, bound_per_w,
+    D: tl.constexpr, HEADS: tl.constexpr, INTERLEAVED: tl.constexpr, QUANT: tl.constexpr,
+    WRITE_DESCALE: tl.constexpr,
 ):
+    # QUANT (the fp8 variant): the output is multiplied by 1 / descale and stored as fp8, descale = the bound
+    # sqrt(D) * max(|w|, |w2|) / 448 (bound_per_w = sqrt(D) / 448; w2: the other part's weight, or w again);
+    # WRITE_DESCALE: this launch's first program stores it.
     HALF: tl.constexpr = D // 2
     tok = tl.program_id(0)  # (b, l) flat
     b = (tok // L).to(tl.int64)
@@ -59,14 +67,23 @@ def _rms_norm_rotary_kernel(
     xp = tl.load(x_ptr + row + p, mask=m, other=0.0).to(tl.float32)  # the partners: the same cache lines
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
     # the norm's output, rounded to the output dtype as the unfused ops round it
-    y = (x * rstd * tl.load(w_ptr + c).to(tl.float32)).to(out_ptr.dtype.element_ty).to(tl.float32)
-    yp = (xp * rstd * tl.load(w_ptr + p).to(tl.float32)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    y = (x * rstd * tl.load(w_ptr + c).to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
+    yp = (xp * rstd * tl.load(w_ptr + p).to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
     t_off = b * c_sb + l_ * c_sl + ang  # (1, D): one table row per token, shared by its heads
     cs = tl.load(cos_ptr + t_off).to(tl.float32)
     sn = tl.load(sin_ptr + t_off).to(tl.float32)
     out = y * cs + sign * (yp * sn)
     o_row = b * o_sb + l_ * o_sl + h[:, None].to(tl.int64) * D
-    tl.store(out_ptr + o_row + c, out.to(out_ptr.dtype.element_ty), mask=m)
+    if QUANT:
+        w_max = tl.max(tl.maximum(tl.abs(tl.load(w_ptr + c).to(tl.float32)),
+                                  tl.abs(tl.load(w2_ptr + c).to(tl.float32))))
+        descale = tl.maximum(w_max * bound_per_w, FP32_TINY)
+        out = out.to(x_ptr.dtype.element_ty).to(tl.float32) * (1.0 / descale)  # rounded as the reference rounds
+        tl.store(out_ptr + o_row + c, tl.clamp(out, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty), mask=m)
+        if WRITE_DESCALE:
+            tl.store(descale_ptr, descale, mask=(tok == 0) & (tl.program_id(1) == 0))
+    else:
+        tl.store(out_ptr + o_row + c, out.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def _heads_per_program(D: int) -> int:
@@ -94,31 +111,65 @@ def _check(xs, weights, cos, sin) -> tuple[int, int, int, int]:
     return B, S, H, D
 
 
+def _runs_kernel(xs) -> bool:
+    D = xs[0].shape[-1]
+    return xs[0].dtype in KERNEL_DTYPES and D >= 2 and not D & (D - 1)
+
+
 def rms_norm_rotary(xs: list[torch.Tensor], weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
                     eps: float, interleaved: bool, *, out: torch.Tensor | None = None, heads: int | None = None,
                     num_warps: int = 1) -> torch.Tensor:
     """See `ditserve.kernels.rotary`. out: a contiguous (B, S, H, D) output to write (tests poison it); heads
     (per program, a power of two) and num_warps override the launch (benchmarks)."""
     B, S, H, D = _check(xs, weights, cos, sin)
-    dtype = xs[0].dtype
-    if dtype not in KERNEL_DTYPES or D < 2 or D & (D - 1):
+    if not _runs_kernel(xs):
         return Fn.rms_norm_rotary(xs, weights, cos, sin, eps, interleaved).contiguous()
     if out is None:
-        out = torch.empty((B, S, H, D), device=xs[0].device, dtype=dtype)
+        out = torch.empty((B, S, H, D), device=xs[0].device, dtype=xs[0].dtype)
+    _launch(xs, weights, cos, sin, eps, interleaved, out, None, heads, num_warps)
+    return out
+
+
+def rms_norm_rotary_fp8(xs: list[torch.Tensor], weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                        eps: float, interleaved: bool, *, out: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """See `ditserve.kernels.rotary`: the kernel's QUANT variant. The scale's bound takes the maximum over at most
+    two weights in the kernel (FLUX's [text, image] parts); more parts run the reference."""
+    B, S, H, D = _check(xs, weights, cos, sin)
+    if not _runs_kernel(xs) or len(weights) > 2:
+        q, descale = Fn.rms_norm_rotary_fp8(xs, weights, cos, sin, eps, interleaved)
+        return q.contiguous(), descale
+    if out is None:
+        out = torch.empty((B, S, H, D), device=xs[0].device, dtype=Fn.FP8_DTYPE)
+    descale = torch.empty(1, device=xs[0].device, dtype=torch.float32)
+    _launch(xs, weights, cos, sin, eps, interleaved, out, descale, None, 1)
+    return out, descale
+
+
+def _launch(xs, weights, cos, sin, eps, interleaved, out, descale, heads, num_warps) -> None:
+    """Launch the kernel once per part, each writing its rows of `out`; `descale` given: the QUANT variant."""
+    B, S, H, D = out.shape
     cos, sin = cos.contiguous(), sin.contiguous()  # (tiny tables; a no-op for the model's)
     c_sb = cos.stride(0) if cos.dim() == 3 else 0
     heads = heads or _heads_per_program(D)
+    weights = [w.contiguous() for w in weights]
+    quant = descale is not None
+    write_descale = quant  # by the first launch
     off = 0
     with torch.cuda.device_of(xs[0]):
-        for x, w in zip(xs, weights):
+        if quant and B * S * H == 0:  # no program runs to write the scale
+            descale.copy_(Fn.rms_norm_rotary_fp8(xs, weights, cos, sin, eps, interleaved)[1])
+        for i, (x, w) in enumerate(zip(xs, weights)):
             L = x.shape[1]
             if x.stride(-1) != 1:
                 x = x.contiguous()
             if B * L * H:
                 o, c, s = out[:, off:off + L], cos[..., off:off + L, :], sin[..., off:off + L, :]
                 _rms_norm_rotary_kernel[(B * L, triton.cdiv(H, heads))](
-                    x, w.contiguous(), c, s, o, L, H, x.stride(0), x.stride(1), x.stride(2),
+                    x, w, c, s, o, L, H, x.stride(0), x.stride(1), x.stride(2),
                     o.stride(0), o.stride(1), c_sb, c.stride(-2), eps,
-                    D=D, HEADS=heads, INTERLEAVED=interleaved, num_warps=num_warps)
+                    weights[-1 - i] if quant else w, descale if quant else o, math.sqrt(D) / torch.finfo(Fn.FP8_DTYPE).max,
+                    D=D, HEADS=heads, INTERLEAVED=interleaved, QUANT=quant, WRITE_DESCALE=write_descale,
+                    num_warps=num_warps)
+                write_descale = False
             off += L
-    return out

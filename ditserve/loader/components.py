@@ -160,6 +160,10 @@ def build_dit(class_name: str, config: dict[str, Any], engine: EngineConfig, fil
         stream_into(model, files, model.weight_map(), device)
     if engine.quantization == "fp8":
         apply_fp8(model)
+    if engine.fp8_attention:
+        if not hasattr(model, "use_fp8_attention"):
+            raise ConfigError(f"--fp8-attention: {type(model).__name__} has no fp8 attention")
+        model.use_fp8_attention(ops)
     return _frozen(model)
 
 

@@ -24,9 +24,10 @@ from torch import nn
 from ditserve.config import ConfigError, ModelSpec
 from ditserve.dummy_run import in_dummy_run
 from ditserve.ops import (
-    Attention, Fp8Linear, Linear, LinearGELU, MulAdd, NormScaleShift, OpsConfig, ResidualNormScaleShift, RMSNorm,
-    RMSNormRotary, axial_rope_cos_sin,
+    Attention, Fp8Attention, Fp8Linear, Linear, LinearGELU, MulAdd, NormScaleShift, OpsConfig, ResidualNormScaleShift,
+    RMSNorm, RMSNormRotary, axial_rope_cos_sin,
 )
+from ditserve.ops import functional as Fn
 
 ROPE_THETA = 10000.0
 TIME_EMBED_DIM = 256  # sinusoidal timestep / guidance features
@@ -154,6 +155,7 @@ class FluxDoubleBlock(nn.Module):
         self.txt_k_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
         self.norm_rotary = RMSNormRotary(head_dim, eps=NORM_EPS, interleaved=True, ops=ops)
         self.attn = Attention(attention)
+        self.fp8_attn: Fp8Attention | None = None  # set by FluxTransformer.use_fp8_attention
         self.img_attn_out = Linear(dim, dim, **lin)
         self.txt_attn_out = Linear(dim, dim, **lin)
         self.norm2 = ResidualNormScaleShift(dim, eps=NORM_EPS, norm="layer", ops=ops)
@@ -182,11 +184,19 @@ class FluxDoubleBlock(nn.Module):
         img_q, img_k, img_v = self.img_qkv(img_h).unflatten(-1, qkv_shape).unbind(2)  # (B, L, H, Dh) each
         txt_q, txt_k, txt_v = self.txt_qkv(txt_h).unflatten(-1, qkv_shape).unbind(2)  # (B, T, H, Dh) each
         # q, k: each stream RMS-normed with its own weight, joined as [txt, img], rotated: (B, S, H, Dh)
-        q = self.norm_rotary((txt_q, img_q), (self.txt_q_norm.weight, self.img_q_norm.weight), cos, sin)
-        k = self.norm_rotary((txt_k, img_k), (self.txt_k_norm.weight, self.img_k_norm.weight), cos, sin)
+        q_parts = ((txt_q, img_q), (self.txt_q_norm.weight, self.img_q_norm.weight))
+        k_parts = ((txt_k, img_k), (self.txt_k_norm.weight, self.img_k_norm.weight))
         v = torch.cat((txt_v, img_v), dim=1)  # (B, S, H, Dh)
-        attn = self.attn(q, k, v).flatten(2)  # (B, S, D)
-        txt_attn, img_attn = attn[:, :T], attn[:, T:]  # (B, T, D), (B, L, D)
+        if self.fp8_attn is not None:  # q, k, v and the output in fp8, one scale each (the output projections read it)
+            o, o_descale = self.fp8_attn(*self.norm_rotary(*q_parts, cos, sin, quantize=True),
+                                         *self.norm_rotary(*k_parts, cos, sin, quantize=True), v)
+            o = o.flatten(2)  # (B, S, D) fp8
+            txt_attn, img_attn = Fn.tensorwise(o[:, :T], o_descale), Fn.tensorwise(o[:, T:], o_descale)
+        else:
+            q = self.norm_rotary(*q_parts, cos, sin)
+            k = self.norm_rotary(*k_parts, cos, sin)
+            attn = self.attn(q, k, v).flatten(2)  # (B, S, D)
+            txt_attn, img_attn = attn[:, :T], attn[:, T:]  # (B, T, D), (B, L, D)
 
         # Image stream: gated residual + AdaLN, then the MLP with a gated residual.
         img_h, img = self.norm2(self.img_attn_out(img_attn), img, img_gate1, img_scale2, img_shift2,
@@ -240,6 +250,7 @@ class FluxSingleBlock(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=NORM_EPS, ops=ops, device=device, dtype=dtype)
         self.norm_rotary = RMSNormRotary(head_dim, eps=NORM_EPS, interleaved=True, ops=ops)
         self.attn = Attention(attention)
+        self.fp8_attn: Fp8Attention | None = None  # set by FluxTransformer.use_fp8_attention
         self.out = Linear(dim + 4 * dim, dim, **lin)  # over concat(attn, gelu(mlp))
         self.gated_add = MulAdd(k=0.0, ops=ops)  # gated_add(y, gate, r) = r + gate * y
 
@@ -253,6 +264,11 @@ class FluxSingleBlock(nn.Module):
         h = self.norm(x, scale, shift, quantize=self.qkv_mlp.takes_fp8)  # (B, S, D) (fp8 tier: quantised)
         qkv, mlp = self.qkv_mlp(h).split((3 * self.dim, 4 * self.dim), dim=-1)  # (B, S, 3D), (B, S, 4D)
         q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # (B, S, H, Dh)
+        if self.fp8_attn is not None:  # q, k, v and the output in fp8, one scale each
+            o, o_descale = self.fp8_attn(*self.norm_rotary((q,), (self.q_norm.weight,), cos, sin, quantize=True),
+                                         *self.norm_rotary((k,), (self.k_norm.weight,), cos, sin, quantize=True), v)
+            h = self.out.forward_after_gelu(o.flatten(2), mlp, plain_descale=o_descale)  # (B, S, D)
+            return self.residual(h, gate, x)
         q = self.norm_rotary((q,), (self.q_norm.weight,), cos, sin)  # (B, S, H, Dh)
         k = self.norm_rotary((k,), (self.k_norm.weight,), cos, sin)
         attn = self.attn(q, k, v).flatten(2)  # (B, S, D)
@@ -260,7 +276,11 @@ class FluxSingleBlock(nn.Module):
             h = self.out.forward_after_gelu(attn, mlp)  # (B, S, D)
         else:
             h = self.out(torch.cat((attn, F.gelu(mlp, approximate="tanh")), dim=-1))  # (B, S, 5D) -> (B, S, D)
-        x = self.gated_add(h, gate, x)  # (B, S, D)
+        return self.residual(h, gate, x)
+
+    def residual(self, h: torch.Tensor, gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The gated residual add x + gate * h: (B, S, D)."""
+        x = self.gated_add(h, gate, x)
         if self.clamp_fp16:  # as diffusers: keep fp16 activations finite
             x = x.clamp(-FP16_MAX, FP16_MAX)
         return x
@@ -444,6 +464,17 @@ class FluxTransformer(nn.Module):
         temb = temb.unflatten(0, (N, B))  # (N, B, D)
         return [FluxConditioning(temb=temb[i], mods=tuple(m[i] for m in mods), out_mod=out_mod[i])
                 for i in range(N)]
+
+    def use_fp8_attention(self, ops: OpsConfig) -> None:
+        """Run every block's attention in fp8 (`ditserve.ops.attention.Fp8Attention`; lossy). Needs the fp8 tier
+        (`apply_fp8` first: the attention output projections read the fp8 output). Call it before compiling."""
+        blocks = (*self.double_blocks, *self.single_blocks)
+        if not all(isinstance(b.img_attn_out if isinstance(b, FluxDoubleBlock) else b.out, Fp8Linear)
+                   for b in blocks):
+            raise ConfigError("fp8 attention needs the fp8 tier's layers: apply_fp8 (--quantization fp8) first")
+        for block in blocks:
+            block.fp8_attn = Fp8Attention(ops)
+            block.norm_rotary.warm_quantized = True  # the prewarm compiles the kernel variant now in use
 
     def use_per_block_modulation(self) -> None:
         """Make each block compute its own modulation vectors from temb (see `blocks_take_temb`). Call it

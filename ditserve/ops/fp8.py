@@ -47,7 +47,8 @@ class GeluQuantize(CustomOp):
     """The input of an fp8 projection that follows a tanh-GELU: forward(plain, pre, bias) =
     `ditserve.ops.functional.gelu_quantize_rows`, rows [plain | gelu_tanh(pre + bias)] quantised to fp8 per row.
 
-    plain: (R, A) or None; pre: (R, G) (a row-strided view is read in place); bias: (G,) or None
+    plain: (R, A) or None; pre: (R, G) (a row-strided view is read in place); bias: (G,) or None;
+    plain_descale: (1,) float32 when plain is fp8 with that one scale (fp8 attention's output), else None
     -> (q (R, A + G) float8_e4m3fn, scale (R, 1) float32).
     """
 
@@ -56,11 +57,11 @@ class GeluQuantize(CustomOp):
     # fp8 forward on an H100 (bench/flux_shapes_ab.py --variants static,fp8, 1c36007).
     FAST_BY_DEFAULT = True
 
-    def forward_native(self, plain, pre, bias):
-        return Fn.gelu_quantize_rows(plain, pre, bias)
+    def forward_native(self, plain, pre, bias, plain_descale=None):
+        return Fn.gelu_quantize_rows(plain, pre, bias, plain_descale)
 
-    def forward_cuda(self, plain, pre, bias):
-        return K.gelu_quantize_rows(plain, pre, bias)
+    def forward_cuda(self, plain, pre, bias, plain_descale=None):
+        return K.gelu_quantize_rows(plain, pre, bias, plain_descale)
 
     # No `warm`: the kernel specialises on the row widths, which only the caller knows; it compiles at its first
     # call (the fp8 tier's cold start pays it once).
@@ -165,17 +166,19 @@ class Fp8Linear(CustomOp):
         q, scale, shape = self._quantized(x)
         return self.product(q, scale).reshape(*shape[:-1], self.out_features)
 
-    def forward_after_gelu(self, plain: torch.Tensor | None, pre: torch.Tensor, bias: torch.Tensor | None = None
-                           ) -> torch.Tensor:
+    def forward_after_gelu(self, plain: torch.Tensor | None, pre: torch.Tensor, bias: torch.Tensor | None = None,
+                           plain_descale: torch.Tensor | None = None) -> torch.Tensor:
         """This layer applied to [plain | gelu_tanh(pre + bias)] (concatenated over channels), with the GELU and
         the input's fp8 quantisation in one pass (`GeluQuantize`): plain (..., A) or None, pre (..., G),
-        A + G = in_features, bias (G,) or None -> (..., N)."""
+        A + G = in_features, bias (G,) or None -> (..., N). plain_descale (1,) fp32: plain is fp8 with that one
+        scale (fp8 attention's output)."""
         G = pre.shape[-1]
         A = self.in_features - G
         if (A == 0) != (plain is None) or (plain is not None and plain.shape[-1] != A):
             raise ValueError(f"Fp8Linear.forward_after_gelu: plain ({None if plain is None else plain.shape[-1]}) + "
                              f"pre ({G}) channels must make in_features ({self.in_features})")
-        q, scale = self.gelu_quantize(None if plain is None else plain.reshape(-1, A), pre.reshape(-1, G), bias)
+        q, scale = self.gelu_quantize(None if plain is None else plain.reshape(-1, A), pre.reshape(-1, G), bias,
+                                      plain_descale)
         y = self.finish(self.product(q, scale))  # (M, N)
         return y.reshape(*pre.shape[:-1], self.out_features)
 

@@ -11,6 +11,7 @@ per-sample modulation or (B, L, D) for per-token modulation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -173,16 +174,65 @@ def quantized(y: torch.Tensor) -> QuantizedRows:
     return QuantizedRows(*quantize_rows(y.reshape(-1, y.shape[-1])), y.shape)
 
 
-def gelu_quantize_rows(plain: torch.Tensor | None, pre: torch.Tensor, bias: torch.Tensor | None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def tensorwise(x: torch.Tensor, descale: torch.Tensor) -> QuantizedRows:
+    """An fp8 tensor x (..., C) with one scale for all of it (descale (1,) fp32) as a `QuantizedRows` (every row's
+    scale the same), for an fp8 layer to read. The rows must be contiguous (a row slice of a contiguous tensor)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return QuantizedRows(rows, descale.expand(rows.shape[0], 1).contiguous(), x.shape)
+
+
+def quantize_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric per-tensor fp8 quantisation: t (any shape, float) -> (q float8_e4m3fn, descale (1,) float32,
+    scale (1,) float32) with t ~= q * descale and scale = 1 / descale. Limits as `quantize_rows`."""
+    fp8_max = torch.finfo(FP8_DTYPE).max
+    descale = (t.abs().amax().float() / fp8_max).clamp(min=torch.finfo(torch.float32).tiny).reshape(1)
+    scale = 1.0 / descale
+    return (t.float() * scale).clamp(-fp8_max, fp8_max).to(FP8_DTYPE), descale, scale
+
+
+def rms_norm_rotary_fp8(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], cos: torch.Tensor,
+                        sin: torch.Tensor, eps: float, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rms_norm_rotary`, its output quantised to fp8 with one scale for the whole tensor, fixed by the weights: an
+    RMS-normed row of D channels has no entry beyond sqrt(D) in magnitude, so after the weight and any rotation no
+    entry exceeds sqrt(D) * max|w| (over all parts' weights), and descale = that bound / 448 never overflows, with
+    no pass over the data to find its amax (fp8 keeps its relative precision over its whole range).
+
+    Returns (q (B, S, H, D) float8_e4m3fn, descale (1,) float32): the output ~= q * descale. The quantisation
+    multiplies the (rounded) output by 1 / descale, as the CUDA kernel does.
+    """
+    out = rms_norm_rotary(xs, weights, cos, sin, eps, interleaved)
+    fp8_max = torch.finfo(FP8_DTYPE).max
+    w_max = torch.stack([w.detach().abs().amax() for w in weights]).amax().float()
+    descale = (w_max * (math.sqrt(out.shape[-1]) / fp8_max)).clamp(min=torch.finfo(torch.float32).tiny).reshape(1)
+    q = (out.float() * (1.0 / descale)).clamp(-fp8_max, fp8_max).to(FP8_DTYPE)
+    return q, descale
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor,
+                  descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor) -> torch.Tensor:
+    """Attention of per-tensor fp8 inputs with an fp8 output (the reference of cuDNN's fp8 SDPA, in fp32, without
+    its rounding of the probabilities to fp8): q, k, v (B, S, H, D) float8_e4m3fn, descale_* (1,) fp32 ->
+    softmax((q dq)(k dk)^T / sqrt(D)) (v dv) * scale_o, (B, S, H, D) float8_e4m3fn. The caller picks scale_o so
+    that the output cannot overflow (1 / descale_v: each output row is a convex combination of v's rows)."""
+    fp8_max = torch.finfo(FP8_DTYPE).max
+    q, k, v = ((x.float() * s).transpose(1, 2) for x, s in ((q, descale_q), (k, descale_k), (v, descale_v)))
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, S, H, D) fp32
+    return (o * scale_o).clamp(-fp8_max, fp8_max).to(FP8_DTYPE)
+
+
+def gelu_quantize_rows(plain: torch.Tensor | None, pre: torch.Tensor, bias: torch.Tensor | None,
+                       plain_descale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The input of an fp8 projection that follows a tanh-GELU, quantised per row: rows of
     [plain | gelu_tanh(pre + bias)] -> `quantize_rows` of them.
 
     plain: (R, A) or None (FLUX's single block: the attention output, concatenated before the GELU'd MLP
     hidden state); pre: (R, G) the MLP hidden state before its activation; bias: (G,) or None, added first.
     Returns (q (R, A + G) float8_e4m3fn, scale (R, 1) float32). Roundings are the unfused ops' (bias add, then
-    GELU, each rounded to pre's dtype).
+    GELU, each rounded to pre's dtype). plain_descale: (1,) fp32 when plain is fp8 with one scale for all of it
+    (FLUX's single block with fp8 attention): plain is read as plain * plain_descale, in fp32.
     """
     y = pre if bias is None else pre + bias
     y = F.gelu(y, approximate="tanh")  # (R, G)
+    if plain is not None and plain_descale is not None:
+        plain = plain.float() * plain_descale
     return quantize_rows(y if plain is None else torch.cat((plain, y), dim=-1))

@@ -56,23 +56,28 @@ class RMSNormRotary(CustomOp):
     its weight, concatenated over tokens, rotated).
 
     xs: tuple of (B, L_i, H, D) (views of a fused projection are read in place); weights: tuple of (D,);
-    cos, sin: (sum L_i, D/2) or (B, sum L_i, D/2) fp32 -> (B, sum L_i, H, D) in xs' dtype.
+    cos, sin: (sum L_i, D/2) or (B, sum L_i, D/2) fp32 -> (B, sum L_i, H, D) in xs' dtype. With quantize=True
+    (fp8 attention's input): (q (B, sum L_i, H, D) float8_e4m3fn, descale (1,) fp32), the output quantised with
+    one scale that the weights fix (`ditserve.ops.functional.rms_norm_rotary_fp8`; on CUDA, in the kernel).
     """
 
     # Fast path: the Triton kernel `ditserve::rms_norm_rotary`, which reads each row once and writes it once.
     # Compiled native, inductor fused FLUX.1's q/k norm + RoPE into kernels at ~0.9 TB/s (H100, c44df54); the
     # kernel runs at 1.9 TB/s and the compiled FLUX.1-dev forward takes 4.9 ms less with it (2559e2e).
     FAST_BY_DEFAULT = True
+    warm_quantized = False  # whether `warm` also compiles the fp8 variant (set where the model uses it)
 
     def __init__(self, head_dim: int, eps: float = 1e-6, interleaved: bool = True, ops: OpsConfig | None = None):
         super().__init__(ops)
         self.head_dim, self.eps, self.interleaved = head_dim, eps, interleaved
 
-    def forward_native(self, xs, weights, cos, sin):
-        return Fn.rms_norm_rotary(xs, weights, cos, sin, self.eps, self.interleaved)
+    def forward_native(self, xs, weights, cos, sin, quantize: bool = False):
+        fn = Fn.rms_norm_rotary_fp8 if quantize else Fn.rms_norm_rotary
+        return fn(xs, weights, cos, sin, self.eps, self.interleaved)
 
-    def forward_cuda(self, xs, weights, cos, sin):
-        return K.rms_norm_rotary(list(xs), list(weights), cos, sin, self.eps, self.interleaved)
+    def forward_cuda(self, xs, weights, cos, sin, quantize: bool = False):
+        fn = K.rms_norm_rotary_fp8 if quantize else K.rms_norm_rotary
+        return fn(list(xs), list(weights), cos, sin, self.eps, self.interleaved)
 
     def warm(self, device: torch.device, dtype: torch.dtype) -> None:
         """Run the fast path once on tiny inputs (the kernel specialises on D and the dtype only)."""
@@ -80,6 +85,8 @@ class RMSNormRotary(CustomOp):
         w = torch.ones(self.head_dim, device=device, dtype=dtype)
         tab = torch.zeros(4, self.head_dim // 2, device=device, dtype=torch.float32)
         self.forward_cuda((x,), (w,), tab, tab)
+        if self.warm_quantized:
+            self.forward_cuda((x,), (w,), tab, tab, quantize=True)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, eps={self.eps}, interleaved={self.interleaved}, {super().extra_repr()}"
