@@ -11,15 +11,17 @@ dummy FLUX.1-dev at full size, batch 1, 1024x1024 (4096 image tokens) + 512 text
      weights; output relative error; FLOPs per forward (torch.utils.flop_counter), split GEMM / attention;
   3. one-forward times (CUDA events, median of --iters after warmup): diffusers eager, diffusers compiled whole
      (fullgraph=True) and regionally (compile_repeated_blocks), ditserve eager and compiled per --kernels,
-     ditserve fp8 (when this GPU has fp8), each compiled row also replayed from CUDA graphs (`_graphs` rows:
-     --cuda-graphs, the fp8 tier's default), and with --levers the variants of bench/flux_levers.py;
-  4. a profiler trace of ditserve's default compiled forward: GPU time by op family, and time above the floor
-     (GEMM FLOPs at the measured GEMM rate, attention FLOPs at the measured SDPA rate);
+     ditserve fp8 (when this GPU has fp8) and fp8 + fp8 attention (`_attn` rows: --fp8-attention, when the
+     nvidia-cudnn-frontend package is importable), each compiled row also replayed from CUDA graphs (`_graphs`
+     rows: --cuda-graphs, the fp8 tier's default), and with --levers the variants of bench/flux_levers.py;
+  4. profiler traces of ditserve's default compiled forward and of the fastest fp8 and fp8-attention rows: GPU
+     time by op family, and (bf16) time above the floor (GEMM FLOPs at the measured GEMM rate, attention FLOPs at
+     the measured SDPA rate);
   5. end to end: a --steps-step generate (text encode, denoise, VAE decode) of ditserve's pipeline beside
      diffusers' FluxPipeline built from the same dummy components (same T5/CLIP/VAE objects, same DiT weights),
      both compiled; device-to-host syncs inside ditserve's denoise loop (profiler + CUDA sync-debug mode); peak
      memory of the denoise and of the decode (the default streamed decode, diffusers' whole decode, tiled,
-     compiled); fp8 image PSNR against bf16 on the same seed.
+     compiled); fp8 (and fp8-attention) time and image PSNR against bf16 on the same seed.
 Prints a table to stderr and ONE JSON line last on stdout (ratio_vs_diffusers_compiled = ditserve default
 compiled ms / diffusers' best compiled ms).
 

@@ -10,13 +10,15 @@ writes only an fp8 output (a bf16 one needs Blackwell), which is why the op's ou
 caller's. At FLUX.1's attention (1 x 4608 tokens x 24 heads x 128) on an H100: 299.5 us against cuDNN bf16's
 439.8 us, with 5.9% relative L2 error against fp32 on random inputs (bf16: 0.23%; bench/fp8_attention.py).
 
-Why cuDNN through its Python frontend: PyTorch exposes no fp8 SDPA, and no fp8 attention kernel for Hopper that
-can be carried as a wheel ships with fewer dependencies (a plain Triton one only matched cuDNN's bf16 rate,
-bench/fp8_attention.py). The frontend's graph is built once per shape and device and kept.
+Why cuDNN through its Python frontend (an optional dependency, `pip install nvidia-cudnn-frontend`): PyTorch
+exposes no fp8 SDPA; FlashAttention-3's fp8 kernels are not packaged for this stack, flash-attn-4's fp8 path is
+Blackwell-only, and a plain Triton kernel only matched cuDNN's bf16 rate (bench/fp8_attention.py). The frontend's
+graph is built once per shape and device and kept for the process (cleared at exit, before the bindings go).
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import math
 
@@ -88,7 +90,8 @@ class _CudnnGraph:
         return out
 
 
-_GRAPHS: dict[tuple, _CudnnGraph] = {}
+_GRAPHS: dict[tuple, _CudnnGraph] = {}  # (device index, B, S, H, D) -> its built graph
+atexit.register(_GRAPHS.clear)  # free the graphs while their bindings still exist (else nanobind reports leaks)
 
 
 def _cudnn_fp8_attention(q, k, v, descale_q, descale_k, descale_v, scale_o) -> torch.Tensor:
