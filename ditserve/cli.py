@@ -184,7 +184,8 @@ def _generate(args: argparse.Namespace) -> int:
         save_image(image, path)
         print(path)
     if not args.quiet:
-        quant = f" | quantization {engine.quantization}" if engine.quantization else ""
+        quant = (f" | quantization {engine.quantization}" + (" + fp8 attention" if engine.fp8_attention else "")
+                 if engine.quantization else "")
         print(f"{name}: load {load_s:.2f} s{quant} | {_format_summary(result, result.params.steps)}",
               file=sys.stderr)
     return 0

@@ -165,6 +165,23 @@ def test_refusals(monkeypatch):
         Fp8Attention()
 
 
+def test_loader_applies_it():
+    """load_transformer with fp8_attention: every block's attention in fp8, on top of the fp8 layers (the CPU runs
+    the references), close to the fp8 model's output."""
+    from ditserve.compile import flux_example_inputs
+    from ditserve.loader import load_transformer
+
+    fp8, _ = load_transformer(None, EngineConfig(device="cpu", quantization="fp8"))
+    model, _ = load_transformer(None, EngineConfig(device="cpu", quantization="fp8", fp8_attention=True))
+    blocks = (*model.double_blocks, *model.single_blocks)
+    assert all(isinstance(b.fp8_attn, Fp8Attention) and b.norm_rotary.warm_quantized for b in blocks)
+    assert all(b.fp8_attn is None for b in (*fp8.double_blocks, *fp8.single_blocks))
+    inputs = flux_example_inputs(model.config, 64, 64, batch=2, text_len=16)
+    with torch.inference_mode():
+        out, ref = model(**inputs), fp8(**inputs)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 0.05
+
+
 def test_cli_flag():
     from ditserve.engine_args import add_engine_flags, engine_from_args
     import argparse
