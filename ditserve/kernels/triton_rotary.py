@@ -66,7 +66,7 @@ def _rms_norm_rotary_kernel(
     x = tl.load(x_ptr + row + c, mask=m, other=0.0).to(tl.float32)  # (HEADS, D), contiguous
     xp = tl.load(x_ptr + row + p, mask=m, other=0.0).to(tl.float32)  # the partners: the same cache lines
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
-    # the norm's output, rounded to the output dtype as the unfused ops round it
+    # the norm's output, rounded to the input dtype as the unfused ops round it (the bf16 variant's output dtype)
     y = (x * rstd * tl.load(w_ptr + c).to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
     yp = (xp * rstd * tl.load(w_ptr + p).to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
     t_off = b * c_sb + l_ * c_sl + ang  # (1, D): one table row per token, shared by its heads

@@ -85,8 +85,9 @@ class RMSNormRotary(CustomOp):
         w = torch.ones(self.head_dim, device=device, dtype=dtype)
         tab = torch.zeros(4, self.head_dim // 2, device=device, dtype=torch.float32)
         self.forward_cuda((x,), (w,), tab, tab)
-        if self.warm_quantized:
-            self.forward_cuda((x,), (w,), tab, tab, quantize=True)
+        if self.warm_quantized:  # two parts (FLUX's double block): both launch variants, the one writing the scale
+            both = torch.cat((tab, tab))
+            self.forward_cuda((x, x), (w, w), both, both, quantize=True)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, eps={self.eps}, interleaved={self.interleaved}, {super().extra_repr()}"

@@ -182,6 +182,24 @@ def test_loader_applies_it():
     assert torch.isfinite(out).all() and rel_err(out, ref) < 0.05
 
 
+def test_prewarm_covers_the_fp8_variant_only_where_used(monkeypatch):
+    """`RMSNormRotary.warm` (the compile prewarm) runs the fp8 variant, with two parts as the double block calls it,
+    only once the model uses fp8 attention (it would cost every other model a kernel compile)."""
+    from ditserve.ops import RMSNormRotary
+
+    calls = []
+    real = KR.rms_norm_rotary_fp8
+    monkeypatch.setattr(KR, "rms_norm_rotary_fp8", lambda xs, *a: calls.append(len(xs)) or real(xs, *a))
+    op = RMSNormRotary(64)
+    op.warm(torch.device("cpu"), torch.bfloat16)
+    assert calls == []
+    model = fp8_attention_flux()
+    assert all(b.norm_rotary.warm_quantized for b in (*model.double_blocks, *model.single_blocks))
+    op.warm_quantized = True
+    op.warm(torch.device("cpu"), torch.bfloat16)
+    assert calls == [2]
+
+
 def test_cli_flag():
     from ditserve.engine_args import add_engine_flags, engine_from_args
     import argparse
