@@ -55,17 +55,23 @@ def cuda_median_ms(fn, iters: int, warmup: int) -> float:
     return sorted(times)[iters // 2]
 
 
-def kernel_times(fn, iters: int = 5) -> dict[str, tuple[float, int]]:
-    """{GPU kernel name: (GPU ms per call of fn, launches per call of fn)} from a torch.profiler trace of `iters`
-    calls, after one untraced call."""
+def trace(fn, activity: str, iters: int):
+    """A torch.profiler trace ("cuda" kernels or "cpu" host ops) of `iters` calls of fn, after one untraced call."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA if activity == "cuda" else ProfilerActivity.CPU]) as prof:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
+    return prof
+
+
+def kernel_times(fn, iters: int = 5) -> dict[str, tuple[float, int]]:
+    """{GPU kernel name: (GPU ms per call of fn, launches per call of fn)} from a torch.profiler trace of `iters`
+    calls, after one untraced call."""
+    prof = trace(fn, "cuda", iters)
     acc: dict[str, list] = {}
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:

@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 
 import torch
-from benchutil import commit, cuda_median_ms, kernel_times, log
+from benchutil import commit, cuda_median_ms, kernel_times, log, trace
 
 
 def kernel_key(name: str) -> str:
@@ -47,14 +47,7 @@ def host_ms(fn, iters: int = 10) -> float:
 
 def cpu_table(fn, top: int, iters: int = 3) -> list[dict]:
     """The `top` ops by host self time per call of fn(), from a CPU profiler trace."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
+    prof = trace(fn, "cpu", iters)
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
     out = [{"op": e.key[:100], "self_ms": round(e.self_cpu_time_total / 1e3 / iters, 3), "calls": e.count // iters}
            for e in rows]

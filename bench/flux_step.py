@@ -567,13 +567,14 @@ def main() -> int:
         attn_rate = (rec.get("sdpa_tflops") or {}).get("default") or gemm_rate
         attn_floor = flops["attention"] / attn_rate * 1e3
         floors = {"gemm": gemm_floor, "attention": attn_floor}
-        def fastest(prefix: str) -> str | None:
-            named = sorted((k for k in rows if k.startswith(prefix)), key=lambda k: rows[k]["ms"])
+        def fastest_fp8(attention: bool) -> str | None:  # the fastest fp8 row, with or without fp8 attention
+            named = sorted((k for k in rows if k.startswith("ditserve_fp8") and ("_attn" in k) == attention),
+                           key=lambda k: rows[k]["ms"])
             return named[0] if named else None
 
         for key, row_name, quantised in (("profile", default_row, False),
-                                         ("profile_fp8", fastest("ditserve_fp8_c"), True),
-                                         ("profile_fp8_attention", fastest("ditserve_fp8_attn_"), True)):
+                                         ("profile_fp8", fastest_fp8(False), True),
+                                         ("profile_fp8_attention", fastest_fp8(True), True)):
             if row_name is None:
                 continue
             model = None

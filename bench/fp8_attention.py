@@ -121,50 +121,6 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **launch) -
 
 
 
-def cudnn_fp8_attention(B: int, S: int, H: int, D: int, out_dtype: torch.dtype):
-    """cuDNN's fp8 SDPA (nvidia-cudnn-frontend, when importable) for (B, S, H, D) tensors with per-tensor scales.
-    Returns run(q8, k8, v8, scales, out) where scales is a (6,) fp32 tensor: descale q, k, v, descale s, scale s,
-    scale o; or raises when cuDNN cannot build the graph (out_dtype bf16 needs cuDNN's mixed-output support)."""
-    import cudnn
-
-    e4m3, fp32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
-    handle = cudnn.create_handle()
-    graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=fp32, compute_data_type=fp32, handle=handle)
-    shape, stride = (B, H, S, D), (S * H * D, D, H * D, 1)  # (B, S, H, D) memory seen as (B, H, S, D)
-    tq, tk, tv = (graph.tensor(name=n, dim=shape, stride=stride, data_type=e4m3) for n in "qkv")
-    scalars = [graph.tensor(name=n, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=fp32)
-               for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")]
-    o, _, amax_s, amax_o = graph.sdpa_fp8(q=tq, k=tk, v=tv, descale_q=scalars[0], descale_k=scalars[1],
-                                          descale_v=scalars[2], descale_s=scalars[3], scale_s=scalars[4],
-                                          scale_o=scalars[5], generate_stats=False, attn_scale=1.0 / math.sqrt(D))
-    o.set_output(True).set_dim(shape).set_stride(stride).set_data_type(
-        cudnn.data_type.BFLOAT16 if out_dtype == torch.bfloat16 else e4m3)
-    for amax in (amax_s, amax_o):
-        amax.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(fp32)
-    graph.validate()
-    graph.build_operation_graph()
-    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    graph.check_support()
-    graph.build_plans()
-    workspace = torch.empty(graph.get_workspace_size(), device="cuda", dtype=torch.uint8)
-    amaxes = torch.empty(2, device="cuda", dtype=torch.float32)
-
-    def run(q8, k8, v8, scales, out):
-        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
-        pack = {tq: q8, tk: k8, tv: v8, o: out, amax_s: amaxes[0:1], amax_o: amaxes[1:2]}
-        pack.update({t: scales[i:i + 1] for i, t in enumerate(scalars)})
-        graph.execute(pack, workspace, handle=handle)
-        return out
-
-    return run
-
-
-def quantize_tensorwise(x: torch.Tensor):
-    """x -> (x8, descale) with one fp32 scale for the whole tensor."""
-    descale = (x.abs().amax().float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-    return (x.float() / descale).clamp(-FP8_MAX, FP8_MAX).to(FP8), descale
-
-
 def main() -> int:
     if not torch.cuda.is_available():
         log("bench/fp8_attention.py needs a CUDA GPU")
@@ -214,34 +170,25 @@ def main() -> int:
 
 
 def cudnn_rows(q, k, v, record, rows) -> None:
-    """cuDNN's fp8 SDPA with tensor-wise scales: q and k scaled by their amax, P by 448 (it is in [0, 1]), O by
-    v's scale (O is a convex combination of v's rows, so |O| <= amax(v)); fp8 and (where cuDNN allows) bf16 O."""
-    try:
-        import cudnn
-        log(f"cudnn frontend {cudnn.__version__}, backend {cudnn.backend_version()}")
-    except Exception as e:  # nvidia-cudnn-frontend not carried
-        rows["cudnn_fp8"] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+    """cuDNN's fp8 SDPA as `--fp8-attention` runs it (`ditserve::fp8_attention`): q, k, v with one scale each
+    (`Fn.quantize_tensor`), P scaled by 448 (it is in [0, 1]), the fp8 output by v's scale (a convex combination of
+    v's rows). (def84cb's run also asked cuDNN for a bf16 output: refused on Hopper, "only supported on Blackwell".)"""
+    from ditserve.kernels import attention_fp8 as KA
+    from ditserve.ops import functional as Fn
+
+    if not KA.CUDNN_REGISTERED:  # nvidia-cudnn-frontend not carried
+        rows["cudnn_fp8"] = {"error": f"{KA.CUDNN_PACKAGE} is not importable"}
         log(f"cudnn_fp8: {rows['cudnn_fp8']['error']}")
         return
-    B, S, H, D = q.shape
-    quant = torch.compile(lambda q, k, v: [quantize_tensorwise(x) for x in (q, k, v)], fullgraph=True)
-    (q8, dq), (k8, dk), (v8, dv) = quant(q, k, v)
+    import cudnn
+
+    log(f"cudnn frontend {cudnn.__version__}, backend {cudnn.backend_version()}")
+    quant = torch.compile(lambda q, k, v: [Fn.quantize_tensor(x) for x in (q, k, v)], fullgraph=True)
+    (q8, dq, _), (k8, dk, _), (v8, dv, sv) = quant(q, k, v)
     record("quantize_qkv_tensorwise (compiled)", lambda: quant(q, k, v))
     rows["quantize_qkv_tensorwise (compiled)"].pop("tflops")
-    scales = torch.stack([dq, dk, dv, torch.tensor(1 / FP8_MAX, device="cuda"),
-                          torch.tensor(FP8_MAX, device="cuda"), 1 / dv])
-    for out_dtype in (FP8, torch.bfloat16):
-        name = f"cudnn_fp8_out_{'fp8' if out_dtype == FP8 else 'bf16'}"
-        try:
-            run = cudnn_fp8_attention(B, S, H, D, out_dtype)
-            out = torch.empty_like(q, dtype=out_dtype)
-            run(q8, k8, v8, scales, out)
-            torch.cuda.synchronize()
-            result = out.float() * (dv if out_dtype == FP8 else 1.0)
-            record(name, lambda: run(q8, k8, v8, scales, out), result)
-        except Exception as e:  # cuDNN refuses the graph (no engine for this config)
-            rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            log(f"{name}: {rows[name]['error']}")
+    out = KA.fp8_attention(q8, k8, v8, dq, dk, dv, sv)
+    record("cudnn_fp8_out_fp8", lambda: KA.fp8_attention(q8, k8, v8, dq, dk, dv, sv), out.float() * dv)
 
 
 if __name__ == "__main__":

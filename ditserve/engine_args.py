@@ -119,9 +119,7 @@ def check_engine(engine: EngineConfig) -> None:
     if engine.fp8_attention and engine.torch_device.type == "cuda" and engine.kernels != "native":
         from ditserve.kernels import attention_fp8
 
-        if not attention_fp8.CUDNN_REGISTERED:
-            raise ConfigError(f"--fp8-attention runs on cuDNN's fp8 attention, which needs the Python package "
-                              f"{attention_fp8.CUDNN_PACKAGE!r}: pip install {attention_fp8.CUDNN_PACKAGE}")
+        attention_fp8.check_available()
     if not attention_backend_available(engine.attention):
         _, package = BACKENDS[engine.attention]
         raise ConfigError(f"--attention {engine.attention}: needs the Python package {package!r}, which is not "

@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from ditserve.config import ConfigError
 from ditserve.ops import functional as Fn
 
 CUDNN_MODULE, CUDNN_PACKAGE = "cudnn", "nvidia-cudnn-frontend"
@@ -32,6 +33,13 @@ P_SCALE = 448.0  # the probabilities' fp8 scale: P in [0, 1] -> [0, 448], fp8's 
 
 def cudnn_frontend_available() -> bool:
     return importlib.util.find_spec(CUDNN_MODULE) is not None
+
+
+def check_available() -> None:
+    """Raise ConfigError, naming the package, unless cuDNN's fp8 attention is registered for CUDA."""
+    if not CUDNN_REGISTERED:
+        raise ConfigError(f"--fp8-attention runs on cuDNN's fp8 attention, which needs the Python package "
+                          f"{CUDNN_PACKAGE!r} (module {CUDNN_MODULE!r}): pip install {CUDNN_PACKAGE}")
 
 
 @torch.library.custom_op("ditserve::fp8_attention", mutates_args=())

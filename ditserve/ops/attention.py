@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditserve.config import ConfigError
 from ditserve.kernels import attention_fp8 as K
 from ditserve.ops import functional as Fn
 from ditserve.ops.base import CustomOp, OpsConfig
@@ -144,9 +143,8 @@ class Fp8Attention(CustomOp):
 
     def __init__(self, ops: OpsConfig | None = None):
         super().__init__(ops)
-        if self.path == "cuda" and not K.CUDNN_REGISTERED:
-            raise ConfigError(f"--fp8-attention runs on cuDNN's fp8 attention, which needs the Python package "
-                              f"{K.CUDNN_PACKAGE!r} (module {K.CUDNN_MODULE!r}): pip install {K.CUDNN_PACKAGE}")
+        if self.path == "cuda":
+            K.check_available()
 
     def forward_native(self, q, descale_q, k, descale_k, v):
         v, descale_v, scale_v = Fn.quantize_tensor(v)
