@@ -12,7 +12,8 @@ dummy FLUX.1-dev at full size, batch 1, 1024x1024 (4096 image tokens) + 512 text
   3. one-forward times (CUDA events, median of --iters after warmup): diffusers eager, diffusers compiled whole
      (fullgraph=True) and regionally (compile_repeated_blocks), ditserve eager and compiled per --kernels,
      ditserve fp8 (when this GPU has fp8) and fp8 + fp8 attention (`_attn` rows: --fp8-attention, when the
-     nvidia-cudnn-frontend package is importable), each compiled row also replayed from CUDA graphs (`_graphs`
+     nvidia-cudnn-frontend package is importable), fp8 with fp32 accumulation (`_fp32acc` rows: --fp8-fast-accum
+     off; the other fp8 rows accumulate fast, the tier's default), each compiled row also replayed from CUDA graphs (`_graphs`
      rows: --cuda-graphs, the fp8 tier's default), and with --levers the variants of bench/flux_levers.py;
   4. profiler traces of ditserve's default compiled forward and of the fastest fp8 and fp8-attention rows: GPU
      time by op family, and (bf16) time above the floor (GEMM FLOPs at the measured GEMM rate, attention FLOPs at
@@ -518,13 +519,15 @@ def main() -> int:
 
     # fp8 tier (lossy): same weights, quantised; error against the bf16 output.
     if fp8_supported(dev):
-        # "_attn" rows: --fp8-attention too (cuDNN's fp8 attention, when its frontend is importable)
-        variants = ("", "_attn") if fp8_attention_available() else ("",)
+        # "_attn" rows: --fp8-attention too (cuDNN's fp8 attention, when its frontend is importable);
+        # "_fp32acc" rows: --fp8-fast-accum off (the tier's default accumulates fast).
+        variants = ("", "_attn", "_fp32acc") if fp8_attention_available() else ("", "_fp32acc")
         rec["fp8_attention"] = "measured" if "_attn" in variants else "skipped: nvidia-cudnn-frontend missing"
         for kernels in args.kernels.split(","):  # "native" lets inductor fuse the quantisation into the norms
             for variant in variants:
                 model = None
-                model = fp8_model(fresh(kernels, compile_on), variant == "_attn", kernels, compile_on)
+                model = fp8_model(fresh(kernels, compile_on), variant == "_attn", kernels, compile_on,
+                                  fast_accum=variant != "_fp32acc")
                 if compile_on:
                     compile_model(model, CompileConfig.for_engine(engine))
                 c_s = clock.seconds(lambda: run_ours(model)) if compile_on else None
@@ -761,12 +764,13 @@ def fp8_attention_available() -> bool:
     return CUDNN_REGISTERED
 
 
-def fp8_model(model, attention: bool, kernels: str, compiled: bool):
-    """`model` in the fp8 tier (`apply_fp8`), with --fp8-attention when `attention`."""
+def fp8_model(model, attention: bool, kernels: str, compiled: bool, fast_accum: bool = True):
+    """`model` in the fp8 tier (`apply_fp8`), with --fp8-attention when `attention`, with the GEMMs' fast
+    accumulation unless `fast_accum` is False (--fp8-fast-accum off)."""
     from ditserve.ops import OpsConfig
     from ditserve.ops.fp8 import apply_fp8
 
-    apply_fp8(model)
+    apply_fp8(model, fast_accum=fast_accum)
     if attention:
         model.use_fp8_attention(OpsConfig(device="cuda", dtype=torch.bfloat16, kernels=kernels, compiled=compiled))
     return model

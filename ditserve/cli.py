@@ -185,7 +185,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(path)
     if not args.quiet:
         quant = (f" | quantization {engine.quantization}" + (" + fp8 attention" if engine.fp8_attention else "")
-                 if engine.quantization else "")
+                 + ("" if engine.fp8_fast_accum_on else " (fp32 accumulation)") if engine.quantization else "")
         print(f"{name}: load {load_s:.2f} s{quant} | {_format_summary(result, result.params.steps)}",
               file=sys.stderr)
     return 0

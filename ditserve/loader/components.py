@@ -159,7 +159,7 @@ def build_dit(class_name: str, config: dict[str, Any], engine: EngineConfig, fil
     else:
         stream_into(model, files, model.weight_map(), device)
     if engine.quantization == "fp8":
-        apply_fp8(model)
+        apply_fp8(model, fast_accum=engine.fp8_fast_accum_on)
     if engine.fp8_attention:
         if not hasattr(model, "use_fp8_attention"):
             raise ConfigError(f"--fp8-attention: {type(model).__name__} has no fp8 attention")

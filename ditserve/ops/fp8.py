@@ -8,7 +8,15 @@ the op that follows, or in the GEMM's epilogue where an opaque kernel follows: t
     y[m, n] = x_scale[m] * w_scale[n] * sum_k x_fp8[m, k] * w_fp8[n, k] + bias[n]
 
 Row-wise (not tensor-wise) scales keep one outlier token or channel from costing every other row its
-precision. The activation is quantised by the op that produces it, not in a pass of its own: the AdaLN norms
+precision.
+
+Fast accumulation (`fast_accum`, on by default in the tier; off: `--fp8-fast-accum off`): Hopper's fp8 tensor
+cores accumulate in a narrower format than fp32; by default torch's kernels promote the partial sums to fp32
+registers every few K-steps, which costs issue slots. With fast accumulation the whole K loop stays in the tensor
+cores' accumulator. At FLUX.1-dev's double-block shapes on an H100 (bench/fp8_gemm.py --grouped, 7c318da) the
+text + image GEMMs run 4-18% faster (qkv 263.6 -> 216.0 us, mlp_in 334.6 -> 280.4 us); the extra error is small
+beside the fp8 rounding of the operands (the forward's relative L2 against bf16 is reported by bench/flux_step.py
+for both settings). Like the tier itself, it is lossy; on the CPU it changes nothing. The activation is quantised by the op that produces it, not in a pass of its own: the AdaLN norms
 hand the layer a `QuantizedRows` (`NormScaleShift(..., quantize=True)`; their CUDA kernels write fp8 rows and
 scales), an MLP's output projection quantises gelu(hidden + bias) in one kernel (`forward_after_gelu`,
 `GeluQuantize`), and elsewhere the plain-torch quantisation (`quantize_rows`) fuses into the producing op under
@@ -38,6 +46,8 @@ from ditserve.ops.linear import Linear
 # CUDA's fp8 GEMMs need both matrix dims along K and N to be multiples of 16 (16-byte aligned fp8 rows).
 FP8_DIM_MULTIPLE = 16
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) and newer have fp8 tensor cores
+# The tier's default for fast accumulation (see above; `EngineConfig.fp8_fast_accum` "auto").
+FAST_ACCUM_DEFAULT = True
 # The compute (activation) dtype of the tier: the row-wise scaled fp8 GEMM outputs bf16 on every fp8 GPU
 # (on Ada, torch's row-wise kernel outputs nothing else).
 FP8_COMPUTE_DTYPE = torch.bfloat16
@@ -84,7 +94,7 @@ class Fp8Linear(CustomOp):
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  activation: str | None = None, bias_in_gemm: bool = False, out_dtype: torch.dtype | None = None,
-                 ops: OpsConfig | None = None):
+                 ops: OpsConfig | None = None, fast_accum: bool = False):
         super().__init__(OpsConfig(kernels="native"))  # one path on every device: no platform probe
         if weight.dtype != FP8_DTYPE or weight.dim() != 2:
             raise ValueError(f"Fp8Linear: weight must be a 2-D {FP8_DTYPE} tensor, got {weight.dim()}-D {weight.dtype}")
@@ -107,12 +117,14 @@ class Fp8Linear(CustomOp):
         # The bias in the GEMM's epilogue (True) or added after it (False, see `forward_native`).
         self.bias_in_gemm = bias_in_gemm and bias is not None
         self.out_dtype = out_dtype or (bias.dtype if bias is not None else FP8_COMPUTE_DTYPE)
+        self.fast_accum = bool(fast_accum)  # the GEMM accumulates in the tensor cores' format (module docstring)
         # For callers whose input is [plain | gelu(pre)] (`forward_after_gelu`); its path follows the model's ops.
         self.gelu_quantize = GeluQuantize(ops)
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: Linear | nn.Linear, bias_in_gemm: bool = False) -> "Fp8Linear":
+    def from_linear(cls, linear: Linear | nn.Linear, bias_in_gemm: bool = False,
+                    fast_accum: bool = False) -> "Fp8Linear":
         """Quantise a loaded layer: its weight per output channel to fp8; its bias kept in the weight's
         (compute) dtype. The layer itself is left unchanged. The new layer's ops (`GeluQuantize`'s path) are
         those of `linear` when it is one of ours."""
@@ -122,7 +134,7 @@ class Fp8Linear(CustomOp):
         q, scale = quantize_rows(w)  # (N, K) fp8, (N, 1) fp32
         bias = None if linear.bias is None else linear.bias.to(w.dtype)
         return cls(q, scale, bias, activation=getattr(linear, "activation", None), bias_in_gemm=bias_in_gemm,
-                   out_dtype=w.dtype, ops=getattr(linear, "ops", None))
+                   out_dtype=w.dtype, ops=getattr(linear, "ops", None), fast_accum=fast_accum)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the GEMM effectively uses: (N, K) float32 = fp8 values x per-row scale."""
@@ -132,7 +144,8 @@ class Fp8Linear(CustomOp):
         """The fp8 GEMM of quantised rows: q (M, K) fp8, scale (M, 1) fp32 -> (M, N) in the compute dtype; the bias
         is in it only when `bias_in_gemm`."""
         return torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
-                                bias=self.bias if self.bias_in_gemm else None, out_dtype=self.out_dtype)
+                                bias=self.bias if self.bias_in_gemm else None, out_dtype=self.out_dtype,
+                                use_fast_accum=self.fast_accum)
 
     def pending_bias(self) -> torch.Tensor | None:
         """The bias `product` leaves out (None when it is in the GEMM, or there is none)."""
@@ -186,15 +199,17 @@ class Fp8Linear(CustomOp):
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
                 f"fp8 e4m3 weight (per-channel scale) x per-token fp8 activations"
                 + (f", then {self.activation}" if self.activation else "")
-                + (", bias in the GEMM" if self.bias_in_gemm else "") + f", {super().extra_repr()}")
+                + (", bias in the GEMM" if self.bias_in_gemm else "")
+                + (", fast accumulation" if self.fast_accum else "") + f", {super().extra_repr()}")
 
 
 @torch.no_grad()
-def apply_fp8(model: nn.Module) -> nn.Module:
+def apply_fp8(model: nn.Module, fast_accum: bool = FAST_ACCUM_DEFAULT) -> nn.Module:
     """Swap the Linear layers `model` declares eligible for fp8 (its class attribute `fp8_linears`: pairs of
     (block list attribute, names of Linear attributes in each block)) for `Fp8Linear`, in place; returns
     `model`. Layers named in the model's `fp8_bias_in_gemm` get their bias in the GEMM's epilogue (those whose
-    output goes to an op the bias add cannot fuse into).
+    output goes to an op the bias add cannot fuse into). `fast_accum`: the GEMMs' fast accumulation (module
+    docstring; the tier's default: on).
 
     Works on any loaded model (real or dummy weights, any device). Layers are quantised one at a time and
     each replaced layer gives up its weight and bias (set to None) as soon as its replacement is in place,
@@ -213,7 +228,8 @@ def apply_fp8(model: nn.Module) -> nn.Module:
                 layer = getattr(block, name)
                 if isinstance(layer, Fp8Linear):
                     raise ValueError(f"{list_name}.{i}.{name} is already fp8: apply_fp8 was called twice")
-                setattr(block, name, Fp8Linear.from_linear(layer, bias_in_gemm=name in in_gemm))
+                setattr(block, name, Fp8Linear.from_linear(layer, bias_in_gemm=name in in_gemm,
+                                                           fast_accum=fast_accum))
                 # Release the old weights now, not when the garbage collector finds the layer: an op holds a
                 # reference cycle (its bound forward path), so dropping the layer alone frees nothing.
                 layer.weight = layer.bias = None

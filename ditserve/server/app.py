@@ -325,6 +325,7 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
                              "max_n": config.max_batch_size, "api_key_required": config.api_key is not None,
                              "quantization": engine.quantization if engine is not None else None,
                              "fp8_attention": bool(engine is not None and engine.fp8_attention),
+                             "fp8_fast_accum": bool(engine is not None and engine.fp8_fast_accum_on),
                              "output_formats": sorted(formats)})
 
     @app.get("/metrics")

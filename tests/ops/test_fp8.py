@@ -297,6 +297,59 @@ def test_apply_fp8_refusals():
         apply_fp8(torch.nn.Sequential(torch.nn.Linear(16, 16)))
 
 
+def test_fast_accumulation_is_the_tier_default_and_reaches_the_gemm(monkeypatch):
+    """apply_fp8 turns fast accumulation on in every layer by default, off when asked; `product` hands it to
+    torch._scaled_mm (the CPU kernel ignores it: its effect is the gpu test's to show)."""
+    model = apply_fp8(tiny_flux())
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    assert layers and all(m.fast_accum for m in layers) and "fast accumulation" in repr(layers[0])
+    assert not any(m.fast_accum for m in apply_fp8(tiny_flux(), fast_accum=False).modules()
+                   if isinstance(m, Fp8Linear))
+    seen = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: seen.append(kw["use_fast_accum"]) or real(*a, **kw))
+    for fast in (True, False):
+        layer = Fp8Linear.from_linear(make_linear(), fast_accum=fast)
+        layer(randn(4, K))
+        assert seen[-1] is fast
+
+
+def test_fast_accumulation_config_cli_and_loader():
+    import argparse
+
+    from ditserve.config import EngineConfig
+    from ditserve.engine_args import add_engine_flags, engine_from_args
+    from ditserve.loader import load_transformer
+
+    with pytest.raises(ConfigError, match="--quantization fp8"):
+        EngineConfig(fp8_fast_accum="on")
+    with pytest.raises(ConfigError, match="unknown fp8_fast_accum"):
+        EngineConfig(quantization="fp8", fp8_fast_accum="yes")
+    assert EngineConfig(quantization="fp8").fp8_fast_accum_on
+    assert not EngineConfig(quantization="fp8", fp8_fast_accum="off").fp8_fast_accum_on
+    assert not EngineConfig().fp8_fast_accum_on  # "auto" without the tier: nothing to accumulate in fp8
+    p = argparse.ArgumentParser()
+    add_engine_flags(p)
+    assert engine_from_args(p.parse_args(["--quantization", "fp8", "--fp8-fast-accum", "off"])).fp8_fast_accum == "off"
+    for setting, want in (("auto", True), ("off", False)):
+        model, _ = load_transformer(None, EngineConfig(device="cpu", quantization="fp8", fp8_fast_accum=setting))
+        assert {m.fast_accum for m in model.modules() if isinstance(m, Fp8Linear)} == {want}
+
+
+@pytest.mark.gpu
+def test_fast_accumulation_on_cuda_is_close_to_the_definition():
+    """At FLUX.1's widths (K = 3072 and 12288), both accumulations stay near the fp64 definition, and the fast
+    one really differs from the fp32 one (the flag reaches the kernel)."""
+    for k, n in ((3072, 3072), (12288, 3072)):
+        lin = make_linear(torch.bfloat16, k=k, n=n).cuda()
+        x = randn(512, k, dtype=torch.bfloat16).cuda()
+        ref = fp8_definition(x, lin.weight, lin.bias)
+        out = {fast: Fp8Linear.from_linear(lin, fast_accum=fast)(x) for fast in (True, False)}
+        errs = {fast: rel_err(y, ref) for fast, y in out.items()}
+        assert errs[False] < 5e-3 and errs[True] < 5e-3, errs
+        assert not torch.equal(out[True], out[False])
+
+
 def flux_inputs(model: FluxTransformer, h: int = 64, w: int = 64, dtype=torch.float32) -> dict:
     """Random (seeded) latents, text states and pooled text for a batch of 2 h x w images."""
     return flux_example_inputs(model.config, h, w, batch=2, text_len=16, dtype=dtype)
