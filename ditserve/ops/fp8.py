@@ -2,7 +2,7 @@
 
 Each quantised Linear holds its weight as float8_e4m3fn with one fp32 scale per output channel (row) and
 quantises its input per token (row) on the fly; the product runs as one row-wise scaled fp8 GEMM
-(`torch._scaled_mm`), accumulating in fp32, and the bias is added to its bf16 output (fused by inductor into
+(`torch._scaled_mm`; fast accumulation by default, see below), and the bias is added to its bf16 output (fused by inductor into
 the op that follows, or in the GEMM's epilogue where an opaque kernel follows: the model's `fp8_bias_in_gemm`):
 
     y[m, n] = x_scale[m] * w_scale[n] * sum_k x_fp8[m, k] * w_fp8[n, k] + bias[n]
@@ -14,9 +14,12 @@ Fast accumulation (`fast_accum`, on by default in the tier; off: `--fp8-fast-acc
 cores accumulate in a narrower format than fp32; by default torch's kernels promote the partial sums to fp32
 registers every few K-steps, which costs issue slots. With fast accumulation the whole K loop stays in the tensor
 cores' accumulator. At FLUX.1-dev's double-block shapes on an H100 (bench/fp8_gemm.py --grouped, 7c318da) the
-text + image GEMMs run 4-18% faster (qkv 263.6 -> 216.0 us, mlp_in 334.6 -> 280.4 us); the extra error is small
-beside the fp8 rounding of the operands (the forward's relative L2 against bf16 is reported by bench/flux_step.py
-for both settings). Like the tier itself, it is lossy; on the CPU it changes nothing. The activation is quantised by the op that produces it, not in a pass of its own: the AdaLN norms
+text + image GEMMs run 4-18% faster (qkv 263.6 -> 216.0 us, mlp_in 334.6 -> 280.4 us), and the compiled fp8
+forward from a CUDA graph 93.33 -> 86.09 ms (bench/flux_step.py, 19b769d). The extra error is small beside the
+fp8 rounding of the operands: the forward's relative L2 against bf16 went 0.1045 -> 0.1052. Like the tier itself,
+it is lossy; on the CPU it changes nothing.
+
+The activation is quantised by the op that produces it, not in a pass of its own: the AdaLN norms
 hand the layer a `QuantizedRows` (`NormScaleShift(..., quantize=True)`; their CUDA kernels write fp8 rows and
 scales), an MLP's output projection quantises gelu(hidden + bias) in one kernel (`forward_after_gelu`,
 `GeluQuantize`), and elsewhere the plain-torch quantisation (`quantize_rows`) fuses into the producing op under
