@@ -48,6 +48,17 @@ RESIDENT_MAX_D = 4096
 RMS_RESIDENT_MAX_D = 8192
 MAX_RESIDENT_D = 16384  # a resident row past this would spill registers
 LOOP_CHUNK = 1024
+# The fp8 variants (QUANT, resident rows) launch with more warps: their third reduction (the row's max, for its
+# fp8 scale) lengthens each program, and more warps a row shorten it. bench/ops.py's sweep, H100, FLUX.1-dev's
+# 4608 x 3072 (d677921): norm_scale_shift_fp8 41.1 us at 4 warps, 44.9 at 8, 39.0 at 16;
+# residual_norm_scale_shift_fp8 65.2 / 65.9 / 51.6 us (the bf16 variants: 27.3 and 43.7 us, best at 4 warps).
+FP8_NUM_WARPS = 16
+
+
+def _fp8_warps(D: int, quantize: bool) -> int | None:
+    """The fp8 variants' warps for rows as wide as the sweep measured (FLUX's 3072: a 4096-wide block); None (the
+    default launch) otherwise."""
+    return FP8_NUM_WARPS if quantize and 2048 < D <= RESIDENT_MAX_D else None
 
 
 @dataclass(frozen=True)
@@ -352,11 +363,12 @@ def norm_scale_shift(
 
 def norm_scale_shift_fp8(
     x: torch.Tensor, weight: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor, eps: float, rms: bool,
+    *, num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`norm_scale_shift`, its output quantised per row: (q (B*L, D) float8_e4m3fn, scale (B*L, 1) float32).
     Resident rows (D <= RESIDENT_MAX_D, FLUX's 3072) quantise in the norm's kernel; wider rows run the norm
     kernel, then the reference quantisation."""
-    return _norm_scale_shift(x, weight, scale, shift, eps, rms, True)
+    return _norm_scale_shift(x, weight, scale, shift, eps, rms, True, num_warps=num_warps)
 
 
 def _unfused_quantization(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
@@ -376,7 +388,7 @@ def _norm_scale_shift(x, weight, scale, shift, eps, rms, quantize: bool, out=Non
         return (Fn.norm_scale_shift(x, weight, scale, shift, eps, rms).contiguous(),)
     _check_3d(x)
     B, L, D = x.shape
-    cfg = launch_config(D, num_warps, looped, chunk)
+    cfg = launch_config(D, num_warps or _fp8_warps(D, quantize), looped, chunk)
     x = x.contiguous()
     w, has_w = _weight(weight, D, x)
     scale, sc_b, sc_l = _modulation(scale, B, L, D)
@@ -429,11 +441,11 @@ def residual_norm_scale_shift(
 
 def residual_norm_scale_shift_fp8(
     x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
-    scale: torch.Tensor, shift: torch.Tensor, eps: float, rms: bool,
+    scale: torch.Tensor, shift: torch.Tensor, eps: float, rms: bool, *, num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`residual_norm_scale_shift`, y quantised per row: (q (B*L, D) float8_e4m3fn, scale (B*L, 1) float32, r).
     Resident rows quantise in the kernel; wider rows run the norm kernel, then the reference quantisation."""
-    return _residual_norm_scale_shift(x, residual, gate, weight, scale, shift, eps, rms, True)
+    return _residual_norm_scale_shift(x, residual, gate, weight, scale, shift, eps, rms, True, num_warps=num_warps)
 
 
 def _residual_norm_scale_shift(x, residual, gate, weight, scale, shift, eps, rms, quantize: bool, out=None,
@@ -447,7 +459,7 @@ def _residual_norm_scale_shift(x, residual, gate, weight, scale, shift, eps, rms
         return y.contiguous(), r.contiguous()
     _check_3d(x, residual)
     B, L, D = x.shape
-    cfg = launch_config(D, num_warps, looped, chunk)
+    cfg = launch_config(D, num_warps or _fp8_warps(D, quantize), looped, chunk)
     x, residual = x.contiguous(), residual.contiguous()
     w, has_w = _weight(weight, D, x)
     if gate is None:
