@@ -4,7 +4,7 @@ GPU only. For each tier (bf16; fp8; fp8 + fp8 attention when cuDNN's frontend is
 full size, compiled as the engine compiles it, its forward (1024x1024, 512 text tokens, batch 1) replayed from
 the engine's CUDA graph (`ditserve.cuda_graphs.GraphedForward`, as the denoise loop runs it). A profiler trace
 of the replays gives every kernel's start and end: kernels per forward, busy time, idle time between
-consecutive kernels (the replay's wall time minus its kernels' time), and the idle time after each kernel
+consecutive kernels of a replay (the trace's gaps), and the idle time after each kernel
 family, so a change that removes launches can be judged by what the waits cost. CUDA-event wall time of the
 replays alongside. Prints a table to stderr and one JSON line last.
 

@@ -240,8 +240,8 @@ def layout_sweep(sizes: list[str]) -> list[dict]:
         D = SIZES[size][1]
         for op, call in direct.items():
             max_d = T.RMS_RESIDENT_MAX_D if op == "rms_norm" else T.RESIDENT_MAX_D
-            default = T.launch_config(D, resident_max_d=max_d)
             fp8 = op.endswith("_fp8")
+            default = T.launch_config(D, T.fp8_num_warps(D, fp8), resident_max_d=max_d)
             if fp8 and default.looped:
                 continue
             case = build_case(op.removesuffix("_fp8"), size)

@@ -55,7 +55,7 @@ LOOP_CHUNK = 1024
 FP8_NUM_WARPS = 16
 
 
-def _fp8_warps(D: int, quantize: bool) -> int | None:
+def fp8_num_warps(D: int, quantize: bool) -> int | None:
     """The fp8 variants' warps for rows as wide as the sweep measured (FLUX's 3072: a 4096-wide block); None (the
     default launch) otherwise."""
     return FP8_NUM_WARPS if quantize and 2048 < D <= RESIDENT_MAX_D else None
@@ -388,7 +388,7 @@ def _norm_scale_shift(x, weight, scale, shift, eps, rms, quantize: bool, out=Non
         return (Fn.norm_scale_shift(x, weight, scale, shift, eps, rms).contiguous(),)
     _check_3d(x)
     B, L, D = x.shape
-    cfg = launch_config(D, num_warps or _fp8_warps(D, quantize), looped, chunk)
+    cfg = launch_config(D, num_warps or fp8_num_warps(D, quantize), looped, chunk)
     x = x.contiguous()
     w, has_w = _weight(weight, D, x)
     scale, sc_b, sc_l = _modulation(scale, B, L, D)
@@ -459,7 +459,7 @@ def _residual_norm_scale_shift(x, residual, gate, weight, scale, shift, eps, rms
         return y.contiguous(), r.contiguous()
     _check_3d(x, residual)
     B, L, D = x.shape
-    cfg = launch_config(D, num_warps or _fp8_warps(D, quantize), looped, chunk)
+    cfg = launch_config(D, num_warps or fp8_num_warps(D, quantize), looped, chunk)
     x, residual = x.contiguous(), residual.contiguous()
     w, has_w = _weight(weight, D, x)
     if gate is None:
