@@ -151,8 +151,14 @@ class EngineConfig:
 
     @property
     def fp8_fast_accum_on(self) -> bool:
-        """Whether the fp8 tier's GEMMs accumulate fast ("auto" = the tier's default, on)."""
-        return self.quantization == "fp8" and self.fp8_fast_accum != "off"
+        """Whether the fp8 tier's GEMMs accumulate fast ("auto" = the tier's default, `ops.fp8.FAST_ACCUM_DEFAULT`)."""
+        if self.quantization != "fp8" or self.fp8_fast_accum == "off":
+            return False
+        if self.fp8_fast_accum == "on":
+            return True
+        from ditserve.ops.fp8 import FAST_ACCUM_DEFAULT  # (ditserve.ops.fp8 imports this module)
+
+        return FAST_ACCUM_DEFAULT
 
     @property
     def torch_device(self) -> torch.device:
