@@ -55,6 +55,20 @@ def cuda_median_ms(fn, iters: int, warmup: int) -> float:
     return sorted(times)[iters // 2]
 
 
+def flux_step_inputs(model, size: int = 1024, text_len: int = 512) -> tuple[dict, object]:
+    """A FLUX DiT's forward inputs on CUDA in bf16 (batch 1, a `size` x `size` image, seeded) and one step's
+    conditioning, as the denoise loop hands it over (`FluxTransformer.precompute_conditioning`)."""
+    from ditserve.compile import flux_example_inputs
+
+    inputs = flux_example_inputs(model.config, size, size, batch=1, text_len=text_len, device="cuda",
+                                 dtype=torch.bfloat16)
+    g = inputs.get("guidance")
+    with torch.inference_mode():
+        cond = model.precompute_conditioning(inputs["timestep"][None], inputs["pooled_projections"],
+                                             None if g is None else g[None])[0]
+    return inputs, cond
+
+
 def trace(fn, activity: str, iters: int):
     """A torch.profiler trace ("cuda" kernels or "cpu" host ops) of `iters` calls of fn, after one untraced call."""
     from torch.profiler import ProfilerActivity, profile

@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 
 import torch
-from benchutil import commit, cuda_median_ms, kernel_times, log, trace
+from benchutil import commit, cuda_median_ms, flux_step_inputs, kernel_times, log, trace
 
 
 def kernel_key(name: str) -> str:
@@ -87,7 +87,7 @@ def main() -> int:
         log("bench/flux_shapes_ab.py needs a CUDA GPU")
         return 2
 
-    from ditserve.compile import CompileConfig, compile_model, flux_example_inputs
+    from ditserve.compile import CompileConfig, compile_model
     from ditserve.config import EngineConfig
     from ditserve.loader import load_transformer
 
@@ -95,7 +95,6 @@ def main() -> int:
 
     engine = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=True, attention=args.attention,
                           kernels=args.kernels)
-    inputs = cond = None
     ms: dict[str, list[float]] = {v: [] for v in variants}
     host: dict[str, list[float]] = {v: [] for v in variants}
     cpu_tables: dict[str, list] = {}
@@ -108,12 +107,7 @@ def main() -> int:
             torch.cuda.empty_cache()
             torch.manual_seed(0)
             model, _ = load_transformer("flux.1-dev", engine)
-            if inputs is None:
-                inputs = flux_example_inputs(model.config, 1024, 1024, batch=1, text_len=512, device="cuda",
-                                             dtype=torch.bfloat16)
-            with torch.inference_mode():
-                cond = model.precompute_conditioning(inputs["timestep"][None], inputs["pooled_projections"],
-                                                     inputs["guidance"][None])[0]
+            inputs, cond = flux_step_inputs(model)
             if fp8:
                 apply_fp8(model)
             compile_model(model, CompileConfig(dynamic=dynamic))

@@ -19,7 +19,7 @@ import sys
 from collections import defaultdict
 
 import torch
-from benchutil import commit, cuda_median_ms, log, trace
+from benchutil import commit, cuda_median_ms, flux_step_inputs, log, trace
 from flux_step import kernel_family
 
 
@@ -56,7 +56,7 @@ def gaps(prof, calls: int) -> dict:
 
 def measure(extra: dict, iters: int) -> dict:
     """One tier (EngineConfig fields `extra`): replay wall ms and `gaps` of its graphed forward."""
-    from ditserve.compile import CompileConfig, compile_model, flux_example_inputs
+    from ditserve.compile import CompileConfig, compile_model
     from ditserve.config import EngineConfig
     from ditserve.cuda_graphs import GraphedForward
     from ditserve.loader import load_transformer
@@ -64,11 +64,7 @@ def measure(extra: dict, iters: int) -> dict:
     engine = EngineConfig(device="cuda", load_format="dummy", compile=True, **extra)
     model, _ = load_transformer("flux.1-dev", engine)
     compile_model(model, CompileConfig.for_engine(engine))
-    inputs = flux_example_inputs(model.config, 1024, 1024, batch=1, text_len=512, device="cuda", dtype=torch.bfloat16)
-    g = inputs.get("guidance")
-    with torch.inference_mode():  # the conditioning of one step, as the denoise loop hands it over
-        cond = model.precompute_conditioning(inputs["timestep"][None], inputs["pooled_projections"],
-                                             None if g is None else g[None])[0]
+    inputs, cond = flux_step_inputs(model)
     graphed = GraphedForward(model)
 
     def replay():
