@@ -58,7 +58,7 @@ def cuda_median_ms(fn, iters: int, warmup: int) -> float:
 def flux_step_inputs(model, size: int = 1024, text_len: int = 512) -> tuple[dict, object]:
     """A FLUX DiT's forward inputs on CUDA in bf16 (batch 1, a `size` x `size` image, seeded) and one step's
     conditioning, as the denoise loop hands it over (`FluxTransformer.precompute_conditioning`)."""
-    from ditserve.compile import flux_example_inputs
+    from ditserve.models.flux import flux_example_inputs
 
     inputs = flux_example_inputs(model.config, size, size, batch=1, text_len=text_len, device="cuda",
                                  dtype=torch.bfloat16)

@@ -212,7 +212,8 @@ def child_cold_start(args) -> int:
     settings and CompileConfig fields, if any), time the first forward."""
     import torch._inductor.config as inductor_config
 
-    from ditserve.compile import CompileConfig, compile_model, flux_example_inputs, warm_compile_workers
+    from ditserve.compile import CompileConfig, compile_model, warm_compile_workers
+    from ditserve.models.flux import flux_example_inputs
     from ditserve.config import EngineConfig
     from ditserve.loader import load_transformer
 
@@ -362,7 +363,8 @@ def main() -> int:
 
     import diffusers
 
-    from ditserve.compile import CompileConfig, compile_model, flux_example_inputs
+    from ditserve.compile import CompileConfig, compile_model
+from ditserve.models.flux import flux_example_inputs
     from ditserve.config import EngineConfig
     from ditserve.cuda_graphs import GraphedForward
     from ditserve.loader import load_transformer

@@ -31,7 +31,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None, help="image height (default: model's)")
     p.add_argument("--width", type=int, default=None, help="image width (default: model's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: model's)")
-    p.add_argument("--guidance", type=float, default=None, help="distilled guidance scale (default: model's)")
+    p.add_argument("--guidance", type=float, default=None, help="the family's guidance scale (default: model's)")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt (families with classifier-free guidance)")
     p.add_argument("--num-images", type=int, default=1, help="images per request, denoised as one batch (default: 1)")
     p.add_argument("--runs", type=int, default=5, help="timed requests (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first, which compile (default: 1)")
@@ -47,7 +48,7 @@ def run_bench(model: str | None, engine: EngineConfig, params: SamplingParams, r
     """Load `model`, run `warmup` + `runs` requests of `params` (seed + i for request i); return the record."""
     import torch
 
-    from ditserve.pipelines import load_pipeline
+    from ditserve.engine import Engine
 
     if runs < 1:
         raise ConfigError(f"--runs must be >= 1, got {runs}")
@@ -55,7 +56,8 @@ def run_bench(model: str | None, engine: EngineConfig, params: SamplingParams, r
         raise ConfigError(f"--warmup must be >= 0, got {warmup}")
     params.validate()
     t0 = time.perf_counter()
-    name, pipe = load_pipeline(model, engine)
+    pipe = Engine.load(model, engine)
+    name = pipe.name
     load_s = time.perf_counter() - t0
     log(f"{name}: loaded in {load_s:.2f} s on {pipe.device}")
 
@@ -76,7 +78,7 @@ def run_bench(model: str | None, engine: EngineConfig, params: SamplingParams, r
         log(f"run {i + 1}/{runs}: {r.timings['total_s']:.3f} s")
     totals = [r.timings["total_s"] for r in results]
     resolved = results[0].params
-    n_images = len(results[0].images)
+    n_images = len(results[0].frames)
     peaks = [r.peak_memory_bytes for r in results if r.peak_memory_bytes is not None]
     return {
         "bench": "ditserve-bench", "model": name, "device": str(pipe.device),
@@ -84,7 +86,8 @@ def run_bench(model: str | None, engine: EngineConfig, params: SamplingParams, r
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "engine": asdict(engine),
         "height": resolved.height, "width": resolved.width, "steps": resolved.steps,
-        "guidance": resolved.guidance, "images_per_request": n_images,
+        "guidance": resolved.guidance, "negative_prompt": resolved.negative_prompt,
+        "family": pipe.capabilities.family, "images_per_request": n_images,
         "load_s": round(load_s, 3), "warmup_requests": warmup, "warmup_s": round(warmup_s, 3), "runs": runs,
         "latency_s": {"median": round(_median(totals), 4), "min": round(min(totals), 4),
                       "max": round(max(totals), 4)},
@@ -113,7 +116,8 @@ def format_table(rec: dict[str, Any]) -> str:
 
 def bench_main(args: argparse.Namespace, engine: EngineConfig) -> int:
     params = SamplingParams(prompt=args.prompt, height=args.height, width=args.width, steps=args.steps,
-                            guidance=args.guidance, seed=args.seed, num_images=args.num_images)
+                            guidance=args.guidance, seed=args.seed, num_images=args.num_images,
+                            negative_prompt=args.negative_prompt)
     rec = run_bench(args.model, engine, params, args.runs, args.warmup,
                     log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_table(rec), file=sys.stderr)

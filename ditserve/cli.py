@@ -40,16 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images from a prompt",
                        description="Generate images from a text prompt and save them.")
     g.add_argument("--prompt", required=True, help="the text prompt")
+    g.add_argument("--negative-prompt", default=None,
+                   help="what classifier-free guidance steers away from (families with CFG, e.g. Z-Image; "
+                        "default: the empty prompt)")
     g.add_argument("--height", type=int, default=None, help="image height, a multiple of 16 (default: model's)")
     g.add_argument("--width", type=int, default=None, help="image width, a multiple of 16 (default: model's)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: model's)")
     g.add_argument("--guidance", type=float, default=None,
-                   help="distilled guidance scale (default: model's; must be 0 for schnell-like models)")
+                   help="the family's guidance scale (default: model's): FLUX.1 the distilled guidance (0 for "
+                        "schnell-like models), Z-Image the classifier-free scale (0: one branch, no CFG)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     g.add_argument("--num-images", type=int, default=1, help="images to generate (numbered outputs if > 1)")
     g.add_argument("--max-sequence-length", type=int, default=None,
-                   help="T5 prompt tokens (default: model's, 512 for FLUX.1-dev, 256 for schnell, capped by the "
-                        "T5 tokenizer's model_max_length)")
+                   help="prompt tokens of the text encoder (default: model's; FLUX.1-dev 512, schnell 256, "
+                        "Z-Image 512; capped by the tokenizer's model_max_length)")
     g.add_argument("--output", default="out.png",
                    help="output file: .png, .jpg/.jpeg or .webp; several images are saved as NAME-0.png, ...")
     add_engine_flags(g)
@@ -103,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_args(b)
     b.set_defaults(func=_bench)
 
-    from ditserve.compile import add_compile_report_args, compile_report_main
+    from ditserve.compile_report import add_compile_report_args, compile_report_main
 
     r = sub.add_parser("compile-report", help="compile the DiT, report graph breaks and recompiles as JSON",
                        description="Compile the model's transformer as the engine does, run it at two sizes, "
@@ -166,20 +170,21 @@ def _format_summary(result, n_steps: int) -> str:
 def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(prompt=args.prompt, height=args.height, width=args.width, steps=args.steps,
                             guidance=args.guidance, seed=args.seed, num_images=args.num_images,
-                            max_sequence_length=args.max_sequence_length)
+                            max_sequence_length=args.max_sequence_length, negative_prompt=args.negative_prompt)
     params.validate()  # size, steps, seed, ... before the model load; model limits are checked after it
     paths = output_paths(args.output, args.num_images)
     engine = engine_from_args(args)
     check_engine(engine)
 
-    from ditserve.pipelines import load_pipeline
+    from ditserve.engine import Engine
 
     _quiet_libraries()
     t0 = time.perf_counter()
-    name, pipe = load_pipeline(args.model, engine)
+    model = Engine.load(args.model, engine)
     load_s = time.perf_counter() - t0
+    name = model.name
 
-    result = pipe.generate(params, progress=not (args.quiet or args.no_progress))
+    result = model.generate(params, progress=not (args.quiet or args.no_progress))
     for image, path in zip(result.images, paths):
         save_image(image, path)
         print(path)

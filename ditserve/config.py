@@ -16,6 +16,11 @@ from typing import Any
 
 import torch
 
+from ditserve.cache.policy import parse_cache
+from ditserve.errors import ConfigError
+
+__all__ = ["ConfigError", "EngineConfig", "ModelSpec", "SamplingParams"]
+
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 QUANTIZATIONS = ("fp8",)  # weight quantisation tiers (lossy, off by default); None means off
@@ -24,11 +29,12 @@ VAE_STREAMING = ("auto", "on", "off")  # streamed (exact, memory-lean) VAE decod
 # compiled DiT and image sizes: static for the first size then symbolic token counts, or symbolic from the start
 DYNAMIC_SHAPES = ("auto", "on")
 FP8_FAST_ACCUM = ("auto", "on", "off")  # fp8 GEMMs' fast accumulation: the tier's default (on), on, off
+# The fp8 tier's default for fast accumulation (`ditserve.ops.fp8`): on (measured there).
+FP8_FAST_ACCUM_DEFAULT = True
+CFG_MODES = ("batched", "split")  # classifier-free guidance: both branches in one forward, or one after the other
 CUDA_GRAPHS = ("auto", "on", "off")  # the denoise forward from a CUDA graph: on CUDA without a cache, always, never
 
 
-class ConfigError(ValueError):
-    """A user-facing configuration error (bad flag, bad size, unknown name). The CLI prints it in one line."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ class EngineConfig:
     vae_tiling: "auto" (tiled VAE decode for images larger than 1024x1024 pixels, whole-image decode up to that,
         so FLUX.1 at its native size decodes exactly as diffusers does), "on" (always tiled) or "off" (never).
         Tiled decode bounds the decode's activation memory by the tile size instead of the image size; the
-        overlapping tiles are blended, so it is lossy (see `ditserve.pipelines.flux.VAE_TILE`).
+        overlapping tiles are blended, so it is lossy (see `ditserve.pipelines.base.VAE_TILE`).
     cuda_graphs: the denoise loop's transformer forward replayed from a CUDA graph (exact: the same kernels),
         which removes its ~60-120 ms of host (CPU) launch work. "auto" (default): for the fp8 tier on a CUDA GPU
         without a block cache, whose ~89 ms of GPU work the host bounds on slower hosts (FLUX.1-dev on an H100:
@@ -99,6 +105,9 @@ class EngineConfig:
         Measured on an H100 at 1024x1024: decode 91 -> 38 ms, its activation memory 2.38 -> 1.25 GiB; the
         first decode compiles (18-24 s with an empty compile cache; its artefacts go to the same cache folder as
         the DiT's). Off by default.
+    cfg_mode: classifier-free guidance (families with a negative prompt): "batched" (default: both branches in
+        one forward of twice the batch) or "split" (one forward per branch, each with its own DiT-cache state;
+        less activation memory). Exact either way, up to the rounding of batched kernels.
     """
 
     device: str | None = None
@@ -118,10 +127,9 @@ class EngineConfig:
     compile_vae: bool = False
     cuda_graphs: str = "auto"
     vae_streaming: str = "auto"
+    cfg_mode: str = "batched"
 
     def __post_init__(self):
-        from ditserve.cache.policy import parse_cache  # (ditserve.cache imports this module)
-
         parse_cache(self.cache)  # raises ConfigError for unknown names, knobs or values
         if self.cache_backend not in ("ditserve", "cache-dit"):
             raise ConfigError(f"unknown cache backend {self.cache_backend!r}; valid: ditserve, cache-dit")
@@ -146,6 +154,8 @@ class EngineConfig:
             raise ConfigError(f"unknown cuda_graphs {self.cuda_graphs!r}; valid: {', '.join(CUDA_GRAPHS)}")
         if self.vae_streaming not in VAE_STREAMING:
             raise ConfigError(f"unknown vae_streaming {self.vae_streaming!r}; valid: {', '.join(VAE_STREAMING)}")
+        if self.cfg_mode not in CFG_MODES:
+            raise ConfigError(f"unknown cfg_mode {self.cfg_mode!r}; valid: {', '.join(CFG_MODES)}")
         if self.vae_tiling not in VAE_TILING:
             raise ConfigError(f"unknown vae_tiling {self.vae_tiling!r}; valid: {', '.join(VAE_TILING)}")
 
@@ -156,9 +166,7 @@ class EngineConfig:
             return False
         if self.fp8_fast_accum == "on":
             return True
-        from ditserve.ops.fp8 import FAST_ACCUM_DEFAULT  # (ditserve.ops.fp8 imports this module)
-
-        return FAST_ACCUM_DEFAULT
+        return FP8_FAST_ACCUM_DEFAULT
 
     @property
     def torch_device(self) -> torch.device:
@@ -186,7 +194,19 @@ def check_image_size(name: str, v: int) -> None:
 
 @dataclass
 class SamplingParams:
-    """One generation request. None fields take the model's defaults via `resolved(spec)`."""
+    """One generation request (`ditserve.engine.GenerationRequest` is this class), parsed identically by the
+    CLI and the server. None fields take the model's defaults via `resolved(spec)`; what a family cannot do
+    (a negative prompt without classifier-free guidance, frames for an image model, ...) is refused by its
+    pipeline's `Capabilities.check`.
+
+    prompt: one string or a list (each prompt makes `num_images` outputs).
+    negative_prompt: the prompt classifier-free guidance steers away from (families with CFG only; default
+        the empty prompt, as diffusers).
+    guidance: the family's own guidance scale (FLUX.1: the distilled guidance embedding; Z-Image: the
+        classifier-free scale); guidance_2: a second scale for two-expert models (the low-noise expert).
+    num_frames: frames of a video (video families only). images: input images (edit / image-to-video
+        families), as paths or PIL images. extra: family-specific options.
+    """
 
     prompt: str | list[str]
     height: int | None = None
@@ -196,6 +216,10 @@ class SamplingParams:
     seed: int | None = None
     num_images: int = 1
     max_sequence_length: int | None = None
+    negative_prompt: str | None = None
+    guidance_2: float | None = None
+    num_frames: int | None = None
+    images: list[Any] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -214,6 +238,10 @@ class SamplingParams:
             num_images=self.num_images,
             max_sequence_length=(self.max_sequence_length if self.max_sequence_length is not None
                                  else spec.max_sequence_length),
+            negative_prompt=self.negative_prompt,
+            guidance_2=self.guidance_2,
+            num_frames=self.num_frames,
+            images=list(self.images),
             extra=dict(self.extra),
         )
         p.validate(spec)
@@ -224,14 +252,21 @@ class SamplingParams:
         if not (isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
                                            and all(isinstance(s, str) for s in prompt))):
             raise ConfigError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ConfigError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
         # Counts and sizes must be integers (2.5 steps or a 512.0 height would fail deep in the pipeline).
-        for name in ("height", "width", "steps", "seed", "num_images", "max_sequence_length"):
+        for name in ("height", "width", "steps", "seed", "num_images", "max_sequence_length", "num_frames"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
                 raise ConfigError(f"{name} must be an integer, got {v!r}")
-        g = self.guidance
-        if g is not None and (isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g)):
-            raise ConfigError(f"guidance must be a finite number, got {g!r}")
+        for name in ("guidance", "guidance_2"):
+            g = getattr(self, name)
+            if g is not None and (isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g)):
+                raise ConfigError(f"{name} must be a finite number, got {g!r}")
+            if g is not None and g < 0:
+                raise ConfigError(f"{name} must be >= 0, got {g}")
+        if self.num_frames is not None and not (1 <= self.num_frames <= 1024):
+            raise ConfigError(f"num_frames must be between 1 and 1024, got {self.num_frames}")
         for name in ("height", "width"):
             if getattr(self, name) is not None:
                 check_image_size(name, getattr(self, name))
@@ -239,8 +274,6 @@ class SamplingParams:
             raise ConfigError(f"steps must be between 1 and 1000, got {self.steps}")
         if not (1 <= self.num_images <= 16):
             raise ConfigError(f"num_images must be between 1 and 16, got {self.num_images}")
-        if self.guidance is not None and self.guidance < 0:
-            raise ConfigError(f"guidance must be >= 0, got {self.guidance}")
         if self.seed is not None and not (0 <= self.seed < 2**63):
             raise ConfigError(f"seed must be a non-negative 64-bit integer, got {self.seed}")
         msl = self.max_sequence_length

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ditserve.config import ConfigError
+from ditserve.errors import ConfigError
 
 # model_index.json component class name -> the class that loads it.
 COMPONENT_CLASSES: dict[str, str] = {

@@ -165,7 +165,7 @@ def swapped_layers(model) -> set[str]:
 def test_loader_quantises_the_declared_layers(load_format):
     """load_transformer with quantization "fp8" returns the fp8 model, from the checkpoint or from dummy
     weights (the same random weights as the unquantised dummy model, quantised)."""
-    from ditserve.compile import flux_example_inputs
+    from ditserve.models.flux import flux_example_inputs
 
     ref, _ = load_transformer(None, EngineConfig(device="cpu", load_format=load_format))
     model, config = load_transformer(None, EngineConfig(device="cpu", load_format=load_format, quantization="fp8"))

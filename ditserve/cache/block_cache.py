@@ -39,7 +39,7 @@ from typing import Iterator, Protocol, runtime_checkable
 import torch
 
 from ditserve.cache.policy import CacheSettings
-from ditserve.config import ConfigError
+from ditserve.errors import ConfigError
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (img (B, L, D), txt (B, T, D))
 

@@ -19,7 +19,7 @@ import logging
 
 from ditserve.cache.block_cache import CacheStats
 from ditserve.cache.policy import CacheSettings
-from ditserve.config import ConfigError
+from ditserve.errors import ConfigError
 
 
 def available() -> bool:

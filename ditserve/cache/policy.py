@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from ditserve.config import ConfigError
+from ditserve.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ditserve.config import ConfigError
+from ditserve.errors import ConfigError
 from ditserve.ops import functional as Fn
 
 CUDNN_MODULE, CUDNN_PACKAGE = "cudnn", "nvidia-cudnn-frontend"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ditserve
-from ditserve.config import ConfigError
+from ditserve.errors import ConfigError
 
 DEFAULT_MODEL_DIR = Path(ditserve.__file__).parent / "assets" / "default-model"
 MODEL_INDEX = "model_index.json"

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ditserve.config import ConfigError
+from ditserve.errors import ConfigError
 
 # Single-file weights, in the order diffusers and transformers name them.
 SINGLE_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")

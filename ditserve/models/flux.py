@@ -610,6 +610,45 @@ class FluxTransformer(nn.Module):
                 targets[key].copy_(tensor)
 
 
+# ------------------------------------------------------------------------------------------- example inputs
+
+
+def flux_example_inputs(config, height: int, width: int, batch: int = 1, text_len: int = 512,
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        seed: int = 0) -> dict[str, torch.Tensor | None]:
+    """FluxTransformer kwargs for a `height` x `width` image: random (seeded, drawn on the CPU) tensors.
+
+    `config` is a FluxConfig. Image tokens L = (height/16) * (width/16) (8x VAE, then 2x2 packing);
+    hidden_states (B, L, in_channels), encoder_hidden_states (B, text_len, joint_attention_dim),
+    pooled_projections (B, pooled_projection_dim), timestep (B,) in [0, 1], img_ids (L, 3) = (0, row, col),
+    txt_ids (text_len, 3) zeros, guidance (B,) if the model is guidance-distilled else None.
+    """
+    for name, v in (("height", height), ("width", width)):
+        if v % 16 or v <= 0:
+            raise ConfigError(f"{name} must be a positive multiple of 16, got {v}")
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols = height // 16, width // 16
+    img_ids = torch.zeros(rows, cols, 3)
+    img_ids[..., 1] = torch.arange(rows)[:, None]
+    img_ids[..., 2] = torch.arange(cols)[None, :]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    return dict(
+        hidden_states=rand(batch, rows * cols, config.in_channels),
+        encoder_hidden_states=rand(batch, text_len, config.joint_attention_dim),
+        pooled_projections=rand(batch, config.pooled_projection_dim),
+        timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        img_ids=img_ids.reshape(rows * cols, 3).to(device=device, dtype=dtype),
+        txt_ids=torch.zeros(text_len, 3, device=device, dtype=dtype),
+        guidance=torch.full((batch,), 3.5, device=device, dtype=dtype) if config.guidance_embeds else None,
+    )
+
+
+FluxTransformer.example_inputs = staticmethod(flux_example_inputs)  # for `ditserve compile-report`
+
+
 # ------------------------------------------------------------------------------------------------ presets
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditserve.config import DTYPES, ConfigError
+from ditserve.config import DTYPES, FP8_FAST_ACCUM_DEFAULT, ConfigError
 from ditserve.kernels import quant as K
 from ditserve.ops import functional as Fn
 from ditserve.ops.base import CustomOp, OpsConfig
@@ -49,8 +49,8 @@ from ditserve.ops.linear import Linear
 # CUDA's fp8 GEMMs need both matrix dims along K and N to be multiples of 16 (16-byte aligned fp8 rows).
 FP8_DIM_MULTIPLE = 16
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) and newer have fp8 tensor cores
-# The tier's default for fast accumulation (see above; `EngineConfig.fp8_fast_accum` "auto").
-FAST_ACCUM_DEFAULT = True
+# The tier's default for fast accumulation (see above; `EngineConfig.fp8_fast_accum` "auto"): one source, config's.
+FAST_ACCUM_DEFAULT = FP8_FAST_ACCUM_DEFAULT
 # The compute (activation) dtype of the tier: the row-wise scaled fp8 GEMM outputs bf16 on every fp8 GPU
 # (on Ada, torch's row-wise kernel outputs nothing else).
 FP8_COMPUTE_DTYPE = torch.bfloat16

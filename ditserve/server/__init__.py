@@ -5,7 +5,7 @@
 See `app.py` for the endpoints, `worker.py` for the queue and batching, `metrics.py` for /metrics.
 """
 
-from ditserve.server.app import create_app, load_pipeline, run_server
+from ditserve.server.app import create_app, run_server
 from ditserve.server.config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ServerConfig", "create_app", "load_pipeline", "run_server"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ServerConfig", "create_app", "run_server"]

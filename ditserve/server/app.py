@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ditserve.config import ConfigError, SamplingParams
 from ditserve.logging import init_logger
-from ditserve.pipelines import load_pipeline
+from ditserve.engine import Engine
 from ditserve.server.config import ServerConfig
 from ditserve.server.files import OutputStore
 from ditserve.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -54,7 +54,7 @@ DEFAULT_QUALITY = 95  # jpeg / webp encoder quality when output_compression is u
 SWEEP_INTERVAL_S = 60.0
 # A ConfigError message names the SamplingParams field first; the API calls it by its OpenAI name.
 _PARAM_NAMES = {"height": "size", "width": "size", "steps": "num_inference_steps", "guidance": "guidance_scale",
-                "seed": "seed", "num_images": "n", "prompt": "prompt"}
+                "seed": "seed", "num_images": "n", "prompt": "prompt", "negative_prompt": "negative_prompt"}
 _PARAM_WORD = re.compile(r"\b(" + "|".join(_PARAM_NAMES) + r")\b")
 # Route label of /metrics' request counter for each path (bounded: file names and model ids are not labels).
 _ENDPOINTS = ("/v1/images/generations", "/v1/models", "/health", "/ready", "/metrics", "/")
@@ -193,7 +193,7 @@ class _ApiKeyAuth:
 
 
 def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) -> FastAPI:
-    """The server's app. `load()` returns (model name, pipeline) and runs on the engine's thread when the app
+    """The server's app. `load()` returns a loaded `ditserve.engine.Engine` and runs on the engine's thread when the app
     starts (so /health answers while it loads); `on_fatal(exc)` is called if loading or warmup fails.
     State for tests and embedding: `app.state.worker`, `app.state.metrics`, `app.state.store`."""
     from PIL import features
@@ -241,12 +241,11 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
         if body.model is not None and body.model != worker.model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {worker.model_name!r}",
                            param="model", code="model_not_found")
-        params, fmt, quality = _request_params(body, config, formats,
-                                               getattr(worker.pipeline, "supports_negative_prompt", False))
+        params, fmt, quality = _request_params(body, config, formats)
         if params.seed is None:  # drawn here, below 2**53: JSON readers that parse numbers as doubles
             params.seed = secrets.randbits(53)  # (JavaScript) read it exactly and can send it back
         try:
-            params = worker.pipeline.resolve(params)
+            params = worker.engine.resolve(params)
         except ConfigError as e:
             raise _bad_value(e) from None
         try:
@@ -317,8 +316,8 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
     @app.get("/ready")
     async def ready() -> JSONResponse:
         require_ready()
-        spec = worker.pipeline.spec
-        engine = getattr(worker.pipeline, "engine", None)  # EngineConfig (FluxPipeline has one; a test's may not)
+        spec = worker.engine.spec
+        engine = worker.engine.config  # EngineConfig
         return JSONResponse({"status": "ready", "model": worker.model_name,
                              "default_size": f"{spec.default_width}x{spec.default_height}",
                              "default_steps": spec.default_steps, "default_guidance": spec.default_guidance,
@@ -340,11 +339,11 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
     return app
 
 
-def _request_params(body: ImageGenerationRequest, config: ServerConfig, formats: set[str],
-                    negative_prompts: bool) -> tuple[SamplingParams, str, int]:
+def _request_params(body: ImageGenerationRequest, config: ServerConfig, formats: set[str]
+                    ) -> tuple[SamplingParams, str, int]:
     """The request's SamplingParams (unresolved), output format and encoder quality. Raises APIError(400).
-    A negative prompt goes to `params.extra["negative_prompt"]`, for pipelines that declare
-    `supports_negative_prompt = True` (true classifier-free guidance); for others it is a 400."""
+    What the model cannot do (a negative prompt for a family without classifier-free guidance, ...) is refused
+    when the engine resolves the request, with the family's own message."""
     for option in UNSUPPORTED_OPENAI_OPTIONS:
         if getattr(body, option) is not None:
             raise APIError(400, f"{option!r} is not supported by ditserve; leave it unset", param=option,
@@ -352,10 +351,6 @@ def _request_params(body: ImageGenerationRequest, config: ServerConfig, formats:
     if body.stream:
         raise APIError(400, "streaming is not supported; leave 'stream' unset or false", param="stream",
                        code="unsupported_parameter")
-    if body.negative_prompt is not None and not negative_prompts:
-        raise APIError(400, "negative_prompt is not supported by this model: its pipeline has no classifier-free "
-                            "guidance pass that a negative prompt could steer (FLUX.1 uses distilled guidance)",
-                       param="negative_prompt", code="unsupported_parameter")
     if not 1 <= body.n <= config.max_batch_size:
         raise APIError(400, f"n must be between 1 and {config.max_batch_size} (the server's max batch size), "
                             f"got {body.n}", param="n", code="invalid_value")
@@ -377,9 +372,8 @@ def _request_params(body: ImageGenerationRequest, config: ServerConfig, formats:
     except ConfigError as e:
         raise APIError(400, str(e), param="size", code="invalid_value") from None
     params = SamplingParams(prompt=body.prompt, height=height, width=width, steps=body.num_inference_steps,
-                            guidance=body.guidance_scale, seed=body.seed, num_images=body.n)
-    if body.negative_prompt is not None:
-        params.extra["negative_prompt"] = body.negative_prompt
+                            guidance=body.guidance_scale, seed=body.seed, num_images=body.n,
+                            negative_prompt=body.negative_prompt)
     try:
         params.validate()
     except ConfigError as e:
@@ -389,7 +383,8 @@ def _request_params(body: ImageGenerationRequest, config: ServerConfig, formats:
 
 def _bad_value(e: ConfigError) -> APIError:
     m = _PARAM_WORD.search(str(e))
-    return APIError(400, str(e), param=_PARAM_NAMES[m[1]] if m else None, code="invalid_value")
+    code = "unsupported_parameter" if " is not supported by " in str(e) else "invalid_value"
+    return APIError(400, str(e), param=_PARAM_NAMES[m[1]] if m else None, code=code)
 
 
 def _not_ready_message(worker: EngineWorker) -> str:
@@ -472,7 +467,7 @@ def run_server(model: str | None, engine, config: ServerConfig, host: str, port:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(lambda: load_pipeline(model, engine), config, on_fatal=on_fatal)
+    app = create_app(lambda: Engine.load(model, engine), config, on_fatal=on_fatal)
     server = uvicorn.Server(uvicorn.Config(
         app, log_level="info" if verbose else "warning", access_log=verbose, lifespan="on",
         # uvicorn waits this long for in-flight requests after a signal; then lifespan shutdown drains the rest

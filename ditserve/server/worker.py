@@ -3,18 +3,18 @@
     HTTP handler --submit--> queue (<= max_queue requests) --> worker thread: batch -> generate_batch -> futures
 
 The worker thread loads the model, warms it up, then loops: take the oldest waiting request, add the waiting
-requests that can share its denoise batch (equal `pipeline.batch_key`: same size, steps, guidance and text
-length) up to `max_batch_size` images (none when the pipeline has a DiT cache mounted, whose skip decisions are
-taken for a whole batch), run them with `pipeline.generate_batch`, and complete each request's
+requests that can share its denoise batch (equal `engine.batch_key`: same size, steps, guidance and text
+length) up to `max_batch_size` images (none when the engine has a DiT cache mounted, whose skip decisions are
+taken for a whole batch), run them with `engine.generate_batch`, and complete each request's
 future. Handlers wait on those futures from the event loop, so the loop never blocks on the model.
 
 A failing batch fails only its own requests: CUDA out-of-memory (the allocator's cache is emptied) and any
 other exception become an `EngineFailure` on those futures, and the worker takes the next batch. `close()`
 stops accepting, lets the queued and running requests finish (drain), then stops the thread.
 
-The pipeline contract (FluxPipeline has it): `spec` (ModelSpec), `device`, `resolve(params)` (defaults
-filled, a seed drawn; raises ConfigError), `batch_key(params)`, `generate_batch(list[params])` (one
-GenerationResult per request, with `timings` text_encode_s / denoise_s / decode_s).
+The worker speaks only `ditserve.engine.Engine`: `spec`, `capabilities`, `device`, `cache`, `resolve`,
+`batch_key`, `generate_batch` (one Output per request, with `timings` text_encode_s / denoise_s / decode_s)
+and `warmup` (dummy-run mode).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from ditserve.server.metrics import ServerMetrics
 
 logger = init_logger(__name__)
 
-# (model name, pipeline): what a loader returns.
-Loader = Callable[[], "tuple[str, Any]"]
+# What a loader returns: a loaded `ditserve.engine.Engine`.
+Loader = Callable[[], Any]
 
 # Worker states, in order; "failed" when the model could not be loaded or warmed up.
 STATES = ("created", "loading", "warming", "ready", "draining", "stopped", "failed")
@@ -75,7 +75,7 @@ class Job:
 
 
 class EngineWorker:
-    """Owns the pipeline (built by `load` on the worker thread) and runs its batches."""
+    """Owns the engine (loaded by `load` on the worker thread) and runs its batches."""
 
     def __init__(self, load: Loader, config: ServerConfig, metrics: ServerMetrics,
                  on_fatal: Callable[[BaseException], None] | None = None):
@@ -84,7 +84,7 @@ class EngineWorker:
         self.metrics = metrics
         self.on_fatal = on_fatal  # called (on the worker thread) when loading or warmup fails
         self.model_name: str | None = None
-        self.pipeline: Any = None
+        self.engine: Any = None
         self.state = "created"
         self.error: BaseException | None = None
         self.started_at = int(time.time())
@@ -151,7 +151,7 @@ class EngineWorker:
                 raise NotAccepting(f"the engine is {self.state}")
             if len(self._queue) >= self.config.max_queue:
                 raise QueueFull(self._retry_after())
-            job = Job(params=params, key=self.pipeline.batch_key(params),
+            job = Job(params=params, key=self.engine.batch_key(params),
                       images=len(params.prompts) * params.num_images, arrival=time.monotonic())
             self._queue.append(job)
             self.metrics.queue_depth.set(len(self._queue))
@@ -185,14 +185,15 @@ class EngineWorker:
 
     def _main(self) -> None:
         try:
-            self.model_name, self.pipeline = self._load()
-            device = torch.device(self.pipeline.device)
+            self.engine = self._load()
+            self.model_name = self.engine.name
+            device = torch.device(self.engine.device)
             self.metrics.watch_device(device)
             if device.type == "cuda":
                 self._empty_cache = torch.cuda.empty_cache
             # A DiT cache decides per batch (one residual difference over all rows), so a request batched with
             # others could be computed differently from the same request alone: with a cache, one request a batch.
-            self._one_request_per_batch = getattr(self.pipeline, "cache", None) is not None
+            self._one_request_per_batch = self.engine.cache is not None
             self._set_state("warming")
             if self.config.warmup:
                 self._warmup()
@@ -226,12 +227,9 @@ class EngineWorker:
         the configured warmup's, else the model's defaults."""
         cfg = self.config
         height, width = cfg.warmup_size if cfg.warmup_size is not None else (None, None)
-        for n in (1, 2) if cfg.max_batch_size >= 2 else (1,):
-            params = SamplingParams(prompt="warmup", height=height, width=width, steps=cfg.warmup_steps,
-                                    seed=0, num_images=n)
-            start = time.perf_counter()
-            self.pipeline.generate_batch([self.pipeline.resolve(params)])
-            logger.info(f"warmup batch of {n}: {time.perf_counter() - start:.2f} s")
+        seconds = self.engine.warmup(height, width, cfg.warmup_steps,
+                                     batch_sizes=(1, 2) if cfg.max_batch_size >= 2 else (1,))
+        logger.info(f"warmup: {seconds:.2f} s")
 
     def _next_batch(self) -> list[Job] | None:
         """The next batch (possibly empty when every taken request was cancelled meanwhile), or None when
@@ -259,7 +257,7 @@ class EngineWorker:
         self.metrics.batch_images.observe(sum(job.images for job in batch))
         failure: tuple[str, str] | None = None
         try:
-            results = self.pipeline.generate_batch([job.params for job in batch])
+            results = self.engine.generate_batch([job.params for job in batch])
         except torch.OutOfMemoryError:
             # Not bound to a name: the traceback (and the tensors its frames hold) is freed when this block
             # ends, before the cache is emptied below.

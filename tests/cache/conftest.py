@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditserve.compile import flux_example_inputs
+from ditserve.models.flux import flux_example_inputs
 from ditserve.config import EngineConfig
 from ditserve.models.flux import FluxConfig, FluxTransformer
 

@@ -8,7 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ditserve.cache import CacheSettings, TaylorSeer, mount_cache, parse_cache
-from ditserve.compile import CompileConfig, compile_model, flux_example_inputs
+from ditserve.compile import CompileConfig, compile_model
+from ditserve.models.flux import flux_example_inputs
 from ditserve.config import ConfigError
 
 from .conftest import count_block_calls, denoise_outputs, tiny_transformer

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ditserve.compile import CompileConfig, _record_compiles, compile_model, warmup
+from ditserve.compile import CompileConfig, compile_model, warmup
+from ditserve.compile_report import _record_compiles
 from ditserve.config import SamplingParams
 from ditserve.dummy_run import dummy_run, in_dummy_run
 

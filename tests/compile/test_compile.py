@@ -17,12 +17,10 @@ import torch
 from torch import nn
 
 import ditserve.compile as dc
-from ditserve.compile import (
-    CompileConfig, add_compile_report_args, compile_model, compile_regions, compile_report, compile_report_main,
-    compiled_modules, flux_example_inputs, is_compiled, second_size,
-)
+from ditserve.compile import CompileConfig, compile_model, compile_regions, compiled_modules, is_compiled
+from ditserve.compile_report import add_compile_report_args, compile_report, compile_report_main, second_size
 from ditserve.config import ConfigError, EngineConfig
-from ditserve.models.flux import FluxConfig, FluxTransformer
+from ditserve.models.flux import FluxConfig, FluxTransformer, flux_example_inputs
 
 EAGER = CompileConfig(backend="eager")
 TEXT_LEN = 16

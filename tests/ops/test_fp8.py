@@ -16,7 +16,9 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from ditserve.compile import CompileConfig, compile_report, flux_example_inputs
+from ditserve.compile import CompileConfig
+from ditserve.compile_report import compile_report
+from ditserve.models.flux import flux_example_inputs
 from ditserve.config import ConfigError
 from ditserve.models.flux import FluxConfig, FluxTransformer
 from ditserve.ops import Fp8Linear, Linear, LinearGELU, OpsConfig, apply_fp8

@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ditserve.compile import CompileConfig, compile_report
+from ditserve.compile import CompileConfig
+from ditserve.compile_report import compile_report
 from ditserve.config import ConfigError, EngineConfig
 from ditserve.kernels import attention_fp8 as KA
 from ditserve.kernels import rotary as KR
@@ -168,7 +169,7 @@ def test_refusals(monkeypatch):
 def test_loader_applies_it():
     """load_transformer with fp8_attention: every block's attention in fp8, on top of the fp8 layers (the CPU runs
     the references), close to the fp8 model's output."""
-    from ditserve.compile import flux_example_inputs
+    from ditserve.models.flux import flux_example_inputs
     from ditserve.loader import load_transformer
 
     fp8, _ = load_transformer(None, EngineConfig(device="cpu", quantization="fp8"))

@@ -300,7 +300,8 @@ def test_prewarm_compiles_what_the_model_forward_needs(monkeypatch):
     with the specialisation of the real calls, so the model's first forward compiles no Triton kernel. (D = 40 x 16
     = 640 takes BLOCK = 1024, which no other test's width does, so the norm kernels are not already in this
     process's cache: Triton's key holds the constexprs and D's divisibility, not D.)"""
-    from ditserve.compile import flux_example_inputs, prewarm_kernels
+    from ditserve.compile import prewarm_kernels
+    from ditserve.models.flux import flux_example_inputs
     from ditserve.models.flux import FluxConfig, FluxTransformer
 
     cfg = FluxConfig(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=40,

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from ditserve.cli import build_parser
-from ditserve.config import EngineConfig
+from ditserve.config import EngineConfig, SamplingParams
 from ditserve.engine_args import engine_from_args
 from ditserve.loader import load_model
-from ditserve.pipelines import flux as flux_pipeline
+from ditserve.pipelines import base as pipeline_base
 from ditserve.pipelines.flux import FluxPipeline
 from ditserve.testing import build_tiny_flux_pipeline
 
@@ -28,7 +28,7 @@ def _pipe(folder, **kw) -> FluxPipeline:
 
 
 def test_compiled_channels_last_decoder_decodes_the_same(folder, monkeypatch):
-    monkeypatch.setattr(flux_pipeline, "VAE_COMPILE_BACKEND", "eager")  # (inductor on a CPU VAE: minutes)
+    monkeypatch.setattr(pipeline_base, "VAE_COMPILE_BACKEND", "eager")  # (inductor on a CPU VAE: minutes)
     plain, compiled = _pipe(folder), _pipe(folder, compile_vae=True)
     assert plain.vae.decoder._compiled_call_impl is None
     assert compiled.vae.decoder._compiled_call_impl is not None
@@ -36,8 +36,8 @@ def test_compiled_channels_last_decoder_decodes_the_same(folder, monkeypatch):
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     latents = torch.randn(1, 8 * 8, 64, generator=torch.Generator().manual_seed(0))  # 128 x 128 pixels
     with torch.inference_mode():
-        expected = plain.decode_latents(latents, 128, 128)
-        out = compiled.decode_latents(latents, 128, 128)
+        expected = plain.decode_latents(latents, _size(128, 128))
+        out = compiled.decode_latents(latents, _size(128, 128))
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -51,9 +51,8 @@ def test_flag():
 def test_warmup_compiles_the_decoder(folder, monkeypatch):
     """A dummy-run warmup still decodes once when the decoder is compiled, so requests do not compile it."""
     from ditserve.compile import warmup
-    from ditserve.config import SamplingParams
 
-    monkeypatch.setattr(flux_pipeline, "VAE_COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(pipeline_base, "VAE_COMPILE_BACKEND", "eager")
     pipe = _pipe(folder, compile_vae=True)
     calls = []
     pipe.vae.decoder.register_forward_pre_hook(lambda m, a: calls.append(1))
@@ -62,3 +61,7 @@ def test_warmup_compiles_the_decoder(folder, monkeypatch):
     assert len(calls) == 1
     with torch.compiler.set_stance("fail_on_recompile"):
         assert len(pipe.generate(params, progress=False).images) == 1
+
+
+def _size(height: int, width: int) -> SamplingParams:
+    return SamplingParams(prompt="", height=height, width=width)

@@ -7,6 +7,8 @@ size, steps and guidance must give the same image (PSNR >= 40 dB) and the same i
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -91,15 +93,16 @@ def test_spec_defaults_follow_the_checkpoint(dev, schnell):
 def test_initial_noise_matches_diffusers(dev):
     ours, ref = dev
     B, H, W, seed = 3, 96, 64, 1234
-    got = ours.prepare_latents(B, H, W, seed)
+    p = SamplingParams(prompt=PROMPT, height=H, width=W, seed=seed)
+    got = ours.prepare_latents(B, p)
     C = ref.transformer.config.in_channels // 4
     want, want_ids = ref.prepare_latents(B, C, H, W, torch.float32, torch.device("cpu"),
                                          torch.Generator("cpu").manual_seed(seed))
-    assert got.latents.shape == want.shape == (B, (H // 16) * (W // 16), 4 * C)
-    assert torch.equal(got.latents, want)
-    assert torch.equal(got.img_ids, want_ids)
-    other = ours.prepare_latents(B, H, W, seed + 1).latents
-    assert not torch.equal(other, got.latents)
+    assert got.shape == want.shape == (B, (H // 16) * (W // 16), 4 * C)
+    assert torch.equal(got, want)
+    assert torch.equal(ours.latent_image_ids(*ours.latent_size(H, W)), want_ids)
+    other = ours.prepare_latents(B, dataclasses.replace(p, seed=seed + 1))
+    assert not torch.equal(other, got)
 
 
 def test_pack_unpack_roundtrip():
@@ -114,7 +117,8 @@ def test_pack_unpack_roundtrip():
 def test_encode_prompt_matches_diffusers(dev):
     ours, ref = dev
     prompts = [PROMPT, "a cat holding a sign that says hello world"]
-    text = ours.encode_prompt(prompts, num_images=2, max_sequence_length=40)
+    text = ours.select_text(ours.encode_prompt(prompts, SamplingParams(prompt="", max_sequence_length=40)),
+                            [0, 0, 1, 1])  # two images per prompt
     want_embeds, want_pooled, want_ids = ref.encode_prompt(prompts, None, device=torch.device("cpu"),
                                                            num_images_per_prompt=2, max_sequence_length=40)
     assert text.prompt_embeds.shape == want_embeds.shape == (4, 40, 32)
@@ -130,17 +134,18 @@ def test_decode_matches_diffusers(dev):
     ours, ref = dev
     H, W = 96, 64
     latents = torch.randn(2, (H // 16) * (W // 16), 64, generator=torch.Generator().manual_seed(5))
-    got = ours.decode_latents(latents, H, W)
+    p = SamplingParams(prompt="", height=H, width=W)
+    got = ours.decode_latents(latents, p)
     z = ref._unpack_latents(latents, H, W, ref.vae_scale_factor)
     z = z / ref.vae.config.scaling_factor + ref.vae.config.shift_factor
     with torch.no_grad():
         want = ref.vae.decode(z, return_dict=False)[0]
     assert got.shape == want.shape == (2, 3, H, W)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    pil = ours.decode(latents, H, W)
+    frames = ours.decode(latents, p)
     want_pil = ref.image_processor.postprocess(want, output_type="pil")
-    for a, b in zip(pil, want_pil):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(frames, want_pil):
+        assert np.array_equal(a, np.asarray(b))
 
 
 def test_image_matches_diffusers_dev(dev):
@@ -230,7 +235,7 @@ def test_cuda_bf16_matches_diffusers(tmp_path):
     ref = diffusers.FluxPipeline.from_pretrained(path, torch_dtype=torch.bfloat16).to("cuda")
     ref.set_progress_bar_config(disable=True)
 
-    got = ours.prepare_latents(2, 128, 128, 99).latents
+    got = ours.prepare_latents(2, SamplingParams(prompt=PROMPT, height=128, width=128, seed=99))
     want, _ = ref.prepare_latents(2, 16, 128, 128, torch.bfloat16, torch.device("cuda"),
                                   torch.Generator("cuda").manual_seed(99))
     assert torch.equal(got, want)

@@ -364,16 +364,18 @@ def _pipeline(folder, **engine_kw):
 
 
 def test_pipeline_streams_when_asked_and_decodes_the_same(tiny_folder, monkeypatch):
-    from ditserve.pipelines import flux as flux_pipeline
+    from ditserve.config import SamplingParams
+    from ditserve.pipelines import base as pipeline_base
 
     on, off, auto = (_pipeline(tiny_folder, vae_streaming=v) for v in ("on", "off", "auto"))
     assert on.vae_streaming and not off.vae_streaming
     assert not auto.vae_streaming  # auto streams on CUDA only
     calls = []
-    real = flux_pipeline.streamed_decode
-    monkeypatch.setattr(flux_pipeline, "streamed_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = pipeline_base.streamed_decode
+    monkeypatch.setattr(pipeline_base, "streamed_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     latents = torch.randn(1, (128 // 16) * (96 // 16), 64, generator=torch.Generator().manual_seed(0))
-    streamed, whole = on.decode_latents(latents, 128, 96), off.decode_latents(latents, 128, 96)
+    size = SamplingParams(prompt="", height=128, width=96)
+    streamed, whole = on.decode_latents(latents, size), off.decode_latents(latents, size)
     assert calls == [1] and streamed.shape == whole.shape == (1, 3, 128, 96)
     assert (streamed - whole).abs().max().item() <= 1e-5 * whole.abs().max().item()
 

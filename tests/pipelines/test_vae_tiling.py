@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from ditserve.cli import build_parser
-from ditserve.config import ConfigError, EngineConfig
+from ditserve.config import ConfigError, EngineConfig, SamplingParams
 from ditserve.engine_args import engine_from_args
 from ditserve.loader import load_model
-from ditserve.pipelines import flux as flux_pipeline
-from ditserve.pipelines.flux import VAE_AUTO_TILE_PIXELS, FluxPipeline
+from ditserve.pipelines.base import VAE_AUTO_TILE_PIXELS
+from ditserve.pipelines import flux
+from ditserve.pipelines.flux import FluxPipeline
 from ditserve.testing import build_tiny_flux_pipeline
 
 
@@ -59,12 +60,12 @@ def test_tiled_decode_is_diffusers_tiled_decode(folder, monkeypatch):
 
     monkeypatch.setattr(type(on.vae), "tiled_decode", spy)
     with torch.inference_mode():
-        tiled = on.decode_latents(_latents(H, W), H, W)
-        whole = off.decode_latents(_latents(H, W), H, W)
+        tiled = on.decode_latents(_latents(H, W), _size(H, W))
+        whole = off.decode_latents(_latents(H, W), _size(H, W))
     assert calls == [(1, 16, H // 8, W // 8)]
     assert tiled.shape == whole.shape == (1, 3, H, W)
     with torch.inference_mode():
-        z = flux_pipeline.unpack_latents(_latents(H, W), H // 8, W // 8)
+        z = flux.unpack_latents(_latents(H, W), H // 8, W // 8)
         z = z / on.vae.config.scaling_factor + on.vae.config.shift_factor
         want = real(on.vae, z, return_dict=False)[0]
     torch.testing.assert_close(tiled, want)
@@ -79,7 +80,7 @@ def test_off_and_small_auto_decode_whole(folder, monkeypatch):
         pipe = _pipe(folder, tiling)
         monkeypatch.setattr(type(pipe.vae), "tiled_decode", boom)
         with torch.inference_mode():
-            assert pipe.decode_latents(_latents(256, 256), 256, 256).shape == (1, 3, 256, 256)
+            assert pipe.decode_latents(_latents(256, 256), _size(256, 256)).shape == (1, 3, 256, 256)
 
 
 def test_flag_reaches_the_engine():
@@ -89,3 +90,7 @@ def test_flag_reaches_the_engine():
     assert engine_from_args(args).vae_tiling == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--prompt", "x", "--vae-tiling", "maybe"])
+
+
+def _size(height: int, width: int) -> SamplingParams:
+    return SamplingParams(prompt="", height=height, width=width)

@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+import numpy as np
+
 from ditserve.config import EngineConfig, ModelSpec, SamplingParams
-from ditserve.pipelines import GenerationResult
-from ditserve.server import ServerConfig, create_app, load_pipeline
+from ditserve.engine import Capabilities, Engine, Output
+from ditserve.server import ServerConfig, create_app
 from ditserve.server.app import listen_socket
 
 FAKE_SPEC = ModelSpec(name="fake", pipeline="FakePipeline", components={}, default_steps=2, default_guidance=0.0,
@@ -28,12 +30,15 @@ class FakePipeline:
     def __init__(self, delay: float = 0.0, gate: threading.Event | None = None,
                  fail: Callable[[list[SamplingParams]], BaseException | None] | None = None):
         self.spec = FAKE_SPEC
+        self.capabilities = Capabilities(family="fake", guidance="distilled")
         self.device = torch.device("cpu")
+        self.cache = None
         self.delay, self.gate, self.fail = delay, gate, fail
         self.batches: list[list[SamplingParams]] = []
         self.started = threading.Event()  # set when a (non-warmup) batch begins
 
     def resolve(self, params: SamplingParams) -> SamplingParams:
+        self.capabilities.check(params)
         p = params.resolved(self.spec)
         if p.seed is None:
             p.seed = 12345
@@ -42,7 +47,7 @@ class FakePipeline:
     def batch_key(self, p: SamplingParams) -> tuple:
         return (p.height, p.width, p.steps, p.guidance)
 
-    def generate_batch(self, requests: list[SamplingParams]) -> list[GenerationResult]:
+    def generate_batch(self, requests: list[SamplingParams], progress: bool = False) -> list[Output]:
         self.batches.append(list(requests))
         if requests[0].prompt != "warmup":
             self.started.set()
@@ -53,8 +58,8 @@ class FakePipeline:
         if self.fail is not None and (exc := self.fail(requests)) is not None:
             raise exc
         timings = {"text_encode_s": 0.001, "denoise_s": 0.002, "decode_s": 0.001, "total_s": 0.004}
-        return [GenerationResult(images=[fake_image(p, i) for i in range(p.num_images)], timings=timings,
-                                 peak_memory_bytes=None, params=p) for p in requests]
+        return [Output(kind="image", frames=np.stack([np.asarray(fake_image(p, i)) for i in range(p.num_images)]),
+                       timings=timings, peak_memory_bytes=None, params=p) for p in requests]
 
 
 def fake_colour(seed: int, i: int) -> tuple[int, int, int]:
@@ -65,10 +70,14 @@ def fake_image(p: SamplingParams, i: int):
     return Image.new("RGB", (p.width, p.height), fake_colour(p.seed, i))
 
 
+def fake_engine(pipeline: FakePipeline) -> Engine:
+    return Engine("fake", pipeline, EngineConfig(device="cpu"))
+
+
 def fake_app(pipeline: FakePipeline | None = None, **config):
     pipeline = pipeline or FakePipeline()
     config.setdefault("warmup", False)
-    return create_app(lambda: ("fake", pipeline), ServerConfig(**config))
+    return create_app(lambda: fake_engine(pipeline), ServerConfig(**config))
 
 
 class Live:
@@ -103,4 +112,4 @@ def live_server(app, timeout: float = 60.0):
 @pytest.fixture(scope="session")
 def default_pipeline():
     """The packaged default model on CPU (fp32), loaded once for the session."""
-    return load_pipeline(None, EngineConfig(device="cpu"))
+    return Engine.load(None, EngineConfig(device="cpu"))

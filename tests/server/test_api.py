@@ -16,10 +16,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from ditserve.config import ConfigError
+from ditserve.engine import Capabilities
 from ditserve.server import ServerConfig, create_app
 from ditserve.server.app import parse_size
 
-from .conftest import FakePipeline, fake_app, fake_colour
+from .conftest import FakePipeline, fake_app, fake_colour, fake_engine
 
 URL = "/v1/images/generations"
 
@@ -192,7 +193,7 @@ def test_compression_for_png_is_400(client):
 def test_negative_prompt_and_unsupported_options_are_400(client):
     err = assert_error(client.post(URL, json={"prompt": "a", "negative_prompt": "blurry"}), 400,
                        param="negative_prompt", code="unsupported_parameter")
-    assert "not supported by this model" in err["message"]
+    assert "negative_prompt is not supported by fake" in err["message"]
     for option, value in [("quality", "hd"), ("style", "vivid"), ("background", "transparent"),
                           ("moderation", "low"), ("partial_images", 2), ("stream", True)]:
         assert_error(client.post(URL, json={"prompt": "a", option: value}), 400, param=option,
@@ -200,12 +201,12 @@ def test_negative_prompt_and_unsupported_options_are_400(client):
     assert client.post(URL, json={"prompt": "a", "stream": False}).status_code == 200
 
 
-def test_negative_prompt_reaches_a_pipeline_that_supports_it():
+def test_negative_prompt_reaches_a_family_with_classifier_free_guidance():
     pipe = FakePipeline()
-    pipe.supports_negative_prompt = True
+    pipe.capabilities = Capabilities(family="fake", guidance="cfg")
     with client_for(fake_app(pipe)) as client:
         assert client.post(URL, json={"prompt": "a", "negative_prompt": "blurry"}).status_code == 200
-    assert pipe.batches[0][0].extra == {"negative_prompt": "blurry"}
+    assert pipe.batches[0][0].negative_prompt == "blurry"
 
 
 @pytest.mark.parametrize("body", [b"{bad json", b'{"prompt": "a",}', b"", b"\xff\xfe"])
@@ -283,7 +284,7 @@ def test_api_key():
         # Probes, metrics, the page and image files (capability URLs) need no key.
         for path in ("/health", "/ready", "/metrics", "/", r.json()["data"][0]["url"]):
             assert client.get(path).status_code == 200, path
-        assert app.state.worker.pipeline  # sanity: the key check did not stop the engine
+        assert app.state.worker.engine  # sanity: the key check did not stop the engine
 
 
 def test_empty_api_key_is_refused():
@@ -296,7 +297,7 @@ def test_not_ready_is_503_and_health_is_live():
 
     def slow_load():
         release.wait(30)
-        return "fake", FakePipeline()
+        return fake_engine(FakePipeline())
 
     app = create_app(slow_load, ServerConfig(warmup=False))
     with client_for(app, ready=False) as client:
@@ -316,7 +317,7 @@ def test_not_ready_is_503_and_health_is_live():
 
 def test_warmup_runs_before_ready():
     pipe = FakePipeline()
-    app = create_app(lambda: ("fake", pipe), ServerConfig(max_batch_size=4, warmup_size=(96, 128), warmup_steps=3))
+    app = create_app(lambda: fake_engine(pipe), ServerConfig(max_batch_size=4, warmup_size=(96, 128), warmup_steps=3))
     with client_for(app) as client:
         assert client.get("/ready").status_code == 200
         warm = [b[0] for b in pipe.batches]
@@ -449,15 +450,15 @@ def test_parse_size():
 
 
 def test_handler_exception_is_500_and_the_server_keeps_serving():
-    """A failure outside the engine (here: the pipeline returns something that is not an image, so encoding
-    fails) answers 500 with OpenAI's body, and the next request is served."""
+    """A failure outside the engine (here: the pipeline returns a video where the server expects images, so
+    encoding fails) answers 500 with OpenAI's body, and the next request is served."""
     pipe = FakePipeline()
     real = pipe.generate_batch
 
-    def broken(requests):
+    def broken(requests, **kwargs):
         results = real(requests)
         if requests[0].prompt == "broken":
-            results[0].images = ["not an image"]
+            results[0].kind = "video"
         return results
 
     pipe.generate_batch = broken

@@ -15,7 +15,7 @@ from ditserve.server import ServerConfig
 from ditserve.server.metrics import ServerMetrics
 from ditserve.server.worker import EngineWorker, NotAccepting
 
-from .conftest import FakePipeline
+from .conftest import FakePipeline, fake_engine
 
 
 def pixels(img) -> np.ndarray:
@@ -31,12 +31,12 @@ REQUESTS = [
 
 
 def test_generate_batch_keeps_each_requests_noise_and_image(default_pipeline):
-    _, pipe = default_pipeline
+    pipe = default_pipeline.pipeline
     seen = []
     denoise = pipe.denoise
 
     def spy(latents, *args, **kwargs):  # the initial latents of each denoise call
-        seen.append(latents.latents.clone())
+        seen.append(latents.clone())
         return denoise(latents, *args, **kwargs)
 
     pipe.denoise = spy
@@ -63,7 +63,7 @@ def test_generate_batch_keeps_each_requests_noise_and_image(default_pipeline):
 
 
 def test_generate_batch_refuses_incompatible_requests(default_pipeline):
-    _, pipe = default_pipeline
+    pipe = default_pipeline.pipeline
     a = SamplingParams(prompt="a", seed=1, steps=2, height=64, width=64)
     for other in (SamplingParams(prompt="b", seed=1, steps=3, height=64, width=64),
                   SamplingParams(prompt="b", seed=1, steps=2, height=64, width=128),
@@ -79,7 +79,7 @@ def test_generate_batch_refuses_incompatible_requests(default_pipeline):
 
 
 def started_worker(pipe: FakePipeline, **config) -> EngineWorker:
-    worker = EngineWorker(lambda: ("fake", pipe), ServerConfig(warmup=False, **config), ServerMetrics())
+    worker = EngineWorker(lambda: fake_engine(pipe), ServerConfig(warmup=False, **config), ServerMetrics())
     worker.start()
     assert worker.wait_ready(10)
     return worker

@@ -46,8 +46,8 @@ def data_url_image(src: str) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def page_server(default_pipeline):
-    name, pipe = default_pipeline
-    app = create_app(lambda: (name, pipe), ServerConfig(warmup_size=(64, 64), warmup_steps=1))
+    pipe = default_pipeline
+    app = create_app(lambda: pipe, ServerConfig(warmup_size=(64, 64), warmup_steps=1))
     with live_server(app) as live:
         yield live, pipe
 

@@ -40,8 +40,8 @@ def png(b64_or_bytes) -> Image.Image:
 @pytest.fixture(scope="module")
 def default_server(default_pipeline):
     """The default model behind a live server (key required), on a free loopback port."""
-    name, pipe = default_pipeline
-    app = create_app(lambda: (name, pipe), ServerConfig(api_key="k-123", max_batch_size=4, warmup_size=(64, 64),
+    pipe = default_pipeline
+    app = create_app(lambda: pipe, ServerConfig(api_key="k-123", max_batch_size=4, warmup_size=(64, 64),
                                                         warmup_steps=1))
     with live_server(app) as live:
         yield live, pipe
@@ -85,7 +85,7 @@ def test_openai_client_errors(default_server):
     assert e.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:  # FluxPipeline has no true CFG
         client.images.generate(prompt="x", extra_body={"negative_prompt": "blurry"})
-    assert e.value.body["param"] == "negative_prompt" and "not supported by this model" in e.value.body["message"]
+    assert e.value.body["param"] == "negative_prompt" and "not supported by FLUX.1" in e.value.body["message"]
     with pytest.raises(openai.UnprocessableEntityError):
         client.images.generate(prompt="x", extra_body={"num_inference_steps": "two"})
     with pytest.raises(openai.AuthenticationError):
