@@ -53,6 +53,9 @@ class ModelSpec:
     default_height: int
     default_width: int
     max_sequence_length: int
+    # --load-format dummy: component name -> "module:function" returning the tokenizer of a preset (tokenizers
+    # have no config-only form); empty: the packaged default model's tokenizers (FLUX.1).
+    tokenizers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,24 @@
 """The block cache: per step, compute the first blocks, and reuse the residual of the middle blocks when the
 first blocks' output barely changed since the middle blocks were last computed.
 
-A model opts in by declaring the block interface (`FluxTransformer` does):
+A model opts in by declaring the block interface (`FluxTransformer` and `ZImageTransformer` do):
 
     num_blocks                                  blocks in a flat order (FLUX: 19 double, then 38 single)
-    run_blocks(img, txt, ctx, start, stop)      run blocks [start, stop) -> (img, txt)
+    run_blocks(state, ctx, start, stop)         run blocks [start, stop) -> state
     block_cache                                 attribute its forward consults: None, or a BlockCache
 
-and its forward does `prepare` -> `block_cache.run(model, img, txt, ctx)` (or all blocks) -> `finish`. One
-step of the cache, for the active CFG branch:
+The block state is a tuple of tensors whose first entry is the image stream (FLUX: (img, txt); a single-stream
+model: (x,)). Its forward does `prepare` -> `block_cache.run(model, state, ctx)` (or all blocks) -> `finish`.
+One step of the cache, for the active CFG branch:
 
-    img, txt = blocks [0, fn)                        always
-    signal   = img - img_in                          the first blocks' residual, (B, L, D)
+    state    = blocks [0, fn)                        always
+    signal   = state[0] - state_in[0]                the first blocks' residual, (B, L, D)
     diff     = relL1(signal, signal at the last computed step)   a 0-d tensor on the device
     cached   = past warmup and under the consecutive cap and diff.item() < threshold   (one host sync;
                none with threshold inf, a fixed step mask)
-    img, txt = (img, txt) + residual                 if cached (the stored, or TaylorSeer-extrapolated, one)
+    state    = state + residual                      if cached (the stored, or TaylorSeer-extrapolated, one)
              = blocks [fn, N - bn), residual stored  else
-    img, txt = blocks [N - bn, N)                    always
+    state    = blocks [N - bn, N)                    always
 
 Compile: the blocks are the compiled regions and this code runs eagerly between them, so its control flow is
 in no graph: the cached path adds no graph, no break and no recompile, and the only host sync of a step is the
@@ -41,7 +42,7 @@ import torch
 from ditserve.cache.policy import CacheSettings
 from ditserve.errors import ConfigError
 
-Pair = tuple[torch.Tensor, torch.Tensor]  # (img (B, L, D), txt (B, T, D))
+State = tuple[torch.Tensor, ...]  # the block state: (img (B, L, D), txt (B, T, D)) for FLUX, (x (B, S, D),) ...
 
 
 @runtime_checkable
@@ -53,24 +54,24 @@ class BlockCacheable(Protocol):
     @property
     def num_blocks(self) -> int: ...
 
-    def run_blocks(self, img: torch.Tensor, txt: torch.Tensor, ctx, start: int, stop: int) -> Pair: ...
+    def run_blocks(self, state: State, ctx, start: int, stop: int) -> State: ...
 
 
 class TaylorSeer:
-    """Extrapolates a sequence of tensor pairs sampled at integer steps (the computed steps) to a later step.
+    """Extrapolates a sequence of tensor tuples sampled at integer steps (the computed steps) to a later step.
 
     order 0 returns the last sample. Order k keeps the backward divided differences of the last k+1 samples
     (Newton's form), so the prediction is exact for sequences polynomial of degree <= k in the step index,
     whatever the spacing of the samples. With fewer samples than k+1 the order drops to what is available.
-    Memory: k+1 pairs.
+    Memory: k+1 tuples.
     """
 
     def __init__(self, order: int):
         self.order = order
         self.steps: list[int] = []  # sample steps, newest first
-        self.diffs: list[Pair] = []  # diffs[j] = f[x_n, ..., x_{n-j}], newest sample first
+        self.diffs: list[State] = []  # diffs[j] = f[x_n, ..., x_{n-j}], newest sample first
 
-    def update(self, step: int, value: Pair) -> None:
+    def update(self, step: int, value: State) -> None:
         """Add the sample `value` at `step` (later than every earlier sample)."""
         new = [value]
         for j in range(1, min(self.order, len(self.steps)) + 1):
@@ -79,8 +80,8 @@ class TaylorSeer:
         self.diffs = new
         self.steps = ([step] + self.steps)[:self.order + 1]
 
-    def predict(self, step: int) -> Pair:
-        """The extrapolated pair at `step`."""
+    def predict(self, step: int) -> State:
+        """The extrapolated tuple at `step`."""
         out = self.diffs[0]
         weight = 1.0
         for j in range(1, len(self.diffs)):
@@ -168,12 +169,12 @@ class BlockCache:
             st = self._branches[self._branch] = _Branch(order=self.settings.taylorseer)
         return st
 
-    def run(self, model: BlockCacheable, img: torch.Tensor, txt: torch.Tensor, ctx) -> Pair:
-        """One transformer step over all blocks of `model`: img (B, L, D), txt (B, T, D) -> (img, txt)."""
+    def run(self, model: BlockCacheable, state: State, ctx) -> State:
+        """One transformer step over all blocks of `model`: the block state in -> the block state out."""
         s, N = self.settings, self.num_blocks
-        img_in = img
-        img, txt = model.run_blocks(img, txt, ctx, 0, s.fn)
-        signal = img - img_in  # (B, L, D)
+        x_in = state[0]
+        state = model.run_blocks(state, ctx, 0, s.fn)
+        signal = state[0] - x_in  # (B, L, D)
         st = self._state(signal)
         step = st.step
         st.step += 1
@@ -184,20 +185,19 @@ class BlockCache:
             use_cache = relative_l1(signal, st.signal).item() < s.threshold  # the step's one host sync
             self._stats.host_syncs += 1
         if use_cache:
-            r_img, r_txt = st.residual.predict(step)
-            img, txt = img + r_img, txt + r_txt
+            state = tuple(x + r for x, r in zip(state, st.residual.predict(step)))
             self._stats.cached += 1
             st.consecutive += 1
         else:
-            mid_img, mid_txt = img, txt
-            img, txt = model.run_blocks(img, txt, ctx, s.fn, N - s.bn)
-            st.residual.update(step, (img - mid_img, txt - mid_txt))
+            mid = state
+            state = model.run_blocks(state, ctx, s.fn, N - s.bn)
+            st.residual.update(step, tuple(x - m for x, m in zip(state, mid)))
             st.signal = signal
             self._stats.computed += 1
             st.consecutive = 0
         if s.bn:
-            img, txt = model.run_blocks(img, txt, ctx, N - s.bn, N)
-        return img, txt
+            state = model.run_blocks(state, ctx, N - s.bn, N)
+        return state
 
 
 def mount_cache(model, settings: CacheSettings | None) -> BlockCache | None:

@@ -284,6 +284,10 @@ def _load_dummy(model: str | None, engine: EngineConfig) -> LoadedModel:
 def _load_dummy_preset(spec: ModelSpec, engine: EngineConfig) -> LoadedModel:
     components = {name: _timed(name, class_name, dummy_component, class_name, config, engine)
                   for name, (class_name, config) in spec.components.items()}
+    if spec.tokenizers:  # the preset names its own tokenizer builders
+        for name, target in spec.tokenizers.items():
+            components[name] = registry._import(target)()
+        return LoadedModel(spec.name, None, spec.pipeline, components)
     # Tokenizers have no config-only form: take the packaged default model's (same pipeline family).
     default = read_model_index(DEFAULT_MODEL_DIR)
     if default.pipeline_class != spec.pipeline:

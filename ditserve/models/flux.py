@@ -335,7 +335,7 @@ class FluxTransformer(nn.Module):
 
     # The block-cache interface (see `ditserve.cache`): `prepare` -> `run_blocks` over ranges of the flat
     # block index (double blocks 0 .. num_layers-1, then single blocks) -> `finish`. The block state between
-    # ranges is always the pair (img (B, L, D), txt (B, T, D)); a cache mounted in `block_cache` decides
+    # ranges is always the tuple (img (B, L, D), txt (B, T, D)); a cache mounted in `block_cache` decides
     # which ranges run. Blocks stay the compiled regions; the cache runs eagerly between them.
     block_cache = None
     # False: the model computes every block's modulation vectors (FluxConditioning) and passes each block its
@@ -400,13 +400,13 @@ class FluxTransformer(nn.Module):
         guidance: torch.Tensor | None = None,
         conditioning: "FluxConditioning | None" = None,
     ) -> torch.Tensor:
-        img, txt, ctx = self.prepare(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
-                                     txt_ids, guidance, conditioning)
+        state, ctx = self.prepare(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
+                                  txt_ids, guidance, conditioning)
         if self.block_cache is None:
-            img, txt = self.run_blocks(img, txt, ctx, 0, self.num_blocks)
+            state = self.run_blocks(state, ctx, 0, self.num_blocks)
         else:
-            img, txt = self.block_cache.run(self, img, txt, ctx)
-        return self.finish(img, ctx)
+            state = self.block_cache.run(self, state, ctx)
+        return self.finish(state, ctx)
 
     # ----------------------------------------------------------------------------------- block interface
 
@@ -416,9 +416,9 @@ class FluxTransformer(nn.Module):
         return self.config.num_layers + self.config.num_single_layers
 
     def prepare(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
-                guidance=None, conditioning=None) -> tuple[torch.Tensor, torch.Tensor, "FluxBlockContext"]:
-        """Everything before the blocks (arguments as `forward`): -> img (B, L, D), txt (B, T, D) and the
-        per-forward constants every block takes."""
+                guidance=None, conditioning=None) -> tuple[tuple[torch.Tensor, torch.Tensor], "FluxBlockContext"]:
+        """Everything before the blocks (arguments as `forward`): -> the block state (img (B, L, D),
+        txt (B, T, D)) and the per-forward constants every block takes."""
         if conditioning is None:
             conditioning = self.precompute_conditioning(timestep[None], pooled_projections,
                                                         None if guidance is None else guidance[None])[0]
@@ -436,7 +436,7 @@ class FluxTransformer(nn.Module):
         # RoPE tables for the joint sequence [txt, img], computed once for all blocks.
         ids = torch.cat((txt_ids, img_ids), dim=0)  # (S, 3)
         cos, sin = axial_rope_cos_sin(ids, self.config.axes_dims_rope, ROPE_THETA)  # (S, Dh/2) fp32
-        return img, txt, FluxBlockContext(cond=conditioning, cos=cos, sin=sin)
+        return (img, txt), FluxBlockContext(cond=conditioning, cos=cos, sin=sin)
 
     def precompute_conditioning(self, timesteps: torch.Tensor, pooled_projections: torch.Tensor,
                                 guidance: torch.Tensor | None = None) -> list[FluxConditioning]:
@@ -483,13 +483,14 @@ class FluxTransformer(nn.Module):
         for block in (*self.double_blocks, *self.single_blocks):
             block.takes_temb = True
 
-    def run_blocks(self, img: torch.Tensor, txt: torch.Tensor, ctx: "FluxBlockContext", start: int, stop: int
+    def run_blocks(self, state: tuple[torch.Tensor, torch.Tensor], ctx: "FluxBlockContext", start: int, stop: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks [start, stop) of the flat order on (img (B, L, D), txt (B, T, D)) -> (img, txt).
+        """Blocks [start, stop) of the flat order on the state (img (B, L, D), txt (B, T, D)) -> (img, txt).
 
         Double blocks take the two streams; single blocks take the joint sequence [txt, img], joined once on
         entering the single blocks and split (as views) on leaving them.
         """
+        img, txt = state
         n_double, cond = self.config.num_layers, ctx.cond
 
         def block_cond(i: int) -> torch.Tensor:  # block i's (flat index) modulation vectors, or temb
@@ -506,10 +507,11 @@ class FluxTransformer(nn.Module):
             txt, img = x[:, :T], x[:, T:]  # (B, T, D), (B, L, D)
         return img, txt
 
-    def finish(self, img: torch.Tensor, ctx: "FluxBlockContext") -> torch.Tensor:
-        """Everything after the blocks: img (B, L, D) -> (B, L, out_channels). In a dummy run
+    def finish(self, state: tuple[torch.Tensor, torch.Tensor], ctx: "FluxBlockContext") -> torch.Tensor:
+        """Everything after the blocks: the state's img (B, L, D) -> (B, L, out_channels). In a dummy run
         (`ditserve.dummy_run`) the output projection is skipped and a zero tensor of the output's shape (a
         broadcast view: no memory) is returned."""
+        img = state[0]
         if in_dummy_run():
             return img.new_zeros(()).expand(*img.shape[:2], self.config.out_channels)
         scale, shift = ctx.cond.out_mod.unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each

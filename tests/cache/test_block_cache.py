@@ -123,15 +123,16 @@ class _Toy(torch.nn.Module):
     def num_blocks(self) -> int:
         return len(self.w)
 
-    def run_blocks(self, img, txt, ctx, start, stop):
+    def run_blocks(self, state, ctx, start, stop):
+        img, txt = state
         for i in range(start, stop):
             img, txt = img + self.w[i] * ctx, txt + 2 * self.w[i] * ctx
         return img, txt
 
     def forward(self, img, txt, t):
         if self.block_cache is None:
-            return self.run_blocks(img, txt, t, 0, self.num_blocks)
-        return self.block_cache.run(self, img, txt, t)
+            return self.run_blocks((img, txt), t, 0, self.num_blocks)
+        return self.block_cache.run(self, (img, txt), t)
 
 
 def _toy_run(model, ts):
