@@ -23,23 +23,30 @@ COMPONENT_CLASSES: dict[str, str] = {
     "CLIPTokenizerFast": "transformers:CLIPTokenizerFast",
     "T5Tokenizer": "transformers:T5Tokenizer",
     "T5TokenizerFast": "transformers:T5TokenizerFast",
+    "ZImageTransformer2DModel": "ditserve.models.z_image:ZImageTransformer",
+    "Qwen3Model": "transformers:Qwen3Model",
+    "Qwen2Tokenizer": "transformers:Qwen2Tokenizer",
+    "Qwen2TokenizerFast": "transformers:Qwen2TokenizerFast",
 }
 
 # Our DiT classes (values of COMPONENT_CLASSES under ditserve.models) -> their config class, which has
 # `from_diffusers(config.json dict)`. The loader builds these itself (meta device, then safetensors streaming).
 DIT_CONFIGS: dict[str, str] = {
     "FluxTransformer2DModel": "ditserve.models.flux:FluxConfig",
+    "ZImageTransformer2DModel": "ditserve.models.z_image:ZImageConfig",
 }
 
 # model_index.json `_class_name` -> our pipeline.
 PIPELINES: dict[str, str] = {
     "FluxPipeline": "ditserve.pipelines.flux:FluxPipeline",
+    "ZImagePipeline": "ditserve.pipelines.z_image:ZImagePipeline",
 }
 
 # Preset names (for --load-format dummy and `ditserve bench`) -> ModelSpec.
 PRESETS: dict[str, str] = {
     "flux.1-dev": "ditserve.models.flux:FLUX_1_DEV",
     "flux.1-schnell": "ditserve.models.flux:FLUX_1_SCHNELL",
+    "z-image-turbo": "ditserve.pipelines.z_image:Z_IMAGE_TURBO",
 }
 
 
