@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ditserve.config import (
-    CUDA_GRAPHS, DTYPES, DYNAMIC_SHAPES, FP8_FAST_ACCUM, LOAD_FORMATS, QUANTIZATIONS, VAE_STREAMING, VAE_TILING,
+    CFG_MODES, CUDA_GRAPHS, DTYPES, DYNAMIC_SHAPES, FP8_FAST_ACCUM, LOAD_FORMATS, QUANTIZATIONS, VAE_STREAMING, VAE_TILING,
     ConfigError, EngineConfig,
 )
 
@@ -64,6 +64,9 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto") -
                    help="with --compile: auto = compile for the first image size, and once more (token counts "
                         "symbolic) at the first other size; on = one graph for every size from the start, at a "
                         f"slower first compile (default: {dynamic_shapes})")
+    p.add_argument("--cfg-mode", choices=list(CFG_MODES), default="batched",
+                   help="classifier-free guidance (families with a negative prompt): batched = both branches in "
+                        "one forward of twice the batch (default), split = one forward per branch (less memory)")
     p.add_argument("--no-compile-prewarm", dest="compile_prewarm", action="store_false",
                    help="with --compile: do not start the compile workers and the Triton kernels' compile early "
                         "(torch's default timing; slower cold start)")
@@ -78,7 +81,7 @@ def engine_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
                   fp8_attention=args.fp8_attention, fp8_fast_accum=args.fp8_fast_accum, vae_tiling=args.vae_tiling,
                   compile_vae=args.compile_vae, dynamic_shapes=args.dynamic_shapes,
                   compile_prewarm=args.compile_prewarm, cuda_graphs=args.cuda_graphs,
-                  vae_streaming=args.vae_streaming)
+                  vae_streaming=args.vae_streaming, cfg_mode=args.cfg_mode)
     fields.update(overrides)
     return EngineConfig(**fields)
 
