@@ -187,13 +187,12 @@ def test_loader_quantises_the_declared_layers(load_format):
 
 
 class EnginePipeline:
-    """Just enough of the server's pipeline contract for a server that does not warm up: a spec, a device and
-    the engine config a FluxPipeline carries."""
+    """Just enough of a pipeline for an Engine behind a server that does not warm up: a spec and a device."""
 
     def __init__(self, engine: EngineConfig):
         from ditserve.registry import preset
 
-        self.spec, self.device, self.engine = preset("flux.1-schnell"), torch.device("cpu"), engine
+        self.spec, self.device, self.engine, self.cache = preset("flux.1-schnell"), torch.device("cpu"), engine, None
 
 
 def test_ready_reports_the_quantization():
@@ -201,8 +200,10 @@ def test_ready_reports_the_quantization():
     from ditserve.server.app import create_app
 
     for quantization in (None, "fp8"):
-        pipeline = EnginePipeline(EngineConfig(device="cpu", quantization=quantization))
-        app = create_app(lambda: ("fake", pipeline), ServerConfig(warmup=False))
+        from ditserve.engine import Engine
+
+        config = EngineConfig(device="cpu", quantization=quantization)
+        app = create_app(lambda: Engine("fake", EnginePipeline(config), config), ServerConfig(warmup=False))
         with TestClient(app) as client:
             assert app.state.worker.wait_ready(30)
             assert client.get("/ready").json()["quantization"] == quantization
