@@ -154,12 +154,25 @@ CONDITIONING_GAIN = 3.0
 
 
 @torch.no_grad()
-def _amplify_conditioning(transformer: torch.nn.Module, gain: float = CONDITIONING_GAIN) -> None:
+def _amplify_conditioning(transformer: torch.nn.Module, is_conditioning, gain: float) -> None:
+    """Multiply the weight matrices of every module `is_conditioning(name, module)` selects by `gain`."""
     for name, module in transformer.named_modules():
-        if name == "time_text_embed" or type(module).__name__.startswith("AdaLayerNorm"):
+        if is_conditioning(name, module):
             for p in module.parameters():
                 if p.ndim >= 2:
                     p.mul_(gain)
+
+
+def _tiny_flux_vae(sample_size: int):
+    """A tiny AutoencoderKL with FLUX.1's layout: 4 levels (8x downsampling), 16 latent channels, no quant convs,
+    FLUX's scaling/shift factors, natural size `sample_size` (the FLUX.1 VAE is also Z-Image's)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+        latent_channels=16, norm_num_groups=4, sample_size=sample_size, scaling_factor=0.3611,
+        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
 
 
 @torch.no_grad()
@@ -186,7 +199,7 @@ def build_tiny_flux_pipeline(path: str | Path, *, guidance_embeds: bool = True, 
     (`CONDITIONING_GAIN`) so prompt and guidance visibly change the image, and any all-zero weight matrix
     gets small noise. Deterministic: the same `seed` gives byte-identical files. Returns `path`.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
     from transformers import T5TokenizerFast
 
@@ -203,11 +216,7 @@ def build_tiny_flux_pipeline(path: str | Path, *, guidance_embeds: bool = True, 
         patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=text_width, pooled_projection_dim=text_width,
         guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-        latent_channels=16, norm_num_groups=4, sample_size=sample_size, scaling_factor=0.3611,
-        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    vae = _tiny_flux_vae(sample_size)
     clip_config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=TINY_CLIP_MAX_LENGTH, hidden_act="quick_gelu",
@@ -222,7 +231,8 @@ def build_tiny_flux_pipeline(path: str | Path, *, guidance_embeds: bool = True, 
     text_encoder_2 = T5EncoderModel(t5_config)
     scheduler = FlowMatchEulerDiscreteScheduler(**(FLUX_DEV_SCHEDULER if guidance_embeds else FLUX_SCHNELL_SCHEDULER))
 
-    _amplify_conditioning(transformer)
+    _amplify_conditioning(transformer, lambda name, module: name == "time_text_embed"
+                          or type(module).__name__.startswith("AdaLayerNorm"), CONDITIONING_GAIN)
     gen = torch.Generator().manual_seed(seed + 1)
     for module in (transformer, vae, text_encoder, text_encoder_2):
         _perturb_zeros(module, gen)
@@ -326,22 +336,13 @@ Z_IMAGE_TURBO_SCHEDULER = dict(num_train_timesteps=1000, use_dynamic_shifting=Fa
 Z_IMAGE_CONDITIONING_GAIN = 4.0
 
 
-@torch.no_grad()
-def _amplify_z_image_conditioning(transformer: torch.nn.Module, gain: float = Z_IMAGE_CONDITIONING_GAIN) -> None:
-    for name, module in transformer.named_modules():
-        if name == "t_embedder" or name.endswith("adaLN_modulation"):
-            for p in module.parameters():
-                if p.ndim >= 2:
-                    p.mul_(gain)
-
-
 def build_tiny_z_image_pipeline(path: str | Path, *, seed: int = 0, sample_size: int = 128) -> Path:
     """Build a tiny random Z-Image pipeline with diffusers' and transformers' classes and save it (safetensors)
     at `path` with `ZImagePipeline.save_pretrained`, so diffusers' `ZImagePipeline.from_pretrained` and our
     loader read the very same files.
 
     Architecture (Z-Image-Turbo's layout at toy widths): a ZImageTransformer2DModel with 2 main layers, 1 noise
-    and 1 context refiner layer, width 64 = 2 heads of 32 (rope axes 8+12+12, lengths 256/64/64, theta 256),
+    and 1 context refiner layer, width 64 = 2 heads of 32 (rope axes 8+12+12, lengths 1536/64/64 as the real one, theta 256),
     2x2 patches of 16 latent channels, cap_feat_dim 32, t_scale 1000; an AutoencoderKL with FLUX.1's layout
     (4 levels = 8x downsampling, 16 latent channels, no quant convs, scaling 0.3611 / shift 0.1159), natural size
     `sample_size`; a 3-layer Qwen3Model (hidden 32, 2 query heads and 1 kv head of 16, MLP 64, Qwen3's rope
@@ -353,7 +354,7 @@ def build_tiny_z_image_pipeline(path: str | Path, *, seed: int = 0, sample_size:
     weight (the transformer's x/cap pad tokens, shape (1, 64)) gets small noise. Deterministic: the same `seed`
     gives byte-identical files. Returns `path`.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     path = Path(path)
@@ -366,11 +367,7 @@ def build_tiny_z_image_pipeline(path: str | Path, *, seed: int = 0, sample_size:
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
         n_heads=2, n_kv_heads=2, cap_feat_dim=text_width, axes_dims=(8, 12, 12), axes_lens=(1536, 64, 64),
         rope_theta=256.0, t_scale=1000.0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-        latent_channels=16, norm_num_groups=4, sample_size=sample_size, scaling_factor=0.3611,
-        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    vae = _tiny_flux_vae(sample_size)
     qwen_config = Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=TINY_QWEN_MAX_LENGTH,
@@ -380,7 +377,8 @@ def build_tiny_z_image_pipeline(path: str | Path, *, seed: int = 0, sample_size:
     text_encoder = Qwen3Model(qwen_config)
     scheduler = FlowMatchEulerDiscreteScheduler(**Z_IMAGE_TURBO_SCHEDULER)
 
-    _amplify_z_image_conditioning(transformer)
+    _amplify_conditioning(transformer, lambda name, module: name == "t_embedder"
+                          or name.endswith("adaLN_modulation"), Z_IMAGE_CONDITIONING_GAIN)
     gen = torch.Generator().manual_seed(seed + 1)
     for module in (transformer, vae, text_encoder):
         _perturb_zeros(module, gen)
