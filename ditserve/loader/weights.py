@@ -136,3 +136,31 @@ def _covers(ranges: list[tuple[int, int | None]], param: torch.Tensor) -> bool:
             return False
         end = max(end, stop)
     return end >= param.shape[0]
+
+
+def copy_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], weight_map: WeightMap, what: str) -> None:
+    """Copy a full in-memory state dict `sd` into `model` through `weight_map` (each tensor cast to its
+    parameter's dtype and device, fused pieces written to their rows). Everything is checked before anything is
+    written: missing keys, unexpected keys and shape mismatches raise ValueError naming them; `what` names the
+    checkpoint kind in the message (e.g. "diffusers FLUX.1"). Tests and benches use it; the loader streams
+    files with `stream_into` instead."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(weight_map) - set(sd))
+    unexpected = sorted(set(sd) - set(weight_map))
+    if missing or unexpected:
+        unwritten = sorted({weight_map[k][0] for k in missing})
+        raise ValueError(
+            f"{what} state dict does not match this model's config: "
+            f"{len(missing)} missing keys {missing} (parameters not fully written: {unwritten}); "
+            f"{len(unexpected)} unexpected keys {unexpected}")
+    targets = {}
+    for key, tensor in sd.items():
+        name, start, stop = weight_map[key]
+        dst = params[name] if start is None else params[name][start:stop]
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise ValueError(f"shape mismatch for {key!r} -> {name}[{start}:{stop}]: checkpoint "
+                             f"{tuple(tensor.shape)}, model {tuple(dst.shape)}")
+        targets[key] = dst
+    with torch.no_grad():
+        for key, tensor in sd.items():
+            targets[key].copy_(tensor)

@@ -586,30 +586,11 @@ class FluxTransformer(nn.Module):
         return sorted(self.weight_map())
 
     def load_diffusers_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Copy a full diffusers `FluxTransformer2DModel` state dict into this model (cast to each parameter's
-        dtype and device), fusing pieces through `weight_map`. Everything is checked before anything is
-        written: missing keys, unexpected keys and shape mismatches raise ValueError."""
-        wmap = self.weight_map()
-        params = dict(self.named_parameters())
-        missing = sorted(set(wmap) - set(sd))
-        unexpected = sorted(set(sd) - set(wmap))
-        if missing or unexpected:
-            unwritten = sorted({wmap[k][0] for k in missing})
-            raise ValueError(
-                f"diffusers FLUX.1 state dict does not match this model's config: "
-                f"{len(missing)} missing keys {missing} (parameters not fully written: {unwritten}); "
-                f"{len(unexpected)} unexpected keys {unexpected}")
-        targets = {}
-        for key, tensor in sd.items():
-            name, start, stop = wmap[key]
-            dst = params[name] if start is None else params[name][start:stop]
-            if tuple(dst.shape) != tuple(tensor.shape):
-                raise ValueError(f"shape mismatch for {key!r} -> {name}[{start}:{stop}]: checkpoint "
-                                 f"{tuple(tensor.shape)}, model {tuple(dst.shape)}")
-            targets[key] = dst
-        with torch.no_grad():
-            for key, tensor in sd.items():
-                targets[key].copy_(tensor)
+        """Copy a full diffusers `FluxTransformer2DModel` state dict into this model through `weight_map`, everything
+        checked before anything is written (`ditserve.loader.weights.copy_state_dict`)."""
+        from ditserve.loader.weights import copy_state_dict
+
+        copy_state_dict(self, sd, self.weight_map(), "diffusers FLUX.1")
 
 
 # ------------------------------------------------------------------------------------------- example inputs
