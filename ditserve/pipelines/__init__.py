@@ -1,7 +1,7 @@
 """Pipelines: a model family's stages, from a request to images or videos. `base.py` holds what every family
-shares (the denoise loop, batching, engine features, VAE decode); one file per family (`flux.py`,
-`z_image.py`). Family pipelines are looked up by their diffusers class name through
-`ditserve.registry.pipeline_class`, so importing this package imports no model code.
+shares (the denoise loop, batching, engine features, VAE decode); one file per family. Family pipelines are
+looked up by their diffusers class name through `ditserve.registry.pipeline_class`, so importing this package
+imports no model code.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@
 
 A family subclasses `Pipeline` and implements only what is its own (see docs/adding-a-family.md):
 
-    spec_for(name, components)        its ModelSpec: sampling defaults from the checkpoint (or a preset)
+    FAMILY, PIPELINE_CLASS, DIT_CLASS, REQUIRED_COMPONENTS   its names and the components it needs
+    checkpoint_spec(name, components) its ModelSpec: sampling defaults from the checkpoint (`spec_for` gives a
+                                      preset's for a preset name)
     setup(components)                 bind its components; set `self.transformer` and `self.vae`
     capabilities                      what it accepts (guidance kind, sizes, inputs, ...), `engine.request`
     encode_prompt(prompts, params)    P prompts -> its text conditioning object with P rows
@@ -31,6 +33,7 @@ The base does the rest, the same way for every family:
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from dataclasses import dataclass
@@ -40,7 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ditserve.config import EngineConfig, ModelSpec, SamplingParams
+from ditserve.config import MIN_SIZE, SIZE_MULTIPLE, EngineConfig, ModelSpec, SamplingParams
 from ditserve.cuda_graphs import GraphedForward, resolve_cuda_graphs
 from ditserve.dummy_run import in_dummy_run
 from ditserve.engine.request import Capabilities, Output
@@ -65,6 +68,22 @@ class Timesteps:
 
     timesteps: torch.Tensor  # (N,) float32 in [0, 1000], on the device
     scheduler: Any  # a diffusers scheduler with set_timesteps and set_begin_index(0) done
+
+
+def default_image_size(vae_sample_size: int | None) -> int:
+    """A checkpoint's default image side: its VAE's natural size (config sample_size; 1024 for FLUX.1's VAE,
+    smaller for tiny test models), rounded down to a multiple of 16, at least 64."""
+    size = int(vae_sample_size or 1024)
+    return max(size - size % SIZE_MULTIPLE, MIN_SIZE)
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A component's config as a plain dict (diffusers/transformers configs, or our dataclass configs)."""
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return dict(config)
 
 
 def module_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -112,6 +131,9 @@ class Pipeline:
     REQUIRED_COMPONENTS: tuple[str, ...] = ()
     #: the family's name, for messages.
     FAMILY = "?"
+    #: the checkpoint's class names (model_index.json's `_class_name` and the DiT's), recorded in its ModelSpec.
+    PIPELINE_CLASS = "?"
+    DIT_CLASS = "?"
 
     transformer: torch.nn.Module
     vae: Any
@@ -151,7 +173,26 @@ class Pipeline:
 
     @classmethod
     def spec_for(cls, name: str, components: dict[str, Any]) -> ModelSpec:
+        """The ModelSpec of a loaded model: a preset name (e.g. "flux.1-dev") gives the preset, anything else
+        the checkpoint's own defaults (`checkpoint_spec`)."""
+        from ditserve.registry import PRESETS, preset
+
+        if name in PRESETS:
+            return preset(name)
+        return cls.checkpoint_spec(name, components)
+
+    @classmethod
+    def checkpoint_spec(cls, name: str, components: dict[str, Any]) -> ModelSpec:
         raise NotImplementedError
+
+    @classmethod
+    def component_configs(cls, components: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+        """ModelSpec.components of a checkpoint: each required component but the tokenizers (diffusers names them
+        tokenizer, tokenizer_2, ...) -> (its checkpoint class name: the DiT's diffusers name, not our module's; its
+        config)."""
+        return {k: (cls.DIT_CLASS if k == "transformer" else type(components[k]).__name__,
+                    config_dict(components[k].config))
+                for k in cls.REQUIRED_COMPONENTS if not k.startswith("tokenizer")}
 
     def setup(self, components: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -233,6 +274,11 @@ class Pipeline:
         if why and engine.vae_streaming == "on":
             raise ConfigError(f"--vae-streaming on cannot apply: {why}")
         return why is None and (engine.vae_streaming == "on" or self.device.type == "cuda")
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """Latent (h, w) for an image size: the VAE's downsampling, rounded down to even for 2x2 patches."""
+        patch = self.vae_scale_factor * 2
+        return 2 * (height // patch), 2 * (width // patch)
 
     # ------------------------------------------------------------------------------------------ decode
 

@@ -14,17 +14,16 @@ Notation: B outputs, T text tokens, L image tokens, C latent channels (16), h, w
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ditserve.config import MIN_SIZE, SIZE_MULTIPLE, ModelSpec, SamplingParams
+from ditserve.config import ModelSpec, SamplingParams
 from ditserve.engine.request import Capabilities
 from ditserve.logging import init_logger
-from ditserve.pipelines.base import Pipeline, Timesteps
+from ditserve.pipelines.base import Pipeline, Timesteps, default_image_size
 from ditserve.pipelines.sampling import calculate_shift
 
 logger = init_logger(__name__)
@@ -38,27 +37,11 @@ class PromptEmbeds:
     text_ids: torch.Tensor  # (T, 3) RoPE positions of the text tokens: all zeros
 
 
-def default_image_size(vae_sample_size: int | None) -> int:
-    """A checkpoint's default image side: its VAE's natural size (config sample_size; 1024 for FLUX.1, smaller
-    for tiny test models), rounded down to a multiple of 16, at least 64."""
-    size = int(vae_sample_size or 1024)
-    return max(size - size % SIZE_MULTIPLE, MIN_SIZE)
-
-
 def default_max_sequence_length(guidance_embeds: bool, tokenizer_limit: int | None = None) -> int:
     """T5 tokens by default: 512 for guidance-distilled (FLUX.1-dev-like) models, 256 for schnell-like ones,
     never more than the T5 tokenizer's model_max_length (`tokenizer_limit`; small models may train on fewer)."""
     n = 512 if guidance_embeds else 256
     return n if tokenizer_limit is None else min(n, int(tokenizer_limit))
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-    """A component's config as a plain dict (diffusers/transformers configs, or our dataclass configs)."""
-    if dataclasses.is_dataclass(config):
-        return dataclasses.asdict(config)
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    return dict(config)
 
 
 class FluxPipeline(Pipeline):
@@ -69,6 +52,7 @@ class FluxPipeline(Pipeline):
     schnell-like checkpoints have none."""
 
     FAMILY = "FLUX.1"
+    PIPELINE_CLASS, DIT_CLASS = "FluxPipeline", "FluxTransformer2DModel"
     REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                            "scheduler")
 
@@ -91,29 +75,22 @@ class FluxPipeline(Pipeline):
 
     # ---------------------------------------------------------------------------------------------- spec
 
-    @staticmethod
-    def spec_for(name: str, components: dict[str, Any]) -> ModelSpec:
-        """The ModelSpec of a loaded FLUX.1 checkpoint.
+    @classmethod
+    def checkpoint_spec(cls, name: str, components: dict[str, Any]) -> ModelSpec:
+        """The ModelSpec of a loaded FLUX.1 checkpoint (not a preset).
 
-        A preset name (e.g. "flux.1-dev") gives the preset. Otherwise defaults follow the transformer: with a
-        guidance embedder (FLUX.1-dev-like) 28 steps, guidance 3.5, max_sequence_length 512; without
-        (schnell-like) 4 steps, guidance 0, 256; the length is capped by the T5 tokenizer's model_max_length.
+        Defaults follow the transformer: with a guidance embedder (FLUX.1-dev-like) 28 steps, guidance 3.5,
+        max_sequence_length 512; without (schnell-like) 4 steps, guidance 0, 256; the length is capped by the T5
+        tokenizer's model_max_length.
         The default size is the VAE's natural size (its config's sample_size: 1024 for FLUX.1, smaller for tiny
         test models).
         """
-        from ditserve.registry import PRESETS, preset
-
-        if name in PRESETS:
-            return preset(name)
-        transformer, vae = components["transformer"], components["vae"]
-        guided = bool(transformer.config.guidance_embeds)
-        size = default_image_size(vae.config.get("sample_size"))
-        class_names = {"transformer": "FluxTransformer2DModel"}  # the checkpoint's class, not our module's
+        guided = bool(components["transformer"].config.guidance_embeds)
+        size = default_image_size(components["vae"].config.get("sample_size"))
         return ModelSpec(
             name=name,
-            pipeline="FluxPipeline",
-            components={k: (class_names.get(k, type(components[k]).__name__), _config_dict(components[k].config))
-                        for k in ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler")},
+            pipeline=cls.PIPELINE_CLASS,
+            components=cls.component_configs(components),
             default_steps=28 if guided else 4,
             default_guidance=3.5 if guided else 0.0,
             default_height=size,
@@ -151,11 +128,6 @@ class FluxPipeline(Pipeline):
         return PromptEmbeds(prompt_embeds=text.prompt_embeds.index_select(0, index),
                             pooled_prompt_embeds=text.pooled_prompt_embeds.index_select(0, index),
                             text_ids=text.text_ids)
-
-    def latent_size(self, height: int, width: int) -> tuple[int, int]:
-        """Latent (h, w) for an image size: the VAE's downsampling, rounded down to even for 2x2 packing."""
-        patch = self.vae_scale_factor * 2
-        return 2 * (height // patch), 2 * (width // patch)
 
     def prepare_latents(self, n: int, params: SamplingParams) -> torch.Tensor:
         """Initial noise for n images, identical to diffusers' for the same seed: one draw of shape

@@ -23,7 +23,7 @@ import torch
 from ditserve.config import ModelSpec, SamplingParams
 from ditserve.engine.request import Capabilities
 from ditserve.logging import init_logger
-from ditserve.pipelines.base import Pipeline, Timesteps
+from ditserve.pipelines.base import Pipeline, Timesteps, default_image_size
 from ditserve.pipelines.sampling import calculate_shift
 
 logger = init_logger(__name__)
@@ -46,6 +46,7 @@ class ZImagePipeline(Pipeline):
     transformer is our `ZImageTransformer`; the rest are diffusers' / transformers' classes."""
 
     FAMILY = "Z-Image"
+    PIPELINE_CLASS, DIT_CLASS = "ZImagePipeline", "ZImageTransformer2DModel"
     REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
     def setup(self, components: dict[str, Any]) -> None:
@@ -61,22 +62,14 @@ class ZImagePipeline(Pipeline):
     def capabilities(self) -> Capabilities:
         return self._capabilities
 
-    @staticmethod
-    def spec_for(name: str, components: dict[str, Any]) -> ModelSpec:
-        """The ModelSpec of a loaded Z-Image checkpoint: a preset's, or Turbo's defaults (8 steps, guidance 0,
+    @classmethod
+    def checkpoint_spec(cls, name: str, components: dict[str, Any]) -> ModelSpec:
+        """The ModelSpec of a loaded Z-Image checkpoint (not a preset): Turbo's defaults (8 steps, guidance 0,
         512 text tokens capped by the tokenizer's model_max_length) at the VAE's natural size."""
-        from ditserve.pipelines.flux import _config_dict, default_image_size
-        from ditserve.registry import PRESETS, preset
-
-        if name in PRESETS:
-            return preset(name)
         size = default_image_size(components["vae"].config.get("sample_size"))
         limit = getattr(components["tokenizer"], "model_max_length", None)
-        class_names = {"transformer": "ZImageTransformer2DModel"}
         return ModelSpec(
-            name=name, pipeline="ZImagePipeline",
-            components={k: (class_names.get(k, type(components[k]).__name__), _config_dict(components[k].config))
-                        for k in ("transformer", "vae", "text_encoder", "scheduler")},
+            name=name, pipeline=cls.PIPELINE_CLASS, components=cls.component_configs(components),
             default_steps=DEFAULT_STEPS, default_guidance=DEFAULT_GUIDANCE, default_height=size, default_width=size,
             max_sequence_length=MAX_SEQUENCE_LENGTH if limit is None else min(MAX_SEQUENCE_LENGTH, int(limit)))
 
@@ -104,10 +97,6 @@ class ZImagePipeline(Pipeline):
     def select_text(self, text: ZImageText, rows: list[int]) -> ZImageText:
         index = torch.tensor(rows, device=self.device)
         return ZImageText(embeds=text.embeds.index_select(0, index), lens=[text.lens[r] for r in rows])
-
-    def latent_size(self, height: int, width: int) -> tuple[int, int]:
-        patch = self.vae_scale_factor * 2
-        return 2 * (height // patch), 2 * (width // patch)
 
     def prepare_latents(self, n: int, params: SamplingParams) -> torch.Tensor:
         """Initial noise for n images, identical to diffusers' for the same seed: (n, C, h, w) fp32 from
