@@ -20,6 +20,7 @@ A family is one adapter below: how to build diffusers' class and call both model
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 from benchutil import commit, cuda_median_ms, log
@@ -104,6 +106,24 @@ def graphed(fn):
     return g.replay
 
 
+def release() -> None:
+    """Free what the last measurement left on the GPU before the next one allocates."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def time_compiled(model, engine, inputs: dict, iters: int) -> tuple[float, float]:
+    """Compile `model` as the engine does, then (ms a forward, ms a forward replayed from a CUDA graph)."""
+    from ditserve.compile import CompileConfig, compile_model
+
+    compile_model(model, CompileConfig.for_engine(engine))
+
+    def call():
+        return model(**inputs)
+
+    return cuda_median_ms(call, iters, 2), cuda_median_ms(graphed(call), iters, 2)
+
+
 def end_to_end(preset: str, size: int, steps: int, quantization: str | None, runs: int = 3) -> dict:
     from ditserve.config import EngineConfig, SamplingParams
     from ditserve.engine import Engine
@@ -118,13 +138,12 @@ def end_to_end(preset: str, size: int, steps: int, quantization: str | None, run
     first = engine.generate(req)
     outs = [engine.generate(req) for _ in range(runs)]
     totals = sorted(o.timings["total_s"] for o in outs)
-    rec = {"load_s": round(load_s, 2), "warmup_s": round(warm_s, 2), "first_request_s": round(first.timings["total_s"], 4),
-           "image_s": round(totals[len(totals) // 2], 4),
+    rec = {"load_s": round(load_s, 2), "warmup_s": round(warm_s, 2),
+           "first_request_s": round(first.timings["total_s"], 4), "image_s": round(totals[len(totals) // 2], 4),
            "stages_s": {k: round(outs[-1].timings[k], 4) for k in ("text_encode_s", "denoise_s", "decode_s")},
            "peak_gib": round(max(o.peak_memory_bytes for o in outs) / 2**30, 2)}
     del engine
-    gc.collect()
-    torch.cuda.empty_cache()
+    release()
     return rec
 
 
@@ -140,7 +159,6 @@ def main() -> int:
     args = ap.parse_args()
 
     from ditserve import registry
-    from ditserve.compile import CompileConfig, compile_model
     from ditserve.config import EngineConfig
     from ditserve.loader import load_transformer
 
@@ -166,33 +184,27 @@ def main() -> int:
     ours.load_diffusers_state_dict(ref.state_dict())
     times = {}
     with torch.inference_mode():
-        want, got = call_ref(ref).float(), ours(**inputs).float()
+        run_ref = functools.partial(call_ref, ref)
+        want, got = run_ref().float(), ours(**inputs).float()
         rec["rel_err_vs_diffusers"] = round(((got - want).norm() / want.norm()).item(), 5)
-        times["diffusers_eager"] = cuda_median_ms(lambda: call_ref(ref), args.iters, 2)
+        times["diffusers_eager"] = cuda_median_ms(run_ref, args.iters, 2)
         ref.compile_repeated_blocks(fullgraph=True)
         t0 = time.perf_counter()
-        call_ref(ref)
+        run_ref()
         torch.cuda.synchronize()
         rec["diffusers_regional_compile_s"] = round(time.perf_counter() - t0, 2)
-        times["diffusers_regional_compile"] = cuda_median_ms(lambda: call_ref(ref), args.iters, 2)
-        del ref
-        gc.collect()
-        torch.cuda.empty_cache()
-
-        compile_model(ours, CompileConfig.for_engine(engine))
-        times["ditserve_compiled"] = cuda_median_ms(lambda: ours(**inputs), args.iters, 2)
-        times["ditserve_compiled_graphs"] = cuda_median_ms(graphed(lambda: ours(**inputs)), args.iters, 2)
+        times["diffusers_regional_compile"] = cuda_median_ms(run_ref, args.iters, 2)
+        del ref, run_ref
+        release()
+        times["ditserve_compiled"], times["ditserve_compiled_graphs"] = time_compiled(ours, engine, inputs, args.iters)
         del ours
-        gc.collect()
-        torch.cuda.empty_cache()
-        q, _ = load_transformer(preset, EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=True,
-                                                     quantization="fp8"))
-        compile_model(q, CompileConfig.for_engine(engine))
-        times["ditserve_fp8"] = cuda_median_ms(lambda: q(**inputs), args.iters, 2)
-        times["ditserve_fp8_graphs"] = cuda_median_ms(graphed(lambda: q(**inputs)), args.iters, 2)
+        release()
+        # the fp8 tier (its own dummy weights: the speed does not depend on the values)
+        fp8 = replace(engine, quantization="fp8")
+        q, _ = load_transformer(preset, fp8)
+        times["ditserve_fp8"], times["ditserve_fp8_graphs"] = time_compiled(q, fp8, inputs, args.iters)
         del q
-        gc.collect()
-        torch.cuda.empty_cache()
+        release()
     rec["forward_ms"] = {k: round(v, 2) for k, v in times.items()}
     base = times["diffusers_regional_compile"]
     rec["ratio_vs_diffusers_compiled"] = round(times["ditserve_compiled"] / base, 3)
