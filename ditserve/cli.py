@@ -41,19 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate images from a text prompt and save them.")
     g.add_argument("--prompt", required=True, help="the text prompt")
     g.add_argument("--negative-prompt", default=None,
-                   help="what classifier-free guidance steers away from (families with CFG, e.g. Z-Image; "
-                        "default: the empty prompt)")
+                   help="what classifier-free guidance steers away from (families with classifier-free "
+                        "guidance; default: the empty prompt)")
     g.add_argument("--height", type=int, default=None, help="image height, a multiple of 16 (default: model's)")
     g.add_argument("--width", type=int, default=None, help="image width, a multiple of 16 (default: model's)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: model's)")
     g.add_argument("--guidance", type=float, default=None,
-                   help="the family's guidance scale (default: model's): FLUX.1 the distilled guidance (0 for "
-                        "schnell-like models), Z-Image the classifier-free scale (0: one branch, no CFG)")
+                   help="the family's own guidance scale (default: model's): a distilled guidance embedding's "
+                        "or the classifier-free scale, as the family defines it (see the README's model table)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     g.add_argument("--num-images", type=int, default=1, help="images to generate (numbered outputs if > 1)")
     g.add_argument("--max-sequence-length", type=int, default=None,
-                   help="prompt tokens of the text encoder (default: model's; FLUX.1-dev 512, schnell 256, "
-                        "Z-Image 512; capped by the tokenizer's model_max_length)")
+                   help="prompt tokens of the text encoder (default: model's, capped by the tokenizer's "
+                        "model_max_length)")
     g.add_argument("--output", default="out.png",
                    help="output file: .png, .jpg/.jpeg or .webp; several images are saved as NAME-0.png, ...")
     add_engine_flags(g)

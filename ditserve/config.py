@@ -35,8 +35,6 @@ CFG_MODES = ("batched", "split")  # classifier-free guidance: both branches in o
 CUDA_GRAPHS = ("auto", "on", "off")  # the denoise forward from a CUDA graph: on CUDA without a cache, always, never
 
 
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """A model preset: the architecture configs of its components and its sampling defaults.
@@ -205,8 +203,8 @@ class SamplingParams:
     prompt: one string or a list (each prompt makes `num_images` outputs).
     negative_prompt: the prompt classifier-free guidance steers away from (families with CFG only; default
         the empty prompt, as diffusers).
-    guidance: the family's own guidance scale (FLUX.1: the distilled guidance embedding; Z-Image: the
-        classifier-free scale); guidance_2: a second scale for two-expert models (the low-noise expert).
+    guidance: the family's own guidance scale (a distilled guidance embedding's, or the classifier-free
+        scale); guidance_2: a second scale for two-expert models (the low-noise expert).
     num_frames: frames of a video (video families only). images: input images (edit / image-to-video
         families), as paths or PIL images. extra: family-specific options.
     """

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 
 from ditserve.config import (
-    CFG_MODES, CUDA_GRAPHS, DTYPES, DYNAMIC_SHAPES, FP8_FAST_ACCUM, LOAD_FORMATS, QUANTIZATIONS, VAE_STREAMING, VAE_TILING,
-    ConfigError, EngineConfig,
+    CFG_MODES, CUDA_GRAPHS, DTYPES, DYNAMIC_SHAPES, FP8_FAST_ACCUM, LOAD_FORMATS, QUANTIZATIONS, VAE_STREAMING,
+    VAE_TILING, ConfigError, EngineConfig,
 )
 
 

@@ -50,7 +50,8 @@ PRESETS: dict[str, str] = {
 }
 
 
-def _import(target: str) -> Any:
+def import_target(target: str) -> Any:
+    """The object a "module:attribute" string names, imported now."""
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -59,7 +60,7 @@ def lookup(table: dict[str, str], name: str, what: str) -> Any:
     """Import and return `table[name]`; an unknown name raises ConfigError listing the known ones."""
     if name not in table:
         raise ConfigError(f"unknown {what} {name!r}; known: {', '.join(sorted(table))}")
-    return _import(table[name])
+    return import_target(table[name])
 
 
 def component_class(class_name: str) -> Any:

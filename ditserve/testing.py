@@ -296,8 +296,8 @@ def make_tiny_qwen_tokenizer(dir: str | Path | None = None):
     both bare and with its leading space ("cat", "Ġcat"; merges appended only where the encoding so far still
     splits the form, as in `_write_clip_tokenizer(whole_words=True)`; 384 merges), then Qwen's special tokens
     <|endoftext|>, <|im_start|>, <|im_end|> (ids 640-642) and the added tokens <think>, </think> (643, 644): 645
-    in all. Anything else falls back to bytes, so every string encodes. Pad <|endoftext|>, eos <|im_end|>, no bos/unk, model_max_length 512, and
-    `QWEN3_CHAT_TEMPLATE`, as Z-Image-Turbo's Qwen3 tokenizer is configured.
+    in all. Anything else falls back to bytes, so every string encodes. Pad <|endoftext|>, eos <|im_end|>, no
+    bos/unk, model_max_length 512, and `QWEN3_CHAT_TEMPLATE`, as Z-Image-Turbo's Qwen3 tokenizer is configured.
     """
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
@@ -342,11 +342,11 @@ def build_tiny_z_image_pipeline(path: str | Path, *, seed: int = 0, sample_size:
     loader read the very same files.
 
     Architecture (Z-Image-Turbo's layout at toy widths): a ZImageTransformer2DModel with 2 main layers, 1 noise
-    and 1 context refiner layer, width 64 = 2 heads of 32 (rope axes 8+12+12, lengths 1536/64/64 as the real one, theta 256),
-    2x2 patches of 16 latent channels, cap_feat_dim 32, t_scale 1000; an AutoencoderKL with FLUX.1's layout
-    (4 levels = 8x downsampling, 16 latent channels, no quant convs, scaling 0.3611 / shift 0.1159), natural size
-    `sample_size`; a 3-layer Qwen3Model (hidden 32, 2 query heads and 1 kv head of 16, MLP 64, Qwen3's rope
-    theta 1e6; the pipeline reads hidden_states[-2], the output of layer 2, before the final norm);
+    and 1 context refiner layer, width 64 = 2 heads of 32 (rope axes 8+12+12, lengths 1536/64/64 as the real
+    one, theta 256), 2x2 patches of 16 latent channels, cap_feat_dim 32, t_scale 1000; an AutoencoderKL with
+    FLUX.1's layout (`_tiny_flux_vae`), natural size `sample_size`; a 3-layer Qwen3Model (hidden 32, 2 query
+    heads and 1 kv head of 16, MLP 64, Qwen3's rope theta 1e6; the pipeline reads hidden_states[-2], the output
+    of layer 2, before the final norm);
     `make_tiny_qwen_tokenizer`; Turbo's scheduler (`Z_IMAGE_TURBO_SCHEDULER`).
 
     Random weights at PyTorch's default init, except: the transformer's conditioning path is amplified

@@ -1,7 +1,7 @@
 """The block cache: per step, compute the first blocks, and reuse the residual of the middle blocks when the
 first blocks' output barely changed since the middle blocks were last computed.
 
-A model opts in by declaring the block interface (`FluxTransformer` and `ZImageTransformer` do):
+A model opts in by declaring the block interface (every DiT in `ditserve.models` does):
 
     num_blocks                                  blocks in a flat order (FLUX: 19 double, then 38 single)
     run_blocks(state, ctx, start, stop)         run blocks [start, stop) -> state

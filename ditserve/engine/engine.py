@@ -1,6 +1,6 @@
 """The Engine: one loaded model, ready to generate. One per process.
 
-    engine = Engine.load("/models/Z-Image-Turbo", EngineConfig(compile=True))
+    engine = Engine.load("/models/some-checkpoint", EngineConfig(compile=True))
     engine.warmup()                                   # compiles what requests will run (dummy-run mode)
     [out] = engine.generate([GenerationRequest(prompt="a red apple", seed=1)])
 

@@ -27,7 +27,7 @@ OUTPUT_KINDS = ("image", "video")
 class Capabilities:
     """What a family (for one loaded checkpoint) accepts.
 
-    family: the family's name, for messages ("FLUX.1", "Z-Image").
+    family: the family's name, for messages (the pipeline's FAMILY).
     guidance: "none" (guidance must be 0 or unset), "distilled" (a guidance embedding in the DiT) or "cfg"
         (classifier-free guidance with a negative prompt: two branches a step).
     output: "image" or "video". max_input_images: input images accepted (0: text-to-image/video only).
@@ -52,36 +52,29 @@ class Capabilities:
 
     def check(self, p: SamplingParams) -> None:
         """Raise ConfigError for an option of `p` (resolved or not) this family does not support."""
-        who = f"{self.family}"
         if p.negative_prompt is not None and self.guidance != "cfg":
             kind = {"none": "no guidance", "distilled": "distilled guidance (a guidance embedding)"}[self.guidance]
-            raise ConfigError(f"negative_prompt is not supported by {who}: it has {kind}, no classifier-free "
-                              f"guidance pass that a negative prompt could steer")
+            raise ConfigError(f"negative_prompt is not supported by {self.family}: it has {kind}, no "
+                              f"classifier-free guidance pass that a negative prompt could steer")
         if self.guidance == "none" and p.guidance:
-            raise ConfigError(f"guidance is not supported by {who} (this checkpoint has no guidance embedding, "
-                              f"e.g. a schnell-like model): guidance must be 0 or unset, got {p.guidance}")
+            raise ConfigError(f"guidance is not supported by {self.family} (this checkpoint has no guidance "
+                              f"embedding, e.g. a schnell-like model): guidance must be 0 or unset, got {p.guidance}")
         if p.guidance_2 is not None:
-            raise ConfigError(f"guidance_2 is not supported by {who}: it has no second (low-noise) expert")
+            raise ConfigError(f"guidance_2 is not supported by {self.family}: it has no second (low-noise) expert")
         if p.num_frames is not None and self.output != "video":
-            raise ConfigError(f"num_frames is not supported by {who}: it makes images, not videos")
+            raise ConfigError(f"num_frames is not supported by {self.family}: it makes images, not videos")
         if p.images and len(p.images) > self.max_input_images:
             what = "no input images" if self.max_input_images == 0 else f"at most {self.max_input_images} input images"
-            raise ConfigError(f"images: {who} takes {what}, got {len(p.images)}")
+            raise ConfigError(f"images: {self.family} takes {what}, got {len(p.images)}")
         for name in ("height", "width"):
             v = getattr(p, name)
             if v is not None and (v % self.size_multiple or not self.min_size <= v <= self.max_size):
                 raise ConfigError(f"{name} must be a multiple of {self.size_multiple} between {self.min_size} and "
-                                  f"{self.max_size} for {who}, got {v}")
+                                  f"{self.max_size} for {self.family}, got {v}")
         if p.num_frames is not None and self.frame_rule is not None:
             k, r = self.frame_rule
             if p.num_frames % k != r:
-                raise ConfigError(f"num_frames must be {k}n + {r} for {who}, got {p.num_frames}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"family": self.family, "guidance": self.guidance, "output": self.output,
-                "max_input_images": self.max_input_images, "size_multiple": self.size_multiple,
-                "min_size": self.min_size, "max_size": self.max_size,
-                "frame_rule": list(self.frame_rule) if self.frame_rule else None}
+                raise ConfigError(f"num_frames must be {k}n + {r} for {self.family}, got {p.num_frames}")
 
 
 @dataclass

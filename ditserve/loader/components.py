@@ -286,7 +286,7 @@ def _load_dummy_preset(spec: ModelSpec, engine: EngineConfig) -> LoadedModel:
                   for name, (class_name, config) in spec.components.items()}
     if spec.tokenizers:  # the preset names its own tokenizer builders
         for name, target in spec.tokenizers.items():
-            components[name] = registry._import(target)()
+            components[name] = registry.import_target(target)()
         return LoadedModel(spec.name, None, spec.pipeline, components)
     # Tokenizers have no config-only form: take the packaged default model's (same pipeline family).
     default = read_model_index(DEFAULT_MODEL_DIR)

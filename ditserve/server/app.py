@@ -193,8 +193,8 @@ class _ApiKeyAuth:
 
 
 def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) -> FastAPI:
-    """The server's app. `load()` returns a loaded `ditserve.engine.Engine` and runs on the engine's thread when the app
-    starts (so /health answers while it loads); `on_fatal(exc)` is called if loading or warmup fails.
+    """The server's app. `load()` returns a loaded `ditserve.engine.Engine` and runs on the engine's thread when
+    the app starts (so /health answers while it loads); `on_fatal(exc)` is called if loading or warmup fails.
     State for tests and embedding: `app.state.worker`, `app.state.metrics`, `app.state.store`."""
     from PIL import features
 
