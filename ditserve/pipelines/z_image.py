@@ -76,23 +76,26 @@ class ZImagePipeline(Pipeline):
     # -------------------------------------------------------------------------------------------- stages
 
     def encode_prompt(self, prompts: list[str], params: SamplingParams) -> ZImageText:
-        """P prompts -> their conditioning. The text encoder is causal, so padding to the longest prompt (not to
-        max_sequence_length, as diffusers does) leaves every valid token's state unchanged."""
+        """P prompts -> their conditioning: each prompt's valid tokens (by the attention mask, as diffusers
+        selects them), right-aligned into rows. With a right-padding tokenizer (Qwen's) the causal text encoder
+        gives every valid token the same state whatever the padding, so prompts are padded to the longest one only;
+        a left-padding tokenizer is padded to max_sequence_length, as diffusers does (its token positions depend on
+        the padding)."""
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                     add_generation_prompt=True, enable_thinking=True)
                  for p in prompts]
         full = max(len(ids) for ids in self.tokenizer(texts, truncation=False).input_ids)
         if full > params.max_sequence_length:
             logger.warning(f"a prompt was truncated to {params.max_sequence_length} tokens (it has {full})")
-        tok = self.tokenizer(texts, padding="longest", max_length=params.max_sequence_length, truncation=True,
+        padding = "longest" if self.tokenizer.padding_side == "right" else "max_length"
+        tok = self.tokenizer(texts, padding=padding, max_length=params.max_sequence_length, truncation=True,
                              return_tensors="pt")
         mask = tok.attention_mask.to(self.device).bool()  # (P, T)
         states = self.text_encoder(input_ids=tok.input_ids.to(self.device), attention_mask=mask,
                                    output_hidden_states=True).hidden_states[-2]  # (P, T, D) penultimate layer
-        lens = [int(n) for n in tok.attention_mask.sum(dim=1)]
-        # Right padding (Qwen's tokenizer pads on the right): row p's valid tokens are its first lens[p].
-        embeds = states[:, :max(lens)] * mask[:, :max(lens), None]  # (P, T, D), padding zeroed
-        return ZImageText(embeds=embeds.to(self.dtype), lens=lens)
+        valid = [row[m] for row, m in zip(states, mask)]  # P x (len_p, D)
+        embeds = torch.nn.utils.rnn.pad_sequence(valid, batch_first=True)  # (P, max len, D), zero padded
+        return ZImageText(embeds=embeds.to(self.dtype), lens=[len(v) for v in valid])
 
     def select_text(self, text: ZImageText, rows: list[int]) -> ZImageText:
         index = torch.tensor(rows, device=self.device)

@@ -53,6 +53,20 @@ def test_matches_diffusers(engine, folder, kw):
     assert psnr(ours, ref) >= 40
 
 
+def test_a_left_padding_tokenizer_matches_diffusers(tmp_path):
+    """A checkpoint whose tokenizer pads on the left (another seed and natural size too): the valid tokens are
+    taken by the attention mask and padded as diffusers pads, so a prompt batched with a longer negative prompt
+    still gives diffusers' image."""
+    folder = build_tiny_z_image_pipeline(tmp_path / "left", seed=7, sample_size=256)
+    config_file = folder / "tokenizer" / "tokenizer_config.json"
+    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), padding_side="left")))
+    engine = Engine.load(str(folder), EngineConfig(device="cpu"))
+    assert engine.pipeline.tokenizer.padding_side == "left" and engine.spec.default_height == 256
+    kw = dict(height=64, width=80, steps=2, guidance=3.0, negative_prompt="a dark night over the sea")
+    ours = engine.generate(SamplingParams(prompt=PROMPT, seed=11, **kw)).frames
+    assert psnr(ours, reference_z_image(folder, PROMPT, seed=11, **kw)) >= 40
+
+
 def test_the_prompt_and_the_negative_prompt_matter(engine):
     def image(**kw):
         return engine.generate(SamplingParams(height=64, width=64, steps=2, seed=1, **kw)).frames
