@@ -294,5 +294,5 @@ def warmup(pipeline, params, dummy: bool = True) -> dict[str, Any]:
 
     start = time.perf_counter()
     with dummy_run() if dummy else contextlib.nullcontext():
-        result = pipeline.generate(params, progress=False)
+        (result,) = pipeline.generate_batch([params])
     return {"seconds": time.perf_counter() - start, "cache_stats": result.cache_stats}

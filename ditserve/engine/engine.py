@@ -94,15 +94,13 @@ class Engine:
         """Run the real path once per batch size with the settings requests will use (cache on, the same size
         and step count), in dummy-run mode (`ditserve.dummy_run`: the DiT's output projection and the VAE
         decode are skipped, no outputs made), so that the first real request compiles nothing. The compiled
-        regions are the blocks, so the graphs compiled here are those real requests use. Returns seconds."""
-        from ditserve.dummy_run import dummy_run
+        regions are the blocks, so the graphs compiled here are those real requests use (`ditserve.compile.warmup`,
+        once per batch size). Returns seconds."""
+        from ditserve.compile import warmup
 
         start = time.perf_counter()
         for n in batch_sizes:
             params = SamplingParams(prompt="warmup", height=height, width=width, steps=steps, seed=0,
                                     num_images=n, num_frames=num_frames)
-            t0 = time.perf_counter()
-            with dummy_run():
-                self.pipeline.generate_batch([self.resolve(params)])
-            logger.info(f"warmup batch of {n}: {time.perf_counter() - t0:.2f} s")
+            logger.info(f"warmup batch of {n}: {warmup(self.pipeline, params)['seconds']:.2f} s")
         return time.perf_counter() - start
