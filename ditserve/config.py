@@ -54,6 +54,9 @@ class ModelSpec:
     # --load-format dummy: component name -> "module:function" returning the tokenizer of a preset (tokenizers
     # have no config-only form); empty: the packaged default model's tokenizers (FLUX.1).
     tokenizers: dict[str, str] = field(default_factory=dict)
+    # Video families: the frame count and frames per second a request gets when it sets none (None: images).
+    default_num_frames: int | None = None
+    default_fps: float | None = None
 
 
 @dataclass(frozen=True)
@@ -205,8 +208,9 @@ class SamplingParams:
         the empty prompt, as diffusers).
     guidance: the family's own guidance scale (a distilled guidance embedding's, or the classifier-free
         scale); guidance_2: a second scale for two-expert models (the low-noise expert).
-    num_frames: frames of a video (video families only). images: input images (edit / image-to-video
-        families), as paths or PIL images. extra: family-specific options.
+    num_frames: frames of a video (video families only); fps: its frames per second (default the model's).
+    images: input images (edit / image-to-video families), as paths or PIL images. extra: family-specific
+    options.
     """
 
     prompt: str | list[str]
@@ -220,6 +224,7 @@ class SamplingParams:
     negative_prompt: str | None = None
     guidance_2: float | None = None
     num_frames: int | None = None
+    fps: float | None = None
     images: list[Any] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -241,7 +246,8 @@ class SamplingParams:
                                  else spec.max_sequence_length),
             negative_prompt=self.negative_prompt,
             guidance_2=self.guidance_2,
-            num_frames=self.num_frames,
+            num_frames=self.num_frames if self.num_frames is not None else spec.default_num_frames,
+            fps=self.fps if self.fps is not None else spec.default_fps,
             images=list(self.images),
             extra=dict(self.extra),
         )
@@ -268,6 +274,9 @@ class SamplingParams:
                 raise ConfigError(f"{name} must be >= 0, got {g}")
         if self.num_frames is not None and not (1 <= self.num_frames <= 1024):
             raise ConfigError(f"num_frames must be between 1 and 1024, got {self.num_frames}")
+        if self.fps is not None and (isinstance(self.fps, bool) or not isinstance(self.fps, numbers.Real)
+                                     or not math.isfinite(self.fps) or not 1 <= self.fps <= 120):
+            raise ConfigError(f"fps must be a number between 1 and 120, got {self.fps!r}")
         for name in ("height", "width"):
             if getattr(self, name) is not None:
                 check_image_size(name, getattr(self, name))

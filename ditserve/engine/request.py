@@ -31,6 +31,7 @@ class Capabilities:
     guidance: "none" (guidance must be 0 or unset), "distilled" (a guidance embedding in the DiT) or "cfg"
         (classifier-free guidance with a negative prompt: two branches a step).
     output: "image" or "video". max_input_images: input images accepted (0: text-to-image/video only).
+    two_experts: a second (low-noise) expert with its own guidance scale, `guidance_2` (Wan 2.2 A14B-like).
     size_multiple, min_size, max_size: the output size rule in pixels.
     frame_rule: (k, r): num_frames % k == r (video families), None for images.
     """
@@ -43,6 +44,7 @@ class Capabilities:
     min_size: int = 64
     max_size: int = 4096
     frame_rule: tuple[int, int] | None = None
+    two_experts: bool = False
 
     def __post_init__(self):
         if self.guidance not in GUIDANCE_KINDS:
@@ -59,10 +61,11 @@ class Capabilities:
         if self.guidance == "none" and p.guidance:
             raise ConfigError(f"guidance is not supported by {self.family} (this checkpoint has no guidance "
                               f"embedding, e.g. a schnell-like model): guidance must be 0 or unset, got {p.guidance}")
-        if p.guidance_2 is not None:
+        if p.guidance_2 is not None and not self.two_experts:
             raise ConfigError(f"guidance_2 is not supported by {self.family}: it has no second (low-noise) expert")
-        if p.num_frames is not None and self.output != "video":
-            raise ConfigError(f"num_frames is not supported by {self.family}: it makes images, not videos")
+        for name in ("num_frames", "fps"):
+            if getattr(p, name) is not None and self.output != "video":
+                raise ConfigError(f"{name} is not supported by {self.family}: it makes images, not videos")
         if p.images and len(p.images) > self.max_input_images:
             what = "no input images" if self.max_input_images == 0 else f"at most {self.max_input_images} input images"
             raise ConfigError(f"images: {self.family} takes {what}, got {len(p.images)}")

@@ -359,8 +359,8 @@ class Pipeline:
         resolution-dependent schedule), the step count, the guidance (one value per batch), whether they run
         classifier-free guidance, and the text length. Prompts, negative prompts, seeds and num_images may
         differ."""
-        return (params.height, params.width, params.num_frames, params.steps, params.guidance, params.guidance_2,
-                params.max_sequence_length)
+        return (params.height, params.width, params.num_frames, params.fps, params.steps, params.guidance,
+                params.guidance_2, params.max_sequence_length)
 
     @torch.inference_mode()
     def generate(self, params: SamplingParams, progress: bool = True) -> Output:
@@ -427,6 +427,6 @@ class Pipeline:
         for n, p in zip(counts, ps):
             outputs.append(Output(kind=self.capabilities.output, frames=frames[start:start + n],
                                   timings=dict(timings), peak_memory_bytes=peak, params=p,
-                                  cache_stats=None if cache_stats is None else dict(cache_stats)))
+                                  cache_stats=None if cache_stats is None else dict(cache_stats), fps=p.fps))
             start += n
         return outputs
