@@ -11,8 +11,15 @@ transformer in the denoise loop). Calls are keyed by their signature (the argume
 shape, stride, dtype and device; other arguments by value). A signature's first `warmup` calls run `fn` as it is
 (torch.compile compiles there: compiling cannot be captured); the next one captures `fn` into a CUDA graph, with
 static copies of the tensor arguments; every later call copies its tensors into those and replays the graph. The
-output is cloned out of the graph's memory, so a caller may keep it. At most `max_graphs` signatures are captured
-(each holds its forward's activation memory in a private pool); calls with other signatures run `fn` directly.
+output is cloned out of the graph's memory, so a caller may keep it.
+
+Which shapes. `admit()` (if given) is asked before a capture: the engine's "auto" setting admits the shapes whose
+forward is small enough for the host's launch work to matter (`AUTO_MAX_TOKENS`), and runs larger ones as they
+are. Memory. All graphs of one wrapper capture into one shared memory pool: calls run one at a time and each
+output is cloned out at once, so no graph's memory is live while another replays, and the pool holds what the
+largest captured forward needs instead of the sum. `memory_bytes` is the device memory the captures reserved.
+At most `max_graphs` signatures are kept: capturing another evicts the least recently replayed one, and
+`release_idle(seconds)` drops graphs not replayed for that long (a server's shapes come and go).
 
 Requirements on `fn`, checked by the GPU tests and the bench: no device-to-host synchronisation (the denoise loop
 has none, see bench/flux_step.py), and no control flow on anything but the signature (a block cache decides per
@@ -21,6 +28,7 @@ step which blocks run, so the engine never graphs a model with a cache).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,7 +40,11 @@ from ditserve.logging import init_logger
 logger = init_logger(__name__)
 
 DEFAULT_WARMUP = 1  # plain calls per signature before the capture (the first compiles the model)
-DEFAULT_MAX_GRAPHS = 2  # signatures captured per wrapper; each keeps one forward's activations in its pool
+DEFAULT_MAX_GRAPHS = 8  # signatures kept captured per wrapper (they share one memory pool)
+# "auto": graph a forward of at most this many image tokens (all rows of the batch together, e.g. 1024x1024 at
+# batch 2 or 512x512 at batch 8 for a 16-pixel patch). Below it the host's launch work bounds the forward; above
+# it the GPU work hides the launches and a graph gains nothing (bench/family_step.py --sweep).
+AUTO_MAX_TOKENS = 8192
 
 
 @dataclass
@@ -41,6 +53,7 @@ class _Graph:
     inputs: list[torch.Tensor]  # static copies of the call's tensor leaves, in leaf order
     output: Any  # the output of the captured call (tensors in the graph's pool)
     replays: int = 0
+    last_used: float = 0.0  # time.monotonic() of the last replay (or the capture)
 
 
 @dataclass
@@ -51,10 +64,14 @@ class GraphedForward:
     # Calls for which this returns True run `fn` as it is, uncounted: calls whose computation differs at equal
     # signatures (the engine's dummy warmup runs skip the output projection, `ditserve.dummy_run`).
     bypass: Callable[[], bool] | None = None
+    # Asked before capturing a new signature: False runs the call as it is (the "auto" setting's size rule).
+    admit: Callable[[], bool] | None = None
     warmup: int = DEFAULT_WARMUP
     max_graphs: int = DEFAULT_MAX_GRAPHS
     graphs: dict[tuple, _Graph] = field(default_factory=dict)
     calls: dict[tuple, int] = field(default_factory=dict)  # plain calls so far, per signature
+    memory_bytes: int = 0  # device memory reserved by the captures (the shared pool's growth)
+    pool: Any = None  # the shared memory pool handle, made at the first capture
 
     def __call__(self, *args, **kwargs):
         if self.bypass is not None and self.bypass():
@@ -64,18 +81,33 @@ class GraphedForward:
         entry = self.graphs.get(key)
         if entry is None:
             seen = self.calls.get(key, 0)
-            if seen < self.warmup or len(self.graphs) >= self.max_graphs or not _graphable(leaves):
-                if seen == self.warmup and len(self.graphs) >= self.max_graphs:
-                    logger.info("CUDA graphs: %d signatures captured already; this one runs without a graph",
-                                self.max_graphs)
+            if seen < self.warmup or not _graphable(leaves) or (self.admit is not None and not self.admit()):
                 self.calls[key] = seen + 1
                 return self.fn(*args, **kwargs)
+            if len(self.graphs) >= self.max_graphs:
+                self._evict(min(self.graphs, key=lambda k: self.graphs[k].last_used))
             entry = self.graphs[key] = self._capture(leaves, spec)
         for static, x in zip(entry.inputs, (x for x in leaves if isinstance(x, torch.Tensor))):
             static.copy_(x)
         entry.graph.replay()
         entry.replays += 1
+        entry.last_used = time.monotonic()
         return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, entry.output)
+
+    def release_idle(self, seconds: float) -> int:
+        """Drop the graphs not replayed for `seconds`; returns how many were dropped."""
+        now = time.monotonic()
+        idle = [k for k, g in self.graphs.items() if now - g.last_used > seconds]
+        for k in idle:
+            self._evict(k)
+        return len(idle)
+
+    def _evict(self, key: tuple) -> None:
+        logger.info("CUDA graphs: released a captured forward (%d kept)", len(self.graphs) - 1)
+        del self.graphs[key]
+        self.calls.pop(key, None)
+        if not self.graphs:  # the pool's memory goes back to the allocator with its last graph
+            self.pool, self.memory_bytes = None, 0
 
     def _capture(self, leaves: list, spec) -> _Graph:
         inputs = [x.clone() for x in leaves if isinstance(x, torch.Tensor)]
@@ -89,11 +121,16 @@ class GraphedForward:
             self.fn(*args, **kwargs)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        before = torch.cuda.memory_reserved()
         # thread_local: another thread's CUDA calls (a kernel prewarm, a server thread) do not void this capture.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             output = self.fn(*args, **kwargs)
-        logger.info("CUDA graphs: captured a forward (%d tensor inputs)", len(inputs))
-        return _Graph(graph, inputs, output)
+        self.memory_bytes += max(0, torch.cuda.memory_reserved() - before)
+        logger.info("CUDA graphs: captured a forward (%d tensor inputs; graphs reserve %.0f MiB)", len(inputs),
+                    self.memory_bytes / 2**20)
+        return _Graph(graph, inputs, output, last_used=time.monotonic())
 
 
 def _leaf_key(x: Any) -> Any:
@@ -109,9 +146,10 @@ def _graphable(leaves: list) -> bool:
     return bool(tensors) and all(t.is_cuda for t in tensors)
 
 
-def resolve_cuda_graphs(setting: str, device: torch.device, cache: bool, quantized: bool) -> bool:
-    """Whether the engine graphs the denoise forward (EngineConfig.cuda_graphs): "auto" for a quantised (fp8)
-    model on CUDA without a block cache; "on" on CUDA without a block cache, or a ConfigError; "off" never."""
+def resolve_cuda_graphs(setting: str, device: torch.device, cache: bool) -> bool:
+    """Whether the engine may graph the denoise forward (EngineConfig.cuda_graphs): "auto" and "on" on CUDA
+    without a block cache ("on" elsewhere is a ConfigError; which shapes "auto" graphs is `AUTO_MAX_TOKENS`'s
+    rule, applied per call signature); "off" never."""
     from ditserve.config import CUDA_GRAPHS, ConfigError
 
     if setting not in CUDA_GRAPHS:
@@ -123,4 +161,4 @@ def resolve_cuda_graphs(setting: str, device: torch.device, cache: bool, quantiz
            else None)
     if why and setting == "on":
         raise ConfigError(f"--cuda-graphs on cannot apply: {why}; use --cuda-graphs auto or off")
-    return why is None and (setting == "on" or quantized)
+    return why is None

@@ -54,8 +54,9 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto") -
                         "the decode takes 38 ms instead of 91 and half the memory; the first decode compiles)")
     p.add_argument("--cuda-graphs", choices=list(CUDA_GRAPHS), default="auto",
                    help="replay the denoise loop's transformer forward from a CUDA graph (exact; removes its host "
-                        "launch work): auto = with --quantization fp8 on a CUDA GPU without --cache (default), on = "
-                        "on a CUDA GPU without --cache (else an error), off = never")
+                        "launch work): auto = on a CUDA GPU without --cache, for forwards of at most 8192 image "
+                        "tokens over the batch (e.g. 1024x1024 x2, 512x512 x8), where launches bound the step "
+                        "(default); on = every shape on a CUDA GPU without --cache (else an error); off = never")
     p.add_argument("--vae-streaming", choices=list(VAE_STREAMING), default="auto",
                    help="decode the VAE in strips of rows (exact up to summation order; 0.42 GiB of activations "
                         "at 1024x1024 instead of 2.37): auto = on a CUDA GPU (default), on = always, off = "
@@ -117,8 +118,7 @@ def check_engine(engine: EngineConfig) -> None:
     if engine.cuda_graphs == "on":
         from ditserve.cuda_graphs import resolve_cuda_graphs
 
-        resolve_cuda_graphs(engine.cuda_graphs, engine.torch_device, cache=bool(engine.cache),
-                            quantized=engine.quantization is not None)
+        resolve_cuda_graphs(engine.cuda_graphs, engine.torch_device, cache=bool(engine.cache))
     if engine.quantization == "fp8":
         from ditserve.ops.fp8 import check_fp8_device
 

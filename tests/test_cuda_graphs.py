@@ -28,17 +28,45 @@ def test_unknown_setting_is_a_config_error():
 
 
 def test_resolution():
-    # auto: the fp8 tier on CUDA without a cache (in bf16 graphs measured no faster)
-    assert resolve_cuda_graphs("auto", CUDA, cache=False, quantized=True)
-    assert not resolve_cuda_graphs("auto", CUDA, cache=False, quantized=False)
-    assert not resolve_cuda_graphs("auto", CPU, cache=False, quantized=True)
-    assert not resolve_cuda_graphs("auto", CUDA, cache=True, quantized=True)
-    assert resolve_cuda_graphs("on", CUDA, cache=False, quantized=False)
-    assert not resolve_cuda_graphs("off", CUDA, cache=False, quantized=True)
+    # auto and on: CUDA without a cache (auto then graphs only small shapes, per call: see the admit tests)
+    assert resolve_cuda_graphs("auto", CUDA, cache=False)
+    assert not resolve_cuda_graphs("auto", CPU, cache=False)
+    assert not resolve_cuda_graphs("auto", CUDA, cache=True)
+    assert resolve_cuda_graphs("on", CUDA, cache=False)
+    assert not resolve_cuda_graphs("off", CUDA, cache=False)
     with pytest.raises(ConfigError, match="not a CUDA GPU"):
-        resolve_cuda_graphs("on", CPU, cache=False, quantized=False)
+        resolve_cuda_graphs("on", CPU, cache=False)
     with pytest.raises(ConfigError, match="block cache"):
-        resolve_cuda_graphs("on", CUDA, cache=True, quantized=True)
+        resolve_cuda_graphs("on", CUDA, cache=True)
+
+
+def test_auto_admits_small_forwards_only(folder):
+    """The pipeline's size rule: "auto" admits a forward of <= AUTO_MAX_TOKENS image tokens over its rows (CFG's
+    two branches in one forward count twice); "on" has no rule. Checked on the CPU through the admit callable the
+    pipeline hands to GraphedForward (bind_forward is re-run with a CUDA-like wrapper forced)."""
+    from ditserve.config import SamplingParams
+    from ditserve.cuda_graphs import AUTO_MAX_TOKENS
+
+    pipe = _pipe(folder, device="cpu", dtype="fp32")
+    assert pipe.forward is pipe.transformer  # CPU: never graphed
+    pipe.engine = EngineConfig(device="cpu", dtype="fp32", cuda_graphs="auto")
+    import ditserve.pipelines.base as base
+
+    real = base.resolve_cuda_graphs
+    base.resolve_cuda_graphs = lambda *a, **k: True
+    try:
+        pipe.bind_forward()
+    finally:
+        base.resolve_cuda_graphs = real
+    admit = pipe.forward.admit
+    assert pipe.forward_tokens(SamplingParams(prompt="", height=1024, width=1024)) == 4096
+    pipe._forward_tokens = AUTO_MAX_TOKENS
+    assert admit()
+    pipe._forward_tokens = AUTO_MAX_TOKENS + 1
+    assert not admit()
+    # denoise sets the size: 512x512 at 2 outputs = 2 * 1024 tokens
+    pipe.generate(SamplingParams(prompt="a", height=64, width=64, steps=1, seed=0, num_images=2), progress=False)
+    assert pipe._forward_tokens == 2 * (64 // 16) ** 2
 
 
 def test_flag_and_check_engine():
@@ -97,14 +125,29 @@ def test_warmup_capture_replay_are_exact():
 
 
 @pytest.mark.gpu
-def test_a_new_signature_gets_its_own_graph_up_to_max_graphs():
+def test_a_new_signature_evicts_the_least_recently_used_graph():
     f = _Affine()
     g = GraphedForward(f, warmup=1, max_graphs=2)
-    for rows in (4, 4, 4, 8, 8, 8, 16, 16, 16):
+    for rows in (4, 4, 4, 8, 8, 8, 4, 16, 16, 16):
         x = torch.randn(rows, 16, device="cuda")
         assert torch.equal(g(x), f(x))
-    assert len(g.graphs) == 2  # rows 16 ran without a graph
-    assert g.calls[next(k for k in g.calls if k not in g.graphs)] == 3
+    assert len(g.graphs) == 2  # rows 8 (least recently replayed) was evicted for rows 16
+    assert sorted(k[1][0][1][0] for k in g.graphs) == [4, 16]
+    assert g.memory_bytes >= 0 and g.pool is not None
+    assert g.release_idle(0.0) == 2 and not g.graphs and g.memory_bytes == 0
+
+
+@pytest.mark.gpu
+def test_admit_false_runs_without_a_graph():
+    f, ok = _Affine(), [False]
+    g = GraphedForward(f, warmup=1, admit=lambda: ok[0])
+    x = torch.randn(4, 16, device="cuda")
+    for _ in range(3):
+        assert torch.equal(g(x), f(x))
+    assert not g.graphs
+    ok[0] = True
+    g(x)
+    assert len(g.graphs) == 1
 
 
 @pytest.mark.gpu

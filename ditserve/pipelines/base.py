@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ditserve.config import MIN_SIZE, SIZE_MULTIPLE, EngineConfig, ModelSpec, SamplingParams
-from ditserve.cuda_graphs import GraphedForward, resolve_cuda_graphs
+from ditserve.cuda_graphs import AUTO_MAX_TOKENS, GraphedForward, resolve_cuda_graphs
 from ditserve.dummy_run import in_dummy_run
 from ditserve.engine.request import Capabilities, Output
 from ditserve.errors import ConfigError
@@ -167,6 +167,7 @@ class Pipeline:
 
             self.transformer = compile_model(self.transformer, CompileConfig.for_engine(engine))
         self._setup_vae(engine)
+        self._forward_tokens = 0  # the current denoise loop's forward size (`forward_tokens`), set by `denoise`
         self.bind_forward()
 
     # ----------------------------------------------------------------------------------- family hooks
@@ -241,10 +242,28 @@ class Pipeline:
         """Set `forward`, what `predict` calls: the transformer replayed from CUDA graphs
         (EngineConfig.cuda_graphs, `ditserve.cuda_graphs`) or the transformer itself. Call it again after
         changing the transformer in place (e.g. `apply_fp8`): captured graphs replay the old one."""
-        graphs = resolve_cuda_graphs(self.engine.cuda_graphs, self.device, cache=self.cache is not None,
-                                     quantized=self.engine.quantization is not None)
+        graphs = resolve_cuda_graphs(self.engine.cuda_graphs, self.device, cache=self.cache is not None)
+        # "auto" graphs the forwards small enough to be bound by the host's launch work (AUTO_MAX_TOKENS);
+        # `denoise` records each loop's forward size in `_forward_tokens`.
+        admit = (lambda: self._forward_tokens <= AUTO_MAX_TOKENS) if self.engine.cuda_graphs == "auto" else None
         # (dummy warmup runs skip the output projection: they must neither be captured nor replay a real graph)
-        self.forward = GraphedForward(self.transformer, bypass=in_dummy_run) if graphs else self.transformer
+        self.forward = (GraphedForward(self.transformer, bypass=in_dummy_run, admit=admit) if graphs
+                        else self.transformer)
+
+    @property
+    def graph_memory_bytes(self) -> int:
+        """Device memory the denoise forward's CUDA graphs reserve (0 without graphs)."""
+        return getattr(self.forward, "memory_bytes", 0)
+
+    def release_idle_graphs(self, seconds: float) -> int:
+        """Drop CUDA graphs of shapes not run for `seconds` (a server calls this now and then); returns how many."""
+        release = getattr(self.forward, "release_idle", None)
+        return release(seconds) if release is not None else 0
+
+    def forward_tokens(self, params: SamplingParams) -> int:
+        """Image (or video) tokens of one output's forward, for the CUDA-graph size rule: (H/16) * (W/16) by
+        default (an 8x VAE and 2x2 patches); a family with another geometry overrides it."""
+        return (params.height // 16) * (params.width // 16)
 
     def _setup_vae(self, engine: EngineConfig) -> None:
         vae = self.vae
@@ -313,6 +332,7 @@ class Pipeline:
         if self.cache is not None:
             self.cache.reset(len(schedule.timesteps))
         split = cfg and self.engine.cfg_mode == "split"
+        self._forward_tokens = self.forward_tokens(params) * B * (2 if cfg and not split else 1)
         if split:
             texts = (self.select_text(text, list(range(B))), self.select_text(text, list(range(B, 2 * B))))
             ctxs = [self.begin_denoise(latents, t, schedule, params) for t in texts]
