@@ -196,6 +196,37 @@ def check_image_size(name: str, v: int) -> None:
         raise ConfigError(f"{name} must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}, got {v}")
 
 
+# The documented range of each numeric request field (inclusive), checked by `SamplingParams.validate` for the CLI
+# and the server alike (the server's OpenAPI schema states them too). Each range is finite: a guidance of 1e38
+# passes `math.isfinite` and still overflows the float32 tensor it becomes in a pipeline.
+REQUEST_RANGES: dict[str, tuple[float, float]] = {
+    "steps": (1, 1000),
+    "guidance": (0.0, 100.0),
+    "guidance_2": (0.0, 100.0),
+    "seed": (0, 2**63 - 1),
+    "num_images": (1, 16),
+    "num_frames": (1, 1024),
+    "fps": (1.0, 120.0),
+}
+
+
+def _range_text(name: str) -> str:
+    if name not in REQUEST_RANGES:
+        return ""
+    low, high = REQUEST_RANGES[name]
+    return f" between {low:g} and {high:g}" if isinstance(low, float) else f" between {low} and {high}"
+
+
+def check_unicode(name: str, text: str) -> None:
+    """Raise ConfigError unless `text` is valid Unicode: a lone surrogate (JSON's "\\ud800", or a command-line
+    byte that is not UTF-8) reaches no tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"{name} is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
+                          f"{e.start}") from None
+
+
 @dataclass
 class SamplingParams:
     """One generation request (`ditserve.engine.GenerationRequest` is this class), parsed identically by the
@@ -255,38 +286,37 @@ class SamplingParams:
         return p
 
     def validate(self, spec: ModelSpec | None = None) -> None:
+        """Raise ConfigError, naming the field and its range (`REQUEST_RANGES`), for a value no family can take:
+        text that is not valid Unicode, a non-integer count, a non-finite or out-of-range number."""
         prompt = self.prompt
         if not (isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
                                            and all(isinstance(s, str) for s in prompt))):
             raise ConfigError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ConfigError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
+        for name, text in [("prompt", s) for s in self.prompts] + [("negative_prompt", self.negative_prompt or "")]:
+            check_unicode(name, text)
         # Counts and sizes must be integers (2.5 steps or a 512.0 height would fail deep in the pipeline).
         for name in ("height", "width", "steps", "seed", "num_images", "max_sequence_length", "num_frames"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
                 raise ConfigError(f"{name} must be an integer, got {v!r}")
-        for name in ("guidance", "guidance_2"):
-            g = getattr(self, name)
-            if g is not None and (isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g)):
-                raise ConfigError(f"{name} must be a finite number, got {g!r}")
-            if g is not None and g < 0:
-                raise ConfigError(f"{name} must be >= 0, got {g}")
-        if self.num_frames is not None and not (1 <= self.num_frames <= 1024):
-            raise ConfigError(f"num_frames must be between 1 and 1024, got {self.num_frames}")
-        if self.fps is not None and (isinstance(self.fps, bool) or not isinstance(self.fps, numbers.Real)
-                                     or not math.isfinite(self.fps) or not 1 <= self.fps <= 120):
-            raise ConfigError(f"fps must be a number between 1 and 120, got {self.fps!r}")
+        # Real numbers must be finite and in range: a huge guidance overflows the float32 tensor it becomes.
+        for name in ("guidance", "guidance_2", "fps"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)):
+                raise ConfigError(f"{name} must be a finite number{_range_text(name)}, got {v!r}")
         for name in ("height", "width"):
             if getattr(self, name) is not None:
                 check_image_size(name, getattr(self, name))
-        if self.steps is not None and not (1 <= self.steps <= 1000):
-            raise ConfigError(f"steps must be between 1 and 1000, got {self.steps}")
-        if not (1 <= self.num_images <= 16):
-            raise ConfigError(f"num_images must be between 1 and 16, got {self.num_images}")
-        if self.seed is not None and not (0 <= self.seed < 2**63):
-            raise ConfigError(f"seed must be a non-negative 64-bit integer, got {self.seed}")
+        for name in REQUEST_RANGES:
+            v = getattr(self, name)
+            low, high = REQUEST_RANGES[name]
+            if v is not None and not low <= v <= high:
+                raise ConfigError(f"{name} must be{_range_text(name)}, got {v}")
         msl = self.max_sequence_length
+        if msl is not None and spec is None and msl < 1:
+            raise ConfigError(f"max_sequence_length must be >= 1, got {msl}")
         if msl is not None and spec is not None and not (1 <= msl <= spec.max_sequence_length):
             raise ConfigError(
                 f"max_sequence_length must be between 1 and {spec.max_sequence_length} for {spec.name}, got {msl}")

@@ -48,10 +48,19 @@ def test_resolved_keeps_explicit_values():
     ("num_images", 0, "num_images must be between 1 and 16"),
     ("num_images", 17, "num_images must be between 1 and 16"),
     ("num_images", True, "num_images must be an integer"),
-    ("seed", -1, "seed must be a non-negative 64-bit integer"),
-    ("seed", 2**63, "seed must be a non-negative 64-bit integer"),
+    ("seed", -1, "seed must be between 0 and 9223372036854775807"),
+    ("seed", 2**63, "seed must be between 0 and 9223372036854775807"),
     ("seed", "42", "seed must be an integer"),
-    ("guidance", -1.0, "guidance must be >= 0"),
+    ("guidance", -1.0, "guidance must be between 0 and 100"),
+    ("guidance", 100.5, "guidance must be between 0 and 100"),
+    ("guidance", 3.41e38, "guidance must be between 0 and 100"),  # finite, and overflows float32
+    ("guidance_2", 1e300, "guidance_2 must be between 0 and 100"),
+    ("fps", 0.5, "fps must be between 1 and 120"),
+    ("fps", float("nan"), "fps must be a finite number"),
+    ("num_frames", 1025, "num_frames must be between 1 and 1024"),
+    ("prompt", "\ud800", "prompt is not valid Unicode: a lone surrogate '\\\\ud800' at character 0"),
+    ("prompt", ["ok", "a\udc00b"], "prompt is not valid Unicode"),
+    ("negative_prompt", "x\ud800", "negative_prompt is not valid Unicode"),
     ("guidance", float("nan"), "guidance must be a finite number"),
     ("guidance", float("inf"), "guidance must be a finite number"),
     ("max_sequence_length", 129, "max_sequence_length must be between 1 and 128 for tiny-test"),
@@ -68,7 +77,7 @@ def test_invalid_sampling_params(field, value, match):
 
 
 @pytest.mark.parametrize("field,value", [("height", 64), ("height", 4096), ("steps", 1000), ("seed", 2**63 - 1),
-                                         ("num_images", 16), ("guidance", 0), ("max_sequence_length", 1)])
+                                         ("num_images", 16), ("guidance", 0), ("guidance", 100), ("max_sequence_length", 1)])
 def test_boundary_values_accepted(field, value):
     dataclasses.replace(SamplingParams(prompt="x"), **{field: value}).resolved(SPEC)
 
