@@ -2,6 +2,7 @@
 
     python bench/family_step.py --family z-image [--size 1024] [--text-len 128] [--iters 10] [--steps 8]
     python bench/family_step.py --family flux.1-dev --text-len 512
+    python bench/family_step.py --family flux.1-dev --text-len 512 --sweep [--sizes 512,1360x768] [--batches 1,4]
 
 For the family's preset (random weights at full size, bf16, GPU):
   0. cold start: a fresh child process with an empty inductor cache builds the dummy DiT, compiles it as the
@@ -14,6 +15,15 @@ For the family's preset (random weights at full size, bf16, GPU):
   3. end to end: `Engine.load(preset, dummy, compile)` -> warmup -> a --steps image at --size (text encode,
      denoise, decode), the engine's default path and the fp8 tier.
 Prints one JSON line last (ratio_vs_diffusers_compiled = ditserve compiled ms / diffusers regional compile ms).
+
+--sweep instead measures one forward at each size of --sizes and batch of --batches (both models compiled once,
+dynamic shapes as each does by default): diffusers regional compile, the same replayed from a CUDA graph (a
+manual capture of its compiled forward: the CUDA-graph path of `mode="reduce-overhead"` without a second compile),
+ditserve's default (`--cuda-graphs auto`: graphed where `AUTO_MAX_TOKENS` admits the shape) and ditserve graphed
+at every shape; ratio_vs_diffusers_compiled_by_size compares ditserve's default with the best diffusers row at
+batch 1. At the smallest size it also sums the GPU time of the default forward's kernels (host work hidden when
+the forward takes little more than that), and runs a --steps image end to end for the --e2e-preset preset.
+
 A family is one adapter below: how to build diffusers' class and call both models on the same inputs.
 """
 
@@ -36,13 +46,17 @@ from benchutil import commit, cuda_median_ms, log
 # ------------------------------------------------------------------------------------------- adapters
 
 
-def _flux_adapter(config: dict, size: int, text_len: int, device, dtype):
+# adapter(config, height, width, batch, text_len, device, dtype) -> (diffusers class, our forward's kwargs,
+# call_ref(diffusers model) -> its output on the same inputs, shaped as ours)
+
+
+def _flux_adapter(config: dict, height: int, width: int, batch: int, text_len: int, device, dtype):
     from diffusers import FluxTransformer2DModel
 
     from ditserve.models.flux import FluxConfig, flux_example_inputs
 
-    ours_inputs = flux_example_inputs(FluxConfig.from_diffusers(config), size, size, text_len=text_len,
-                                      device=device, dtype=dtype)
+    ours_inputs = flux_example_inputs(FluxConfig.from_diffusers(config), height, width, batch=batch,
+                                      text_len=text_len, device=device, dtype=dtype)
 
     def call_ref(model):
         return model(**ours_inputs, return_dict=False)[0]
@@ -50,13 +64,13 @@ def _flux_adapter(config: dict, size: int, text_len: int, device, dtype):
     return FluxTransformer2DModel, ours_inputs, call_ref
 
 
-def _z_image_adapter(config: dict, size: int, text_len: int, device, dtype):
+def _z_image_adapter(config: dict, height: int, width: int, batch: int, text_len: int, device, dtype):
     from diffusers import ZImageTransformer2DModel
 
     from ditserve.models.z_image import ZImageConfig, ZImageTransformer
 
-    ours_inputs = ZImageTransformer.example_inputs(ZImageConfig.from_diffusers(config), size, size,
-                                                   text_len=text_len, device=device, dtype=dtype)
+    ours_inputs = ZImageTransformer.example_inputs(ZImageConfig.from_diffusers(config), height, width,
+                                                   text_len=text_len, device=device, dtype=dtype, batch=batch)
     x = list(ours_inputs["hidden_states"].unsqueeze(2).unbind(0))  # B x (C, 1, h, w)
     caps = list(ours_inputs["encoder_hidden_states"].unbind(0))  # B x (T, D)
 
@@ -124,7 +138,8 @@ def time_compiled(model, engine, inputs: dict, iters: int) -> tuple[float, float
     return cuda_median_ms(call, iters, 2), cuda_median_ms(graphed(call), iters, 2)
 
 
-def end_to_end(preset: str, size: int, steps: int, quantization: str | None, runs: int = 3) -> dict:
+def end_to_end(preset: str, size: int, steps: int, quantization: str | None, runs: int = 3,
+               width: int | None = None) -> dict:
     from ditserve.config import EngineConfig, SamplingParams
     from ditserve.engine import Engine
 
@@ -132,8 +147,9 @@ def end_to_end(preset: str, size: int, steps: int, quantization: str | None, run
     t0 = time.perf_counter()
     engine = Engine.load(preset, cfg)
     load_s = time.perf_counter() - t0
-    warm_s = engine.warmup(size, size, steps)
-    req = SamplingParams(prompt="a red apple on a wooden table, studio light", height=size, width=size,
+    width = width or size
+    warm_s = engine.warmup(size, width, steps)
+    req = SamplingParams(prompt="a red apple on a wooden table, studio light", height=size, width=width,
                          steps=steps, seed=0)
     first = engine.generate(req)
     outs = [engine.generate(req) for _ in range(runs)]
@@ -141,10 +157,90 @@ def end_to_end(preset: str, size: int, steps: int, quantization: str | None, run
     rec = {"load_s": round(load_s, 2), "warmup_s": round(warm_s, 2),
            "first_request_s": round(first.timings["total_s"], 4), "image_s": round(totals[len(totals) // 2], 4),
            "stages_s": {k: round(outs[-1].timings[k], 4) for k in ("text_encode_s", "denoise_s", "decode_s")},
-           "peak_gib": round(max(o.peak_memory_bytes for o in outs) / 2**30, 2)}
+           "peak_gib": round(max(o.peak_memory_bytes for o in outs) / 2**30, 2),
+           "cuda_graph_mib": round(engine.pipeline.graph_memory_bytes / 2**20)}
     del engine
     release()
     return rec
+
+
+def _parse_sizes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        w, _, h = item.partition("x")
+        out.append((int(h or w), int(w)))  # (height, width)
+    return out
+
+
+def sweep(args, rec: dict, preset: str, config: dict, device, dtype) -> int:
+    """--sweep: see the module docstring."""
+    from benchutil import kernel_times
+
+    from ditserve.config import EngineConfig
+    from ditserve.cuda_graphs import AUTO_MAX_TOKENS, GraphedForward
+    from ditserve.loader import load_transformer
+
+    sizes, batches = _parse_sizes(args.sizes), [int(b) for b in args.batches.split(",")]
+    ref_cls = FAMILIES[args.family](config, 64, 64, 1, 8, device, dtype)[0]
+    with torch.device(device):
+        ref = ref_cls.from_config(config).to(dtype).eval().requires_grad_(False)
+    engine = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=True)
+    ours, _ = load_transformer(preset, engine)
+    ours.load_diffusers_state_dict(ref.state_dict())
+    from ditserve.compile import CompileConfig, compile_model
+
+    compile_model(ours, CompileConfig.for_engine(engine))
+    ref.compile_repeated_blocks(fullgraph=True)
+    rows, ratios = [], {}
+    with torch.inference_mode():
+        for (h, w) in sizes:
+            for b in batches:
+                _, inputs, call_ref = FAMILIES[args.family](config, h, w, b, args.text_len, device, dtype)
+                run_ref = functools.partial(call_ref, ref)
+
+                def run_ours():
+                    return ours(**inputs)
+
+                iters = args.iters if h * w * b <= 1024 * 1024 * 4 else max(3, args.iters // 3)
+                row = {"height": h, "width": w, "batch": b, "tokens": (h // 16) * (w // 16) * b}
+                t = {"diffusers_compiled": cuda_median_ms(run_ref, iters, 2)}
+                t["diffusers_compiled_graph"] = cuda_median_ms(graphed(run_ref), iters, 2)
+                release()
+                default = GraphedForward(ours, admit=lambda: row["tokens"] <= AUTO_MAX_TOKENS)
+                t["ditserve_default"] = cuda_median_ms(lambda: default(**inputs), iters, 3)
+                row["default_graphed"] = bool(default.graphs)
+                row["graph_mib"] = round(default.memory_bytes / 2**20)
+                if default.graphs:
+                    t["ditserve_graphs_on"] = t["ditserve_default"]
+                else:
+                    t["ditserve_graphs_on"] = cuda_median_ms(graphed(run_ours), iters, 2)
+                t["ditserve_no_graphs"] = (cuda_median_ms(run_ours, iters, 2) if default.graphs
+                                           else t["ditserve_default"])
+                if (h, w) == sizes[0] and b == 1:  # the GPU time of the default forward's own kernels
+                    row["kernel_sum_ms"] = round(sum(ms for ms, _ in kernel_times(lambda: default(**inputs), 3)
+                                                     .values()), 2)
+                del default
+                release()
+                best = min(t["diffusers_compiled"], t["diffusers_compiled_graph"])
+                row["forward_ms"] = {k: round(v, 2) for k, v in t.items()}
+                row["ratio_default_vs_best_diffusers"] = round(t["ditserve_default"] / best, 3)
+                row["ratio_graphs_on_vs_best_diffusers"] = round(t["ditserve_graphs_on"] / best, 3)
+                rows.append(row)
+                if b == 1:
+                    ratios[f"{w}x{h}"] = row["ratio_default_vs_best_diffusers"]
+                log(f"{w}x{h} x{b}: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items())
+                    + f" ms | default/best diffusers {row['ratio_default_vs_best_diffusers']}"
+                    + (f" | kernels {row['kernel_sum_ms']} ms" if "kernel_sum_ms" in row else ""))
+    del ref, ours
+    release()
+    rec["sweep"] = rows
+    rec["ratio_vs_diffusers_compiled_by_size"] = ratios
+    if not args.skip_e2e:
+        h, w = sizes[0]
+        rec["e2e_smallest"] = end_to_end(args.e2e_preset or preset, h, args.steps, None, width=w)
+        log(f"end to end {args.e2e_preset or preset} {w}x{h}, {args.steps} steps: {rec['e2e_smallest']}")
+    print(json.dumps(rec))
+    return 0
 
 
 def main() -> int:
@@ -156,6 +252,11 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--skip-cold", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="one forward at each of --sizes x --batches (see above)")
+    ap.add_argument("--sizes", default="512,768,1024,1360x768,2048", help="--sweep sizes: S (square) or WxH")
+    ap.add_argument("--batches", default="1,4", help="--sweep batch sizes")
+    ap.add_argument("--e2e-preset", default=None, help="--sweep: preset of the end-to-end image at the smallest "
+                                                       "size (default: the family's)")
     args = ap.parse_args()
 
     from ditserve import registry
@@ -176,7 +277,9 @@ def main() -> int:
 
     spec = registry.preset(preset)
     class_name, config = spec.components["transformer"]
-    ref_cls, inputs, call_ref = FAMILIES[args.family](config, args.size, args.text_len, device, dtype)
+    if args.sweep:
+        return sweep(args, rec, preset, config, device, dtype)
+    ref_cls, inputs, call_ref = FAMILIES[args.family](config, args.size, args.size, 1, args.text_len, device, dtype)
     with torch.device(device):
         ref = ref_cls.from_config(config).to(dtype).eval().requires_grad_(False)
     engine = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=True)

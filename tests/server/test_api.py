@@ -17,6 +17,7 @@ from PIL import Image
 
 from ditserve.config import ConfigError
 from ditserve.engine import Capabilities
+from ditserve.engine.engine import REAL_WARMUP_STEPS
 from ditserve.server import ServerConfig, create_app
 from ditserve.server.app import parse_size
 
@@ -317,12 +318,14 @@ def test_not_ready_is_503_and_health_is_live():
 
 def test_warmup_runs_before_ready():
     pipe = FakePipeline()
-    app = create_app(lambda: fake_engine(pipe), ServerConfig(max_batch_size=4, warmup_size=(96, 128), warmup_steps=3))
+    app = create_app(lambda: fake_engine(pipe), ServerConfig(max_batch_size=4, warmup_size=(96, 128), warmup_steps=5))
     with client_for(app) as client:
         assert client.get("/ready").status_code == 200
         warm = [b[0] for b in pipe.batches]
+        # per batch size: the dummy run at the warmup steps, then a short real run (CUDA graphs, VAE decode)
         assert [(p.prompt, p.num_images, p.height, p.width, p.steps) for p in warm] == \
-            [("warmup", 1, 96, 128, 3), ("warmup", 2, 96, 128, 3)]
+            [("warmup", 1, 96, 128, 5), ("warmup", 1, 96, 128, REAL_WARMUP_STEPS),
+             ("warmup", 2, 96, 128, 5), ("warmup", 2, 96, 128, REAL_WARMUP_STEPS)]
 
 
 def test_load_failure_is_fatal_and_reported():
