@@ -18,6 +18,7 @@ import torch
 
 from ditserve.cache.policy import parse_cache
 from ditserve.errors import ConfigError
+from ditserve.lora import LoRAConfig
 
 __all__ = ["ConfigError", "EngineConfig", "ModelSpec", "SamplingParams"]
 
@@ -112,6 +113,7 @@ class EngineConfig:
     cfg_mode: classifier-free guidance (families with a negative prompt): "batched" (default: both branches in
         one forward of twice the batch) or "split" (one forward per branch, each with its own DiT-cache state;
         less activation memory). Exact either way, up to the rounding of batched kernels.
+    lora: LoRA adapters (`ditserve.lora.LoRAConfig`: files and weights, "fuse" or "unfused" mode), or None.
     """
 
     device: str | None = None
@@ -132,6 +134,7 @@ class EngineConfig:
     cuda_graphs: str = "auto"
     vae_streaming: str = "auto"
     cfg_mode: str = "batched"
+    lora: LoRAConfig | None = None
 
     def __post_init__(self):
         parse_cache(self.cache)  # raises ConfigError for unknown names, knobs or values
@@ -162,6 +165,9 @@ class EngineConfig:
             raise ConfigError(f"unknown cfg_mode {self.cfg_mode!r}; valid: {', '.join(CFG_MODES)}")
         if self.vae_tiling not in VAE_TILING:
             raise ConfigError(f"unknown vae_tiling {self.vae_tiling!r}; valid: {', '.join(VAE_TILING)}")
+        if self.lora is not None and self.lora.mode == "unfused" and self.quantization is not None:
+            raise ConfigError(f"--lora-mode unfused with --quantization {self.quantization}: a quantised model takes "
+                              f"LoRA adapters merged before quantisation; use --lora-mode fuse")
 
     @property
     def fp8_fast_accum_on(self) -> bool:

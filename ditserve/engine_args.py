@@ -68,6 +68,12 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto") -
     p.add_argument("--cfg-mode", choices=list(CFG_MODES), default="batched",
                    help="classifier-free guidance (families with a negative prompt): batched = both branches in "
                         "one forward of twice the batch (default), split = one forward per branch (less memory)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="a LoRA adapter for the DiT (diffusers/PEFT or kohya safetensors; a file or a folder with "
+                        "pytorch_lora_weights.safetensors), at WEIGHT (default 1); repeat to stack several")
+    p.add_argument("--lora-mode", choices=["fuse", "unfused"], default="fuse",
+                   help="fuse = merged into the weights at load (no per-step cost; default), unfused = low-rank "
+                        "side products at run time (adapters chosen per request; not with --quantization)")
     p.add_argument("--no-compile-prewarm", dest="compile_prewarm", action="store_false",
                    help="with --compile: do not start the compile workers and the Triton kernels' compile early "
                         "(torch's default timing; slower cold start)")
@@ -83,6 +89,10 @@ def engine_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
                   compile_vae=args.compile_vae, dynamic_shapes=args.dynamic_shapes,
                   compile_prewarm=args.compile_prewarm, cuda_graphs=args.cuda_graphs,
                   vae_streaming=args.vae_streaming, cfg_mode=args.cfg_mode)
+    if getattr(args, "lora", None):
+        from ditserve.lora import LoRAConfig, LoRASpec
+
+        fields["lora"] = LoRAConfig(tuple(LoRASpec.parse(s) for s in args.lora), mode=args.lora_mode)
     fields.update(overrides)
     return EngineConfig(**fields)
 

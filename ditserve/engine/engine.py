@@ -66,6 +66,12 @@ class Engine:
     def cache(self):
         return getattr(self.pipeline, "cache", None)
 
+    @property
+    def lora(self):
+        """The DiT's LoRA adapters (`ditserve.lora.adapters.LoRAManager`: load / unload / info, per-request
+        selection through `SamplingParams.extra["lora"]`), or None when the engine has no LoRA settings."""
+        return getattr(self.pipeline, "lora", None)
+
     # ---------------------------------------------------------------------------------------- requests
 
     def resolve(self, request: SamplingParams) -> SamplingParams:

@@ -145,8 +145,9 @@ def dummy_component(class_name: str, config: dict[str, Any], engine: EngineConfi
 def build_dit(class_name: str, config: dict[str, Any], engine: EngineConfig, files: list[Path] | None) -> nn.Module:
     """Build our DiT for diffusers class `class_name` from its config.json dict, in the engine's dtype on its
     device: on meta first, then materialised empty, then filled from `files` (safetensors, streamed) or, when
-    `files` is None, with random weights. With engine.quantization "fp8", the layers the model declares
-    eligible are then quantised in place, one at a time (`ditserve.ops.fp8.apply_fp8`)."""
+    `files` is None, with random weights. LoRA adapters (engine.lora) are then merged or given their slots
+    (`ditserve.lora`; the model's `lora` attribute). With engine.quantization "fp8", the layers the model
+    declares eligible are then quantised in place, one at a time (`ditserve.ops.fp8.apply_fp8`)."""
     cls, config_cls = registry.component_class(class_name), registry.dit_config_class(class_name)
     cfg = config_cls.from_diffusers(config)
     device, dtype = engine.torch_device, engine.torch_dtype
@@ -158,6 +159,10 @@ def build_dit(class_name: str, config: dict[str, Any], engine: EngineConfig, fil
         random_init_(model)
     else:
         stream_into(model, files, model.weight_map(), device)
+    if engine.lora is not None:  # merged (fuse) before quantisation, or slots installed (unfused)
+        from ditserve.lora.adapters import attach
+
+        attach(model, engine.lora, engine.quantization)
     if engine.quantization == "fp8":
         apply_fp8(model, fast_accum=engine.fp8_fast_accum_on)
     if engine.fp8_attention:

@@ -581,6 +581,37 @@ class FluxTransformer(nn.Module):
         linear("proj_out", "proj_out")
         return m
 
+    def lora_aliases(self) -> dict[str, tuple[str, ...]]:
+        """Module names of the original (Black Forest Labs) checkpoint -> the diffusers modules whose outputs
+        each concatenates, in row order: what kohya / sd-scripts FLUX.1 LoRA files name (`ditserve.lora`). The
+        final layer's modulation is left out (its shift/scale halves are swapped against diffusers')."""
+        a: dict[str, tuple[str, ...]] = {
+            "img_in": ("x_embedder",), "txt_in": ("context_embedder",), "final_layer.linear": ("proj_out",),
+            "time_in.in_layer": ("time_text_embed.timestep_embedder.linear_1",),
+            "time_in.out_layer": ("time_text_embed.timestep_embedder.linear_2",),
+            "vector_in.in_layer": ("time_text_embed.text_embedder.linear_1",),
+            "vector_in.out_layer": ("time_text_embed.text_embedder.linear_2",),
+        }
+        if self.config.guidance_embeds:
+            a["guidance_in.in_layer"] = ("time_text_embed.guidance_embedder.linear_1",)
+            a["guidance_in.out_layer"] = ("time_text_embed.guidance_embedder.linear_2",)
+        for i in range(self.config.num_layers):
+            src, dst = f"double_blocks.{i}", f"transformer_blocks.{i}"
+            a[f"{src}.img_attn.qkv"] = tuple(f"{dst}.attn.{n}" for n in ("to_q", "to_k", "to_v"))
+            a[f"{src}.txt_attn.qkv"] = tuple(f"{dst}.attn.{n}" for n in ("add_q_proj", "add_k_proj", "add_v_proj"))
+            a[f"{src}.img_attn.proj"] = (f"{dst}.attn.to_out.0",)
+            a[f"{src}.txt_attn.proj"] = (f"{dst}.attn.to_add_out",)
+            a[f"{src}.img_mlp.0"], a[f"{src}.img_mlp.2"] = (f"{dst}.ff.net.0.proj",), (f"{dst}.ff.net.2",)
+            a[f"{src}.txt_mlp.0"] = (f"{dst}.ff_context.net.0.proj",)
+            a[f"{src}.txt_mlp.2"] = (f"{dst}.ff_context.net.2",)
+            a[f"{src}.img_mod.lin"] = (f"{dst}.norm1.linear",)
+            a[f"{src}.txt_mod.lin"] = (f"{dst}.norm1_context.linear",)
+        for i in range(self.config.num_single_layers):
+            src, dst = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+            a[f"{src}.linear1"] = tuple(f"{dst}.{n}" for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
+            a[f"{src}.linear2"], a[f"{src}.modulation.lin"] = (f"{dst}.proj_out",), (f"{dst}.norm.linear",)
+        return a
+
     def expected_diffusers_keys(self) -> list[str]:
         """The keys a diffusers `FluxTransformer2DModel` state dict of this config has, sorted."""
         return sorted(self.weight_map())

@@ -147,6 +147,7 @@ class Pipeline:
         self.spec = spec
         self.device = engine.torch_device
         self.setup(components)
+        self.lora = getattr(self.transformer, "lora", None)  # LoRA adapters (`ditserve.lora`), set by the loader
         for module in components.values():
             if isinstance(module, torch.nn.Module):
                 module.to(self.device).eval()  # no-op where the loader already placed them
@@ -372,15 +373,20 @@ class Pipeline:
         self.capabilities.check(p)
         if p.seed is None:
             p.seed = secrets.randbits(63)
+        if self.lora is not None:
+            p.extra["lora"] = self.lora.selection(p.extra)  # checked, normalised: ((name, weight), ...)
+        elif p.extra.get("lora"):
+            raise ConfigError("lora: this engine was started without LoRA adapters (--lora, --lora-mode)")
         return p
 
     def batch_key(self, params: SamplingParams) -> tuple:
         """What resolved requests must share to run in one denoise batch: the output size (latent shape and a
         resolution-dependent schedule), the step count, the guidance (one value per batch), whether they run
-        classifier-free guidance, and the text length. Prompts, negative prompts, seeds and num_images may
-        differ."""
+        classifier-free guidance, the text length, and the LoRA adapters selected. Prompts, negative prompts,
+        seeds and num_images may differ."""
+        lora = (self.lora.selection(params.extra),) if self.lora is not None else ()  # adapters never mix
         return (params.height, params.width, params.num_frames, params.fps, params.steps, params.guidance,
-                params.guidance_2, params.max_sequence_length)
+                params.guidance_2, params.max_sequence_length, *lora)
 
     @torch.inference_mode()
     def generate(self, params: SamplingParams, progress: bool = True) -> Output:
@@ -405,6 +411,8 @@ class Pipeline:
             raise ConfigError(f"requests in one batch must share size, steps, guidance and text length; "
                               f"got {sorted(keys, key=repr)}")
         first = ps[0]
+        if self.lora is not None:  # the batch's adapters, written into the slots in place (unfused mode)
+            self.lora.activate(first.extra["lora"])
         cfg = self.cfg_active(first.guidance)
         counts = [len(p.prompts) * p.num_images for p in ps]  # outputs per request
         if self._track_memory:

@@ -1,0 +1,563 @@
+"""LoRA adapters at run time: reading files, mapping them through a model's weight map, fusing, and the unfused
+mode's slots and manager (the package docstring, `ditserve.lora`, describes formats, modes and the engine API).
+This module imports torch; `ditserve.lora` itself (the settings) does not."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditserve.errors import ConfigError
+from ditserve.lora import LoRAConfig, LoRASpec
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes into a folder
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Key prefixes of the DiT's entries: diffusers' pipeline files, PEFT's save_pretrained, original checkpoints.
+_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.")
+_KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
+_TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te")
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+
+
+def _resolve_file(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if (p / DIFFUSERS_FILE).is_file():
+            return p / DIFFUSERS_FILE
+        found = sorted(p.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        raise ConfigError(f"--lora {path}: a folder must hold {DIFFUSERS_FILE} or exactly one .safetensors file "
+                          f"(found {len(found)})")
+    if p.suffix.lower() in _PICKLE_SUFFIXES:
+        raise ConfigError(f"--lora {path}: a pickle file ({p.suffix}); ditserve reads LoRA adapters as safetensors "
+                          f"only (unpickling can run arbitrary code)")
+    if not p.is_file():
+        raise ConfigError(f"--lora {path}: no such file")
+    return p
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors on the CPU, the file's string metadata) of a LoRA safetensors file. ConfigError for a pickle
+    file, a missing file or one that is not safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    file = _resolve_file(path)
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"--lora {path}: not a readable safetensors file ({e})") from None
+
+
+# ------------------------------------------------------------------------------------------- the model's names
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a diffusers module lands: our Linear `linear` (module name), output rows [start, stop)."""
+
+    linear: str
+    start: int
+    stop: int
+
+
+def model_targets(model: nn.Module) -> dict[str, Target]:
+    """Every diffusers Linear module name of `model`'s weight map -> its Target (only weights that fill a 2-D
+    weight of one of our Linear layers)."""
+    from ditserve.ops.linear import Linear
+
+    out = {}
+    modules = dict(model.named_modules())
+    for key, (param, start, stop) in model.weight_map().items():
+        if not (key.endswith(".weight") and param.endswith(".weight")):
+            continue
+        linear = param[: -len(".weight")]
+        layer = modules.get(linear)
+        if not isinstance(layer, Linear):
+            continue
+        rows = layer.out_features
+        out[key[: -len(".weight")]] = Target(linear, 0 if start is None else start, rows if stop is None else stop)
+    return out
+
+
+def _aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    fn = getattr(model, "lora_aliases", None)
+    return dict(fn()) if fn is not None else {}
+
+
+# ------------------------------------------------------------------------------------------------- adapters
+
+
+@dataclass
+class Factor:
+    """One low-rank update of one row piece: rows [start, stop) of Linear `linear` get + up @ down, with
+    down (r, in) and up (stop - start, r) already multiplied by the adapter's scale (alpha / r). `key` is the
+    file's key it came from (for messages)."""
+
+    linear: str
+    start: int
+    stop: int
+    down: torch.Tensor
+    up: torch.Tensor
+    key: str
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+@dataclass
+class LoRAAdapter:
+    """A parsed adapter: its `name`, `path`, `format` ("diffusers" or "kohya") and its factors."""
+
+    name: str
+    path: str
+    format: str
+    factors: list[Factor] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)  # rank, layers, bytes (fp32) as parsed, for listings
+
+    @property
+    def rank(self) -> int:
+        """The largest rank this adapter uses on any one row piece."""
+        ranks: dict[tuple[str, int], int] = {}
+        for f in self.factors:
+            ranks[(f.linear, f.start)] = ranks.get((f.linear, f.start), 0) + f.rank
+        return max(ranks.values(), default=0)
+
+    @property
+    def linears(self) -> set[str]:
+        return {f.linear for f in self.factors}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.down.nbytes + f.up.nbytes for f in self.factors)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "LoRAAdapter":
+        for f in self.factors:
+            f.down, f.up = f.down.to(device, dtype), f.up.to(device, dtype)
+        return self
+
+
+def _strip(key: str) -> str:
+    for prefix in _PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+_UNSUPPORTED = {".lora_mid.": "LoCon / LyCORIS mid weights", "dora_scale": "DoRA", ".lora_magnitude_vector": "DoRA",
+                ".diff": "full weight differences", ".diff_b": "bias differences", ".lokr_": "LoKr",
+                ".hada_": "LoHa", "lora_B.bias": "LoRA biases", "lora_up.bias": "LoRA biases"}
+
+
+def _metadata_alphas(metadata: dict[str, str]) -> tuple[float | None, dict[str, float], bool]:
+    """(lora_alpha, alpha_pattern, use_rslora) of diffusers' `lora_adapter_metadata` (keys prefixed
+    'transformer.' in a pipeline's file, bare in a model's), or (None, {}, False)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None, {}, False
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ConfigError("LoRA file: its lora_adapter_metadata is not valid JSON") from None
+    meta = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in meta.items()}
+    if meta.get("use_dora"):
+        raise ConfigError("LoRA file: a DoRA adapter (use_dora in its metadata); only plain LoRA is supported")
+    alpha = meta.get("lora_alpha")
+    return (None if alpha is None else float(alpha)), dict(meta.get("alpha_pattern") or {}), bool(
+        meta.get("use_rslora"))
+
+
+def _pattern_value(module: str, pattern: dict[str, float]) -> float | None:
+    """PEFT's pattern lookup: the entry whose key is the module name or a '.'-bounded suffix of it."""
+    for key, value in pattern.items():
+        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
+            return float(value)
+    return None
+
+
+def parse_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str], model: nn.Module, name: str,
+                  path: str = "") -> LoRAAdapter:
+    """Map a LoRA state dict onto `model` (its weight map and optional `lora_aliases`) -> a LoRAAdapter with
+    fp32 factors on the CPU. Raises ConfigError naming the first key that cannot apply; nothing is applied."""
+    where = f"--lora {path or name}"
+    if not tensors:
+        raise ConfigError(f"{where}: the file holds no tensors")
+    for key in tensors:
+        if key.startswith(_TEXT_ENCODER_PREFIXES):
+            raise ConfigError(f"{where}: key {key!r} is a text-encoder LoRA; ditserve applies LoRA to the DiT only")
+        for marker, what in _UNSUPPORTED.items():
+            if marker in key:
+                raise ConfigError(f"{where}: key {key!r} holds {what}; only plain LoRA (A/B or down/up) is supported")
+    kohya = any(k.endswith(".lora_down.weight") for k in tensors)
+    targets = model_targets(model)
+    modules = {layer.linear: layer for layer in targets.values()}
+    linear_inputs = {n: m.in_features for n, m in model.named_modules() if n in modules}
+    adapter = LoRAAdapter(name=name, path=str(path), format="kohya" if kohya else "diffusers")
+    pairs = _kohya_pairs(tensors, model, targets, where) if kohya else _diffusers_pairs(tensors, metadata, where)
+    for module, key, down, up, scale in pairs:
+        pieces = _pieces(module, targets, _aliases(model), key, where)
+        in_features = linear_inputs[pieces[0].linear]
+        rows = sum(p.stop - p.start for p in pieces)
+        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
+            raise ConfigError(f"{where}: key {key!r}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a "
+                              f"LoRA pair (r, in) / (out, r)")
+        if down.shape[1] != in_features or up.shape[0] != rows:
+            raise ConfigError(f"{where}: key {key!r}: shapes down {tuple(down.shape)}, up {tuple(up.shape)} do not "
+                              f"fit module {module!r} (in {in_features}, out {rows}): an adapter for another "
+                              f"model or size")
+        down = down.float()
+        up = up.float() * scale
+        row = 0
+        for p in pieces:  # a fused source (kohya qkv) splits its up rows over the pieces, sharing down
+            n = p.stop - p.start
+            adapter.factors.append(Factor(p.linear, p.start, p.stop, down, up[row:row + n], key))
+            row += n
+    seen: dict[tuple[str, int], str] = {}
+    for f in adapter.factors:
+        other = seen.setdefault((f.linear, f.start), f.key)
+        if other != f.key:
+            raise ConfigError(f"{where}: keys {other!r} and {f.key!r} both adapt the same weight ({f.linear} rows "
+                              f"{f.start}:{f.stop})")
+    adapter.stats = dict(rank=adapter.rank, layers=len(adapter.linears), bytes=adapter.nbytes)
+    return adapter
+
+
+def _diffusers_pairs(tensors, metadata, where):
+    """(diffusers module, key, down, up, scale) of a diffusers / PEFT state dict."""
+    lora_alpha, alpha_pattern, rslora = _metadata_alphas(metadata)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        k = _strip(key)
+        for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_A.default.weight", "A"),
+                             (".lora_B.default.weight", "B"), (".alpha", "alpha")):
+            if k.endswith(suffix):
+                entry = modules.setdefault(k[: -len(suffix)], {})
+                entry[part] = t
+                if part == "A" or "key" not in entry:  # messages name the module's lora_A key
+                    entry["key"] = key
+                break
+        else:
+            raise ConfigError(f"{where}: key {key!r} is not a LoRA weight (expected <module>.lora_A.weight, "
+                              f".lora_B.weight or .alpha, or kohya's .lora_down/.lora_up)")
+    out = []
+    for module, parts in modules.items():
+        if "A" not in parts or "B" not in parts:
+            raise ConfigError(f"{where}: key {parts['key']!r}: module {module!r} lacks its "
+                              f"{'lora_B' if 'A' in parts else 'lora_A'} weight")
+        r = parts["A"].shape[0]
+        if "alpha" in parts:
+            alpha = float(parts["alpha"])
+        else:
+            alpha = _pattern_value(module, alpha_pattern)
+            alpha = lora_alpha if alpha is None else alpha
+        scale = 1.0 if alpha is None else alpha / (math.sqrt(r) if rslora else r)
+        out.append((module, parts["key"], parts["A"], parts["B"], scale))
+    return out
+
+
+def _kohya_pairs(tensors, model, targets, where):
+    """(module name: diffusers or alias, key, down, up, scale) of a kohya / sd-scripts state dict."""
+    names = {m.replace(".", "_"): m for m in (*targets, *_aliases(model))}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        base, _, part = key.partition(".")
+        if part not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            raise ConfigError(f"{where}: key {key!r} is not a kohya LoRA weight (.lora_down.weight, "
+                              f".lora_up.weight, .alpha)")
+        modules.setdefault(base, {"key": f"{base}.lora_down.weight"})[part] = t
+    out = []
+    for base, parts in modules.items():
+        stem = base
+        for prefix in _KOHYA_PREFIXES:
+            if stem.startswith(prefix):
+                stem = stem[len(prefix):]
+                break
+        if stem not in names:
+            raise ConfigError(f"{where}: key {parts['key']!r} names module {stem!r}, which this model does not have")
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise ConfigError(f"{where}: key {parts['key']!r}: module {stem!r} lacks its lora_down or lora_up weight")
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        if down.dim() == 4:  # kohya saves 1x1 convs for some Linear layers
+            down, up = down.flatten(1), up.flatten(1)
+        r = down.shape[0]
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(r)
+        out.append((names[stem], parts["key"], down, up, alpha / r))
+    return out
+
+
+def _pieces(module: str, targets: dict[str, Target], aliases: dict[str, tuple[str, ...]], key: str,
+            where: str) -> list[Target]:
+    """The Targets a module's output rows land on, in order (an alias: its diffusers modules' concatenation)."""
+    names = aliases.get(module, (module,))
+    missing = [n for n in names if n not in targets]
+    if missing:
+        raise ConfigError(f"{where}: key {key!r} names module {missing[0]!r}, which this model does not have "
+                          f"(or which is not a Linear layer)")
+    pieces = [targets[n] for n in names]
+    if len({p.linear for p in pieces}) > 1:
+        raise ConfigError(f"{where}: key {key!r}: module {module!r} spans several of this model's layers")
+    return pieces
+
+
+def load_adapter(spec: LoRASpec, model: nn.Module) -> LoRAAdapter:
+    """Read and map `spec`'s file onto `model` (fp32 factors on the CPU)."""
+    tensors, metadata = read_lora_file(spec.path)
+    return parse_adapter(tensors, metadata, model, spec.name, spec.path)
+
+
+# --------------------------------------------------------------------------------------------- fuse mode
+
+
+@torch.no_grad()
+def fuse_adapters(model: nn.Module, adapters: list[tuple[LoRAAdapter, float]]) -> None:
+    """W[rows] += weight * up @ down for every factor of every (adapter, weight), in fp32, cast once per piece.
+    Every adapter was checked when parsed, so this cannot fail half-way on a user error."""
+    modules = dict(model.named_modules())
+    deltas: dict[tuple[str, int, int], torch.Tensor] = {}
+    for adapter, weight in adapters:
+        for f in adapter.factors:
+            d = weight * (f.up.float() @ f.down.float())  # (rows, in) fp32
+            k = (f.linear, f.start, f.stop)
+            deltas[k] = deltas[k] + d if k in deltas else d
+    for (linear, start, stop), d in deltas.items():
+        w = modules[linear].weight
+        rows = w[start:stop]
+        rows.copy_(rows.float() + d.to(w.device))
+
+
+# ------------------------------------------------------------------------------------------- unfused mode
+
+
+class LoRASlot(nn.Module):
+    """The run-time side product of one Linear: `pieces` are its output row ranges (start, stop), sorted and
+    disjoint; `down` (P * R, in) stacks each piece's down projection, `up{p}` (stop - start, R) its up
+    projection (scale and adapter weight folded in). forward(x (..., in)) -> delta (..., out): zero on rows no
+    piece covers. Buffers are written in place only (`LoRAManager.activate`)."""
+
+    def __init__(self, in_features: int, out_features: int, pieces: list[tuple[int, int]], rank: int,
+                 device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.rank = out_features, rank
+        self.pieces = tuple(pieces)
+        self.register_buffer("down", torch.zeros(len(pieces) * rank, in_features, device=device, dtype=dtype))
+        for p, (start, stop) in enumerate(pieces):
+            self.register_buffer(f"up{p}", torch.zeros(stop - start, rank, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        R = self.rank
+        h = F.linear(x, self.down)  # (..., P * R)
+        parts, pos = [], 0
+        for p, (start, stop) in enumerate(self.pieces):
+            if start > pos:
+                parts.append(x.new_zeros(*x.shape[:-1], start - pos))
+            parts.append(F.linear(h[..., p * R:(p + 1) * R], getattr(self, f"up{p}")))  # (..., stop - start)
+            pos = stop
+        if pos < self.out_features:
+            parts.append(x.new_zeros(*x.shape[:-1], self.out_features - pos))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (..., out)
+
+
+def _slot_forward(layer: nn.Module, base_impl):
+    """The Linear's new bound path: its own output plus the slot's side product; for a Linear that carries an
+    activation (LinearGELU), the side product joins before the activation."""
+    slot = layer.lora_slot
+    if getattr(layer, "activation", None) == "gelu_tanh":
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            bias = layer.bias.to(x.dtype) if layer.bias is not None else None
+            return F.gelu(F.linear(x, layer.weight, bias) + slot(x), approximate="tanh")
+    elif getattr(layer, "activation", None) is None:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return base_impl(x) + slot(x)
+    else:
+        raise ConfigError(f"LoRA: a Linear with activation {layer.activation!r} cannot take an unfused adapter")
+    return forward
+
+
+class LoRAManager:
+    """The adapters of one DiT (`Engine.lora`): loaded adapters by name, the mode, and in unfused mode the
+    slots and which adapters are active. See the module docstring."""
+
+    def __init__(self, model: nn.Module, config: LoRAConfig, adapters: list[LoRAAdapter]):
+        self.model = model
+        self.config = config
+        self.mode = config.mode
+        self.adapters: dict[str, LoRAAdapter] = {a.name: a for a in adapters}
+        self.default: tuple[tuple[str, float], ...] = tuple((s.name, float(s.weight)) for s in config.adapters)
+        self.active: tuple[tuple[str, float], ...] = ()
+        self.slots: dict[str, LoRASlot] = {}
+        self.rank = 0
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    # ------------------------------------------------------------------------------------- building
+
+    @classmethod
+    def attach(cls, model: nn.Module, config: LoRAConfig, quantization: str | None = None) -> "LoRAManager":
+        """Load `config`'s adapters onto a loaded (not yet quantised or compiled) `model`: merge them (fuse) or
+        install slots and select them (unfused). Every file is read and checked before the model is touched."""
+        if config.mode == "unfused" and quantization is not None:
+            raise ConfigError(f"--lora-mode unfused with --quantization {quantization}: a quantised model takes "
+                              f"LoRA adapters merged before quantisation; use --lora-mode fuse")
+        adapters = [load_adapter(spec, model) for spec in config.adapters]
+        manager = cls(model, config, adapters)
+        if config.mode == "fuse":
+            fuse_adapters(model, [(a, s.weight) for a, s in zip(adapters, config.adapters)])
+            manager.active = manager.default
+            for a in adapters:  # merged: the factors are no longer needed
+                a.factors = []
+        else:
+            manager._install_slots()
+            for a in adapters:
+                a.to(manager.device, manager.dtype)
+            manager.activate(manager.default)
+        return manager
+
+    def _install_slots(self) -> None:
+        targets = model_targets(self.model)
+        if self.config.targets == "all":
+            linears = {t.linear for t in targets.values()}
+        else:
+            linears = set().union(*(a.linears for a in self.adapters.values()))
+        self.rank = self.config.max_rank or sum(a.rank for a in self.adapters.values())
+        modules = dict(self.model.named_modules())
+        pieces: dict[str, set[tuple[int, int]]] = {}
+        for t in targets.values():  # every row piece of a targeted Linear (others' adapters may touch them)
+            if t.linear in linears:
+                pieces.setdefault(t.linear, set()).add((t.start, t.stop))
+        for name, ranges in sorted(pieces.items()):
+            layer = modules[name]
+            layer.lora_slot = LoRASlot(layer.in_features, layer.out_features, sorted(ranges), self.rank,
+                                       self.device, self.dtype)
+            layer._impl = _slot_forward(layer, layer._impl)
+            self.slots[name] = layer.lora_slot
+
+    # ------------------------------------------------------------------------------------- adapters
+
+    def load(self, name: str, path: str) -> LoRAAdapter:
+        """Load an adapter under `name` (unfused mode) so requests can select it. ConfigError if the name is
+        taken, the file cannot apply, or it needs a slot the engine does not have."""
+        if self.mode != "unfused":
+            raise ConfigError("loading LoRA adapters after start needs --lora-mode unfused (fuse merges the start "
+                              "adapters into the weights)")
+        if name in self.adapters:
+            raise ConfigError(f"a LoRA adapter named {name!r} is already loaded")
+        adapter = load_adapter(LoRASpec(path, 1.0, name), self.model)
+        self._check_fits([(adapter, 1.0)])
+        self.adapters[name] = adapter.to(self.device, self.dtype)
+        return adapter
+
+    def unload(self, name: str) -> None:
+        """Forget adapter `name` (its selection falls back to nothing if it was active)."""
+        if name not in self.adapters:
+            raise ConfigError(f"no LoRA adapter named {name!r}; loaded: {', '.join(sorted(self.adapters)) or 'none'}")
+        del self.adapters[name]
+        if any(n == name for n, _ in self.active):
+            self.activate(())
+
+    def _check_fits(self, chosen: list[tuple[LoRAAdapter, float]]) -> None:
+        used: dict[tuple[str, int], int] = {}
+        for adapter, _ in chosen:
+            for f in adapter.factors:
+                slot = self.slots.get(f.linear)
+                if slot is None or (f.start, f.stop) not in slot.pieces:
+                    raise ConfigError(f"LoRA adapter {adapter.name!r}: key {f.key!r} adapts {f.linear}, which has no "
+                                      f"LoRA slot in this engine (start it with an adapter that touches it, or with "
+                                      f"LoRA targets 'all')")
+                k = (f.linear, f.start)
+                used[k] = used.get(k, 0) + f.rank
+                if used[k] > self.rank:
+                    raise ConfigError(f"LoRA adapter {adapter.name!r}: key {f.key!r} needs rank {used[k]} on "
+                                      f"{f.linear} (with the other adapters selected), the engine's slots hold "
+                                      f"{self.rank} (LoRAConfig.max_rank)")
+
+    # ------------------------------------------------------------------------------------- requests
+
+    def selection(self, extra: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+        """The (name, weight) pairs a request selects (`extra["lora"]`; absent: the start adapters), checked.
+        A hashable value: part of the batch key."""
+        if "lora" not in extra or extra["lora"] is None:
+            return self.default
+        items = extra["lora"]
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"lora must be a list of {{name, weight}} entries, got {type(items).__name__}")
+        out = []
+        for item in items:
+            if isinstance(item, dict):
+                name, weight = item.get("name"), item.get("weight", 1.0)
+            elif isinstance(item, (list, tuple)) and len(item) == 2:
+                name, weight = item
+            elif isinstance(item, str):
+                name, weight = item, 1.0
+            else:
+                raise ConfigError(f"lora: each entry is {{name, weight}}, got {item!r}")
+            if name not in self.adapters:
+                raise ConfigError(f"lora: no adapter named {name!r}; loaded: "
+                                  f"{', '.join(sorted(self.adapters)) or 'none'}")
+            try:
+                weight = float(weight)
+            except (TypeError, ValueError):
+                raise ConfigError(f"lora: the weight of {name!r} must be a number, got {weight!r}") from None
+            if not math.isfinite(weight):
+                raise ConfigError(f"lora: the weight of {name!r} must be finite, got {weight}")
+            out.append((name, weight))
+        if len({n for n, _ in out}) != len(out):
+            raise ConfigError("lora: an adapter is named twice in one request")
+        selection = tuple(out)
+        if self.mode == "fuse" and selection != self.default:
+            raise ConfigError(f"lora: the engine merged {list(self.default)} into its weights (--lora-mode fuse); "
+                              f"choosing adapters per request needs --lora-mode unfused")
+        if self.mode == "unfused":
+            self._check_fits([(self.adapters[n], w) for n, w in selection])
+        return selection
+
+    @torch.no_grad()
+    def activate(self, selection: tuple[tuple[str, float], ...]) -> None:
+        """Write the selected adapters into the slots, in place (no-op if they are already active)."""
+        selection = tuple(selection)
+        if selection == self.active or self.mode == "fuse":
+            return
+        chosen = [(self.adapters[n], w) for n, w in selection]
+        self._check_fits(chosen)
+        for slot in self.slots.values():
+            for buf in slot.buffers():
+                buf.zero_()
+        used: dict[tuple[str, int], int] = {}
+        for adapter, weight in chosen:
+            for f in adapter.factors:
+                slot = self.slots[f.linear]
+                p = slot.pieces.index((f.start, f.stop))
+                off = used.get((f.linear, p), 0)
+                r = f.rank
+                slot.down[p * slot.rank + off:p * slot.rank + off + r].copy_(f.down)
+                up = getattr(slot, f"up{p}")
+                up[:, off:off + r].copy_(f.up)
+                if weight != 1.0:
+                    up[:, off:off + r].mul_(weight)
+                used[(f.linear, p)] = off + r
+        self.active = selection
+
+    def info(self) -> list[dict[str, Any]]:
+        """One dict per loaded adapter (name, path, format, rank, layers touched, bytes as parsed, mode, active): for
+        listings."""
+        return [dict(name=a.name, path=a.path, format=a.format, **a.stats, mode=self.mode,
+                     active=any(n == a.name for n, _ in self.active))
+                for a in self.adapters.values()]
+
+
+def attach(model: nn.Module, config: "LoRAConfig | None", quantization: str | None = None) -> None:
+    """The loader's hook (between the weight stream and quantisation): set `model.lora` to a LoRAManager, or
+    leave it unset without LoRA settings."""
+    if config is not None and (config.adapters or config.mode == "unfused"):
+        model.lora = LoRAManager.attach(model, config, quantization)

@@ -1,0 +1,316 @@
+"""LoRA adapters (`ditserve.lora`) against diffusers' own LoRA loading, on the tiny FLUX.1 and Z-Image checkpoints.
+
+Adapters are made here with peft (`add_adapter` with random A and B, saved by diffusers' `save_lora_weights`,
+metadata included) and by hand in kohya's key style; diffusers applies them with `load_lora_weights` +
+`set_adapters`, ditserve through `EngineConfig.lora`. Images must agree (PSNR >= 40 dB) while the adapter changes
+the image a lot (PSNR < 30 dB against no adapter), so the comparison can fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from ditserve.config import ConfigError, EngineConfig, SamplingParams
+from ditserve.engine import Engine
+from ditserve.lora import LoRAConfig, LoRASpec
+from ditserve.testing import build_tiny_flux_pipeline
+
+CPU = EngineConfig(device="cpu", dtype="fp32")
+PROMPT = "a red circle on a blue background"
+REQ = dict(height=64, width=64, steps=2, guidance=3.5, seed=0)
+
+# Adapter "a": every kind of layer: fused q/k/v pieces of both block kinds, a GELU projection, the AdaLN
+# modulation, the single block's fused mlp piece and both output projections. "b": other pieces, rsLoRA scaling.
+TARGETS_A = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "proj_mlp", "proj_out", "ff.net.0.proj", "norm1.linear"]
+TARGETS_B = ["to_k", "add_v_proj", "ff_context.net.2", "norm.linear", "norm1_context.linear"]
+
+
+def psnr(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape
+    mse = ((a - b) ** 2).mean()
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def make_peft_adapter(pipe_cls, transformer, folder, name, targets, r, alpha, seed, gain=0.2, **extra):
+    """A random LoRA made with peft on `transformer`, saved with `pipe_cls.save_lora_weights` (metadata
+    included), then removed again. B is scaled by `gain` so the adapter changes the image without saturating."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **extra)
+    torch.manual_seed(seed)
+    transformer.add_adapter(config, adapter_name=name)
+    sd = {k: (v * gain if "lora_B" in k else v).detach().clone()
+          for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
+    transformer.delete_adapters(name)
+    pipe_cls.save_lora_weights(folder, transformer_lora_layers=sd, transformer_lora_adapter_metadata=config.to_dict())
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def make_kohya_adapter(file, D, seed):
+    """A kohya / sd-scripts FLUX.1 file by hand: original (BFL) module names, down/up/alpha; the image stream's
+    fused qkv is one pair over all three projections."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    r = 4
+    shapes = {"double_blocks_0_img_attn_qkv": (D, 3 * D), "double_blocks_1_txt_mlp_0": (D, 4 * D),
+              "double_blocks_0_img_mod_lin": (D, 6 * D), "single_blocks_0_linear2": (5 * D, D),
+              "single_blocks_1_modulation_lin": (D, 3 * D)}
+    sd = {}
+    for name, (n_in, n_out) in shapes.items():
+        sd[f"lora_unet_{name}.lora_down.weight"] = torch.randn(r, n_in, generator=g) * 0.3
+        sd[f"lora_unet_{name}.lora_up.weight"] = torch.randn(n_out, r, generator=g) * 0.1
+        sd[f"lora_unet_{name}.alpha"] = torch.tensor(2.0)
+    save_file(sd, str(file))
+    return file
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """(checkpoint path, adapter files, diffusers' pipeline with adapters a, b and k loaded)."""
+    import diffusers
+
+    root = tmp_path_factory.mktemp("lora")
+    path = build_tiny_flux_pipeline(root / "tiny", guidance_embeds=True, seed=1, sample_size=128)
+    ref = diffusers.FluxPipeline.from_pretrained(path)
+    ref.set_progress_bar_config(disable=True)
+    files = {
+        "a": make_peft_adapter(diffusers.FluxPipeline, ref.transformer, root / "a", "a", TARGETS_A, 4, 8, seed=0),
+        "b": make_peft_adapter(diffusers.FluxPipeline, ref.transformer, root / "b", "b", TARGETS_B, 2, 4, seed=1,
+                               use_rslora=True),
+        "k": make_kohya_adapter(root / "k.safetensors", ref.transformer.config.num_attention_heads
+                                * ref.transformer.config.attention_head_dim, seed=2),
+    }
+    for name, file in files.items():
+        ref.load_lora_weights(str(file), adapter_name=name)
+    return path, files, ref
+
+
+def reference(ref, adapters: dict[str, float]):
+    """diffusers' image (uint8, (1, H, W, 3)) with `adapters` active at their weights (none: LoRA disabled)."""
+    if adapters:
+        ref.enable_lora()
+        ref.set_adapters(list(adapters), list(adapters.values()))
+    else:
+        ref.disable_lora()
+    out = ref(PROMPT, height=REQ["height"], width=REQ["width"], num_inference_steps=REQ["steps"],
+              guidance_scale=REQ["guidance"], generator=torch.Generator("cpu").manual_seed(REQ["seed"]),
+              output_type="np").images
+    return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def engine(path, files, adapters: dict[str, float], mode="fuse", **kw) -> Engine:
+    specs = tuple(LoRASpec(str(files[n]), w, name=n) for n, w in adapters.items())
+    return Engine.load(str(path), dataclasses.replace(CPU, lora=LoRAConfig(specs, mode=mode, **kw)))
+
+
+def image(eng: Engine, **extra) -> np.ndarray:
+    return eng.generate(SamplingParams(prompt=PROMPT, **REQ, extra=extra)).frames
+
+
+@pytest.fixture(scope="module")
+def unfused(flux):
+    """One unfused engine holding a (1.0) and b (0.6) at start, k loaded later (it touches layers a and b do
+    not: targets "all"); requests pick among a, b and k. Slot rank: 4 + 2, a's and b's ranks."""
+    path, files, _ = flux
+    eng = engine(path, files, {"a": 1.0, "b": 0.6}, mode="unfused", targets="all")  # slots on every Linear
+    eng.lora.load("k", str(files["k"]))
+    return eng
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.6])
+def test_one_adapter_fused_matches_diffusers(flux, weight):
+    path, files, ref = flux
+    ours = image(engine(path, files, {"a": weight}))
+    expected = reference(ref, {"a": weight})
+    assert psnr(ours, expected) >= 40
+    assert psnr(expected, reference(ref, {})) < 30  # the adapter changes the image: the check can fail
+
+
+def test_stacked_adapters_unfused_match_diffusers_and_fused(flux, unfused):
+    path, files, ref = flux
+    expected = reference(ref, {"a": 1.0, "b": 0.6})
+    ours = image(unfused)  # the start adapters: a at 1.0, b at 0.6
+    assert psnr(ours, expected) >= 40
+    assert psnr(expected, reference(ref, {"a": 1.0})) < 35  # b matters
+    fused = image(engine(path, files, {"a": 1.0, "b": 0.6}))
+    assert psnr(fused, ours) >= 60  # the same math, merged or as side products
+
+
+def test_per_request_adapters_in_one_unfused_engine(flux, unfused):
+    _, _, ref = flux
+    assert psnr(image(unfused, lora=[("a", 0.6)]), reference(ref, {"a": 0.6})) >= 40
+    assert psnr(image(unfused, lora=[{"name": "k", "weight": 1.0}]), reference(ref, {"k": 1.0})) >= 40
+    assert psnr(image(unfused, lora=[]), reference(ref, {})) >= 40  # none: zero slots
+    # A mixed list is split by adapters (never batched together) and each gets its own image.
+    reqs = [SamplingParams(prompt=PROMPT, **REQ, extra={"lora": sel}) for sel in ([("a", 0.6)], [], [("a", 0.6)])]
+    keys = [unfused.batch_key(unfused.resolve(r)) for r in reqs]
+    assert keys[0] == keys[2] != keys[1]
+    outs = unfused.generate(reqs)
+    assert psnr(outs[0].frames, reference(ref, {"a": 0.6})) >= 40
+    assert psnr(outs[1].frames, reference(ref, {})) >= 40
+
+
+def test_kohya_file_matches_diffusers(flux):
+    path, files, ref = flux
+    assert psnr(image(engine(path, files, {"k": 0.8})), reference(ref, {"k": 0.8})) >= 40
+
+
+def test_kohya_fused_qkv_and_linear1_land_on_the_fused_rows(flux, tmp_path):
+    """A kohya pair over a fused projection (the single block's linear1: q, k, v and the MLP input) adds
+    up @ down * alpha / r to exactly that Linear's weight."""
+    from safetensors.torch import save_file
+
+    path, _, _ = flux
+    base = Engine.load(str(path), CPU).pipeline.transformer
+    D = base.config.inner_dim
+    down, up = torch.randn(3, D), torch.randn(7 * D, 3)
+    save_file({"lora_unet_single_blocks_1_linear1.lora_down.weight": down,
+               "lora_unet_single_blocks_1_linear1.lora_up.weight": up,
+               "lora_unet_single_blocks_1_linear1.alpha": torch.tensor(6.0)}, str(tmp_path / "l1.safetensors"))
+    tuned = engine(path, {"l1": tmp_path / "l1.safetensors"}, {"l1": 0.5}).pipeline.transformer
+    delta = tuned.single_blocks[1].qkv_mlp.weight - base.single_blocks[1].qkv_mlp.weight
+    torch.testing.assert_close(delta, 0.5 * 2.0 * up @ down, rtol=1e-5, atol=1e-5)
+    untouched = [n for n, p in tuned.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert untouched == ["single_blocks.1.qkv_mlp.weight"]
+
+
+def test_switching_adapters_recompiles_nothing(flux):
+    """Compiled (backend eager, regional), unfused: changing the adapter or its weight between forwards changes
+    the output and compiles no new graph."""
+    from ditserve.compile import CompileConfig, compile_model
+    from ditserve.models.flux import flux_example_inputs
+
+    path, files, _ = flux
+    eng = engine(path, files, {"a": 1.0, "b": 0.6}, mode="unfused")
+    model = eng.pipeline.transformer
+    torch._dynamo.reset()
+    compile_model(model, CompileConfig(backend="eager"))
+    x = flux_example_inputs(model.config, 64, 64, text_len=8)
+    stats = torch._dynamo.utils.counters["stats"]
+    outs = []
+    with torch.inference_mode():
+        outs.append(model(**x))
+        graphs = stats["unique_graphs"]
+        assert graphs > 0
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for sel in ((("a", 0.3),), (("b", 1.0), ("a", 1.0)), ()):
+                eng.lora.activate(sel)
+                outs.append(model(**x))
+    assert stats["unique_graphs"] == graphs
+    assert all((outs[i] - outs[i + 1]).abs().max() > 1e-3 for i in range(len(outs) - 1))
+
+
+def _bad_file(tmp_path, flux, mutate):
+    from safetensors.torch import load_file, save_file
+
+    _, files, _ = flux
+    sd = load_file(str(files["a"]))
+    mutate(sd)
+    file = tmp_path / "bad.safetensors"
+    save_file(sd, str(file))
+    return file
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda sd: sd.update({"transformer.transformer_blocks.0.attn.to_nope.lora_A.weight": torch.zeros(4, 32),
+                           "transformer.transformer_blocks.0.attn.to_nope.lora_B.weight": torch.zeros(32, 4)}),
+     "to_nope.*does not have"),
+    (lambda sd: sd.update({"transformer.transformer_blocks.1.attn.to_q.lora_B.weight": torch.zeros(48, 4)}),
+     r"transformer_blocks\.1\.attn\.to_q.*do not fit"),
+    (lambda sd: sd.update({"text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(4, 32)}),
+     "text-encoder"),
+    (lambda sd: sd.update({"transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": torch.zeros(32)}),
+     "DoRA"),
+])
+def test_bad_adapters_are_refused_and_nothing_is_applied(flux, tmp_path, mutate, match):
+    path, _, _ = flux
+    bad = _bad_file(tmp_path, flux, mutate)
+    with pytest.raises(ConfigError, match=match):
+        engine(path, {"bad": bad}, {"bad": 1.0})
+    # The manager refuses it too and keeps working with what it had.
+    eng = engine(path, {"bad": bad}, {}, mode="unfused", max_rank=8, targets="all")
+    with pytest.raises(ConfigError, match=match):
+        eng.lora.load("bad", str(bad))
+    assert "bad" not in eng.lora.adapters and not any(b.any() for s in eng.lora.slots.values() for b in s.buffers())
+
+
+def test_pickle_and_missing_files_are_refused(flux, tmp_path):
+    path, _, _ = flux
+    pt = tmp_path / "adapter.pt"
+    pt.write_bytes(b"not opened")
+    with pytest.raises(ConfigError, match="pickle"):
+        engine(path, {"p": pt}, {"p": 1.0})
+    with pytest.raises(ConfigError, match="no such file"):
+        engine(path, {"m": tmp_path / "missing.safetensors"}, {"m": 1.0})
+
+
+def test_requests_and_settings_are_checked(flux, unfused):
+    path, files, _ = flux
+    with pytest.raises(ConfigError, match="no adapter named 'zz'"):
+        unfused.resolve(SamplingParams(prompt=PROMPT, extra={"lora": [("zz", 1.0)]}))
+    with pytest.raises(ConfigError, match="needs rank"):  # a + b + k stacked exceed the slots' rank (4 + 2)
+        unfused.resolve(SamplingParams(prompt=PROMPT, extra={"lora": [("a", 1), ("b", 1), ("k", 1)]}))
+    fused = engine(path, files, {"a": 1.0})
+    with pytest.raises(ConfigError, match="--lora-mode unfused"):
+        fused.resolve(SamplingParams(prompt=PROMPT, extra={"lora": [("a", 0.5)]}))
+    plain = Engine.load(str(path), CPU)
+    with pytest.raises(ConfigError, match="without LoRA"):
+        plain.resolve(SamplingParams(prompt=PROMPT, extra={"lora": [("a", 1.0)]}))
+    with pytest.raises(ConfigError, match="--lora-mode"):
+        LoRAConfig(mode="merged")
+    with pytest.raises(ConfigError, match="quantis"):
+        EngineConfig(quantization="fp8", lora=LoRAConfig((LoRASpec("x.safetensors"),), mode="unfused"))
+    assert LoRASpec.parse("dir/a.safetensors:0.6") == LoRASpec("dir/a.safetensors", 0.6, "a")
+    assert LoRASpec.parse("C:/x/b.safetensors").weight == 1.0
+
+
+def test_cli_flags_build_the_lora_config(flux):
+    import argparse
+
+    from ditserve.engine_args import add_engine_flags, engine_from_args
+
+    _, files, _ = flux
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser)
+    args = parser.parse_args(["--lora", f"{files['a']}:0.6", "--lora", str(files["k"]), "--lora-mode", "unfused"])
+    lora = engine_from_args(args).lora
+    assert lora.mode == "unfused"
+    assert [(s.path, s.weight) for s in lora.adapters] == [(str(files["a"]), 0.6), (str(files["k"]), 1.0)]
+    assert engine_from_args(parser.parse_args([])).lora is None
+
+
+def test_z_image_adapter_matches_diffusers(tmp_path):
+    import diffusers
+
+    from ditserve.testing import build_tiny_z_image_pipeline
+
+    path = build_tiny_z_image_pipeline(tmp_path / "z", seed=0)
+    ref = diffusers.ZImagePipeline.from_pretrained(path, dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    file = make_peft_adapter(diffusers.ZImagePipeline, ref.transformer, tmp_path / "za", "za",
+                             r".*(to_q|to_v|to_out\.0|w1|w2|w3|(layers|noise_refiner)\.\d+\.adaLN_modulation\.0)",
+                             4, 4, seed=3)
+    common = dict(height=64, width=64, num_inference_steps=2, guidance_scale=0.0, output_type="np")
+
+    def ref_image():
+        out = ref("a photo of a cat", generator=torch.Generator("cpu").manual_seed(0), **common).images
+        return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
+
+    plain = ref_image()
+    ref.load_lora_weights(str(file), adapter_name="za")
+    ref.set_adapters(["za"], [0.8])
+    expected = ref_image()
+    assert psnr(plain, expected) < 30
+    for mode in ("fuse", "unfused"):
+        eng = Engine.load(str(path), dataclasses.replace(
+            CPU, lora=LoRAConfig((LoRASpec(str(file), 0.8),), mode=mode)))
+        ours = eng.generate(SamplingParams(prompt="a photo of a cat", height=64, width=64, steps=2, guidance=0.0,
+                                           seed=0)).frames
+        assert psnr(ours, expected) >= 40, mode
