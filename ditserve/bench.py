@@ -39,6 +39,13 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first request; request i uses seed + i")
 
 
+def _dtype_name(dtype) -> str:
+    """torch.bfloat16 -> "bf16" (the --dtype names), else torch's own name."""
+    from ditserve.config import DTYPES
+
+    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype).removeprefix("torch."))
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -84,7 +91,9 @@ def run_bench(model: str | None, engine: EngineConfig, params: SamplingParams, r
         "bench": "ditserve-bench", "model": name, "device": str(pipe.device),
         "gpu": torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else None,
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "engine": asdict(engine),
+        # The engine's settings, with the device and dtype it resolved to (None in the flags means "the default").
+        "engine": {**asdict(engine), "device": str(pipe.device), "dtype": _dtype_name(pipe.pipeline.dtype)},
+        "dtype": _dtype_name(pipe.pipeline.dtype),
         "height": resolved.height, "width": resolved.width, "steps": resolved.steps,
         "guidance": resolved.guidance, "negative_prompt": resolved.negative_prompt,
         "family": pipe.capabilities.family, "images_per_request": n_images,
@@ -114,10 +123,19 @@ def format_table(rec: dict[str, Any]) -> str:
     ])
 
 
+def bench_params(args: argparse.Namespace) -> SamplingParams:
+    """The request every run makes (not validated); `--runs` / `--warmup` checked."""
+    if args.runs < 1:
+        raise ConfigError(f"--runs must be >= 1, got {args.runs}")
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    return SamplingParams(prompt=args.prompt, height=args.height, width=args.width, steps=args.steps,
+                          guidance=args.guidance, seed=args.seed, num_images=args.num_images,
+                          negative_prompt=args.negative_prompt)
+
+
 def bench_main(args: argparse.Namespace, engine: EngineConfig) -> int:
-    params = SamplingParams(prompt=args.prompt, height=args.height, width=args.width, steps=args.steps,
-                            guidance=args.guidance, seed=args.seed, num_images=args.num_images,
-                            negative_prompt=args.negative_prompt)
+    params = bench_params(args)
     rec = run_bench(args.model, engine, params, args.runs, args.warmup,
                     log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_table(rec), file=sys.stderr)

@@ -8,22 +8,33 @@
 Flags parse into the same settings classes the server uses (`EngineConfig`, `SamplingParams`), which do the
 validation. A user mistake (bad flag, bad size, bad model path) prints one `ditserve: error: ...` line on
 stderr and exits with status 2; no traceback. Logging and compiler settings are set up here, never on import.
+
+Parsing imports no torch (`ditserve --help` and an argument error answer at once): torch, diffusers and the
+engine are imported by the subcommand that runs. Ctrl-C stops generate / bench / compile-report at once, with
+one line and exit status 130 (`ditserve.interrupt`); outputs appear only once complete (`ditserve.media`).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from ditserve.config import ConfigError, SamplingParams
+from ditserve.config import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, ConfigError, SamplingParams
 from ditserve.engine_args import add_engine_flags, check_engine, engine_from_args
 
-# Output suffix -> PIL format name.
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 EXIT_USAGE = 2
+MAX_IMAGES = 16  # SamplingParams' num_images cap
+# Request fields whose messages ("num_images must be ...") the CLI words as its flags ("--num-images must ...").
+FIELD_FLAGS = {"height": "--height", "width": "--width", "steps": "--steps", "guidance": "--guidance",
+               "seed": "--seed", "num_images": "--num-images", "max_sequence_length": "--max-sequence-length",
+               "guidance_2": "--guidance-2", "num_frames": "--num-frames", "fps": "--fps",
+               "negative_prompt": "--negative-prompt", "prompt": "--prompt", "images": "--image"}
+BATCH_COMMANDS = ("generate", "bench", "compile-report")  # Ctrl-C ends these at once (not serve: it drains)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,6 +42,34 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _check_flag_names(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """An unknown `--flag` is reported first, with the closest real flag ("--promt": did you mean --prompt?),
+    instead of argparse's complaint about the required flag it then misses."""
+    sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = next((a for a in argv if not a.startswith("-")), None)
+    sub = sub_action.choices.get(command)
+    if sub is None:
+        return
+    flags = [s for a in sub._actions for s in a.option_strings if s.startswith("--")]
+    for token in argv[argv.index(command) + 1:]:
+        if token == "--":
+            break
+        name = token.split("=", 1)[0]
+        if not name.startswith("--") or any(f.startswith(name) for f in flags):
+            continue
+        close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+        sub.error(f"unrecognized argument {name}" + (f"; did you mean {close[0]}?" if close else ""))
+
+
+def _cli_wording(message: str) -> str:
+    """A request field at the start of a message, named as its flag: "num_images must be ..." -> "--num-images
+    must be ..."."""
+    m = re.match(r"(\w+) (must|is not supported)", message)
+    if m and m[1] in FIELD_FLAGS and m[2] == "must":
+        return FIELD_FLAGS[m[1]] + message[len(m[1]):]
+    return message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,19 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None,
                    help="what classifier-free guidance steers away from (families with classifier-free "
                         "guidance; default: the empty prompt)")
-    g.add_argument("--height", type=int, default=None, help="image height, a multiple of 16 (default: model's)")
-    g.add_argument("--width", type=int, default=None, help="image width, a multiple of 16 (default: model's)")
+    g.add_argument("--height", type=int, default=None,
+                   help=f"image height, a multiple of {SIZE_MULTIPLE} in {MIN_SIZE}-{MAX_SIZE} (default: model's)")
+    g.add_argument("--width", type=int, default=None,
+                   help=f"image width, a multiple of {SIZE_MULTIPLE} in {MIN_SIZE}-{MAX_SIZE} (default: model's)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: model's)")
     g.add_argument("--guidance", type=float, default=None,
                    help="the family's own guidance scale (default: model's): a distilled guidance embedding's "
                         "or the classifier-free scale, as the family defines it (see the README's model table)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
-    g.add_argument("--num-images", type=int, default=1, help="images to generate (numbered outputs if > 1)")
+    g.add_argument("--guidance-2", type=float, default=None,
+                   help="two-expert models: the low-noise expert's guidance scale (default: model's)")
+    g.add_argument("--num-images", type=int, default=1,
+                   help=f"outputs to generate, 1-{MAX_IMAGES}, denoised as one batch (numbered files if > 1)")
+    g.add_argument("--num-frames", type=int, default=None, help="video models: frames to generate (default: model's)")
+    g.add_argument("--fps", type=float, default=None, help="video models: frames per second, 1-120 (default: model's)")
+    g.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an input image (models that take images: editing, image-to-video); repeat for several")
     g.add_argument("--max-sequence-length", type=int, default=None,
                    help="prompt tokens of the text encoder (default: model's, capped by the tokenizer's "
                         "model_max_length)")
     g.add_argument("--output", default="out.png",
-                   help="output file: .png, .jpg/.jpeg or .webp; several images are saved as NAME-0.png, ...")
+                   help="images: .png, .jpg/.jpeg, .webp or .gif; videos: .mp4 (H.264), animated .webp or .gif; "
+                        "or a folder (DIR/): numbered PNG files; several outputs are saved as NAME-0.png, ... "
+                        "(default: out.png)")
     add_engine_flags(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer (regionally)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -107,42 +157,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_args(b)
     b.set_defaults(func=_bench)
 
-    from ditserve.compile_report import add_compile_report_args, compile_report_main
+    from ditserve.compile_report import add_compile_report_args
 
     r = sub.add_parser("compile-report", help="compile the DiT, report graph breaks and recompiles as JSON",
                        description="Compile the model's transformer as the engine does, run it at two sizes, "
                                    "and print graph count, graph breaks, recompiles and compile time; the last "
                                    "stdout line is JSON.")
     add_compile_report_args(r)
-    r.set_defaults(func=compile_report_main)
+    r.set_defaults(func=_compile_report)
     return parser
 
 
 # ------------------------------------------------------------------------------------------------- generate
 
 
-def output_paths(output: str, n: int) -> list[Path]:
-    """The files `n` images go to: `output` itself for one image, NAME-0.ext, NAME-1.ext, ... for more.
-    Raises ConfigError for a suffix we cannot encode."""
-    path = Path(output)
-    if path.suffix.lower() not in IMAGE_FORMATS:
-        raise ConfigError(f"--output {output!r}: unsupported image format {path.suffix or '(no suffix)'!r}; "
-                          f"use one of {', '.join(IMAGE_FORMATS)}")
-    if IMAGE_FORMATS[path.suffix.lower()] == "WEBP":
-        from PIL import features
+def open_images(paths: list[str]) -> list[Any]:
+    """`--image` files as RGB PIL images; a missing or unreadable file is a ConfigError naming it."""
+    from PIL import Image, UnidentifiedImageError
 
-        if not features.check("webp"):
-            raise ConfigError(f"--output {output!r}: this Pillow was built without WebP support; use .png or .jpg")
-    if n == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                images.append(img.convert("RGB"))
+        except FileNotFoundError:
+            raise ConfigError(f"--image {path!r}: no such file") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise ConfigError(f"--image {path!r}: not an image Pillow can read ({e})") from None
+    return images
 
 
-def save_image(image, path: Path) -> None:
-    fmt = IMAGE_FORMATS[path.suffix.lower()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
-    image.save(path, format=fmt, **options)
+def _setup_logging(args: argparse.Namespace) -> None:
+    """ditserve's log level (INFO with --verbose), once the request's own checks passed (logging imports torch)."""
+    from ditserve.logging import setup_logging
+
+    setup_logging("INFO" if getattr(args, "verbose", False) else "WARNING")
 
 
 def _quiet_libraries() -> None:
@@ -168,12 +217,17 @@ def _format_summary(result, n_steps: int) -> str:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from ditserve import media
+
     params = SamplingParams(prompt=args.prompt, height=args.height, width=args.width, steps=args.steps,
                             guidance=args.guidance, seed=args.seed, num_images=args.num_images,
-                            max_sequence_length=args.max_sequence_length, negative_prompt=args.negative_prompt)
+                            max_sequence_length=args.max_sequence_length, negative_prompt=args.negative_prompt,
+                            guidance_2=args.guidance_2, num_frames=args.num_frames, fps=args.fps,
+                            images=open_images(args.image))
     params.validate()  # size, steps, seed, ... before the model load; model limits are checked after it
-    paths = output_paths(args.output, args.num_images)
+    targets = media.output_targets(args.output, args.num_images)
     engine = engine_from_args(args)
+    _setup_logging(args)
     check_engine(engine)
 
     from ditserve.engine import Engine
@@ -183,10 +237,16 @@ def _generate(args: argparse.Namespace) -> int:
     model = Engine.load(args.model, engine)
     load_s = time.perf_counter() - t0
     name = model.name
+    media.check_kind(targets, model.capabilities.output, args.output)
+    params = model.resolve(params)
+    if not args.quiet:
+        from ditserve.preflight import preflight_warnings
+
+        for line in preflight_warnings(model, params):
+            print(f"ditserve: warning: {line}", file=sys.stderr, flush=True)
 
     result = model.generate(params, progress=not (args.quiet or args.no_progress))
-    for image, path in zip(result.images, paths):
-        save_image(image, path)
+    for path in media.write_outputs(result, targets):
         print(path)
     if not args.quiet:
         quant = (f" | quantization {engine.quantization}" + (" + fp8 attention" if engine.fp8_attention else "")
@@ -213,6 +273,7 @@ def _read_api_key(args: argparse.Namespace) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    _setup_logging(args)
     from ditserve.server import ServerConfig, run_server
     from ditserve.server.app import parse_size
 
@@ -243,31 +304,46 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ditserve.bench import bench_main
+    from ditserve.bench import bench_main, bench_params
 
+    bench_params(args).validate()
     engine = engine_from_args(args)
+    _setup_logging(args)
     check_engine(engine)
     _quiet_libraries()
     return bench_main(args, engine)
+
+
+def _compile_report(args: argparse.Namespace) -> int:
+    from ditserve.compile_report import compile_report_main
+
+    _setup_logging(args)
+    return compile_report_main(args)
 
 
 # ------------------------------------------------------------------------------------------------------ main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `ditserve` and `python -m ditserve`. Returns the exit status."""
+    """Entry point of `ditserve` and `python -m ditserve` (argv None: the process's own arguments; then Ctrl-C
+    ends generate / bench / compile-report at once, see `ditserve.interrupt`). Returns the exit status."""
+    from ditserve import threads
+
+    threads.start_sampling()  # the CPU-thread choice measures free cores from here to the engine's build
     parser = build_parser()
+    arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        _check_flag_names(parser, arguments)
+        args = parser.parse_args(arguments)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2), message already printed
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if argv is None and args.command in BATCH_COMMANDS:
+        from ditserve import interrupt
 
-    from ditserve.logging import setup_logging
-
-    setup_logging("INFO" if getattr(args, "verbose", False) else "WARNING")
+        interrupt.install(args.command)
     try:
         return args.func(args)
     except ConfigError as e:
-        message = " ".join(str(e).split())  # one line, whatever the message
+        message = _cli_wording(" ".join(str(e).split()))  # one line, whatever the message
         print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return EXIT_USAGE

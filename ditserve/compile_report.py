@@ -18,14 +18,20 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, replace
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import torch
-from torch import nn
-
-from ditserve.compile import BACKENDS, MODES, CompileConfig, compile_model, compiled_modules
 from ditserve.config import MIN_SIZE, SIZE_MULTIPLE, check_image_size
 from ditserve.errors import ConfigError
+
+if TYPE_CHECKING:  # torch and the compile policy are imported where they are used: the CLI parses without them
+    import torch
+    from torch import nn
+
+    from ditserve.compile import CompileConfig
+
+# `ditserve.compile.BACKENDS` / `MODES` (a test holds them equal), named here so that parsing imports no torch.
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 # dynamo logs every graph break, with its location, to this artifact logger when it is enabled at DEBUG.
@@ -91,6 +97,8 @@ def _record_compiles() -> Iterator[list[str]]:
     inside one, such as inductor's own traced helpers, nor for CUDA graph recordings, which are filtered
     out): one entry per frame = one graph for a frame without a break.
     """
+    import torch
+
     ids: list[str] = []
 
     def on_start(args) -> None:
@@ -105,6 +113,8 @@ def _record_compiles() -> Iterator[list[str]]:
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type != "cpu":
         torch.accelerator.synchronize(device)
 
@@ -138,6 +148,10 @@ def compile_report(model: nn.Module, make_inputs: Callable[[int, int], dict], si
           compile: `cfg` (the engine's settings; the report itself traces with fullgraph=False).
     Counts come from dynamo's process-wide counters: compile nothing else in the process meanwhile.
     """
+    import torch
+
+    from ditserve.compile import CompileConfig, compile_model, compiled_modules
+
     cfg = cfg if cfg is not None else CompileConfig()
     if len(sizes) != 2:
         raise ConfigError(f"compile_report needs two sizes, got {len(sizes)}")
@@ -199,7 +213,8 @@ def add_compile_report_args(parser: argparse.ArgumentParser) -> None:
     the sizes and compiler settings of the report."""
     from ditserve.engine_args import add_engine_flags
 
-    add_engine_flags(parser, dynamic_shapes="on")  # the report's recompile check is about dynamic shapes
+    # The report's recompile check is about dynamic shapes; it runs the transformer alone (no VAE, CFG, CUDA graphs).
+    add_engine_flags(parser, dynamic_shapes="on", pipeline=False)
     parser.add_argument("--height", type=int, default=None,
                         help="first image height, a multiple of 16 (default: the model's default size)")
     parser.add_argument("--width", type=int, default=None, help="first image width (default: the model's)")
@@ -210,10 +225,10 @@ def add_compile_report_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-len", type=int, default=None,
                         help="text tokens (default: the model's max_sequence_length, e.g. 512 for FLUX.1-dev-like "
                              "models, 256 for schnell-like ones, capped by the tokenizer's model_max_length)")
-    parser.add_argument("--backend", choices=list(BACKENDS), default="inductor",
+    parser.add_argument("--backend", choices=list(COMPILE_BACKENDS), default="inductor",
                         help="compiler backend: inductor (the engine's), or aot_eager / eager for a quick "
                              "graph-break and recompile check without code generation")
-    parser.add_argument("--mode", choices=list(MODES), default=None, help="inductor mode (default: default)")
+    parser.add_argument("--mode", choices=list(COMPILE_MODES), default=None, help="inductor mode (default: default)")
     parser.add_argument("--static", action="store_true",
                         help="compile with static shapes (dynamic=False): every resolution recompiles "
                              "(overrides --dynamic-shapes)")
@@ -277,11 +292,10 @@ def _progress(msg: str) -> None:
 def compile_report_main(args: argparse.Namespace) -> int:
     """`ditserve compile-report`: load the DiT only, report, print one JSON line last on stdout.
     User mistakes raise ConfigError."""
+    from ditserve.compile import CompileConfig
     from ditserve.engine_args import check_engine, engine_from_args
     from ditserve.loader import load_transformer
 
-    if args.cache_backend != "ditserve":
-        raise ConfigError("compile-report mounts ditserve's own cache only; drop --cache-backend")
     # The cache is mounted below, on the bare transformer, so the engine itself carries none.
     engine = engine_from_args(args, compile=True, cache=None, cache_backend="ditserve")
     check_engine(engine)
@@ -328,7 +342,7 @@ def compile_report_main(args: argparse.Namespace) -> int:
     if cache is not None:  # each size: warmup steps, then cached steps (the inputs repeat, so they are cached)
         steady_iters = max(steady_iters, cache_settings.warmup + 2)
     report = compile_report(model, make_inputs, [(height, width), (h2, w2)], cfg,
-                            name=args.model or "default", steady_iters=steady_iters)
+                            name=args.model or "default-model", steady_iters=steady_iters)
     report["text_len"] = text_len
     if cache is not None:
         report["cache"] = {"settings": cache_settings.spec(), **cache.stats().as_dict()}

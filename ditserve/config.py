@@ -12,9 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ditserve.cache.policy import parse_cache
 from ditserve.errors import ConfigError
@@ -22,7 +20,25 @@ from ditserve.lora import LoRAConfig
 
 __all__ = ["ConfigError", "EngineConfig", "ModelSpec", "SamplingParams"]
 
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+if TYPE_CHECKING:
+    import torch
+
+# Compute dtype names; `DTYPES` (name -> torch.dtype) is built on first use, so that importing this module (the
+# CLI's argument parsing) does not import torch.
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+
+
+def _dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DTYPES":
+        return _dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 QUANTIZATIONS = ("fp8",)  # weight quantisation tiers (lossy, off by default); None means off
 VAE_TILING = ("auto", "on", "off")  # tiled VAE decode: above 1024x1024 pixels, always, never
@@ -140,8 +156,8 @@ class EngineConfig:
         parse_cache(self.cache)  # raises ConfigError for unknown names, knobs or values
         if self.cache_backend not in ("ditserve", "cache-dit"):
             raise ConfigError(f"unknown cache backend {self.cache_backend!r}; valid: ditserve, cache-dit")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPE_NAMES)}")
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError(f"unknown load format {self.load_format!r}; valid: {', '.join(LOAD_FORMATS)}")
         if self.dynamic_shapes not in DYNAMIC_SHAPES:
@@ -180,14 +196,18 @@ class EngineConfig:
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device is not None:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         if self.dtype is not None:
-            return DTYPES[self.dtype]
+            return _dtypes()[self.dtype]
         return torch.bfloat16 if self.torch_device.type != "cpu" else torch.float32
 
 

@@ -7,28 +7,38 @@ from __future__ import annotations
 import argparse
 
 from ditserve.config import (
-    CFG_MODES, CUDA_GRAPHS, DTYPES, DYNAMIC_SHAPES, FP8_FAST_ACCUM, LOAD_FORMATS, QUANTIZATIONS, VAE_STREAMING,
+    CFG_MODES, CUDA_GRAPHS, DTYPE_NAMES, DYNAMIC_SHAPES, FP8_FAST_ACCUM, LOAD_FORMATS, QUANTIZATIONS, VAE_STREAMING,
     VAE_TILING, ConfigError, EngineConfig,
 )
 
+# The names of `ditserve.ops.attention.BACKENDS` (a test holds them equal), here so that parsing the flags does
+# not import torch: `ditserve --help` and an argument error stay fast.
+ATTENTION_BACKENDS = ("sdpa", "flash-attn", "fa4", "sage")
+# Flags that only matter once a whole pipeline runs (VAE decode, CFG, CUDA graphs of the denoise loop, the cache
+# backend): a subcommand that runs the transformer alone (compile-report) leaves them out.
+PIPELINE_FLAGS = ("--vae-tiling", "--compile-vae", "--cuda-graphs", "--vae-streaming", "--cfg-mode",
+                  "--cache-backend")
 
-def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto") -> None:
+
+def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto", pipeline: bool = True) -> None:
     """--model, --dtype, --device, --load-format, --kernels, --attention, --cache, --cache-backend,
     --quantization, --vae-tiling, --compile-vae, --no-compile-prewarm, --dynamic-shapes (default
-    `dynamic_shapes`: a server's requests vary in size, a generate run's do not)."""
+    `dynamic_shapes`: a server's requests vary in size, a generate run's do not). `pipeline=False` leaves out
+    `PIPELINE_FLAGS` (their defaults still reach `engine_from_args`). Imports no torch."""
     from ditserve.cache.policy import PRESETS
-    from ditserve.ops.attention import BACKENDS
 
+    if not pipeline:  # the flags below that name themselves in PIPELINE_FLAGS are skipped
+        p = _Skipping(p, PIPELINE_FLAGS)
     p.add_argument("--model", default=None,
                    help="diffusers-format model folder or hub id (default: the small packaged model)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None,
                    help="compute dtype (default: bf16 on GPUs, fp32 on CPU)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: best available)")
     p.add_argument("--load-format", choices=list(LOAD_FORMATS), default="auto",
                    help="auto/safetensors: the model's weights; dummy: random weights at full size")
     p.add_argument("--kernels", choices=["auto", "native", "triton"], default="auto",
                    help="fused-op code paths: auto (fast where measured faster), native (PyTorch), triton")
-    p.add_argument("--attention", choices=list(BACKENDS), default="sdpa", help="attention backend")
+    p.add_argument("--attention", choices=list(ATTENTION_BACKENDS), default="sdpa", help="attention backend")
     p.add_argument("--cache", default=None,
                    help=f"DiT block cache (lossy, off by default): a preset ({', '.join(PRESETS)}), optionally "
                         "with knobs, e.g. dbcache:fn=8,bn=0,threshold=0.12,warmup=4,max_consecutive=3,taylorseer=1")
@@ -40,8 +50,8 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto") -
                         "capability 8.9+), bf16")
     p.add_argument("--fp8-attention", action="store_true",
                    help="with --quantization fp8 (lossy, off by default): attention in fp8 too, on cuDNN's fp8 "
-                        "attention (needs the nvidia-cudnn-frontend package); Hopper: 299.5 us instead of 439.8 "
-                        "for FLUX.1's attention at 1024x1024")
+                        "attention (needs the nvidia-cudnn-frontend package; measured gain: README, "
+                        "Optimisations)")
     p.add_argument("--fp8-fast-accum", choices=list(FP8_FAST_ACCUM), default="auto",
                    help="the fp8 tier's GEMMs accumulate in the fp8 tensor cores' own format instead of fp32 "
                         "(lossy, 4-18%% faster GEMMs on Hopper): auto = on with --quantization fp8 (default), "
@@ -50,8 +60,8 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto") -
                    help="tiled VAE decode (lossy: overlapping tiles are blended; bounds decode memory): auto = "
                         "only for images larger than 1024x1024 pixels (default), on = always, off = never")
     p.add_argument("--compile-vae", action="store_true",
-                   help="channels-last + torch.compile of the VAE decoder (lossless; on an H100 at 1024x1024 "
-                        "the decode takes 38 ms instead of 91 and half the memory; the first decode compiles)")
+                   help="channels-last + torch.compile of the VAE decoder (lossless; faster and about half the "
+                        "decode's memory, measured in the README; the first decode compiles)")
     p.add_argument("--cuda-graphs", choices=list(CUDA_GRAPHS), default="auto",
                    help="replay the denoise loop's transformer forward from a CUDA graph (exact; removes its host "
                         "launch work): auto = on a CUDA GPU without --cache, for forwards of at most 8192 image "
@@ -79,16 +89,25 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto") -
                         "(torch's default timing; slower cold start)")
 
 
+class _Skipping:
+    """An argparse parser's `add_argument` that drops the flags named in `skip` (and passes the rest on)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, skip: tuple[str, ...]):
+        self._parser, self._skip = parser, skip
+
+    def add_argument(self, *names, **kwargs):
+        if not set(names) & set(self._skip):
+            self._parser.add_argument(*names, **kwargs)
+
+
 def engine_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
     """The EngineConfig of the flags `add_engine_flags` added (plus `--compile` where the subcommand has it);
-    `overrides` replace fields (e.g. compile-report's compile=True, cache=None)."""
-    fields = dict(device=args.device, dtype=args.dtype, compile=getattr(args, "compile", False),
-                  kernels=args.kernels, attention=args.attention, load_format=args.load_format, cache=args.cache,
-                  cache_backend=args.cache_backend, quantization=args.quantization,
-                  fp8_attention=args.fp8_attention, fp8_fast_accum=args.fp8_fast_accum, vae_tiling=args.vae_tiling,
-                  compile_vae=args.compile_vae, dynamic_shapes=args.dynamic_shapes,
-                  compile_prewarm=args.compile_prewarm, cuda_graphs=args.cuda_graphs,
-                  vae_streaming=args.vae_streaming, cfg_mode=args.cfg_mode)
+    `overrides` replace fields (e.g. compile-report's compile=True, cache=None). A flag the subcommand does not
+    have (`PIPELINE_FLAGS` of compile-report) keeps EngineConfig's default."""
+    names = ("device", "dtype", "compile", "kernels", "attention", "load_format", "cache", "cache_backend",
+             "quantization", "fp8_attention", "fp8_fast_accum", "vae_tiling", "compile_vae", "dynamic_shapes",
+             "compile_prewarm", "cuda_graphs", "vae_streaming", "cfg_mode")
+    fields = {name: getattr(args, name) for name in names if hasattr(args, name)}
     if getattr(args, "lora", None):
         from ditserve.lora import LoRAConfig, LoRASpec
 

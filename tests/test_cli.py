@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from ditserve.cli import main
+from ditserve.config import SamplingParams
 from ditserve.testing import build_tiny_flux_pipeline
 
 PROMPT = "a red circle on a blue background"
@@ -115,8 +116,8 @@ def test_numbered_outputs_jpeg_and_quiet(tiny, tmp_path, capsys):
     assert np.abs(pixels(paths[0]) - pixels(paths[1])).mean() > 5  # each image has its own noise
 
 
-def test_webp_and_jpeg_suffixes(tiny, tmp_path):
-    for name, fmt in (("a.webp", "WEBP"), ("b.JPEG", "JPEG"), ("c.png", "PNG")):
+def test_webp_jpeg_and_gif_suffixes(tiny, tmp_path):
+    for name, fmt in (("a.webp", "WEBP"), ("b.JPEG", "JPEG"), ("c.png", "PNG"), ("d.gif", "GIF")):
         assert main(generate(tiny, tmp_path / name)) == 0
         with Image.open(tmp_path / name) as img:
             assert img.format == fmt
@@ -163,16 +164,20 @@ BAD = {
     "height not a multiple of 16": (["--height", "65"], "height"),
     "width too large": (["--width", "8192"], "width"),
     "zero steps": (["--steps", "0"], "steps"),
-    "zero images": (["--num-images", "0"], "num_images"),
+    "zero images": (["--num-images", "0"], "--num-images must be between 1 and 16"),
     "negative seed": (["--seed", "-1"], "seed"),
-    "unknown suffix": (["--output", "out.gif"], "unsupported image format"),
-    "no suffix": (["--output", "out"], "unsupported image format"),
+    "unknown suffix": (["--output", "out.bmp"], "unsupported format '.bmp'"),
+    "no suffix": (["--output", "out"], "unsupported format '(no suffix)'"),
+    "video suffix for an image model": (["--output", "out.mp4"], "this model makes images"),
+    "missing input image": (["--image", "/no/such/picture.png"], "--image '/no/such/picture.png': no such file"),
+    "frames for an image model": (["--num-frames", "9"], "num_frames is not supported by FLUX.1"),
+    "second guidance for a one-expert model": (["--guidance-2", "2"], "guidance_2 is not supported by FLUX.1"),
     "dtype choice": (["--dtype", "fp64"], "invalid choice"),
     "load-format choice": (["--load-format", "pickle"], "invalid choice"),
     "kernels choice": (["--kernels", "cuda"], "invalid choice"),
     "not an int": (["--steps", "two"], "invalid int"),
     "bad device": (["--device", "nonsense"], "--device"),
-    "too many text tokens": (["--max-sequence-length", "600"], "max_sequence_length"),
+    "too many text tokens": (["--max-sequence-length", "600"], "--max-sequence-length must be"),
 }
 
 
@@ -291,3 +296,87 @@ def test_fa4_attention_refused_off_hopper_and_blackwell(monkeypatch):
     with pytest.raises(ConfigError, match=r"--attention fa4: .*capability 9.x or 10.x only, not on device 'cpu'"):
         check_engine(EngineConfig(device="cpu", attention="fa4"))
     check_engine(EngineConfig(device="cpu", attention="sdpa"))
+
+
+def test_folder_output_writes_numbered_pngs(tiny, tmp_path, capsys):
+    """--output DIR/ (a trailing slash, or an existing folder): DIR/image_00000.png, ... for every image."""
+    assert main(generate(tiny, f"{tmp_path / 'new'}/", "--num-images", "2", "--quiet")) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{tmp_path / 'new'}"]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["image_00000.png", "image_00001.png"]
+    (tmp_path / "existing").mkdir()
+    assert main(generate(tiny, tmp_path / "existing", "--quiet")) == 0
+    with Image.open(tmp_path / "existing" / "image_00000.png") as img:
+        assert img.format == "PNG" and img.size == (64, 64)
+
+
+def test_unreadable_input_image_is_one_line(tiny, tmp_path, capsys):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a picture")
+    assert main(generate(tiny, tmp_path / "x.png", "--image", str(bad))) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"--image {str(bad)!r}: not an image" in lines[0]
+    good = tmp_path / "in.png"
+    Image.new("RGB", (8, 8)).save(good)
+    assert main(generate(tiny, tmp_path / "x.png", "--image", str(good))) == 2  # opened, then refused by the family
+    assert "images: FLUX.1 takes no input images, got 1" in capsys.readouterr().err
+
+
+def test_misspelt_flag_suggests_the_close_one(capsys):
+    assert main(["generate", "--promt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ditserve generate: error: unrecognized argument --promt; did you mean --prompt? (see --help)"]
+    assert main(["generate", "--prompt", "x", "--zzzz"]) == 2
+    assert "unrecognized argument --zzzz (see --help)" in capsys.readouterr().err
+    assert main(["generate", "--prom", "x", "--no-progress"]) != 2 or True  # an abbreviation is argparse's to take
+
+
+def test_help_and_argument_errors_import_no_torch():
+    """--help, an argument error and a bad value answer without importing torch (torch alone takes seconds)."""
+    code = ("import sys\nfrom ditserve.cli import main\n"
+            "codes = [main(a) for a in (['--help'], ['generate', '--help'], ['compile-report', '--help'], "
+            "['generate'], ['generate', '--prompt', 'x', '--steps', 'two'], ['bench', '--height', '100'], "
+            "['generate', '--prompt', 'x', '--output', 'x.bmp'])]\n"
+            "print(codes, 'torch' in sys.modules, 'diffusers' in sys.modules, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stderr.strip().splitlines()[-1] == "[0, 0, 0, 2, 2, 2, 2] False False", proc.stderr
+
+
+def test_help_states_ranges_and_lists_only_used_flags(capsys):
+    assert main(["generate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "in 64-4096" in text and "1-16" in text and ".gif" in text and ".mp4" in text
+    assert main(["compile-report", "--help"]) == 0
+    text = capsys.readouterr().out
+    for unused in ("--vae-tiling", "--vae-streaming", "--compile-vae", "--cuda-graphs", "--cfg-mode",
+                   "--cache-backend"):
+        assert unused not in text  # the report runs the transformer alone
+    assert "--cache " in text and "--quantization" in text
+
+
+def test_torch_free_choice_lists_match_their_sources():
+    from ditserve import compile as compile_mod
+    from ditserve.compile_report import COMPILE_BACKENDS, COMPILE_MODES
+    from ditserve.config import DTYPE_NAMES, DTYPES
+    from ditserve.engine_args import ATTENTION_BACKENDS
+    from ditserve.ops.attention import BACKENDS
+
+    assert ATTENTION_BACKENDS == tuple(BACKENDS) and tuple(DTYPES) == DTYPE_NAMES
+    assert COMPILE_BACKENDS == compile_mod.BACKENDS and COMPILE_MODES == compile_mod.MODES
+
+
+def test_preflight_says_hopeless_work_far_sizes_and_unknown_words():
+    from ditserve.config import EngineConfig
+    from ditserve.engine import Engine
+    from ditserve.preflight import preflight_warnings, suggested_sizes
+
+    engine = Engine.load(None, EngineConfig(device="cpu"))
+    ok = engine.resolve(SamplingParams(prompt=PROMPT, seed=0))
+    assert preflight_warnings(engine, ok) == []
+    huge = engine.resolve(SamplingParams(prompt="A photo of a red cat, 4k", height=4096, width=4096, seed=0))
+    hopeless, far, words = preflight_warnings(engine, huge)
+    assert "65,536 image tokens" in hopeless and "28 steps" in hopeless and "on cpu" in hopeless
+    assert " h of denoising" in hopeless  # hours, not seconds
+    assert "made for 64x64" in far and "4096x4096" in far
+    assert "'photo', 'of', 'cat', '4k'" in words and "'red'" not in words
+    assert suggested_sizes(64, 64)[:3] == ["64x64", "96x96", "128x128"]
+    assert suggested_sizes(1024, 1024)[0] == "1024x1024" and "4096x4096" not in suggested_sizes(1024, 1024)

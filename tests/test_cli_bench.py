@@ -20,6 +20,8 @@ def test_bench_default_model_reports_json(capsys):
     assert set(stages) == {"text_encode_s", "denoise_s", "decode_s"}
     assert sum(stages.values()) <= lat["max"] * 1.01
     assert rec["images_per_s"] > 0 and rec["engine"]["vae_tiling"] == "auto"
+    assert rec["device"] == rec["engine"]["device"] == "cpu"  # what was used, not the flags' None
+    assert rec["dtype"] == rec["engine"]["dtype"] == "fp32"
     assert "latency   median" in err and "run 2/2" in err
 
 

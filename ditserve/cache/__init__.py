@@ -11,8 +11,20 @@ mounts the cache-dit library instead (`--cache-backend cache-dit`); `quality` ha
 lossy and off by default.
 """
 
-from ditserve.cache.block_cache import BlockCache, BlockCacheable, CacheStats, TaylorSeer, mount_cache, relative_l1
+from typing import Any
+
 from ditserve.cache.policy import KNOBS, PRESETS, CacheSettings, parse_cache
+
+# The runtime (torch) is imported on first use, so that the CLI can parse `--cache` without importing torch.
+_BLOCK_CACHE_NAMES = ("BlockCache", "BlockCacheable", "CacheStats", "TaylorSeer", "mount_cache", "relative_l1")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BLOCK_CACHE_NAMES:
+        from ditserve.cache import block_cache
+
+        return getattr(block_cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 CACHE_BACKENDS = ("ditserve", "cache-dit")
 
@@ -28,6 +40,8 @@ def mount_engine_cache(model, engine):
         from ditserve.cache import cache_dit
 
         return cache_dit.mount(model, settings)
+    from ditserve.cache.block_cache import mount_cache
+
     return mount_cache(model, settings)
 
 __all__ = ["BlockCache", "BlockCacheable", "CACHE_BACKENDS", "CacheSettings", "CacheStats", "KNOBS", "PRESETS",

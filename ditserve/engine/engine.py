@@ -46,6 +46,10 @@ class Engine:
         from ditserve.pipelines import load_pipeline
 
         name, pipeline = load_pipeline(model, config)
+        if pipeline.device.type == "cpu":  # threads for the work and the cores free, once per process
+            from ditserve.threads import configure_for_pipeline
+
+            logger.info(configure_for_pipeline(pipeline).describe())
         return cls(name, pipeline, config)
 
     # ------------------------------------------------------------------------------------- what it is
