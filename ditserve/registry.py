@@ -27,6 +27,13 @@ COMPONENT_CLASSES: dict[str, str] = {
     "Qwen3Model": "transformers:Qwen3Model",
     "Qwen2Tokenizer": "transformers:Qwen2Tokenizer",
     "Qwen2TokenizerFast": "transformers:Qwen2TokenizerFast",
+    "Flux2Transformer2DModel": "ditserve.models.flux2:Flux2Transformer",
+    "AutoencoderKLFlux2": "diffusers:AutoencoderKLFlux2",
+    "Mistral3ForConditionalGeneration": "ditserve.pipelines.flux2:Mistral3TextModel",  # its language model only
+    "Qwen3ForCausalLM": "transformers:Qwen3Model",  # without the LM head
+    "PixtralProcessor": "ditserve.loader.components:ProcessorTokenizer",  # its tokenizer only
+    "PreTrainedTokenizerFast": "transformers:PreTrainedTokenizerFast",
+    "TokenizersBackend": "transformers:PreTrainedTokenizerFast",  # transformers 5's name of the generic class
 }
 
 # Our DiT classes (values of COMPONENT_CLASSES under ditserve.models) -> their config class, which has
@@ -34,12 +41,15 @@ COMPONENT_CLASSES: dict[str, str] = {
 DIT_CONFIGS: dict[str, str] = {
     "FluxTransformer2DModel": "ditserve.models.flux:FluxConfig",
     "ZImageTransformer2DModel": "ditserve.models.z_image:ZImageConfig",
+    "Flux2Transformer2DModel": "ditserve.models.flux2:Flux2Config",
 }
 
 # model_index.json `_class_name` -> our pipeline.
 PIPELINES: dict[str, str] = {
     "FluxPipeline": "ditserve.pipelines.flux:FluxPipeline",
     "ZImagePipeline": "ditserve.pipelines.z_image:ZImagePipeline",
+    "Flux2Pipeline": "ditserve.pipelines.flux2:Flux2Pipeline",
+    "Flux2KleinPipeline": "ditserve.pipelines.flux2:Flux2KleinPipeline",
 }
 
 # Preset names (for --load-format dummy and `ditserve bench`) -> ModelSpec.
@@ -47,6 +57,9 @@ PRESETS: dict[str, str] = {
     "flux.1-dev": "ditserve.models.flux:FLUX_1_DEV",
     "flux.1-schnell": "ditserve.models.flux:FLUX_1_SCHNELL",
     "z-image-turbo": "ditserve.pipelines.z_image:Z_IMAGE_TURBO",
+    "flux.2-dev": "ditserve.pipelines.flux2:FLUX_2_DEV",
+    "flux.2-klein-4b": "ditserve.pipelines.flux2:FLUX_2_KLEIN_4B",
+    "flux.2-klein-9b": "ditserve.pipelines.flux2:FLUX_2_KLEIN_9B",
 }
 
 

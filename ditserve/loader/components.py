@@ -188,6 +188,26 @@ def random_init_(model: nn.Module, std: float = DUMMY_STD, seed: int = DUMMY_SEE
             p.normal_(0.0, std, generator=gen)
 
 
+class ProcessorTokenizer:
+    """Loads a multimodal processor's folder (e.g. a PixtralProcessor's) as what prompt encoding needs: its
+    tokenizer, with the processor's chat template. The image processor is never built (it needs vision libraries
+    and nothing a text prompt uses). For a text-only conversation whose template starts with the bos token the
+    tokenizer's `apply_chat_template` gives the processor's token ids (both tokenize the rendered text without
+    adding special tokens)."""
+
+    @classmethod
+    def from_pretrained(cls, folder: Path) -> Any:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        template = folder / "chat_template.json"  # the older processor layout; chat_template.jinja loads itself
+        if not tokenizer.chat_template and template.is_file():
+            tokenizer.chat_template = _read_json(template).get("chat_template")
+        if not tokenizer.chat_template:
+            raise ConfigError(f"{folder}: the processor has no chat template (chat_template.jinja or .json)")
+        return tokenizer
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 
 
@@ -199,8 +219,11 @@ def _kind(class_name: str) -> tuple[str, type]:
     cls = registry.component_class(class_name)
     if class_name in registry.DIT_CONFIGS:
         return "dit", cls
+    if cls is ProcessorTokenizer:
+        return "tokenizer", cls
     for kind, base in (("diffusers", diffusers.ModelMixin), ("transformers", transformers.PreTrainedModel),
-                       ("tokenizer", transformers.PreTrainedTokenizerBase), ("scheduler", diffusers.SchedulerMixin)):
+                       ("tokenizer", transformers.PreTrainedTokenizerBase), ("scheduler", diffusers.SchedulerMixin),
+                       ("tokenizer", transformers.ProcessorMixin)):  # a processor: loaded from its folder as one
         if issubclass(cls, base):
             return kind, cls
     raise RuntimeError(f"registry class {class_name} ({cls}) is of no kind the loader knows how to load")
