@@ -27,6 +27,10 @@ COMPONENT_CLASSES: dict[str, str] = {
     "Qwen3Model": "transformers:Qwen3Model",
     "Qwen2Tokenizer": "transformers:Qwen2Tokenizer",
     "Qwen2TokenizerFast": "transformers:Qwen2TokenizerFast",
+    "WanTransformer3DModel": "ditserve.models.wan:WanTransformer",
+    "AutoencoderKLWan": "diffusers:AutoencoderKLWan",
+    "UMT5EncoderModel": "transformers:UMT5EncoderModel",
+    "UniPCMultistepScheduler": "diffusers:UniPCMultistepScheduler",
     "Flux2Transformer2DModel": "ditserve.models.flux2:Flux2Transformer",
     "AutoencoderKLFlux2": "diffusers:AutoencoderKLFlux2",
     "Mistral3ForConditionalGeneration": "ditserve.pipelines.flux2:Mistral3TextModel",  # its language model only
@@ -41,6 +45,7 @@ COMPONENT_CLASSES: dict[str, str] = {
 DIT_CONFIGS: dict[str, str] = {
     "FluxTransformer2DModel": "ditserve.models.flux:FluxConfig",
     "ZImageTransformer2DModel": "ditserve.models.z_image:ZImageConfig",
+    "WanTransformer3DModel": "ditserve.models.wan:WanConfig",
     "Flux2Transformer2DModel": "ditserve.models.flux2:Flux2Config",
 }
 
@@ -48,6 +53,7 @@ DIT_CONFIGS: dict[str, str] = {
 PIPELINES: dict[str, str] = {
     "FluxPipeline": "ditserve.pipelines.flux:FluxPipeline",
     "ZImagePipeline": "ditserve.pipelines.z_image:ZImagePipeline",
+    "WanPipeline": "ditserve.pipelines.wan:WanPipeline",
     "Flux2Pipeline": "ditserve.pipelines.flux2:Flux2Pipeline",
     "Flux2KleinPipeline": "ditserve.pipelines.flux2:Flux2KleinPipeline",
 }
@@ -57,6 +63,10 @@ PRESETS: dict[str, str] = {
     "flux.1-dev": "ditserve.models.flux:FLUX_1_DEV",
     "flux.1-schnell": "ditserve.models.flux:FLUX_1_SCHNELL",
     "z-image-turbo": "ditserve.pipelines.z_image:Z_IMAGE_TURBO",
+    "wan2.1-t2v-1.3b": "ditserve.pipelines.wan:WAN21_T2V_1_3B",
+    "wan2.1-t2v-14b": "ditserve.pipelines.wan:WAN21_T2V_14B",
+    "wan2.2-t2v-a14b": "ditserve.pipelines.wan:WAN22_T2V_A14B",
+    "wan2.2-ti2v-5b": "ditserve.pipelines.wan:WAN22_TI2V_5B",
     "flux.2-dev": "ditserve.pipelines.flux2:FLUX_2_DEV",
     "flux.2-klein-4b": "ditserve.pipelines.flux2:FLUX_2_KLEIN_4B",
     "flux.2-klein-9b": "ditserve.pipelines.flux2:FLUX_2_KLEIN_9B",

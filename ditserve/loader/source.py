@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ditserve
 from ditserve.errors import ConfigError
@@ -91,10 +92,13 @@ class ModelIndex:
     pipeline_class: `_class_name`, e.g. "FluxPipeline".
     components: component name -> (library, class name), e.g. "vae" -> ("diffusers", "AutoencoderKL"), in file
         order; null entries (`[null, null]`, an optional component left out) and non-component keys are skipped.
+    options: the pipeline's own settings beside the components (diffusers passes them to the pipeline's
+        constructor), e.g. "boundary_ratio": 0.875 of a two-expert model; `_`-prefixed metadata left out.
     """
 
     pipeline_class: str
     components: dict[str, tuple[str, str]]
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def read_model_index(folder: Path) -> ModelIndex:
@@ -106,13 +110,16 @@ def read_model_index(folder: Path) -> ModelIndex:
         raise ConfigError(f"{index_file} is not valid JSON: {e}") from e
     if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
         raise ConfigError(f"{index_file} has no '_class_name' (the pipeline class)")
-    components = {}
+    components, options = {}, {}
     for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list):
-            continue  # metadata ("_diffusers_version") or a pipeline option ("force_zeros_for_empty_prompt")
+        if name.startswith("_"):
+            continue  # metadata ("_diffusers_version")
+        if not isinstance(entry, list):
+            options[name] = entry  # a pipeline option ("force_zeros_for_empty_prompt", "boundary_ratio")
+            continue
         if len(entry) != 2:
             raise ConfigError(f"{index_file}: entry {name!r} must be [library, class name], got {entry!r}")
         if entry[0] is None or entry[1] is None:
             continue
         components[name] = (str(entry[0]), str(entry[1]))
-    return ModelIndex(index["_class_name"], components)
+    return ModelIndex(index["_class_name"], components, options)

@@ -17,6 +17,7 @@ def load_pipeline(model: str | None, engine) -> tuple[str, Any]:
     """Load `model` for `engine` (see `ditserve.loader.load_model`) and build its family's pipeline, with the
     checkpoint's sampling defaults: (model name, pipeline). `ditserve.engine.Engine.load` is built on it."""
     from ditserve.loader import load_model
+    from ditserve.loader.source import read_model_index
     from ditserve.registry import pipeline_class
 
     if engine.compile and engine.compile_prewarm:  # compile workers start while the weights load (ditserve.compile)
@@ -25,4 +26,7 @@ def load_pipeline(model: str | None, engine) -> tuple[str, Any]:
         warm_compile_workers(device=engine.torch_device)
     loaded = load_model(model, engine)
     cls = pipeline_class(loaded.pipeline_class)
-    return loaded.name, cls(loaded.components, engine, cls.spec_for(loaded.name, loaded.components))
+    components = dict(loaded.components)
+    if loaded.path is not None:  # model_index.json's pipeline options travel with the components, as diffusers
+        components.update(read_model_index(loaded.path).options)  # passes both to a pipeline's constructor
+    return loaded.name, cls(components, engine, cls.spec_for(loaded.name, components))

@@ -112,10 +112,12 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Decoded images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as diffusers'
-    `VaeImageProcessor.postprocess` does (denormalise and clamp in the tensor's dtype, then x255 in fp32)."""
-    images = (images * 0.5 + 0.5).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
-    return images.permute(0, 2, 3, 1).float().mul(255).round().to(torch.uint8).cpu().numpy()  # (B, H, W, 3)
+    """Decoded images (B, 3, H, W), or videos (B, 3, F, H, W), in [-1, 1] -> (B, H, W, 3) or (B, F, H, W, 3) uint8,
+    rounded as diffusers' `VaeImageProcessor.postprocess` does (denormalise and clamp in the tensor's dtype, then
+    x255 in fp32; its `VideoProcessor` runs that on every frame)."""
+    images = (images * 0.5 + 0.5).clamp(0, 1)  # (B, 3, [F,] H, W) in [0, 1]
+    channels_last = (0, *range(2, images.ndim), 1)
+    return images.permute(channels_last).float().mul(255).round().to(torch.uint8).cpu().numpy()
 
 
 class Pipeline:
@@ -318,7 +320,8 @@ class Pipeline:
         return self.vae.decode(z, return_dict=False)[0]  # (B, 3, H, W)
 
     def decode(self, latents: torch.Tensor, params: SamplingParams) -> np.ndarray:
-        """Final latents -> (B, H, W, 3) uint8."""
+        """Final latents -> (B, H, W, 3) uint8, or (B, F, H, W, 3) for a video family (whose `decode_latents`
+        returns (B, 3, F, H, W))."""
         return to_uint8(self.decode_latents(latents, params))
 
     # ------------------------------------------------------------------------------------------ denoise
@@ -443,7 +446,10 @@ class Pipeline:
         if in_dummy_run():
             if self.engine.compile_vae:
                 self.decode_latents(final, first)
-            frames = np.zeros((0, first.height, first.width, 3), dtype=np.uint8)
+            frame = (first.height, first.width, 3)
+            if self.capabilities.output == "video":
+                frame = (first.num_frames, *frame)
+            frames = np.zeros((0, *frame), dtype=np.uint8)
         else:
             frames = self.decode(final, first)
         t3 = time.perf_counter()  # to_uint8 copied to the host: the device is idle

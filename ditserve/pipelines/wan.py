@@ -1,0 +1,341 @@
+"""The Wan text-to-video pipeline (Wan 2.1, Wan 2.2 with two experts), on the shared `Pipeline` base.
+
+    prompts -> encode_prompt (UMT5) -> prepare_latents -> timesteps -> denoise (CFG, expert switch) -> decode -> frames
+
+Numerically this is diffusers' `WanPipeline` (0.42.x): each prompt cleaned (ftfy where installed, HTML entities,
+whitespace), tokenized to `max_sequence_length` (512) tokens, UMT5's last hidden state with the attention mask,
+rows past each prompt's length zeroed (the DiT attends to all of them); the initial noise drawn in fp32 from
+`torch.Generator(device).manual_seed(seed)` as (B, C, (F - 1) / 4 + 1, H / 8, W / 8); the scheduler the checkpoint
+names (UniPC with flow sigmas and its flow_shift, or flow-match Euler), stepped with the raw timestep (0-1000) as
+the model's input; classifier-free guidance uncond + g (cond - uncond) when g > 1, both branches in one batched
+forward by default; the VAE's per-channel latents_mean/std undone before `AutoencoderKLWan.decode`, which decodes
+frame chunk by frame chunk with a causal cache.
+
+Wan 2.2 A14B: `transformer` runs the steps whose timestep is >= boundary_ratio * 1000 with `guidance`,
+`transformer_2` the rest with `guidance_2` (default: `guidance`); each expert has its own DiT-cache state per CFG
+branch. Wan 2.2 TI2V-5B (`expand_timesteps`): diffusers gives every token the step's timestep, which for text to
+video is the same value on every token, so the model gets it per sample (the same result, without (B, L)
+modulation tensors).
+
+Notation: B outputs, T text tokens, C latent channels, F frames (F' = (F - 1) / 4 + 1 latent frames), H x W pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ditserve.config import ModelSpec, SamplingParams
+from ditserve.engine.request import Capabilities
+from ditserve.errors import ConfigError
+from ditserve.logging import init_logger
+from ditserve.pipelines.base import Pipeline, Timesteps
+
+logger = init_logger(__name__)
+
+# diffusers' WanPipeline defaults (its __call__): 50 steps, guidance 5, 480x832, 81 frames, 512 text tokens, and
+# 16 fps (the fps its examples export with; the models were trained on 16 fps video).
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 5.0
+DEFAULT_HEIGHT, DEFAULT_WIDTH = 480, 832
+DEFAULT_NUM_FRAMES = 81
+DEFAULT_FPS = 16.0
+MAX_SEQUENCE_LENGTH = 512
+# Wan2.2 TI2V-5B's own defaults (upstream wan_ti2v_5B.py): 704x1280, 121 frames at 24 fps.
+TI2V_HEIGHT, TI2V_WIDTH, TI2V_NUM_FRAMES, TI2V_FPS = 704, 1280, 121, 24.0
+
+
+def prompt_clean(text: str) -> str:
+    """diffusers' Wan prompt cleaning: ftfy's fix_text where ftfy is installed, HTML entities unescaped twice,
+    runs of whitespace collapsed to one space, stripped."""
+    try:
+        import ftfy
+    except ImportError:
+        ftfy = None
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@dataclass
+class WanText:
+    """Text conditioning: UMT5's last hidden states, zero past each prompt's tokens."""
+
+    embeds: torch.Tensor  # (P, T, text_dim) in the transformer's dtype
+
+
+class _ExpertCaches:
+    """The DiT caches of two experts seen as one by the base's denoise loop: `reset` and `branch` apply to both
+    (each expert keeps its own state per CFG branch), `stats` sums them."""
+
+    def __init__(self, *caches):
+        self.caches = caches
+
+    @property
+    def name(self) -> str:
+        return self.caches[0].name
+
+    def reset(self, num_steps: int | None = None) -> None:
+        for cache in self.caches:
+            cache.reset(num_steps)
+
+    @contextlib.contextmanager
+    def branch(self, key: str):
+        with contextlib.ExitStack() as stack:
+            for cache in self.caches:
+                if hasattr(cache, "branch"):
+                    stack.enter_context(cache.branch(key))
+            yield
+
+    def stats(self):
+        first, *rest = [c.stats() for c in self.caches]
+        total = first.as_dict()
+        for s in rest:
+            for k, v in s.as_dict().items():
+                total[k] = total.get(k, 0) + v
+        return type(first)(**total)
+
+
+class WanPipeline(Pipeline):
+    """Wan text-to-video (components: transformer, optional transformer_2, vae, text_encoder, tokenizer,
+    scheduler; pipeline options boundary_ratio and expand_timesteps, from model_index.json or the preset). The
+    transformers are our `WanTransformer`; the rest are diffusers' / transformers' classes."""
+
+    FAMILY = "Wan"
+    PIPELINE_CLASS, DIT_CLASS = "WanPipeline", "WanTransformer3DModel"
+    REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+    def setup(self, components: dict[str, Any]) -> None:
+        self.transformer = components["transformer"]
+        self.transformer_2 = components.get("transformer_2")
+        self.vae = components["vae"]
+        self.text_encoder = components["text_encoder"]
+        self.tokenizer = components["tokenizer"]
+        self.scheduler = components["scheduler"]
+        options = {**PRESET_OPTIONS.get(self.spec.name, {}), **components}
+        self.boundary_ratio = options.get("boundary_ratio")
+        self.expand_timesteps = bool(options.get("expand_timesteps") or False)
+        if self.transformer_2 is not None and self.boundary_ratio is None:
+            raise ConfigError("Wan: this checkpoint has a transformer_2 but no boundary_ratio in model_index.json, "
+                              "so the second expert would never run")
+        if self.boundary_ratio is not None and not 0 < float(self.boundary_ratio) < 1:
+            raise ConfigError(f"Wan: boundary_ratio must be between 0 and 1, got {self.boundary_ratio}")
+        self.two_experts = self.transformer_2 is not None
+        # The second expert gets what the base gives the first: its own DiT cache, then regional compile.
+        self.cache_2 = None
+        if self.two_experts:
+            if self.engine.cache:
+                from ditserve.cache import mount_engine_cache
+
+                self.cache_2 = mount_engine_cache(self.transformer_2, self.engine)
+            if self.engine.compile:
+                from ditserve.compile import CompileConfig, compile_model
+
+                self.transformer_2 = compile_model(self.transformer_2, CompileConfig.for_engine(self.engine))
+        c = self.transformer.config
+        self.num_channels_latents = self.vae.config.z_dim
+        self.patch_size = c.patch_size
+        self._capabilities = Capabilities(
+            family=self.FAMILY, guidance="cfg", output="video", two_experts=self.two_experts,
+            size_multiple=self.vae.config.scale_factor_spatial * max(c.patch_size[1], c.patch_size[2]),
+            frame_rule=(self.vae.config.scale_factor_temporal, 1))
+        self._plan: list[tuple[int, float]] = []  # per step of the current loop: (expert index, guidance)
+
+    def __init__(self, components: dict[str, Any], engine, spec: ModelSpec):
+        super().__init__(components, engine, spec)
+        if self.cache_2 is not None:  # the base mounted the first expert's cache as self.cache
+            self.cache = _ExpertCaches(self.cache, self.cache_2)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    @classmethod
+    def checkpoint_spec(cls, name: str, components: dict[str, Any]) -> ModelSpec:
+        """The ModelSpec of a loaded Wan checkpoint (not a preset): diffusers' WanPipeline defaults (50 steps,
+        guidance 5, 480x832, 81 frames, 16 fps; TI2V-5B-like checkpoints, `expand_timesteps`: 704x1280, 121 frames,
+        24 fps), 512 text tokens capped by the tokenizer's model_max_length."""
+        limit = getattr(components["tokenizer"], "model_max_length", None)
+        ti2v = bool(components.get("expand_timesteps"))
+        return ModelSpec(
+            name=name, pipeline=cls.PIPELINE_CLASS, components=cls.component_configs(components),
+            default_steps=DEFAULT_STEPS, default_guidance=DEFAULT_GUIDANCE,
+            default_height=TI2V_HEIGHT if ti2v else DEFAULT_HEIGHT, default_width=TI2V_WIDTH if ti2v else DEFAULT_WIDTH,
+            max_sequence_length=MAX_SEQUENCE_LENGTH if limit is None else min(MAX_SEQUENCE_LENGTH, int(limit)),
+            default_num_frames=TI2V_NUM_FRAMES if ti2v else DEFAULT_NUM_FRAMES,
+            default_fps=TI2V_FPS if ti2v else DEFAULT_FPS)
+
+    # --------------------------------------------------------------------------------- engine features
+
+    def bind_forward(self) -> None:
+        """The base's binding (CUDA graphs or the transformer itself) for each expert: `_forwards[k]` is expert
+        k's; `model_for_step` picks one per step."""
+        first = (self.transformer, self.cache)
+        caches = [self.cache] if not isinstance(self.cache, _ExpertCaches) else list(self.cache.caches)
+        super().bind_forward()
+        self._forwards = [self.forward]
+        if self.two_experts:
+            self.transformer, self.cache = self.transformer_2, caches[-1]
+            try:
+                super().bind_forward()
+                self._forwards.append(self.forward)
+            finally:
+                self.transformer, self.cache = first
+            self.forward = self._forwards[0]
+
+    def _setup_vae(self, engine) -> None:
+        """Wan's VAE decodes frame chunk by frame chunk with a causal cache (its own memory bound over time);
+        `vae_tiling` adds its spatial tiles ("auto": above 1024x1024 pixels a frame, as for images). Streaming in
+        strips of rows and the compiled 2D decoder are image-VAE paths."""
+        vae = self.vae
+        self.vae_scale_factor = vae.config.scale_factor_spatial
+        if engine.compile_vae:
+            raise ConfigError(f"--compile-vae is not supported for {self.FAMILY}'s video VAE ({type(vae).__name__})")
+        if engine.vae_streaming == "on":
+            raise ConfigError(f"--vae-streaming on cannot apply: {type(vae).__name__} decodes frame by frame with "
+                              f"its own causal cache, not in strips of rows")
+        self.vae_streaming = False
+        self.vae_tiling = engine.vae_tiling
+
+    def forward_tokens(self, params: SamplingParams) -> int:
+        pt, ph, pw = self.patch_size
+        s = self.vae_scale_factor
+        frames = (params.num_frames - 1) // self.capabilities.frame_rule[0] + 1
+        return (frames // pt) * (params.height // (s * ph)) * (params.width // (s * pw))
+
+    # -------------------------------------------------------------------------------------------- stages
+
+    def encode_prompt(self, prompts: list[str], params: SamplingParams) -> WanText:
+        """P prompts -> (P, T, text_dim), T = max_sequence_length: UMT5's last hidden state with the attention
+        mask, rows past each prompt's tokens set to zero (as diffusers pads them back)."""
+        texts = [prompt_clean(p) for p in prompts]
+        full = max(len(ids) for ids in self.tokenizer(texts, truncation=False).input_ids)
+        if full > params.max_sequence_length:
+            logger.warning(f"a prompt was truncated to {params.max_sequence_length} tokens (it has {full})")
+        tok = self.tokenizer(texts, padding="max_length", max_length=params.max_sequence_length, truncation=True,
+                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+        states = self.text_encoder(ids, mask).last_hidden_state  # (P, T, text_dim)
+        states = states * mask.bool().unsqueeze(-1)  # zero past each prompt (right padding)
+        return WanText(embeds=states.to(self.dtype))
+
+    def select_text(self, text: WanText, rows: list[int]) -> WanText:
+        return WanText(embeds=text.embeds.index_select(0, torch.tensor(rows, device=self.device)))
+
+    def latent_shape(self, n: int, params: SamplingParams) -> tuple[int, ...]:
+        """(n, C, F', H/s, W/s) of the latents, s the VAE's spatial factor."""
+        k = self.capabilities.frame_rule[0]
+        s = self.vae_scale_factor
+        return (n, self.num_channels_latents, (params.num_frames - 1) // k + 1, params.height // s, params.width // s)
+
+    def prepare_latents(self, n: int, params: SamplingParams) -> torch.Tensor:
+        """Initial noise for n videos, identical to diffusers' for the same seed: (n, C, F', h, w) fp32 from
+        `torch.Generator(device).manual_seed(seed)`."""
+        generator = torch.Generator(self.device).manual_seed(params.seed)
+        return torch.randn(self.latent_shape(n, params), generator=generator, device=self.device,
+                           dtype=torch.float32)
+
+    def timesteps(self, params: SamplingParams, latents: torch.Tensor) -> Timesteps:
+        """A fresh scheduler from the checkpoint's config set to `steps` steps (diffusers' call), and the plan of
+        the loop: which expert and which guidance scale each step uses (host values, no device sync later)."""
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(params.steps, device=self.device)
+        scheduler.set_begin_index(0)  # the step index is then known without a device->host lookup
+        timesteps = scheduler.timesteps
+        if self.two_experts:
+            boundary = float(self.boundary_ratio) * scheduler.config.num_train_timesteps
+            g2 = params.guidance if params.guidance_2 is None else params.guidance_2
+            self._plan = [(0, params.guidance) if t >= boundary else (1, g2) for t in timesteps.tolist()]
+        else:
+            self._plan = [(0, params.guidance)] * len(timesteps)
+        return Timesteps(timesteps=timesteps, scheduler=scheduler)
+
+    def model_for_step(self, i: int, t: torch.Tensor) -> None:
+        expert, self._guidance = self._plan[i]
+        self.forward = self._forwards[expert]
+
+    def combine_cfg(self, cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+        """uncond + g (cond - uncond), g the current expert's scale (`guidance` or `guidance_2`, set by
+        `model_for_step`; the base passes the request's first scale)."""
+        return uncond + self._guidance * (cond - uncond)
+
+    def predict(self, x: torch.Tensor, i: int, t: torch.Tensor, text: WanText, ctx: Any) -> torch.Tensor:
+        """x (B, C, F', h, w) fp32 -> the model's flow prediction (B, C, F', h, w) fp32 (the scheduler's input).
+        The model sees the raw timestep, one per sample."""
+        out = self.forward(hidden_states=x.to(self.dtype), timestep=t.expand(x.shape[0]),
+                           encoder_hidden_states=text.embeds)
+        return out.float()
+
+    def vae_latents(self, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """latents * std + mean per channel, written as diffusers does it (latents / (1 / std) + mean)."""
+        cfg = self.vae.config
+        shape = (1, cfg.z_dim, 1, 1, 1)
+        mean = torch.tensor(cfg.latents_mean, device=latents.device, dtype=latents.dtype).view(shape)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std, device=latents.device, dtype=latents.dtype).view(shape)
+        return latents / inv_std + mean
+
+    def decode_latents(self, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """Final latents -> videos (B, 3, F, H, W) in [-1, 1], VAE dtype: diffusers' frame-chunked causal decode,
+        spatially tiled where `tiled_decode` says so (the VAE's own tiles, blended: lossy)."""
+        z = self.vae_latents(latents, params).to(self.vae_dtype)  # (B, C, F', h, w)
+        self.vae.use_tiling = self.tiled_decode(params.height, params.width)
+        return self.vae.decode(z, return_dict=False)[0]  # (B, 3, F, H, W)
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+# Pipeline options of the presets (a checkpoint has them in model_index.json).
+PRESET_OPTIONS: dict[str, dict[str, Any]] = {
+    "wan2.2-t2v-a14b": {"boundary_ratio": 0.875},
+    "wan2.2-ti2v-5b": {"expand_timesteps": True},
+}
+
+
+def _wan_spec(name: str, transformer: dict, *, vae: dict | None = None, flow_shift: float = 3.0,
+              transformer_2: dict | None = None, height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH,
+              num_frames: int = DEFAULT_NUM_FRAMES, fps: float = DEFAULT_FPS) -> ModelSpec:
+    from ditserve.models import wan as m
+
+    components = {"transformer": ("WanTransformer3DModel", dict(transformer))}
+    if transformer_2 is not None:
+        components["transformer_2"] = ("WanTransformer3DModel", dict(transformer_2))
+    components.update({
+        "vae": ("AutoencoderKLWan", dict(vae or m.WAN21_VAE)),
+        "text_encoder": ("UMT5EncoderModel", dict(m.UMT5_XXL_TEXT)),
+        "scheduler": ("UniPCMultistepScheduler", m.wan_scheduler(flow_shift)),
+    })
+    return ModelSpec(name=name, pipeline="WanPipeline", components=components, default_steps=DEFAULT_STEPS,
+                     default_guidance=DEFAULT_GUIDANCE, default_height=height, default_width=width,
+                     max_sequence_length=MAX_SEQUENCE_LENGTH, default_num_frames=num_frames, default_fps=fps,
+                     # --load-format dummy builds no tokenizer from a config: a tiny offline T5-style tokenizer
+                     # whose ids are valid in umt5-xxl's vocabulary.
+                     tokenizers={"tokenizer": "ditserve.testing_wan:make_dummy_wan_tokenizer"})
+
+
+def _presets() -> dict[str, ModelSpec]:
+    from ditserve.models import wan as m
+
+    return {
+        "wan2.1-t2v-1.3b": _wan_spec("wan2.1-t2v-1.3b", m.WAN21_T2V_1_3B_TRANSFORMER, flow_shift=3.0),
+        "wan2.1-t2v-14b": _wan_spec("wan2.1-t2v-14b", m.WAN21_T2V_14B_TRANSFORMER, flow_shift=5.0,
+                                    height=720, width=1280),
+        "wan2.2-t2v-a14b": _wan_spec("wan2.2-t2v-a14b", m.WAN22_T2V_A14B_TRANSFORMER, flow_shift=3.0,
+                                     transformer_2=m.WAN22_T2V_A14B_TRANSFORMER, height=720, width=1280),
+        "wan2.2-ti2v-5b": _wan_spec("wan2.2-ti2v-5b", m.WAN22_TI2V_5B_TRANSFORMER, vae=m.WAN22_VAE, flow_shift=5.0,
+                                    height=TI2V_HEIGHT, width=TI2V_WIDTH, num_frames=TI2V_NUM_FRAMES, fps=TI2V_FPS),
+    }
+
+
+_PRESETS = _presets()
+# The presets for --load-format dummy and `ditserve bench`: the released checkpoints' configs.
+WAN21_T2V_1_3B = _PRESETS["wan2.1-t2v-1.3b"]
+WAN21_T2V_14B = _PRESETS["wan2.1-t2v-14b"]
+WAN22_T2V_A14B = _PRESETS["wan2.2-t2v-a14b"]
+WAN22_TI2V_5B = _PRESETS["wan2.2-ti2v-5b"]
