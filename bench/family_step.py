@@ -120,6 +120,30 @@ def graphed(fn):
     return g.replay
 
 
+def kernel_profile(fn, iters: int = 3) -> dict:
+    """GPU time of fn's kernels by kind (GEMM, attention, Triton-generated, other) and the 10 costliest."""
+    from benchutil import kernel_times
+
+    rows = kernel_times(fn, iters)
+
+    def kind(name: str) -> str:
+        n = name.lower()
+        if any(k in n for k in ("flash", "fmha", "attention", "attn", "sdpa", "cudnn")):
+            return "attention"
+        if any(k in n for k in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "_mm_", "sm90")):
+            return "gemm"
+        return "triton" if n.startswith("triton") else "other"
+
+    by_kind: dict[str, float] = {}
+    for name, (ms, _) in rows.items():
+        by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + ms
+    top = sorted(rows.items(), key=lambda kv: -kv[1][0])[:10]
+    return {"total_ms": round(sum(ms for ms, _ in rows.values()), 2),
+            "by_kind_ms": {k: round(v, 2) for k, v in sorted(by_kind.items())},
+            "launches": sum(n for _, n in rows.values()),
+            "top": [[name[:90], round(ms, 3), n] for name, (ms, n) in top]}
+
+
 def release() -> None:
     """Free what the last measurement left on the GPU before the next one allocates."""
     gc.collect()
@@ -231,7 +255,7 @@ def sweep(args, rec: dict, preset: str, config: dict, device, dtype) -> int:
                 log(f"{w}x{h} x{b}: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items())
                     + f" ms | default/best diffusers {row['ratio_default_vs_best_diffusers']}"
                     + (f" | kernels {row['kernel_sum_ms']} ms" if "kernel_sum_ms" in row else ""))
-    del ref, ours
+    del ref, ours, run_ref, run_ours, inputs  # the closures hold the models too
     release()
     rec["sweep"] = rows
     rec["ratio_vs_diffusers_compiled_by_size"] = ratios
@@ -252,6 +276,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--skip-cold", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="GPU time by kernel kind of both compiled forwards")
     ap.add_argument("--sweep", action="store_true", help="one forward at each of --sizes x --batches (see above)")
     ap.add_argument("--sizes", default="512,768,1024,1360x768,2048", help="--sweep sizes: S (square) or WxH")
     ap.add_argument("--batches", default="1,4", help="--sweep batch sizes")
@@ -297,9 +322,15 @@ def main() -> int:
         torch.cuda.synchronize()
         rec["diffusers_regional_compile_s"] = round(time.perf_counter() - t0, 2)
         times["diffusers_regional_compile"] = cuda_median_ms(run_ref, args.iters, 2)
+        if args.profile:
+            rec["profile_diffusers_compiled"] = kernel_profile(run_ref)
         del ref, run_ref
         release()
         times["ditserve_compiled"], times["ditserve_compiled_graphs"] = time_compiled(ours, engine, inputs, args.iters)
+        if args.profile:
+            rec["profile_ditserve_compiled"] = kernel_profile(lambda: ours(**inputs))
+            for who in ("diffusers", "ditserve"):
+                log(f"{who} kernels: {json.dumps(rec[f'profile_{who}_compiled'])}")
         del ours
         release()
         # the fp8 tier (its own dummy weights: the speed does not depend on the values)
