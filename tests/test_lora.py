@@ -314,3 +314,21 @@ def test_z_image_adapter_matches_diffusers(tmp_path):
         ours = eng.generate(SamplingParams(prompt="a photo of a cat", height=64, width=64, steps=2, guidance=0.0,
                                            seed=0)).frames
         assert psnr(ours, expected) >= 40, mode
+
+
+def test_fp8_takes_the_adapter_merged_before_quantisation(flux):
+    """--quantization fp8 with --lora-mode fuse: the fp8 weights are the quantised merged weights (the CPU runs
+    the tier's reference path)."""
+    from ditserve.loader import load_transformer
+
+    path, files, _ = flux
+    bf16 = dataclasses.replace(CPU, dtype="bf16")
+    lora = LoRAConfig((LoRASpec(str(files["a"]), 1.0),))
+    base, _ = load_transformer(str(path), bf16)
+    merged, _ = load_transformer(str(path), dataclasses.replace(bf16, lora=lora))
+    fp8, _ = load_transformer(str(path), dataclasses.replace(bf16, lora=lora, quantization="fp8"))
+    for name in ("double_blocks.0.img_qkv", "single_blocks.1.qkv_mlp", "double_blocks.1.img_mlp_in"):
+        q = fp8.get_submodule(name).dequantized_weight()
+        to_merged = (q - merged.get_submodule(name).weight.float()).norm()
+        to_base = (q - base.get_submodule(name).weight.float()).norm()
+        assert to_merged < 0.3 * to_base, name

@@ -47,14 +47,15 @@ def _resolve_file(path: str | Path) -> Path:
     return p
 
 
-def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors on the CPU, the file's string metadata) of a LoRA safetensors file. ConfigError for a pickle
-    file, a missing file or one that is not safetensors."""
+def read_lora_file(path: str | Path, device: torch.device | str = "cpu"
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors on `device`, in the file's dtype; the file's string metadata) of a LoRA safetensors file.
+    ConfigError for a pickle file, a missing file or one that is not safetensors."""
     from safetensors import SafetensorError, safe_open
 
     file = _resolve_file(path)
     try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"--lora {path}: not a readable safetensors file ({e})") from None
@@ -101,15 +102,16 @@ def _aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
 
 @dataclass
 class Factor:
-    """One low-rank update of one row piece: rows [start, stop) of Linear `linear` get + up @ down, with
-    down (r, in) and up (stop - start, r) already multiplied by the adapter's scale (alpha / r). `key` is the
-    file's key it came from (for messages)."""
+    """One low-rank update of one row piece: rows [start, stop) of Linear `linear` get + scale * up @ down,
+    with down (r, in) and up (stop - start, r) as the file holds them (its dtype) and `scale` the adapter's own
+    (alpha / r, or alpha / sqrt(r) for rsLoRA). `key` is the file's key it came from (for messages)."""
 
     linear: str
     start: int
     stop: int
     down: torch.Tensor
     up: torch.Tensor
+    scale: float
     key: str
 
     @property
@@ -189,8 +191,8 @@ def _pattern_value(module: str, pattern: dict[str, float]) -> float | None:
 
 def parse_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str], model: nn.Module, name: str,
                   path: str = "") -> LoRAAdapter:
-    """Map a LoRA state dict onto `model` (its weight map and optional `lora_aliases`) -> a LoRAAdapter with
-    fp32 factors on the CPU. Raises ConfigError naming the first key that cannot apply; nothing is applied."""
+    """Map a LoRA state dict onto `model` (its weight map and optional `lora_aliases`) -> a LoRAAdapter whose
+    factors are views of `tensors`. Raises ConfigError naming the first key that cannot apply; nothing is applied."""
     where = f"--lora {path or name}"
     if not tensors:
         raise ConfigError(f"{where}: the file holds no tensors")
@@ -217,12 +219,10 @@ def parse_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str], mo
             raise ConfigError(f"{where}: key {key!r}: shapes down {tuple(down.shape)}, up {tuple(up.shape)} do not "
                               f"fit module {module!r} (in {in_features}, out {rows}): an adapter for another "
                               f"model or size")
-        down = down.float()
-        up = up.float() * scale
         row = 0
         for p in pieces:  # a fused source (kohya qkv) splits its up rows over the pieces, sharing down
             n = p.stop - p.start
-            adapter.factors.append(Factor(p.linear, p.start, p.stop, down, up[row:row + n], key))
+            adapter.factors.append(Factor(p.linear, p.start, p.stop, down, up[row:row + n], scale, key))
             row += n
     seen: dict[tuple[str, int], str] = {}
     for f in adapter.factors:
@@ -311,9 +311,9 @@ def _pieces(module: str, targets: dict[str, Target], aliases: dict[str, tuple[st
     return pieces
 
 
-def load_adapter(spec: LoRASpec, model: nn.Module) -> LoRAAdapter:
-    """Read and map `spec`'s file onto `model` (fp32 factors on the CPU)."""
-    tensors, metadata = read_lora_file(spec.path)
+def load_adapter(spec: LoRASpec, model: nn.Module, device: torch.device | str = "cpu") -> LoRAAdapter:
+    """Read and map `spec`'s file onto `model` (factors on `device`, in the file's dtype)."""
+    tensors, metadata = read_lora_file(spec.path, device)
     return parse_adapter(tensors, metadata, model, spec.name, spec.path)
 
 
@@ -322,19 +322,21 @@ def load_adapter(spec: LoRASpec, model: nn.Module) -> LoRAAdapter:
 
 @torch.no_grad()
 def fuse_adapters(model: nn.Module, adapters: list[tuple[LoRAAdapter, float]]) -> None:
-    """W[rows] += weight * up @ down for every factor of every (adapter, weight), in fp32, cast once per piece.
+    """W[rows] += weight * scale * up @ down for every factor of every (adapter, weight), in fp32 on the
+    weight's device, cast once per piece.
     Every adapter was checked when parsed, so this cannot fail half-way on a user error."""
     modules = dict(model.named_modules())
     deltas: dict[tuple[str, int, int], torch.Tensor] = {}
     for adapter, weight in adapters:
         for f in adapter.factors:
-            d = weight * (f.up.float() @ f.down.float())  # (rows, in) fp32
+            w = modules[f.linear].weight
+            d = (weight * f.scale) * (f.up.to(w.device, torch.float32) @ f.down.to(w.device, torch.float32))  # fp32
             k = (f.linear, f.start, f.stop)
             deltas[k] = deltas[k] + d if k in deltas else d
     for (linear, start, stop), d in deltas.items():
         w = modules[linear].weight
         rows = w[start:stop]
-        rows.copy_(rows.float() + d.to(w.device))
+        rows.copy_(rows.float() + d)
 
 
 # ------------------------------------------------------------------------------------------- unfused mode
@@ -410,7 +412,8 @@ class LoRAManager:
         if config.mode == "unfused" and quantization is not None:
             raise ConfigError(f"--lora-mode unfused with --quantization {quantization}: a quantised model takes "
                               f"LoRA adapters merged before quantisation; use --lora-mode fuse")
-        adapters = [load_adapter(spec, model) for spec in config.adapters]
+        device = next(model.parameters()).device
+        adapters = [load_adapter(spec, model, device) for spec in config.adapters]
         manager = cls(model, config, adapters)
         if config.mode == "fuse":
             fuse_adapters(model, [(a, s.weight) for a, s in zip(adapters, config.adapters)])
@@ -453,7 +456,7 @@ class LoRAManager:
                               "adapters into the weights)")
         if name in self.adapters:
             raise ConfigError(f"a LoRA adapter named {name!r} is already loaded")
-        adapter = load_adapter(LoRASpec(path, 1.0, name), self.model)
+        adapter = load_adapter(LoRASpec(path, 1.0, name), self.model, self.device)
         self._check_fits([(adapter, 1.0)])
         self.adapters[name] = adapter.to(self.device, self.dtype)
         return adapter
@@ -543,8 +546,7 @@ class LoRAManager:
                 slot.down[p * slot.rank + off:p * slot.rank + off + r].copy_(f.down)
                 up = getattr(slot, f"up{p}")
                 up[:, off:off + r].copy_(f.up)
-                if weight != 1.0:
-                    up[:, off:off + r].mul_(weight)
+                up[:, off:off + r].mul_(weight * f.scale)
                 used[(f.linear, p)] = off + r
         self.active = selection
 
