@@ -75,26 +75,40 @@ def empirical_mu(image_tokens: int, steps: int) -> float:
 def _mistral3_text_classes():
     from transformers import MistralConfig, MistralModel
 
+    deepest = max(DEV_TEXT_LAYERS)
+
     class Mistral3TextConfig(MistralConfig):
-        """MistralConfig read from a Mistral3ForConditionalGeneration config (its `text_config`) or a plain one."""
+        """The language model's MistralConfig, from a Mistral3ForConditionalGeneration config (its `text_config`)
+        or a plain one, cut to the `deepest` layers FLUX.2-dev reads (`flux2_final_norm` False when layers were
+        cut: the model then ends without its final norm, see `trim_text_encoder`)."""
 
         @classmethod
         def from_dict(cls, config_dict, **kwargs):
-            return MistralConfig.from_dict(config_dict.get("text_config", config_dict), **kwargs)
+            config = MistralConfig.from_dict(config_dict.get("text_config", config_dict), **kwargs)
+            if config.num_hidden_layers > deepest:
+                config.num_hidden_layers = deepest
+                if getattr(config, "layer_types", None):
+                    config.layer_types = config.layer_types[:deepest]
+                config.flux2_final_norm = False
+            return config
 
     class Mistral3TextModel(MistralModel):
-        """The language model of a `Mistral3ForConditionalGeneration` checkpoint alone (a `MistralModel`): what
-        FLUX.2-dev's prompt encoding runs. The vision tower, the projector and the LM head are never built: their
-        weights are skipped at load."""
+        """The language model of a `Mistral3ForConditionalGeneration` checkpoint alone (a `MistralModel`), up to
+        the deepest layer FLUX.2-dev's prompt encoding reads: the vision tower, the projector, the LM head and the
+        layers past it are never built (their weights are skipped at load; 10 of Mistral Small's 40 layers)."""
 
         config_class = Mistral3TextConfig
 
+        def __init__(self, config):
+            super().__init__(config)
+            if not getattr(config, "flux2_final_norm", True):
+                self.norm = nn.Identity()
+
         @classmethod
         def from_pretrained(cls, folder, *args, **kwargs):
-            from transformers import AutoConfig
+            import json
 
-            config = AutoConfig.from_pretrained(folder)
-            config = getattr(config, "text_config", config)
+            config = cls.config_class.from_dict(json.loads((Path(folder) / "config.json").read_text()))
             # The language model's weights under both layouts transformers has saved this class in.
             mapping = {r"^model\.language_model\.": "", r"^language_model\.model\.": ""}
             return super().from_pretrained(folder, *args, config=config, key_mapping=mapping, **kwargs)
@@ -119,7 +133,7 @@ def trim_text_encoder(encoder: nn.Module, deepest: int) -> None:
     n = len(encoder.layers)
     if n < deepest:
         raise ConfigError(f"text encoder has {n} layers; FLUX.2 reads hidden state {deepest}")
-    if n > deepest:
+    if n > deepest:  # (a Mistral3TextModel arrives cut already, its norm an identity)
         del encoder.layers[deepest:]
         encoder.norm = nn.Identity()
         encoder.config.num_hidden_layers = deepest
