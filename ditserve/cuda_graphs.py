@@ -123,6 +123,10 @@ class GraphedForward:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
+        # torch.cuda.graph empties the allocator's cache on entry: empty it first, so that the growth of the
+        # reserved memory is the capture's own.
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         before = torch.cuda.memory_reserved()
         # thread_local: another thread's CUDA calls (a kernel prewarm, a server thread) do not void this capture.
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):

@@ -133,7 +133,7 @@ def test_a_new_signature_evicts_the_least_recently_used_graph():
         assert torch.equal(g(x), f(x))
     assert len(g.graphs) == 2  # rows 8 (least recently replayed) was evicted for rows 16
     assert sorted(k[1][0][1][0] for k in g.graphs) == [4, 16]
-    assert g.memory_bytes >= 0 and g.pool is not None
+    assert g.memory_bytes > 0 and g.pool is not None
     assert g.release_idle(0.0) == 2 and not g.graphs and g.memory_bytes == 0
 
 
@@ -191,3 +191,15 @@ def test_pipeline_image_is_the_same_with_and_without_graphs(folder):
     import numpy as np
 
     assert np.array_equal(np.asarray(with_graphs), np.asarray(without))
+
+
+@pytest.mark.gpu
+def test_pipeline_auto_graphs_a_small_shape_and_reports_its_memory(folder):
+    from ditserve.config import SamplingParams
+
+    pipe = _pipe(folder, device="cuda", dtype="bf16")  # cuda_graphs "auto"
+    out = pipe.generate(SamplingParams(prompt="a", height=64, width=64, steps=3, seed=0), progress=False)
+    assert len(pipe.forward.graphs) == 1 and pipe.graph_memory_bytes > 0
+    again = pipe.generate(SamplingParams(prompt="a", height=64, width=64, steps=3, seed=0), progress=False)
+    assert (out.frames == again.frames).all()
+    assert pipe.release_idle_graphs(0.0) == 1 and pipe.graph_memory_bytes == 0
