@@ -1,0 +1,132 @@
+"""LoRA on FLUX.1-dev (dummy weights, bf16, CUDA): the compiled DiT's step time with no adapter, with one rank-R
+adapter unfused (selected, and with no adapter selected: zero slots), and fused; adapter load and swap times.
+One JSON line last.
+
+    python bench/lora.py [--size 1024] [--rank 64] [--iters 20] [--no-compile]
+
+The adapter is random, in diffusers' format (`transformer.<module>.lora_A/B.weight`, bf16), on the layers
+trainers usually adapt: every attention projection and MLP Linear of both block kinds (the modulation Linears
+are left out). Step = one transformer forward at batch 1 with the step's conditioning precomputed, as the
+denoise loop calls it (CUDA events, median). Load = `LoRAManager.load` (read, map, move to the GPU, check);
+swap = `LoRAManager.activate` between two selections (the in-place slot writes), synchronised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from benchutil import commit, cuda_median_ms, flux_step_inputs, log
+
+from ditserve.config import EngineConfig
+from ditserve.lora import LoRAConfig, LoRASpec
+
+PRESET = "flux.1-dev"
+
+
+def write_adapter(folder: Path, model, rank: int, seed: int) -> Path:
+    """A random rank-`rank` adapter for `model` (ours; its weight map gives the diffusers names and shapes)."""
+    from safetensors.torch import save_file
+
+    from ditserve.lora.adapters import model_targets
+
+    wanted = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+              "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+              "ff_context.net.2", "proj_mlp", "proj_out")
+    modules = dict(model.named_modules())
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, t in model_targets(model).items():
+        if "blocks." not in name or not name.endswith(wanted):
+            continue
+        n_in = modules[t.linear].in_features
+        sd[f"transformer.{name}.lora_A.weight"] = (torch.randn(rank, n_in, generator=g) / n_in**0.5).bfloat16()
+        sd[f"transformer.{name}.lora_B.weight"] = (torch.randn(t.stop - t.start, rank, generator=g) * 0.01).bfloat16()
+    file = folder / f"adapter{seed}.safetensors"
+    save_file(sd, str(file))
+    log(f"adapter {file.name}: {len(sd) // 2} modules, {file.stat().st_size / 2**20:.0f} MiB")
+    return file
+
+
+def build(engine: EngineConfig, compile_: bool):
+    from ditserve.loader import load_transformer
+
+    model, _ = load_transformer(PRESET, engine)
+    if compile_:
+        from ditserve.compile import CompileConfig, compile_model
+
+        compile_model(model, CompileConfig.for_engine(engine))
+    return model
+
+
+def step_ms(model, size: int, iters: int) -> float:
+    inputs, cond = flux_step_inputs(model, size)
+
+    def fn():
+        with torch.inference_mode():
+            model(**inputs, conditioning=cond)
+
+    return cuda_median_ms(fn, iters=iters, warmup=3)
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    args = ap.parse_args()
+    base = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=args.compile)
+    out: dict = dict(bench="lora", commit=commit(), preset=PRESET, size=args.size, rank=args.rank,
+                     compiled=args.compile, device=torch.cuda.get_device_name())
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build(base, args.compile)
+        files = [write_adapter(Path(tmp), model, args.rank, seed) for seed in (1, 2)]
+        out["adapter_mib"] = round(files[0].stat().st_size / 2**20, 1)
+        out["no_adapter_ms"] = round(step_ms(model, args.size, args.iters), 3)
+        log(f"no adapter: {out['no_adapter_ms']} ms a step")
+
+        # fuse: merged into the same (already compiled) model's weights; nothing recompiles
+        from ditserve.lora.adapters import LoRAManager
+
+        cfg = LoRAConfig((LoRASpec(str(files[0]), 1.0, name="a"),), mode="fuse")
+        out["fuse_load_s"] = round(timed(lambda: LoRAManager.attach(model, cfg)), 3)
+        out["fused_ms"] = round(step_ms(model, args.size, args.iters), 3)
+        log(f"fused: {out['fused_ms']} ms a step (merge {out['fuse_load_s']} s)")
+        del model
+        torch.cuda.empty_cache()
+
+        # unfused: slots for adapter a's layers at its rank, plus adapter b loaded later (same layers)
+        engine = dataclasses.replace(base, lora=dataclasses.replace(cfg, mode="unfused"))
+        model = build(engine, args.compile)
+        lora = model.lora
+        out["unfused_ms"] = round(step_ms(model, args.size, args.iters), 3)
+        out["load_s"] = round(timed(lambda: lora.load("b", str(files[1]))), 3)
+        swaps = []
+        for sel in ((("b", 0.8),), (("a", 1.0),)) * 3:
+            swaps.append(timed(lambda: lora.activate(sel)))
+        out["swap_s"] = round(sorted(swaps)[len(swaps) // 2], 4)
+        lora.activate(())
+        out["unfused_none_ms"] = round(step_ms(model, args.size, args.iters), 3)
+        log(f"unfused: {out['unfused_ms']} ms a step with the adapter, {out['unfused_none_ms']} ms with none "
+            f"selected; load {out['load_s']} s, swap {out['swap_s']} s")
+    out["unfused_overhead"] = round(out["unfused_ms"] / out["no_adapter_ms"] - 1, 4)
+    out["fused_overhead"] = round(out["fused_ms"] / out["no_adapter_ms"] - 1, 4)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
