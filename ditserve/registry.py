@@ -27,6 +27,10 @@ COMPONENT_CLASSES: dict[str, str] = {
     "Qwen3Model": "transformers:Qwen3Model",
     "Qwen2Tokenizer": "transformers:Qwen2Tokenizer",
     "Qwen2TokenizerFast": "transformers:Qwen2TokenizerFast",
+    "QwenImageTransformer2DModel": "ditserve.models.qwen_image:QwenImageTransformer",
+    "AutoencoderKLQwenImage": "diffusers:AutoencoderKLQwenImage",
+    "Qwen2_5_VLForConditionalGeneration": "transformers:Qwen2_5_VLModel",  # without the LM head
+    "Qwen2VLProcessor": "ditserve.pipelines.qwen_image:QwenVLProcessor",  # its tokenizer and image processor
     "WanTransformer3DModel": "ditserve.models.wan:WanTransformer",
     "AutoencoderKLWan": "diffusers:AutoencoderKLWan",
     "UMT5EncoderModel": "transformers:UMT5EncoderModel",
@@ -45,6 +49,7 @@ COMPONENT_CLASSES: dict[str, str] = {
 DIT_CONFIGS: dict[str, str] = {
     "FluxTransformer2DModel": "ditserve.models.flux:FluxConfig",
     "ZImageTransformer2DModel": "ditserve.models.z_image:ZImageConfig",
+    "QwenImageTransformer2DModel": "ditserve.models.qwen_image:QwenImageConfig",
     "WanTransformer3DModel": "ditserve.models.wan:WanConfig",
     "Flux2Transformer2DModel": "ditserve.models.flux2:Flux2Config",
 }
@@ -53,6 +58,9 @@ DIT_CONFIGS: dict[str, str] = {
 PIPELINES: dict[str, str] = {
     "FluxPipeline": "ditserve.pipelines.flux:FluxPipeline",
     "ZImagePipeline": "ditserve.pipelines.z_image:ZImagePipeline",
+    "QwenImagePipeline": "ditserve.pipelines.qwen_image:QwenImagePipeline",
+    "QwenImageEditPipeline": "ditserve.pipelines.qwen_image:QwenImageEditPipeline",
+    "QwenImageEditPlusPipeline": "ditserve.pipelines.qwen_image:QwenImageEditPlusPipeline",
     "WanPipeline": "ditserve.pipelines.wan:WanPipeline",
     "Flux2Pipeline": "ditserve.pipelines.flux2:Flux2Pipeline",
     "Flux2KleinPipeline": "ditserve.pipelines.flux2:Flux2KleinPipeline",
@@ -63,6 +71,8 @@ PRESETS: dict[str, str] = {
     "flux.1-dev": "ditserve.models.flux:FLUX_1_DEV",
     "flux.1-schnell": "ditserve.models.flux:FLUX_1_SCHNELL",
     "z-image-turbo": "ditserve.pipelines.z_image:Z_IMAGE_TURBO",
+    "qwen-image": "ditserve.pipelines.qwen_image:QWEN_IMAGE",
+    "qwen-image-edit": "ditserve.pipelines.qwen_image:QWEN_IMAGE_EDIT",
     "wan2.1-t2v-1.3b": "ditserve.pipelines.wan:WAN21_T2V_1_3B",
     "wan2.1-t2v-14b": "ditserve.pipelines.wan:WAN21_T2V_14B",
     "wan2.2-t2v-a14b": "ditserve.pipelines.wan:WAN22_T2V_A14B",

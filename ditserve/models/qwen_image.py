@@ -525,6 +525,22 @@ QWEN_IMAGE_VAE: dict[str, Any] = {
                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916],
 }
 
+# Qwen/Qwen2.5-VL-7B-Instruct (transformers Qwen2_5_VLConfig, the checkpoint's flat form), loaded as the bare
+# Qwen2_5_VLModel (no LM head); the pipelines read the language model's final hidden state.
+QWEN2_5_VL_7B: dict[str, Any] = {
+    "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+    "num_attention_heads": 28, "num_key_value_heads": 4, "hidden_act": "silu", "max_position_embeddings": 128000,
+    "max_window_layers": 28, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "attention_dropout": 0.0,
+    "use_sliding_window": False, "sliding_window": 32768, "tie_word_embeddings": False,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "image_token_id": 151655, "video_token_id": 151656,
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                      "num_heads": 16, "in_channels": 3, "out_hidden_size": 3584, "patch_size": 14,
+                      "spatial_merge_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+                      "tokens_per_second": 2, "temporal_patch_size": 2},
+}
+
 QWEN_IMAGE_SCHEDULER: dict[str, Any] = {
     "base_image_seq_len": 256, "base_shift": 0.5, "invert_sigmas": False, "max_image_seq_len": 8192,
     "max_shift": 0.9, "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02,
