@@ -332,3 +332,21 @@ def test_fp8_takes_the_adapter_merged_before_quantisation(flux):
         to_merged = (q - merged.get_submodule(name).weight.float()).norm()
         to_base = (q - base.get_submodule(name).weight.float()).norm()
         assert to_merged < 0.3 * to_base, name
+
+
+def test_generate_command_with_stacked_adapters_matches_diffusers(flux, tmp_path):
+    """`ditserve generate --lora FILE:W --lora FILE2:W2` (the issue's acceptance check) against diffusers."""
+    from PIL import Image
+
+    from ditserve.cli import main
+
+    path, files, ref = flux
+    out = tmp_path / "out.png"
+    assert main(["generate", "--model", str(path), "--prompt", PROMPT, "--height", "64", "--width", "64",
+                 "--steps", "2", "--guidance", "3.5", "--seed", "0", "--device", "cpu", "--dtype", "fp32",
+                 "--lora", f"{files['a']}:0.6", "--lora", f"{files['k']}:1.0", "--output", str(out),
+                 "--no-progress", "--quiet"]) == 0
+    ours = np.asarray(Image.open(out).convert("RGB"))[None]
+    assert psnr(ours, reference(ref, {"a": 0.6, "k": 1.0})) >= 40
+    assert main(["generate", "--model", str(path), "--prompt", PROMPT, "--lora", str(tmp_path / "x.ckpt"),
+                 "--output", str(out), "--quiet"]) == 2  # a pickle file: one error line, exit code 2
