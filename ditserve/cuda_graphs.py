@@ -72,6 +72,7 @@ class GraphedForward:
     calls: dict[tuple, int] = field(default_factory=dict)  # plain calls so far, per signature
     memory_bytes: int = 0  # device memory reserved by the captures (the shared pool's growth)
     pool: Any = None  # the shared memory pool handle, made at the first capture
+    refused: set = field(default_factory=set)  # signatures whose capture failed: they run as they are
 
     def __call__(self, *args, **kwargs):
         if self.bypass is not None and self.bypass():
@@ -81,12 +82,21 @@ class GraphedForward:
         entry = self.graphs.get(key)
         if entry is None:
             seen = self.calls.get(key, 0)
-            if seen < self.warmup or not _graphable(leaves) or (self.admit is not None and not self.admit()):
+            if (seen < self.warmup or key in self.refused or not _graphable(leaves)
+                    or (self.admit is not None and not self.admit())):
                 self.calls[key] = seen + 1
                 return self.fn(*args, **kwargs)
             if len(self.graphs) >= self.max_graphs:
                 self._evict(min(self.graphs, key=lambda k: self.graphs[k].last_used))
-            entry = self.graphs[key] = self._capture(leaves, spec)
+            try:
+                entry = self._capture(leaves, spec)
+            except RuntimeError as e:  # e.g. a host sync inside fn: not capturable, so this signature runs plainly
+                logger.warning("CUDA graphs: %s cannot be captured (%s); it runs without a graph",
+                               type(self.fn).__name__, " ".join(str(e).split())[:200])
+                self.refused.add(key)
+                torch.cuda.synchronize()
+                return self.fn(*args, **kwargs)
+            self.graphs[key] = entry
         for static, x in zip(entry.inputs, (x for x in leaves if isinstance(x, torch.Tensor))):
             static.copy_(x)
         entry.graph.replay()
@@ -135,6 +145,16 @@ class GraphedForward:
         logger.info("CUDA graphs: captured a forward (%d tensor inputs; graphs reserve %.0f MiB)", len(inputs),
                     self.memory_bytes / 2**20)
         return _Graph(graph, inputs, output, last_used=time.monotonic())
+
+
+class GraphedModule(GraphedForward):
+    """A GraphedForward that stands in for a module: attributes it does not have (`config`, `dtype`, ...) are
+    the module's, so the code that calls a text encoder reads it as before."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "fn":  # not set yet (during construction)
+            raise AttributeError(name)
+        return getattr(self.fn, name)
 
 
 def _leaf_key(x: Any) -> Any:

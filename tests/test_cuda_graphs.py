@@ -203,3 +203,42 @@ def test_pipeline_auto_graphs_a_small_shape_and_reports_its_memory(folder):
     again = pipe.generate(SamplingParams(prompt="a", height=64, width=64, steps=3, seed=0), progress=False)
     assert (out.frames == again.frames).all()
     assert pipe.release_idle_graphs(0.0) == 1 and pipe.graph_memory_bytes == 0
+
+
+def test_graphed_module_reads_as_the_module():
+    from ditserve.cuda_graphs import GraphedModule
+
+    lin = torch.nn.Linear(4, 3)
+    g = GraphedModule(lin, warmup=0)
+    assert g.weight is lin.weight and g.out_features == 3 and g.fn is lin
+    x = torch.randn(2, 4)
+    assert torch.equal(g(x), lin(x))  # CPU tensors: never captured
+    assert not g.graphs
+
+
+@pytest.mark.gpu
+def test_text_encoders_are_graphed_and_exact(folder):
+    from ditserve.config import SamplingParams
+
+    params = SamplingParams(prompt="a red circle", height=64, width=64, steps=2, seed=3)
+    graphed = _pipe(folder, device="cuda", dtype="bf16", cuda_graphs="auto")
+    plain = _pipe(folder, device="cuda", dtype="bf16", cuda_graphs="off")
+    for name in type(graphed).GRAPHED_TEXT_ENCODERS:
+        assert isinstance(getattr(graphed, name), GraphedForward)
+        assert not isinstance(getattr(plain, name), GraphedForward)
+    a = graphed.generate(params, progress=False).frames
+    b = graphed.generate(params, progress=False).frames  # replayed
+    c = plain.generate(params, progress=False).frames
+    assert graphed.text_encoder_2.graphs and (a == b).all() and (a == c).all()
+
+
+@pytest.mark.gpu
+def test_a_signature_that_cannot_be_captured_runs_plainly():
+    class Syncs(torch.nn.Module):
+        def forward(self, x):
+            return x * float(x.sum().item())  # a host sync: capture fails
+
+    g = GraphedForward(Syncs(), warmup=0)
+    x = torch.ones(3, device="cuda")
+    assert torch.equal(g(x), x * 3) and torch.equal(g(x), x * 3)
+    assert not g.graphs and len(g.refused) == 1

@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ditserve.config import MIN_SIZE, SIZE_MULTIPLE, EngineConfig, ModelSpec, SamplingParams
-from ditserve.cuda_graphs import AUTO_MAX_TOKENS, GraphedForward, resolve_cuda_graphs
+from ditserve.cuda_graphs import AUTO_MAX_TOKENS, GraphedForward, GraphedModule, resolve_cuda_graphs
 from ditserve.dummy_run import in_dummy_run
 from ditserve.engine.request import Capabilities, Output
 from ditserve.errors import ConfigError
@@ -130,6 +130,9 @@ class Pipeline:
     """
 
     #: model_index.json component names the family needs; a missing one is a ConfigError at construction.
+    # Text encoders (attribute names) replayed from CUDA graphs on CUDA (`_graph_text_encoders`): a family
+    # lists those whose forward has no host sync for the inputs it passes.
+    GRAPHED_TEXT_ENCODERS: tuple[str, ...] = ()
     REQUIRED_COMPONENTS: tuple[str, ...] = ()
     #: the family's name, for messages.
     FAMILY = "?"
@@ -172,6 +175,7 @@ class Pipeline:
         self._setup_vae(engine)
         self._forward_tokens = 0  # the current denoise loop's forward size (`forward_tokens`), set by `denoise`
         self.bind_forward()
+        self._graph_text_encoders()
 
     # ----------------------------------------------------------------------------------- family hooks
 
@@ -253,15 +257,31 @@ class Pipeline:
         self.forward = (GraphedForward(self.transformer, bypass=in_dummy_run, admit=admit) if graphs
                         else self.transformer)
 
+    def _graph_text_encoders(self) -> None:
+        """Replace each of GRAPHED_TEXT_ENCODERS by a CUDA-graph replay of it (`cuda_graphs` "auto" or "on", on
+        CUDA; with or without a DiT cache): an eager text encoder is hundreds of small kernels launched from
+        Python, so its time is the host's. One graph per (prompts, length) signature, captured at its first call
+        (an encoder is not compiled: nothing to warm up first); a signature that cannot be captured (a host
+        sync inside the encoder) runs as it is."""
+        if self.engine.cuda_graphs == "off" or self.device.type != "cuda":
+            return
+        for name in self.GRAPHED_TEXT_ENCODERS:
+            module = getattr(self, name, None)
+            if module is not None and not isinstance(module, GraphedForward):
+                setattr(self, name, GraphedModule(module, warmup=0))
+
+    def _graphed(self) -> list[GraphedForward]:
+        return [g for g in (self.forward, *(getattr(self, n, None) for n in self.GRAPHED_TEXT_ENCODERS))
+                if isinstance(g, GraphedForward)]
+
     @property
     def graph_memory_bytes(self) -> int:
-        """Device memory the denoise forward's CUDA graphs reserve (0 without graphs)."""
-        return getattr(self.forward, "memory_bytes", 0)
+        """Device memory the CUDA graphs (denoise forward, text encoders) reserve (0 without graphs)."""
+        return sum(g.memory_bytes for g in self._graphed())
 
     def release_idle_graphs(self, seconds: float) -> int:
         """Drop CUDA graphs of shapes not run for `seconds` (a server calls this now and then); returns how many."""
-        release = getattr(self.forward, "release_idle", None)
-        return release(seconds) if release is not None else 0
+        return sum(g.release_idle(seconds) for g in self._graphed())
 
     def forward_tokens(self, params: SamplingParams) -> int:
         """Image (or video) tokens of one output's forward, for the CUDA-graph size rule: (H/16) * (W/16) by

@@ -55,6 +55,7 @@ class FluxPipeline(Pipeline):
     PIPELINE_CLASS, DIT_CLASS = "FluxPipeline", "FluxTransformer2DModel"
     REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                            "scheduler")
+    GRAPHED_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # replayed from CUDA graphs on CUDA (see Pipeline)
 
     def setup(self, components: dict[str, Any]) -> None:
         self.transformer = components["transformer"]

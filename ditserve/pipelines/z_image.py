@@ -48,6 +48,7 @@ class ZImagePipeline(Pipeline):
     FAMILY = "Z-Image"
     PIPELINE_CLASS, DIT_CLASS = "ZImagePipeline", "ZImageTransformer2DModel"
     REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    GRAPHED_TEXT_ENCODERS = ("text_encoder",)  # replayed from CUDA graphs on CUDA (see Pipeline)
 
     def setup(self, components: dict[str, Any]) -> None:
         self.transformer = components["transformer"]
