@@ -35,6 +35,9 @@ COMPONENT_CLASSES: dict[str, str] = {
     "AutoencoderKLWan": "diffusers:AutoencoderKLWan",
     "UMT5EncoderModel": "transformers:UMT5EncoderModel",
     "UniPCMultistepScheduler": "diffusers:UniPCMultistepScheduler",
+    "CLIPVisionModel": "transformers:CLIPVisionModel",
+    "CLIPImageProcessor": "transformers:CLIPImageProcessor",
+    "CLIPImageProcessorPil": "transformers:CLIPImageProcessorPil",  # transformers 5's name without torchvision
     "Flux2Transformer2DModel": "ditserve.models.flux2:Flux2Transformer",
     "AutoencoderKLFlux2": "diffusers:AutoencoderKLFlux2",
     "Mistral3ForConditionalGeneration": "ditserve.pipelines.flux2:Mistral3TextModel",  # its language model only
@@ -62,6 +65,7 @@ PIPELINES: dict[str, str] = {
     "QwenImageEditPipeline": "ditserve.pipelines.qwen_image:QwenImageEditPipeline",
     "QwenImageEditPlusPipeline": "ditserve.pipelines.qwen_image:QwenImageEditPlusPipeline",
     "WanPipeline": "ditserve.pipelines.wan:WanPipeline",
+    "WanImageToVideoPipeline": "ditserve.pipelines.wan:WanImageToVideoPipeline",
     "Flux2Pipeline": "ditserve.pipelines.flux2:Flux2Pipeline",
     "Flux2KleinPipeline": "ditserve.pipelines.flux2:Flux2KleinPipeline",
 }
@@ -77,6 +81,7 @@ PRESETS: dict[str, str] = {
     "wan2.1-t2v-14b": "ditserve.pipelines.wan:WAN21_T2V_14B",
     "wan2.2-t2v-a14b": "ditserve.pipelines.wan:WAN22_T2V_A14B",
     "wan2.2-ti2v-5b": "ditserve.pipelines.wan:WAN22_TI2V_5B",
+    "wan2.1-i2v-14b-480p": "ditserve.pipelines.wan:WAN21_I2V_14B_480P",
     "flux.2-dev": "ditserve.pipelines.flux2:FLUX_2_DEV",
     "flux.2-klein-4b": "ditserve.pipelines.flux2:FLUX_2_KLEIN_4B",
     "flux.2-klein-9b": "ditserve.pipelines.flux2:FLUX_2_KLEIN_9B",

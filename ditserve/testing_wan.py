@@ -123,6 +123,73 @@ def build_tiny_wan_pipeline(path: str | Path, *, seed: int = 0, two_experts: boo
     return path
 
 
+TINY_IMAGE_DIM = 20  # the tiny CLIP vision tower's width (Wan2.1 I2V: 1280)
+
+
+def build_tiny_wan_i2v_pipeline(path: str | Path, *, seed: int = 0, expand_timesteps: bool = False) -> Path:
+    """Build a tiny random Wan image-to-video pipeline and save it with `WanImageToVideoPipeline.save_pretrained`.
+
+    Wan2.1 I2V's layout (default): the transformer takes 2C + 4 channels (noise, first-frame mask, encoded
+    condition) and has an image embedder (image_dim 20) fed by a 2-layer CLIPVisionModel (width 20, 32 px images
+    in 8 px patches: 17 tokens) through a CLIPImageProcessor at 32 px. With `expand_timesteps`, Wan 2.2 TI2V-5B's:
+    a C-channel transformer without image embedder, no CLIP, `expand_timesteps` in model_index.json.
+    Otherwise as `build_tiny_wan_pipeline` (UniPC). Returns `path`."""
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_wan_tokenizer(path / "_tokenizer_src")
+    if expand_timesteps:
+        transformer = tiny_wan_transformer(seed)
+        image_encoder = image_processor = None
+    else:
+        from diffusers import WanTransformer3DModel
+
+        base = tiny_wan_transformer(seed, in_channels=2 * TINY_Z_DIM + 4)
+        config = dict(base.config)
+        config.update(image_dim=TINY_IMAGE_DIM, added_kv_proj_dim=24)
+        torch.manual_seed(seed + 5)
+        transformer = WanTransformer3DModel.from_config(config)
+        transformer.load_state_dict(base.state_dict(), strict=False)  # the conditioning gains; new image layers
+        torch.manual_seed(seed + 4)
+        image_encoder = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=TINY_IMAGE_DIM, intermediate_size=40, projection_dim=16, num_hidden_layers=2,
+            num_attention_heads=2, image_size=32, patch_size=8))
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    vae = tiny_wan_vae(seed + 1)
+    text_encoder = tiny_umt5(seed + 2, len(tokenizer))
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=3.0)
+    gen = torch.Generator().manual_seed(seed + 3)
+    for module in (transformer, vae, text_encoder, image_encoder):
+        if module is not None:
+            _perturb_zeros(module, gen)
+            module.eval()
+    pipe = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                   image_processor=image_processor, image_encoder=image_encoder,
+                                   transformer=transformer, expand_timesteps=expand_timesteps)
+    pipe.save_pretrained(path, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(path / "_tokenizer_src")
+    return path
+
+
+def reference_wan_i2v(path: str | Path, image, prompt: str, *, height: int, width: int, num_frames: int,
+                      steps: int, guidance: float, seed: int, negative_prompt: str | None = None) -> np.ndarray:
+    """Videos from diffusers' own `WanImageToVideoPipeline` loaded from `path` (CPU, fp32), uint8 (1, F, H, W, 3),
+    as `reference_wan`."""
+    from diffusers import WanImageToVideoPipeline
+
+    pipe = WanImageToVideoPipeline.from_pretrained(path, torch_dtype=torch.float32).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(image=image, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                  num_frames=num_frames, num_inference_steps=steps, guidance_scale=guidance,
+                  generator=torch.Generator("cpu").manual_seed(seed), output_type="np").frames
+    return np.clip(np.round(np.asarray(frames, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
 def reference_wan(path: str | Path, prompt: str | list[str], *, height: int, width: int, num_frames: int,
                   steps: int, guidance: float, seed: int, negative_prompt: str | list[str] | None = None,
                   guidance_2: float | None = None, num_videos: int = 1) -> np.ndarray:

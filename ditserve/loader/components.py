@@ -223,7 +223,8 @@ def _kind(class_name: str) -> tuple[str, type]:
         return "tokenizer", cls
     for kind, base in (("diffusers", diffusers.ModelMixin), ("transformers", transformers.PreTrainedModel),
                        ("tokenizer", transformers.PreTrainedTokenizerBase), ("scheduler", diffusers.SchedulerMixin),
-                       ("tokenizer", transformers.ProcessorMixin)):  # a processor: loaded from its folder as one
+                       ("tokenizer", transformers.ProcessorMixin),  # a processor: loaded from its folder as one
+                       ("tokenizer", transformers.ImageProcessingMixin)):  # an image processor, likewise
         if issubclass(cls, base):
             return kind, cls
     raise RuntimeError(f"registry class {class_name} ({cls}) is of no kind the loader knows how to load")

@@ -23,6 +23,7 @@ Notation: B outputs, T text tokens, C latent channels, F frames (F' = (F - 1) / 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import html
 import re
 from dataclasses import dataclass
@@ -66,9 +67,18 @@ def prompt_clean(text: str) -> str:
 
 @dataclass
 class WanText:
-    """Text conditioning: UMT5's last hidden states, zero past each prompt's tokens."""
+    """Text conditioning: UMT5's last hidden states, zero past each prompt's tokens; with an input image, the
+    image condition too (one image per batch, shared by every row and both CFG branches)."""
 
     embeds: torch.Tensor  # (P, T, text_dim) in the transformer's dtype
+    # CLIP's penultimate hidden states of the image, (1, I, image_dim) in the transformer's dtype (checkpoints
+    # with an image embedder, Wan2.1 I2V), else None.
+    image_embeds: torch.Tensor | None = None
+    # The encoded image, fp32, or None (text to video). Wan 2.1 I2V: (1, 4 + C, F', h, w), [first-frame mask (4
+    # channels: the 4 frames of latent frame 0) | the normalised latents of the video [image, zeros, ...]],
+    # concatenated to the noise's channels. expand_timesteps (Wan 2.2 TI2V-5B): (1, C, 1, h, w), the normalised
+    # latents of the image alone, which replace latent frame 0 (its tokens at timestep 0).
+    condition: torch.Tensor | None = None
 
 
 class _ExpertCaches:
@@ -139,11 +149,22 @@ class WanPipeline(Pipeline):
                 from ditserve.compile import CompileConfig, compile_model
 
                 self.transformer_2 = compile_model(self.transformer_2, CompileConfig.for_engine(self.engine))
+        # An input image: Wan2.1 I2V checkpoints (an image embedder: CLIP features too) and expand_timesteps ones
+        # (Wan 2.2 TI2V-5B, text or image to video).
+        from diffusers.video_processor import VideoProcessor
+
         c = self.transformer.config
+        self.image_encoder = components.get("image_encoder")
+        self.image_processor = components.get("image_processor")
+        if c.image_dim is not None and (self.image_encoder is None or self.image_processor is None):
+            raise ConfigError("Wan: the transformer has an image embedder (image_dim) but the checkpoint has no "
+                              "image_encoder / image_processor")
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
         self.num_channels_latents = self.vae.config.z_dim
         self.patch_size = c.patch_size
         self._capabilities = Capabilities(
             family=self.FAMILY, guidance="cfg", output="video", two_experts=self.two_experts,
+            max_input_images=1 if (c.image_dim is not None or self.expand_timesteps) else 0,
             size_multiple=self.vae.config.scale_factor_spatial * max(c.patch_size[1], c.patch_size[2]),
             frame_rule=(self.vae.config.scale_factor_temporal, 1))
         self._plan: list[tuple[int, float]] = []  # per step of the current loop: (expert index, guidance)
@@ -212,9 +233,14 @@ class WanPipeline(Pipeline):
 
     # -------------------------------------------------------------------------------------------- stages
 
+    def batch_key(self, params: SamplingParams) -> tuple:
+        """The base's key plus the input image, if any (requests in one batch share it)."""
+        return (*super().batch_key(params), tuple(_image_key(im) for im in params.images))
+
     def encode_prompt(self, prompts: list[str], params: SamplingParams) -> WanText:
         """P prompts -> (P, T, text_dim), T = max_sequence_length: UMT5's last hidden state with the attention
-        mask, rows past each prompt's tokens set to zero (as diffusers pads them back)."""
+        mask, rows past each prompt's tokens set to zero (as diffusers pads them back). With an input image, its
+        CLIP features and VAE condition too (`WanText`)."""
         texts = [prompt_clean(p) for p in prompts]
         full = max(len(ids) for ids in self.tokenizer(texts, truncation=False).input_ids)
         if full > params.max_sequence_length:
@@ -224,10 +250,61 @@ class WanPipeline(Pipeline):
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
         states = self.text_encoder(ids, mask).last_hidden_state  # (P, T, text_dim)
         states = states * mask.bool().unsqueeze(-1)  # zero past each prompt (right padding)
-        return WanText(embeds=states.to(self.dtype))
+        text = WanText(embeds=states.to(self.dtype))
+        if params.images:
+            image = self.load_image(params.images[0])
+            if self.transformer.config.image_dim is not None:
+                pixels = self.image_processor(images=image, return_tensors="pt").pixel_values
+                pixels = pixels.to(self.device, next(self.image_encoder.parameters()).dtype)
+                hidden = self.image_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+                text.image_embeds = hidden.to(self.dtype)  # (1, I, image_dim)
+            text.condition = self.encode_condition(image, params)
+        return text
 
     def select_text(self, text: WanText, rows: list[int]) -> WanText:
-        return WanText(embeds=text.embeds.index_select(0, torch.tensor(rows, device=self.device)))
+        return dataclasses.replace(text, embeds=text.embeds.index_select(0, torch.tensor(rows, device=self.device)))
+
+    def load_image(self, image: Any):
+        """A path or PIL image -> an RGB PIL image."""
+        from pathlib import Path
+
+        from PIL import Image
+
+        if isinstance(image, (str, Path)):
+            try:
+                image = Image.open(image)
+                image.load()
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"images: cannot read {image}: {e}") from e
+        if not isinstance(image, Image.Image):
+            raise ConfigError(f"images: the input must be a path or a PIL image, got {type(image).__name__}")
+        return image.convert("RGB")
+
+    def encode_condition(self, image, params: SamplingParams) -> torch.Tensor:
+        """The VAE condition of the input image (`WanText.condition`), fp32: the image resized to the output size
+        (diffusers' VideoProcessor), VAE-encoded (its latent distribution's mode), normalised."""
+        pixels = self.video_processor.preprocess(image, height=params.height, width=params.width)  # (1, 3, H, W)
+        video = pixels.to(self.device, torch.float32).unsqueeze(2)  # (1, 3, 1, H, W)
+        if not self.expand_timesteps:  # the image, then num_frames - 1 black frames
+            video = torch.cat((video, video.new_zeros(1, 3, params.num_frames - 1, params.height, params.width)), 2)
+        z = self.vae.encode(video.to(self.vae_dtype)).latent_dist.mode().float()  # (1, C, F' or 1, h, w)
+        cfg = self.vae.config
+        shape = (1, cfg.z_dim, 1, 1, 1)
+        mean = torch.tensor(cfg.latents_mean, device=z.device).view(shape)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std, device=z.device).view(shape)
+        z = (z - mean) * inv_std
+        if self.expand_timesteps:
+            return z
+        mask = torch.zeros(1, self.capabilities.frame_rule[0], *z.shape[2:], device=z.device)  # (1, 4, F', h, w)
+        mask[:, :, 0] = 1  # latent frame 0 holds the 4 frames of the given image
+        return torch.cat((mask, z), dim=1)
+
+    @staticmethod
+    def _first_frame_mask(x: torch.Tensor) -> torch.Tensor:
+        """(1, 1, F', h, w): 0 on latent frame 0 (the image's), 1 elsewhere (expand_timesteps)."""
+        mask = torch.ones(1, 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+        mask[:, :, 0] = 0
+        return mask
 
     def latent_shape(self, n: int, params: SamplingParams) -> tuple[int, ...]:
         """(n, C, F', H/s, W/s) of the latents, s the VAE's spatial factor."""
@@ -268,10 +345,28 @@ class WanPipeline(Pipeline):
 
     def predict(self, x: torch.Tensor, i: int, t: torch.Tensor, text: WanText, ctx: Any) -> torch.Tensor:
         """x (B, C, F', h, w) fp32 -> the model's flow prediction (B, C, F', h, w) fp32 (the scheduler's input).
-        The model sees the raw timestep, one per sample."""
-        out = self.forward(hidden_states=x.to(self.dtype), timestep=t.expand(x.shape[0]),
-                           encoder_hidden_states=text.embeds)
+        The model sees the raw timestep, one per sample; with an input image, the condition (`WanText`) joins."""
+        B = x.shape[0]
+        timestep = t.expand(B)
+        if text.condition is not None and self.expand_timesteps:  # latent frame 0 is the image's, at timestep 0
+            m = self._first_frame_mask(x)
+            x = (1 - m) * text.condition + m * x  # (B, C, F', h, w)
+            pt, ph, pw = self.patch_size
+            timestep = (m[0, 0, ::pt, ::ph, ::pw] * t).flatten().unsqueeze(0).expand(B, -1)  # (B, L)
+        elif text.condition is not None:
+            x = torch.cat((x, text.condition.expand(B, -1, -1, -1, -1)), dim=1)  # (B, 2C + 4, F', h, w)
+        image = None if text.image_embeds is None else text.image_embeds.expand(B, -1, -1)
+        out = self.forward(hidden_states=x.to(self.dtype), timestep=timestep, encoder_hidden_states=text.embeds,
+                           encoder_hidden_states_image=image)
         return out.float()
+
+    def denoise(self, latents, text, schedule, params, cfg, progress=True):
+        """The base's loop; with expand_timesteps and an input image, the result's latent frame 0 is the image's."""
+        x = super().denoise(latents, text, schedule, params, cfg, progress=progress)
+        if text.condition is not None and self.expand_timesteps:
+            m = self._first_frame_mask(x)
+            x = (1 - m) * text.condition + m * x
+        return x
 
     def vae_latents(self, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         """latents * std + mean per channel, written as diffusers does it (latents / (1 / std) + mean)."""
@@ -287,6 +382,49 @@ class WanPipeline(Pipeline):
         z = self.vae_latents(latents, params).to(self.vae_dtype)  # (B, C, F', h, w)
         self.vae.use_tiling = self.tiled_decode(params.height, params.width)
         return self.vae.decode(z, return_dict=False)[0]  # (B, 3, F, H, W)
+
+
+# --------------------------------------------------------------------------------------------- image to video
+
+
+class WanImageToVideoPipeline(WanPipeline):
+    """Wan image-to-video: `WanPipeline` plus one input image (`SamplingParams.images`, the CLI's --image).
+    Components as diffusers' `WanImageToVideoPipeline`: the T2V ones, `image_encoder` (CLIPVisionModel) and
+    `image_processor` (CLIPImageProcessor) for checkpoints whose transformer has an image embedder (Wan2.1 I2V).
+
+    As diffusers 0.42 conditions it: the image resized to the output size, VAE-encoded (the mode of its
+    latent distribution) as the first frame of a video of zeros, normalised with latents_mean/std, and
+    concatenated to the noise with a 4-channel first-frame mask; CLIP's penultimate hidden states of the image
+    (through CLIP's own processor) feed the image cross-attention. With `expand_timesteps` (Wan 2.2 TI2V-5B) the
+    image's latents replace latent frame 0 at every step instead, its tokens at timestep 0, and in the result.
+    """
+
+    PIPELINE_CLASS = "WanImageToVideoPipeline"
+
+    def setup(self, components: dict[str, Any]) -> None:
+        super().setup(components)
+        self._capabilities = dataclasses.replace(self._capabilities, max_input_images=1)
+
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        if len(params.images) != 1:
+            raise ConfigError(f"images: {self.FAMILY} image-to-video takes exactly one input image (--image), "
+                              f"got {len(params.images)}")
+        return super().resolve(params)
+
+
+def _image_key(image: Any) -> Any:
+    """What identifies an input image in a batch key: its path, or the PIL object itself."""
+    from pathlib import Path
+
+    return str(image) if isinstance(image, (str, Path)) else id(image)
+
+
+def clip_image_processor():
+    """The image processor of a `--load-format dummy` I2V preset (`ModelSpec.tokenizers`): CLIP's defaults, which
+    are those of the released Wan2.1 I2V checkpoints (224 px, OpenAI's mean/std)."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor()
 
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -319,10 +457,24 @@ def _wan_spec(name: str, transformer: dict, *, vae: dict | None = None, flow_shi
                      tokenizers={"tokenizer": "ditserve.testing_wan:make_dummy_wan_tokenizer"})
 
 
+# openai/clip-vit-huge-patch14's vision tower (transformers CLIPVisionConfig), Wan2.1 I2V's image_encoder.
+CLIP_VIT_H_14_VISION: dict[str, Any] = {
+    "hidden_size": 1280, "intermediate_size": 5120, "projection_dim": 1024, "num_hidden_layers": 32,
+    "num_attention_heads": 16, "num_channels": 3, "image_size": 224, "patch_size": 14, "hidden_act": "gelu",
+    "layer_norm_eps": 1e-05, "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0,
+}
+
+
 def _presets() -> dict[str, ModelSpec]:
     from ditserve.models import wan as m
 
+    i2v = _wan_spec("wan2.1-i2v-14b-480p", m.WAN21_I2V_14B_TRANSFORMER, flow_shift=3.0)
+    i2v = dataclasses.replace(
+        i2v, pipeline="WanImageToVideoPipeline",
+        components={**i2v.components, "image_encoder": ("CLIPVisionModel", dict(CLIP_VIT_H_14_VISION))},
+        tokenizers={**i2v.tokenizers, "image_processor": "ditserve.pipelines.wan:clip_image_processor"})
     return {
+        "wan2.1-i2v-14b-480p": i2v,
         "wan2.1-t2v-1.3b": _wan_spec("wan2.1-t2v-1.3b", m.WAN21_T2V_1_3B_TRANSFORMER, flow_shift=3.0),
         "wan2.1-t2v-14b": _wan_spec("wan2.1-t2v-14b", m.WAN21_T2V_14B_TRANSFORMER, flow_shift=5.0,
                                     height=720, width=1280),
@@ -339,3 +491,4 @@ WAN21_T2V_1_3B = _PRESETS["wan2.1-t2v-1.3b"]
 WAN21_T2V_14B = _PRESETS["wan2.1-t2v-14b"]
 WAN22_T2V_A14B = _PRESETS["wan2.2-t2v-a14b"]
 WAN22_TI2V_5B = _PRESETS["wan2.2-ti2v-5b"]
+WAN21_I2V_14B_480P = _PRESETS["wan2.1-i2v-14b-480p"]
