@@ -63,10 +63,11 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto", p
                    help="channels-last + torch.compile of the VAE decoder (lossless; faster and about half the "
                         "decode's memory, measured in the README; the first decode compiles)")
     p.add_argument("--cuda-graphs", choices=list(CUDA_GRAPHS), default="auto",
-                   help="replay the denoise loop's transformer forward from a CUDA graph (exact; removes its host "
-                        "launch work): auto = on a CUDA GPU without --cache, for forwards of at most 8192 image "
-                        "tokens over the batch (e.g. 1024x1024 x2, 512x512 x8), where launches bound the step "
-                        "(default); on = every shape on a CUDA GPU without --cache (else an error); off = never")
+                   help="replay the denoise loop's transformer forward and the text encoders from CUDA graphs "
+                        "(exact; removes their host launch work): auto = on a CUDA GPU, forwards of at most 8192 "
+                        "image tokens over the batch (e.g. 1024x1024 x2, 512x512 x8) without --cache, text "
+                        "encoders always (default); on = every forward shape (an error without a CUDA GPU or with "
+                        "--cache); off = never")
     p.add_argument("--vae-streaming", choices=list(VAE_STREAMING), default="auto",
                    help="decode the VAE in strips of rows (exact up to summation order; 0.42 GiB of activations "
                         "at 1024x1024 instead of 2.37): auto = on a CUDA GPU (default), on = always, off = "
