@@ -128,7 +128,13 @@ def dummy_component(class_name: str, config: dict[str, Any], engine: EngineConfi
         with torch.device("meta"):
             model = cls.from_config(config)
         nn.Module.to(model, dtype)  # (diffusers' own `to` warns about fp32 modules on every dtype cast)
-        _materialize(model, device)
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+        if norms:  # batch-norm statistics (a VAE's latent normalisation): allocated, then reset to mean 0, var 1
+            model.to_empty(device=device)
+            for m in norms:
+                m.reset_running_stats()
+        else:
+            _materialize(model, device)
         random_init_(model)
         return _frozen(model)
     if kind == "transformers":
