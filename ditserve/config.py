@@ -49,7 +49,7 @@ FP8_FAST_ACCUM = ("auto", "on", "off")  # fp8 GEMMs' fast accumulation: the tier
 # The fp8 tier's default for fast accumulation (`ditserve.ops.fp8`): on (measured there).
 FP8_FAST_ACCUM_DEFAULT = True
 CFG_MODES = ("batched", "split")  # classifier-free guidance: both branches in one forward, or one after the other
-CUDA_GRAPHS = ("auto", "on", "off")  # the denoise forward from a CUDA graph: on CUDA without a cache, always, never
+CUDA_GRAPHS = ("auto", "on", "off")  # CUDA graphs of the DiT forward: small shapes, every shape, never
 
 
 @dataclass(frozen=True)
@@ -112,11 +112,13 @@ class EngineConfig:
         so FLUX.1 at its native size decodes exactly as diffusers does), "on" (always tiled) or "off" (never).
         Tiled decode bounds the decode's activation memory by the tile size instead of the image size; the
         overlapping tiles are blended, so it is lossy (see `ditserve.pipelines.base.VAE_TILE`).
-    cuda_graphs: the denoise loop's transformer forward replayed from a CUDA graph (exact: the same kernels),
-        which removes its ~60-120 ms of host (CPU) launch work. "auto" (default): for the fp8 tier on a CUDA GPU
-        without a block cache, whose ~89 ms of GPU work the host bounds on slower hosts (FLUX.1-dev on an H100:
-        109.1 -> 94.1 ms a forward); not in bf16, where it measured nothing (130.1 vs 131.0 ms) and would keep a
-        forward's activations reserved. "on": whenever it can apply (else a ConfigError); "off": never.
+    cuda_graphs: the denoise loop's transformer forward, and the text encoders a family lists, replayed from
+        CUDA graphs (exact: the same kernels), which removes their host (CPU) launch work. "auto" (default): on a
+        CUDA GPU, the forwards small enough that the host bounds them (`ditserve.cuda_graphs.AUTO_MAX_TOKENS`
+        image tokens over the batch), decided per shape, without a block cache; larger ones run as they are
+        (their GPU work hides the launches, and a graph would keep a forward's activations reserved); text
+        encoders always. "on": every shape (else a ConfigError where it cannot apply); "off": never. A block
+        cache cannot be graphed (its per-step decision changes which blocks run).
     vae_streaming: "auto" (default: on a CUDA GPU, images that are not tiled decode in strips of rows,
         `ditserve.pipelines.vae_decode`: the whole decode's result, summed in another order, with 431 MiB of
         activations at 1024x1024 instead of 2428 MiB, so the decode is not a request's memory peak; 129.6 ms
