@@ -182,7 +182,7 @@ def reference_wan_i2v(path: str | Path, image, prompt: str, *, height: int, widt
     as `reference_wan`."""
     from diffusers import WanImageToVideoPipeline
 
-    pipe = WanImageToVideoPipeline.from_pretrained(path, torch_dtype=torch.float32).to("cpu")
+    pipe = WanImageToVideoPipeline.from_pretrained(path, dtype=torch.float32).to("cpu")
     pipe.set_progress_bar_config(disable=True)
     frames = pipe(image=image, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
                   num_frames=num_frames, num_inference_steps=steps, guidance_scale=guidance,
@@ -199,7 +199,7 @@ def reference_wan(path: str | Path, prompt: str | list[str], *, height: int, wid
     ""); output_type="np", then round(x * 255)."""
     from diffusers import WanPipeline
 
-    pipe = WanPipeline.from_pretrained(path, torch_dtype=torch.float32).to("cpu")
+    pipe = WanPipeline.from_pretrained(path, dtype=torch.float32).to("cpu")
     pipe.set_progress_bar_config(disable=True)
     frames = pipe(prompt, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
                   num_inference_steps=steps, guidance_scale=guidance, guidance_scale_2=guidance_2,
