@@ -350,3 +350,18 @@ def test_generate_command_with_stacked_adapters_matches_diffusers(flux, tmp_path
     assert psnr(ours, reference(ref, {"a": 0.6, "k": 1.0})) >= 40
     assert main(["generate", "--model", str(path), "--prompt", PROMPT, "--lora", str(tmp_path / "x.ckpt"),
                  "--output", str(out), "--quiet"]) == 2  # a pickle file: one error line, exit code 2
+
+
+def test_only_the_transformer_component_is_adapted(flux):
+    """LoRA files adapt the component diffusers' load_lora_weights adapts, "transformer": a second DiT of a
+    pipeline (a two-expert model's transformer_2) is built without adapters."""
+    import json
+
+    from ditserve.loader.components import dummy_component
+
+    path, files, _ = flux
+    config = json.loads((path / "transformer" / "config.json").read_text())
+    engine_config = dataclasses.replace(CPU, lora=LoRAConfig((LoRASpec(str(files["a"])),), mode="unfused"))
+    first = dummy_component("FluxTransformer2DModel", config, engine_config, "transformer")
+    second = dummy_component("FluxTransformer2DModel", config, engine_config, "transformer_2")
+    assert first.lora.slots and not hasattr(second, "lora")

@@ -33,6 +33,7 @@ from ditserve import registry
 from ditserve.config import ConfigError, EngineConfig, ModelSpec
 from ditserve.loader.source import DEFAULT_MODEL_DIR, read_model_index, resolve_model
 from ditserve.loader.weights import find_weight_files, stream_into
+from ditserve.lora import LORA_COMPONENT
 from ditserve.logging import init_logger
 from ditserve.ops import OpsConfig, apply_fp8
 
@@ -80,7 +81,7 @@ def load_transformer(model: str | None, engine: EngineConfig,
             raise ConfigError(f"preset {source.name} has no component {component!r}; "
                               f"it has {', '.join(source.components)}")
         class_name, config = source.components[component]
-        return build_dit(class_name, config, engine, files=None), dict(config)
+        return build_dit(class_name, config, engine, files=None, component=component), dict(config)
     index = read_model_index(source)
     if component not in index.components:
         raise ConfigError(f"{source / 'model_index.json'} has no component {component!r}; "
@@ -89,7 +90,7 @@ def load_transformer(model: str | None, engine: EngineConfig,
     folder = _subfolder(source, component)
     config = _read_json(folder / "config.json")
     files = None if dummy else find_weight_files(folder)
-    return build_dit(class_name, config, engine, files), config
+    return build_dit(class_name, config, engine, files, component=component), config
 
 
 # ----------------------------------------------------------------------------------------- one component
@@ -101,7 +102,7 @@ def load_component(folder: Path, class_name: str, engine: EngineConfig) -> Any:
     device = engine.torch_device
     if kind == "dit":
         config = _read_json(folder / "config.json")
-        return build_dit(class_name, config, engine, find_weight_files(folder))
+        return build_dit(class_name, config, engine, find_weight_files(folder), component=folder.name)
     if kind == "diffusers":
         _read_json(folder / "config.json")
         find_weight_files(folder)  # refuses pickle-only folders before diffusers sees them
@@ -117,13 +118,14 @@ def load_component(folder: Path, class_name: str, engine: EngineConfig) -> Any:
     return cls.from_pretrained(folder)  # tokenizer or scheduler
 
 
-def dummy_component(class_name: str, config: dict[str, Any], engine: EngineConfig) -> Any:
+def dummy_component(class_name: str, config: dict[str, Any], engine: EngineConfig,
+                    component: str = "transformer") -> Any:
     """Build a model or scheduler from its config dict; models get random weights at full size, allocated
     directly on the engine's device (nothing is materialised on the host)."""
     kind, cls = _kind(class_name)
     device, dtype = engine.torch_device, _encoder_dtype(engine)
     if kind == "dit":
-        return build_dit(class_name, config, engine, files=None)
+        return build_dit(class_name, config, engine, files=None, component=component)
     if kind == "diffusers":
         with torch.device("meta"):
             model = cls.from_config(config)
@@ -148,12 +150,15 @@ def dummy_component(class_name: str, config: dict[str, Any], engine: EngineConfi
     raise ConfigError(f"{class_name} cannot be built from a config alone: load it from a model folder")
 
 
-def build_dit(class_name: str, config: dict[str, Any], engine: EngineConfig, files: list[Path] | None) -> nn.Module:
+def build_dit(class_name: str, config: dict[str, Any], engine: EngineConfig, files: list[Path] | None,
+              component: str = "transformer") -> nn.Module:
     """Build our DiT for diffusers class `class_name` from its config.json dict, in the engine's dtype on its
     device: on meta first, then materialised empty, then filled from `files` (safetensors, streamed) or, when
     `files` is None, with random weights. LoRA adapters (engine.lora) are then merged or given their slots
-    (`ditserve.lora`; the model's `lora` attribute). With engine.quantization "fp8", the layers the model
-    declares eligible are then quantised in place, one at a time (`ditserve.ops.fp8.apply_fp8`)."""
+    (`ditserve.lora`; the model's `lora` attribute) when `component` (the model_index.json name) is the one
+    LoRA files adapt, "transformer" (as diffusers' `load_lora_weights`; a second expert gets none). With
+    engine.quantization "fp8", the layers the model declares eligible are then quantised in place, one at a
+    time (`ditserve.ops.fp8.apply_fp8`)."""
     cls, config_cls = registry.component_class(class_name), registry.dit_config_class(class_name)
     cfg = config_cls.from_diffusers(config)
     device, dtype = engine.torch_device, engine.torch_dtype
@@ -165,7 +170,7 @@ def build_dit(class_name: str, config: dict[str, Any], engine: EngineConfig, fil
         random_init_(model)
     else:
         stream_into(model, files, model.weight_map(), device)
-    if engine.lora is not None:  # merged (fuse) before quantisation, or slots installed (unfused)
+    if engine.lora is not None and component == LORA_COMPONENT:  # merged before quantisation, or slots
         from ditserve.lora.adapters import attach
 
         attach(model, engine.lora, engine.quantization)
@@ -312,12 +317,12 @@ def _load_dummy(model: str | None, engine: EngineConfig) -> LoadedModel:
         else:
             config_file = folder / ("scheduler_config.json" if kind == "scheduler" else "config.json")
             config = _read_json(config_file)
-            components[name] = _timed(name, class_name, dummy_component, class_name, config, engine)
+            components[name] = _timed(name, class_name, dummy_component, class_name, config, engine, name)
     return LoadedModel(_model_name(model, source), source, index.pipeline_class, components)
 
 
 def _load_dummy_preset(spec: ModelSpec, engine: EngineConfig) -> LoadedModel:
-    components = {name: _timed(name, class_name, dummy_component, class_name, config, engine)
+    components = {name: _timed(name, class_name, dummy_component, class_name, config, engine, name)
                   for name, (class_name, config) in spec.components.items()}
     if spec.tokenizers:  # the preset names its own tokenizer builders
         for name, target in spec.tokenizers.items():

@@ -48,10 +48,13 @@ from pathlib import Path
 
 from ditserve.errors import ConfigError
 
-__all__ = ["LORA_MODES", "LORA_TARGETS", "LoRAConfig", "LoRASpec"]
+__all__ = ["LORA_COMPONENT", "LORA_MODES", "LORA_TARGETS", "LoRAConfig", "LoRASpec"]
 
 LORA_MODES = ("fuse", "unfused")
 LORA_TARGETS = ("auto", "all")
+# The model_index.json component LoRA files adapt (diffusers' `load_lora_weights` default); other DiTs of a
+# pipeline (a second expert) get none.
+LORA_COMPONENT = "transformer"
 
 
 # ------------------------------------------------------------------------------------------------- settings
