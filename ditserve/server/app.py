@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ditserve.config import ConfigError, SamplingParams
 from ditserve.logging import init_logger
+from ditserve.preflight import suggested_sizes
 from ditserve.engine import Engine
 from ditserve.server.config import ServerConfig
 from ditserve.server.files import OutputStore
@@ -325,7 +326,9 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
                              "quantization": engine.quantization if engine is not None else None,
                              "fp8_attention": bool(engine is not None and engine.fp8_attention),
                              "fp8_fast_accum": bool(engine is not None and engine.fp8_fast_accum_on),
-                             "output_formats": sorted(formats)})
+                             "output_formats": sorted(formats),
+                             # sizes the model draws well, its default first (the web page's size menu)
+                             "sizes": suggested_sizes(spec.default_height, spec.default_width)})
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:

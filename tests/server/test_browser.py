@@ -60,6 +60,8 @@ def test_web_page_generates_and_keeps_history(page_server, tmp_path):
             page = browser.new_page()
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)  # e.g. a 404
+            page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status == 404 else None)
             page.goto(live.url + "/")
             page.wait_for_function("document.getElementById('model-line').textContent.includes('default-model')",
                                    timeout=20_000)
@@ -67,20 +69,42 @@ def test_web_page_generates_and_keeps_history(page_server, tmp_path):
             assert (f"default {spec.default_width}x{spec.default_height}, {spec.default_steps} steps"
                     in page.inner_text("#model-line"))
             assert page.is_hidden("#api-key-label")  # no key configured
+            # The size menu offers what the model draws well, its default first, labelled in full.
+            options = page.eval_on_selector_all("#size option", "os => os.map(o => [o.value, o.textContent])")
+            assert options[0] == ["64x64", "64x64 (default)"] and ["128x128", "128x128"] in options
+            assert "256x256" not in [v for v, _ in options]
+            assert page.evaluate("(() => { const s = document.getElementById('size'); "
+                                 "return s.scrollWidth <= s.clientWidth; })()")
+            # A typed value is drawn in the text colour, unlike the grey label and placeholder.
+            page.fill("#steps", "2")
+            colours = page.evaluate("""(() => {
+                const c = (el, pseudo) => getComputedStyle(el, pseudo).color;
+                const steps = document.getElementById('steps');
+                return [c(steps), c(steps, '::placeholder'), c(steps.closest('label'))]; })()""")
+            assert colours[0] != colours[1] and colours[0] != colours[2], colours
+
+            # The browser's own validation blocks a submit: the status says so (no stale "done").
+            page.fill("#steps", "0")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').className === 'error'", timeout=5_000)
+            assert page.inner_text("#status").startswith("Steps:")
 
             page.fill("#prompt", "a red circle on a blue background")
-            page.select_option("#size", "256x256")
+            page.select_option("#size", "128x128")
             page.fill("#steps", "2")
             page.fill("#seed", str(BIG_SEED))
             page.click("#generate")
             page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=30_000)
             assert page.is_visible("#result")
-            assert page.evaluate("document.getElementById('result').naturalWidth") == 256
+            assert page.evaluate("document.getElementById('result').naturalWidth") == 128
             info = page.inner_text("#result-info")
-            assert f"seed {BIG_SEED}" in info and "256x256" in info and "2 steps" in info
+            assert f"seed {BIG_SEED}" in info and "128x128" in info and "2 steps" in info
+            # Shown scaled up by a whole factor, pixelated.
+            page.wait_for_function("document.getElementById('result').getBoundingClientRect().width >= 256")
+            assert page.evaluate("getComputedStyle(document.getElementById('result')).imageRendering") == "pixelated"
 
             shown = data_url_image(page.get_attribute("#result", "src"))
-            direct = pipe.generate(SamplingParams(prompt="a red circle on a blue background", height=256, width=256,
+            direct = pipe.generate(SamplingParams(prompt="a red circle on a blue background", height=128, width=128,
                                                   steps=2, seed=BIG_SEED), progress=False).images[0]
             diff = np.abs(np.asarray(shown, np.int16) - np.asarray(direct, np.int16))
             assert diff.max() <= 1  # the page shows the model's image for that request
@@ -96,12 +120,13 @@ def test_web_page_generates_and_keeps_history(page_server, tmp_path):
             assert page.input_value("#seed") == str(BIG_SEED)
             assert page.get_attribute("#result", "src") == page.locator("#history li img").nth(1).get_attribute("src")
 
+            assert errors == []  # no page error, no console error, no 404 (the favicon included)
             page.fill("#steps", "0")  # the server's 400 shows as an error on the page
             page.evaluate("document.getElementById('steps').removeAttribute('min')")
             page.click("#generate")
             page.wait_for_function("document.getElementById('status').className === 'error'", timeout=30_000)
             assert "400" in page.inner_text("#status") and "steps" in page.inner_text("#status")
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
-            assert errors == []
+            assert [e for e in errors if "status of 400" not in e] == []  # the console notes the 400 it got
         finally:
             browser.close()
