@@ -1,0 +1,375 @@
+"""One DiT family's forward and end-to-end image: ditserve beside diffusers, in one process, same weights.
+
+    python bench/family_step.py --family z-image [--size 1024] [--text-len 128] [--iters 10] [--steps 8]
+    python bench/family_step.py --family flux.1-dev --text-len 512
+    python bench/family_step.py --family flux.1-dev --text-len 512 --sweep [--sizes 512,1360x768] [--batches 1,4]
+
+For the family's preset (random weights at full size, bf16, GPU):
+  0. cold start: a fresh child process with an empty inductor cache builds the dummy DiT, compiles it as the
+     engine does (regional, dynamic shapes "auto") and runs one forward: "cold compile + first forward";
+  1. diffusers' transformer class built from the preset's config, random weights, and ours loaded from its
+     state dict (the loader's weight map): output relative error;
+  2. one forward (CUDA events, median of --iters): diffusers eager, diffusers regional compile
+     (`compile_repeated_blocks`), ditserve compiled (the engine's path), ditserve fp8 (`--quantization fp8`)
+     compiled, each also replayed from a CUDA graph (`_graphs`);
+  3. end to end: `Engine.load(preset, dummy, compile)` -> warmup -> a --steps image at --size (text encode,
+     denoise, decode), the engine's default path and the fp8 tier.
+Prints one JSON line last (ratio_vs_diffusers_compiled = ditserve compiled ms / diffusers regional compile ms).
+
+--sweep instead measures one forward at each size of --sizes and batch of --batches (both models compiled once,
+dynamic shapes as each does by default): diffusers regional compile, the same replayed from a CUDA graph (a
+manual capture of its compiled forward: the CUDA-graph path of `mode="reduce-overhead"` without a second compile),
+ditserve's default (`--cuda-graphs auto`: graphed where `AUTO_MAX_TOKENS` admits the shape) and ditserve graphed
+at every shape; ratio_vs_diffusers_compiled_by_size compares ditserve's default with the best diffusers row at
+batch 1. At the smallest size it also sums the GPU time of the default forward's kernels (host work hidden when
+the forward takes little more than that), and runs a --steps image end to end for the --e2e-preset preset.
+
+A family is one adapter below: how to build diffusers' class and call both models on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+from benchutil import commit, cuda_median_ms, log
+
+# ------------------------------------------------------------------------------------------- adapters
+
+
+# adapter(config, height, width, batch, text_len, device, dtype) -> (diffusers class, our forward's kwargs,
+# call_ref(diffusers model) -> its output on the same inputs, shaped as ours)
+
+
+def _flux_adapter(config: dict, height: int, width: int, batch: int, text_len: int, device, dtype):
+    from diffusers import FluxTransformer2DModel
+
+    from ditserve.models.flux import FluxConfig, flux_example_inputs
+
+    ours_inputs = flux_example_inputs(FluxConfig.from_diffusers(config), height, width, batch=batch,
+                                      text_len=text_len, device=device, dtype=dtype)
+
+    def call_ref(model):
+        return model(**ours_inputs, return_dict=False)[0]
+
+    return FluxTransformer2DModel, ours_inputs, call_ref
+
+
+def _z_image_adapter(config: dict, height: int, width: int, batch: int, text_len: int, device, dtype):
+    from diffusers import ZImageTransformer2DModel
+
+    from ditserve.models.z_image import ZImageConfig, ZImageTransformer
+
+    ours_inputs = ZImageTransformer.example_inputs(ZImageConfig.from_diffusers(config), height, width,
+                                                   text_len=text_len, device=device, dtype=dtype, batch=batch)
+    x = list(ours_inputs["hidden_states"].unsqueeze(2).unbind(0))  # B x (C, 1, h, w)
+    caps = list(ours_inputs["encoder_hidden_states"].unbind(0))  # B x (T, D)
+
+    def call_ref(model):
+        return torch.stack(model(x, ours_inputs["timestep"], caps, return_dict=False)[0]).squeeze(2)
+
+    return ZImageTransformer2DModel, ours_inputs, call_ref
+
+
+def _flux2_adapter(config: dict, height: int, width: int, batch: int, text_len: int, device, dtype):
+    from diffusers import Flux2Transformer2DModel
+
+    from ditserve.models.flux2 import Flux2Config, Flux2Transformer
+
+    ours_inputs = Flux2Transformer.example_inputs(Flux2Config.from_diffusers(config), height, width,
+                                                  text_len=text_len, device=device, dtype=dtype, batch=batch)
+
+    def call_ref(model):  # the same kwargs: ids (N, 4), guidance only for dev
+        return model(**ours_inputs, return_dict=False)[0]
+
+    return Flux2Transformer2DModel, ours_inputs, call_ref
+
+
+FAMILIES = {"flux.1-dev": _flux_adapter, "z-image": _z_image_adapter, "flux.2-dev": _flux2_adapter,
+            "flux.2-klein-4b": _flux2_adapter}
+PRESET = {"flux.1-dev": "flux.1-dev", "z-image": "z-image-turbo", "flux.2-dev": "flux.2-dev",
+          "flux.2-klein-4b": "flux.2-klein-4b"}
+
+
+# ------------------------------------------------------------------------------------------ measures
+
+
+def cold_start(preset: str, size: int, text_len: int) -> float:
+    """Seconds for a fresh process with an empty compile cache to build, compile and run one forward."""
+    code = f"""
+import time, torch
+from ditserve.config import EngineConfig
+from ditserve.loader import load_transformer
+from ditserve.compile import CompileConfig, compile_model
+e = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=True)
+m, _ = load_transformer({preset!r}, e)
+inputs = m.example_inputs(m.config, {size}, {size}, text_len={text_len}, device="cuda", dtype=torch.bfloat16)
+torch.cuda.synchronize(); t0 = time.perf_counter()
+compile_model(m, CompileConfig.for_engine(e))
+with torch.inference_mode():
+    m(**inputs)
+torch.cuda.synchronize(); print(time.perf_counter() - t0)
+"""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, DITSERVE_CACHE_DIR=cache)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def graphed(fn):
+    """fn replayed from a CUDA graph (captured after two warm calls)."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def kernel_profile(fn, iters: int = 3) -> dict:
+    """GPU time of fn's kernels by kind (GEMM, attention, Triton-generated, other) and the 10 costliest."""
+    from benchutil import kernel_times
+
+    rows = kernel_times(fn, iters)
+
+    def kind(name: str) -> str:
+        n = name.lower()
+        if any(k in n for k in ("flash", "fmha", "attention", "attn", "sdpa", "cudnn")):
+            return "attention"
+        if any(k in n for k in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "_mm_", "sm90")):
+            return "gemm"
+        return "triton" if n.startswith("triton") else "other"
+
+    by_kind: dict[str, float] = {}
+    for name, (ms, _) in rows.items():
+        by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + ms
+    top = sorted(rows.items(), key=lambda kv: -kv[1][0])[:10]
+    return {"total_ms": round(sum(ms for ms, _ in rows.values()), 2),
+            "by_kind_ms": {k: round(v, 2) for k, v in sorted(by_kind.items())},
+            "launches": sum(n for _, n in rows.values()),
+            "top": [[name[:90], round(ms, 3), n] for name, (ms, n) in top]}
+
+
+def release() -> None:
+    """Free what the last measurement left on the GPU before the next one allocates."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def time_compiled(model, engine, inputs: dict, iters: int) -> tuple[float, float]:
+    """Compile `model` as the engine does, then (ms a forward, ms a forward replayed from a CUDA graph)."""
+    from ditserve.compile import CompileConfig, compile_model
+
+    compile_model(model, CompileConfig.for_engine(engine))
+
+    def call():
+        return model(**inputs)
+
+    return cuda_median_ms(call, iters, 2), cuda_median_ms(graphed(call), iters, 2)
+
+
+def end_to_end(preset: str, size: int, steps: int, quantization: str | None, runs: int = 3,
+               width: int | None = None) -> dict:
+    from ditserve.config import EngineConfig, SamplingParams
+    from ditserve.engine import Engine
+
+    cfg = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=True, quantization=quantization)
+    t0 = time.perf_counter()
+    engine = Engine.load(preset, cfg)
+    load_s = time.perf_counter() - t0
+    width = width or size
+    warm_s = engine.warmup(size, width, steps)
+    req = SamplingParams(prompt="a red apple on a wooden table, studio light", height=size, width=width,
+                         steps=steps, seed=0)
+    first = engine.generate(req)
+    outs = [engine.generate(req) for _ in range(runs)]
+    totals = sorted(o.timings["total_s"] for o in outs)
+    rec = {"load_s": round(load_s, 2), "warmup_s": round(warm_s, 2),
+           "first_request_s": round(first.timings["total_s"], 4), "image_s": round(totals[len(totals) // 2], 4),
+           "stages_s": {k: round(outs[-1].timings[k], 4) for k in ("text_encode_s", "denoise_s", "decode_s")},
+           "peak_gib": round(max(o.peak_memory_bytes for o in outs) / 2**30, 2),
+           "cuda_graph_mib": round(engine.pipeline.graph_memory_bytes / 2**20)}
+    del engine
+    release()
+    return rec
+
+
+def _parse_sizes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        w, _, h = item.partition("x")
+        out.append((int(h or w), int(w)))  # (height, width)
+    return out
+
+
+def sweep(args, rec: dict, preset: str, config: dict, device, dtype) -> int:
+    """--sweep: see the module docstring."""
+    from benchutil import kernel_times
+
+    from ditserve.config import EngineConfig
+    from ditserve.cuda_graphs import AUTO_MAX_TOKENS, GraphedForward
+    from ditserve.loader import load_transformer
+
+    sizes, batches = _parse_sizes(args.sizes), [int(b) for b in args.batches.split(",")]
+    ref_cls = FAMILIES[args.family](config, 64, 64, 1, 8, device, dtype)[0]
+    with torch.device(device):
+        ref = ref_cls.from_config(config).to(dtype).eval().requires_grad_(False)
+    engine = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=True)
+    ours, _ = load_transformer(preset, engine)
+    ours.load_diffusers_state_dict(ref.state_dict())
+    from ditserve.compile import CompileConfig, compile_model
+
+    compile_model(ours, CompileConfig.for_engine(engine))
+    ref.compile_repeated_blocks(fullgraph=True)
+    rows, ratios = [], {}
+    with torch.inference_mode():
+        for (h, w) in sizes:
+            for b in batches:
+                _, inputs, call_ref = FAMILIES[args.family](config, h, w, b, args.text_len, device, dtype)
+                run_ref = functools.partial(call_ref, ref)
+
+                def run_ours():
+                    return ours(**inputs)
+
+                iters = args.iters if h * w * b <= 1024 * 1024 * 4 else max(3, args.iters // 3)
+                row = {"height": h, "width": w, "batch": b, "tokens": (h // 16) * (w // 16) * b}
+                t = {"diffusers_compiled": cuda_median_ms(run_ref, iters, 2)}
+                t["diffusers_compiled_graph"] = cuda_median_ms(graphed(run_ref), iters, 2)
+                release()
+                default = GraphedForward(ours, admit=lambda: row["tokens"] <= AUTO_MAX_TOKENS)
+                t["ditserve_default"] = cuda_median_ms(lambda: default(**inputs), iters, 3)
+                row["default_graphed"] = bool(default.graphs)
+                row["graph_mib"] = round(default.memory_bytes / 2**20)
+                if default.graphs:
+                    t["ditserve_graphs_on"] = t["ditserve_default"]
+                else:
+                    t["ditserve_graphs_on"] = cuda_median_ms(graphed(run_ours), iters, 2)
+                t["ditserve_no_graphs"] = (cuda_median_ms(run_ours, iters, 2) if default.graphs
+                                           else t["ditserve_default"])
+                if (h, w) == sizes[0] and b == 1:  # the GPU time of the default forward's own kernels
+                    row["kernel_sum_ms"] = round(sum(ms for ms, _ in kernel_times(lambda: default(**inputs), 3)
+                                                     .values()), 2)
+                del default
+                release()
+                best = min(t["diffusers_compiled"], t["diffusers_compiled_graph"])
+                row["forward_ms"] = {k: round(v, 2) for k, v in t.items()}
+                row["ratio_default_vs_best_diffusers"] = round(t["ditserve_default"] / best, 3)
+                row["ratio_graphs_on_vs_best_diffusers"] = round(t["ditserve_graphs_on"] / best, 3)
+                rows.append(row)
+                if b == 1:
+                    ratios[f"{w}x{h}"] = row["ratio_default_vs_best_diffusers"]
+                log(f"{w}x{h} x{b}: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items())
+                    + f" ms | default/best diffusers {row['ratio_default_vs_best_diffusers']}"
+                    + (f" | kernels {row['kernel_sum_ms']} ms" if "kernel_sum_ms" in row else ""))
+    del ref, ours, run_ref, run_ours, inputs  # the closures hold the models too
+    release()
+    rec["sweep"] = rows
+    rec["ratio_vs_diffusers_compiled_by_size"] = ratios
+    if not args.skip_e2e:
+        h, w = sizes[0]
+        rec["e2e_smallest"] = end_to_end(args.e2e_preset or preset, h, args.steps, None, width=w)
+        log(f"end to end {args.e2e_preset or preset} {w}x{h}, {args.steps} steps: {rec['e2e_smallest']}")
+    print(json.dumps(rec))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=sorted(FAMILIES), required=True)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--text-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--skip-cold", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="GPU time by kernel kind of both compiled forwards")
+    ap.add_argument("--sweep", action="store_true", help="one forward at each of --sizes x --batches (see above)")
+    ap.add_argument("--sizes", default="512,768,1024,1360x768,2048", help="--sweep sizes: S (square) or WxH")
+    ap.add_argument("--batches", default="1,4", help="--sweep batch sizes")
+    ap.add_argument("--e2e-preset", default=None, help="--sweep: preset of the end-to-end image at the smallest "
+                                                       "size (default: the family's)")
+    args = ap.parse_args()
+
+    from ditserve import registry
+    from ditserve.config import EngineConfig
+    from ditserve.loader import load_transformer
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    preset = PRESET[args.family]
+    rec: dict = {"bench": "family_step", "family": args.family, "preset": preset, "commit": commit(),
+                 "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "size": args.size,
+                 "text_len": args.text_len}
+    import diffusers
+    rec["diffusers"] = diffusers.__version__
+
+    if not args.skip_cold:
+        rec["cold_compile_first_forward_s"] = round(cold_start(preset, args.size, args.text_len), 2)
+        log(f"cold compile + first forward: {rec['cold_compile_first_forward_s']} s")
+
+    spec = registry.preset(preset)
+    class_name, config = spec.components["transformer"]
+    if args.sweep:
+        return sweep(args, rec, preset, config, device, dtype)
+    ref_cls, inputs, call_ref = FAMILIES[args.family](config, args.size, args.size, 1, args.text_len, device, dtype)
+    with torch.device(device):
+        ref = ref_cls.from_config(config).to(dtype).eval().requires_grad_(False)
+    engine = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=True)
+    ours, _ = load_transformer(preset, engine)
+    ours.load_diffusers_state_dict(ref.state_dict())
+    times = {}
+    with torch.inference_mode():
+        run_ref = functools.partial(call_ref, ref)
+        want, got = run_ref().float(), ours(**inputs).float()
+        rec["rel_err_vs_diffusers"] = round(((got - want).norm() / want.norm()).item(), 5)
+        times["diffusers_eager"] = cuda_median_ms(run_ref, args.iters, 2)
+        ref.compile_repeated_blocks(fullgraph=True)
+        t0 = time.perf_counter()
+        run_ref()
+        torch.cuda.synchronize()
+        rec["diffusers_regional_compile_s"] = round(time.perf_counter() - t0, 2)
+        times["diffusers_regional_compile"] = cuda_median_ms(run_ref, args.iters, 2)
+        if args.profile:
+            rec["profile_diffusers_compiled"] = kernel_profile(run_ref)
+        del ref, run_ref
+        release()
+        times["ditserve_compiled"], times["ditserve_compiled_graphs"] = time_compiled(ours, engine, inputs, args.iters)
+        if args.profile:
+            rec["profile_ditserve_compiled"] = kernel_profile(lambda: ours(**inputs))
+            for who in ("diffusers", "ditserve"):
+                log(f"{who} kernels: {json.dumps(rec[f'profile_{who}_compiled'])}")
+        del ours
+        release()
+        # the fp8 tier (its own dummy weights: the speed does not depend on the values)
+        fp8 = replace(engine, quantization="fp8")
+        q, _ = load_transformer(preset, fp8)
+        times["ditserve_fp8"], times["ditserve_fp8_graphs"] = time_compiled(q, fp8, inputs, args.iters)
+        del q
+        release()
+    rec["forward_ms"] = {k: round(v, 2) for k, v in times.items()}
+    base = times["diffusers_regional_compile"]
+    rec["ratio_vs_diffusers_compiled"] = round(times["ditserve_compiled"] / base, 3)
+    rec["ratio_fp8_vs_diffusers_compiled"] = round(times["ditserve_fp8"] / base, 3)
+    for k, v in rec["forward_ms"].items():
+        log(f"{k:32s} {v:9.2f} ms  ({v / base:.3f}x diffusers compiled)")
+
+    if not args.skip_e2e:
+        rec["e2e_bf16"] = end_to_end(preset, args.size, args.steps, None)
+        log(f"end to end bf16: {rec['e2e_bf16']}")
+        rec["e2e_fp8"] = end_to_end(preset, args.size, args.steps, "fp8")
+        log(f"end to end fp8: {rec['e2e_fp8']}")
+    print(json.dumps(rec))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
