@@ -250,8 +250,12 @@ class QwenImagePipeline(Pipeline):
 
     def resolve(self, params: SamplingParams) -> SamplingParams:
         """As the base, then diffusers' rule for true CFG: without a negative prompt a guidance > 1 runs one
-        branch, so the request is recorded (and batched) at guidance 1."""
+        branch, so the request is recorded (and batched) at guidance 1. A shift_terminal schedule needs 2 steps (one
+        step gives diffusers' scheduler NaN sigmas)."""
         p = super().resolve(params)
+        if p.steps < 2 and self.scheduler.config.get("shift_terminal"):
+            raise ConfigError(f"steps must be at least 2 for this checkpoint's schedule (its shift_terminal stretches "
+                              f"the sigmas between the first and the last step), got {p.steps}")
         if p.guidance > 1 and p.negative_prompt is None:
             if params.guidance is not None:
                 logger.warning(f"guidance {p.guidance} runs no classifier-free guidance without a negative prompt "
