@@ -2,6 +2,7 @@
 
     python bench/family_step.py --family z-image [--size 1024] [--text-len 128] [--iters 10] [--steps 8]
     python bench/family_step.py --family flux.1-dev --text-len 512
+    python bench/family_step.py --family wan --size 480 --width 832 --text-len 512 --steps 2 [--preset wan2.1-t2v-14b]
     python bench/family_step.py --family flux.1-dev --text-len 512 --sweep [--sizes 512,1360x768] [--batches 1,4]
 
 For the family's preset (random weights at full size, bf16, GPU):
@@ -98,6 +99,28 @@ FAMILIES = {"flux.1-dev": _flux_adapter, "z-image": _z_image_adapter, "flux.2-de
             "flux.2-klein-4b": _flux2_adapter}
 PRESET = {"flux.1-dev": "flux.1-dev", "z-image": "z-image-turbo", "flux.2-dev": "flux.2-dev",
           "flux.2-klein-4b": "flux.2-klein-4b"}
+
+
+WAN_FRAMES = 81  # Wan's default video length (21 latent frames)
+
+
+def _wan_adapter(config: dict, height: int, width: int, batch: int, text_len: int, device, dtype):
+    """Wan: a WAN_FRAMES-frame video, both CFG branches in one forward (2 * batch rows, the engine's batched CFG).
+    480x832 with the 1.3B preset: 21 x 30 x 52 = 32,760 tokens a video."""
+    from diffusers import WanTransformer3DModel
+
+    from ditserve.models.wan import WanConfig, WanTransformer
+
+    ours_inputs = WanTransformer.example_inputs(WanConfig.from_diffusers(config), height, width, text_len=text_len,
+                                                num_frames=WAN_FRAMES, device=device, dtype=dtype, batch=2 * batch)
+
+    def call_ref(model):
+        return model(**ours_inputs, return_dict=False)[0]
+
+    return WanTransformer3DModel, ours_inputs, call_ref
+
+
+FAMILIES["wan"], PRESET["wan"] = _wan_adapter, "wan2.1-t2v-1.3b"
 
 
 # ------------------------------------------------------------------------------------------ measures
@@ -287,6 +310,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=sorted(FAMILIES), required=True)
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=None, help="width if not --size (a non-square forward)")
+    ap.add_argument("--preset", default=None, help="another preset of the family (e.g. wan2.1-t2v-14b)")
     ap.add_argument("--text-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--iters", type=int, default=10)
@@ -305,7 +330,8 @@ def main() -> int:
     from ditserve.loader import load_transformer
 
     device, dtype = torch.device("cuda"), torch.bfloat16
-    preset = PRESET[args.family]
+    preset = args.preset or PRESET[args.family]
+    width = args.width or args.size
     rec: dict = {"bench": "family_step", "family": args.family, "preset": preset, "commit": commit(),
                  "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "size": args.size,
                  "text_len": args.text_len}
@@ -320,7 +346,7 @@ def main() -> int:
     class_name, config = spec.components["transformer"]
     if args.sweep:
         return sweep(args, rec, preset, config, device, dtype)
-    ref_cls, inputs, call_ref = FAMILIES[args.family](config, args.size, args.size, 1, args.text_len, device, dtype)
+    ref_cls, inputs, call_ref = FAMILIES[args.family](config, args.size, width, 1, args.text_len, device, dtype)
     with torch.device(device):
         ref = ref_cls.from_config(config).to(dtype).eval().requires_grad_(False)
     engine = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=True)
@@ -363,9 +389,9 @@ def main() -> int:
         log(f"{k:32s} {v:9.2f} ms  ({v / base:.3f}x diffusers compiled)")
 
     if not args.skip_e2e:
-        rec["e2e_bf16"] = end_to_end(preset, args.size, args.steps, None)
+        rec["e2e_bf16"] = end_to_end(preset, args.size, args.steps, None, width=width)
         log(f"end to end bf16: {rec['e2e_bf16']}")
-        rec["e2e_fp8"] = end_to_end(preset, args.size, args.steps, "fp8")
+        rec["e2e_fp8"] = end_to_end(preset, args.size, args.steps, "fp8", width=width)
         log(f"end to end fp8: {rec['e2e_fp8']}")
     print(json.dumps(rec))
     return 0
