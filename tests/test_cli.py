@@ -232,6 +232,15 @@ def test_model_path_that_is_a_file_or_lacks_model_index(tmp_path, capsys):
         assert len(lines) == 1 and str(model) in lines[0]
 
 
+def test_folder_of_pickles_says_pickle(tmp_path, capsys):
+    """A folder holding only a .bin (no model_index.json): the one line says why ditserve will not open it."""
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "pytorch_model.bin").write_bytes(b"\x80\x04not opened")
+    assert main(["generate", "--model", str(tmp_path / "ckpt"), "--prompt", PROMPT]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "no model_index.json" in line and "pickle checkpoints (pytorch_model.bin)" in line
+
+
 def test_missing_prompt_and_unknown_command(capsys):
     assert main(["generate"]) == 2
     assert "--prompt" in capsys.readouterr().err

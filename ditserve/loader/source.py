@@ -35,9 +35,14 @@ def is_hub_id(model: str) -> bool:
 def check_model_folder(path: Path) -> Path:
     """Return `path` if it is a diffusers-format model folder (has model_index.json), else raise ConfigError."""
     if not (path / MODEL_INDEX).is_file():
+        from ditserve.loader.weights import PICKLE_SUFFIXES
+
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        also = (f"; it holds pickle checkpoints ({', '.join(pickles)}), which ditserve never opens (unpickling "
+                f"can run arbitrary code): use the model's safetensors release in diffusers format") if pickles else ""
         raise ConfigError(
             f"{path} is not a diffusers-format model folder: it has no {MODEL_INDEX} "
-            f"(expected {MODEL_INDEX} plus one subfolder per component, each with config.json and safetensors)")
+            f"(expected {MODEL_INDEX} plus one subfolder per component, each with config.json and safetensors){also}")
     return path
 
 
