@@ -34,10 +34,15 @@ Modes (`LoRAConfig.mode`):
   zero and the side products still run (their cost is the mode's cost). Not with `--quantization fp8`
   (refused: fp8 takes merged adapters).
 
-Engine API (`Engine.lora`, a `LoRAManager`, None without LoRA): `load(name, path)`, `unload(name)`,
-`adapters` (name -> `LoRAAdapter`), and per request `SamplingParams.extra["lora"]`: a list of (name, weight)
-pairs or {"name": ..., "weight": ...} dicts; absent: the adapters the engine started with, [] none. Requests that
-select different adapters never share a batch (`selection` is part of the pipeline's batch key).
+Engine API (`Engine.lora`, a `ditserve.lora.adapters.LoRAManager`, None without LoRA): `load(name, path)`,
+`unload(name)`, `info()`, `adapters` (name -> `LoRAAdapter`), and per request `SamplingParams.extra["lora"]`: a
+list of (name, weight) pairs or {"name": ..., "weight": ...} dicts; absent: the adapters the engine started with,
+[] none. Requests that select different adapters never share a batch (`selection` is part of the pipeline's batch
+key). Only the pipeline's "transformer" component is adapted (`LORA_COMPONENT`).
+
+What a family provides: nothing beyond its `weight_map()` (every diffusers key -> our parameter and rows) and
+`ditserve.ops` Linear layers; optionally `lora_aliases()` for kohya files that use its original checkpoint's
+module names.
 """
 
 from __future__ import annotations

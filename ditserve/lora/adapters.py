@@ -17,6 +17,7 @@ from torch import nn
 
 from ditserve.errors import ConfigError
 from ditserve.lora import LoRAConfig, LoRASpec
+from ditserve.ops.linear import Linear
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes into a folder
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -76,8 +77,6 @@ class Target:
 def model_targets(model: nn.Module) -> dict[str, Target]:
     """Every diffusers Linear module name of `model`'s weight map -> its Target (only weights that fill a 2-D
     weight of one of our Linear layers)."""
-    from ditserve.ops.linear import Linear
-
     out = {}
     modules = dict(model.named_modules())
     for key, (param, start, stop) in model.weight_map().items():
@@ -127,7 +126,7 @@ class LoRAAdapter:
     path: str
     format: str
     factors: list[Factor] = field(default_factory=list)
-    stats: dict[str, int] = field(default_factory=dict)  # rank, layers, bytes (fp32) as parsed, for listings
+    stats: dict[str, int] = field(default_factory=dict)  # rank, layers, bytes as parsed, for listings
 
     @property
     def rank(self) -> int:
@@ -203,13 +202,13 @@ def parse_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str], mo
             if marker in key:
                 raise ConfigError(f"{where}: key {key!r} holds {what}; only plain LoRA (A/B or down/up) is supported")
     kohya = any(k.endswith(".lora_down.weight") for k in tensors)
-    targets = model_targets(model)
+    targets, aliases = model_targets(model), _aliases(model)
     modules = {layer.linear: layer for layer in targets.values()}
     linear_inputs = {n: m.in_features for n, m in model.named_modules() if n in modules}
     adapter = LoRAAdapter(name=name, path=str(path), format="kohya" if kohya else "diffusers")
-    pairs = _kohya_pairs(tensors, model, targets, where) if kohya else _diffusers_pairs(tensors, metadata, where)
+    pairs = _kohya_pairs(tensors, aliases, targets, where) if kohya else _diffusers_pairs(tensors, metadata, where)
     for module, key, down, up, scale in pairs:
-        pieces = _pieces(module, targets, _aliases(model), key, where)
+        pieces = _pieces(module, targets, aliases, key, where)
         in_features = linear_inputs[pieces[0].linear]
         rows = sum(p.stop - p.start for p in pieces)
         if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
@@ -267,9 +266,9 @@ def _diffusers_pairs(tensors, metadata, where):
     return out
 
 
-def _kohya_pairs(tensors, model, targets, where):
+def _kohya_pairs(tensors, aliases, targets, where):
     """(module name: diffusers or alias, key, down, up, scale) of a kohya / sd-scripts state dict."""
-    names = {m.replace(".", "_"): m for m in (*targets, *_aliases(model))}
+    names = {m.replace(".", "_"): m for m in (*targets, *aliases)}
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         base, _, part = key.partition(".")
