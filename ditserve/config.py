@@ -132,6 +132,9 @@ class EngineConfig:
         one forward of twice the batch) or "split" (one forward per branch, each with its own DiT-cache state;
         less activation memory). Exact either way, up to the rounding of batched kernels.
     lora: LoRA adapters (`ditserve.lora.LoRAConfig`: files and weights, "fuse" or "unfused" mode), or None.
+    offload_text_encoder: the text encoder lives in host memory and comes to the device only while it encodes
+        prompts (families that declare it: one whose DiT and text encoder do not fit on the GPU together; each
+        request then copies the encoder's weights to the device). Refused by the other families. Off by default.
     """
 
     device: str | None = None
@@ -153,6 +156,7 @@ class EngineConfig:
     vae_streaming: str = "auto"
     cfg_mode: str = "batched"
     lora: LoRAConfig | None = None
+    offload_text_encoder: bool = False
 
     def __post_init__(self):
         parse_cache(self.cache)  # raises ConfigError for unknown names, knobs or values

@@ -114,7 +114,7 @@ def load_component(folder: Path, class_name: str, engine: EngineConfig) -> Any:
         find_weight_files(folder)
         # Loaded on the host, then moved: transformers' direct-to-device loading (device_map) needs accelerate.
         model = cls.from_pretrained(folder, dtype=_encoder_dtype(engine), use_safetensors=True)
-        return _frozen(model.to(device))
+        return _frozen(model.to(_text_encoder_device(engine)))
     return cls.from_pretrained(folder)  # tokenizer or scheduler
 
 
@@ -142,7 +142,7 @@ def dummy_component(class_name: str, config: dict[str, Any], engine: EngineConfi
     if kind == "transformers":
         with torch.device("meta"):  # transformers skips weight init on meta
             model = cls(cls.config_class.from_dict(config)).to(dtype)
-        model.to_empty(device=device)
+        model.to_empty(device=_text_encoder_device(engine))
         model.init_weights()  # the model's own init, which also restores buffers (CLIP's position_ids)
         return _frozen(model)
     if kind == "scheduler":
@@ -239,6 +239,12 @@ def _kind(class_name: str) -> tuple[str, type]:
         if issubclass(cls, base):
             return kind, cls
     raise RuntimeError(f"registry class {class_name} ({cls}) is of no kind the loader knows how to load")
+
+
+def _text_encoder_device(engine: EngineConfig) -> torch.device:
+    """Where a text encoder (a transformers model) is placed: the engine's device, or the host with
+    EngineConfig.offload_text_encoder (the pipeline brings it to the device to encode)."""
+    return torch.device("cpu") if engine.offload_text_encoder else engine.torch_device
 
 
 def _encoder_dtype(engine: EngineConfig) -> torch.dtype:

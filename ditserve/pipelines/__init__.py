@@ -26,6 +26,11 @@ def load_pipeline(model: str | None, engine) -> tuple[str, Any]:
         warm_compile_workers(device=engine.torch_device)
     loaded = load_model(model, engine)
     cls = pipeline_class(loaded.pipeline_class)
+    if engine.offload_text_encoder and not getattr(cls, "OFFLOADS_TEXT_ENCODER", False):
+        from ditserve.errors import ConfigError
+
+        raise ConfigError(f"--offload-text-encoder is not supported by {cls.FAMILY}: its pipeline keeps the text "
+                          f"encoder on the device")
     components = dict(loaded.components)
     if loaded.path is not None:  # model_index.json's pipeline options travel with the components, as diffusers
         components.update(read_model_index(loaded.path).options)  # passes both to a pipeline's constructor

@@ -141,6 +141,35 @@ def trim_text_encoder(encoder: nn.Module, deepest: int) -> None:
             encoder.config.layer_types = encoder.config.layer_types[:deepest]
 
 
+class OffloadedTextEncoder:
+    """A text encoder kept in host memory between prompts (EngineConfig.offload_text_encoder): each call copies
+    its weights to `device` (from pinned memory where the device is a GPU), runs it, and drops the device copies,
+    so the device holds the encoder only while it encodes. Not an nn.Module: the pipeline base leaves it where it
+    is."""
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        self.module, self.device = module, device
+        pin = device.type == "cuda"
+        self.tensors = []  # (parameter or buffer owner, name, host tensor)
+        for owner in module.modules():
+            for name, t in [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]:
+                host = t.data.pin_memory() if pin else t.data
+                t.data = host
+                self.tensors.append((t, host))
+
+    def __call__(self, **kwargs):
+        try:
+            for t, host in self.tensors:
+                t.data = host.to(self.device, non_blocking=True)
+            return self.module(**kwargs)
+        finally:
+            for t, host in self.tensors:
+                t.data = host
+
+    def __getattr__(self, name: str):  # layers, norm, config, ...: the module's
+        return getattr(self.module, name)
+
+
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
@@ -172,6 +201,7 @@ class Flux2Pipeline(Pipeline):
     REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     TEXT_LAYERS = DEV_TEXT_LAYERS
     DEFAULT_STEPS, DEFAULT_GUIDANCE = 50, 4.0
+    OFFLOADS_TEXT_ENCODER = True  # EngineConfig.offload_text_encoder: see OffloadedTextEncoder
 
     def setup(self, components: dict[str, Any]) -> None:
         from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
@@ -182,6 +212,9 @@ class Flux2Pipeline(Pipeline):
         self.tokenizer = components["tokenizer"]
         self.scheduler = components["scheduler"]
         trim_text_encoder(self.text_encoder, max(self.TEXT_LAYERS))
+        if self.engine.offload_text_encoder:  # host memory between prompts (the loader placed it on the host);
+            # replaced in `components` too, where the base would move every nn.Module to the device
+            self.text_encoder = components["text_encoder"] = OffloadedTextEncoder(self.text_encoder, self.device)
         self.latent_channels = self.transformer.config.in_channels  # 4x the VAE's (2x2 patches)
         self.image_processor = Flux2ImageProcessor(vae_scale_factor=16)
         self._capabilities = self.make_capabilities(components)

@@ -151,3 +151,24 @@ def test_cli_generate_matches_diffusers(dev_folder, tmp_path):
     ref = reference_flux2(dev_folder, PROMPT, height=64, width=96, steps=3, guidance=3.5, seed=7,
                           images=[Image.open(p) for p in paths])
     assert psnr(ours, ref) >= 40
+
+
+def test_offload_text_encoder(dev_folder, capsys):
+    """--offload-text-encoder: the text encoder stays in host memory (its weights are the host tensors again
+    after every call) and the image is the one without offloading; families without it refuse the flag."""
+    from ditserve.pipelines.flux2 import OffloadedTextEncoder
+
+    req = SamplingParams(prompt=PROMPT, height=64, width=64, steps=2, seed=9)
+    engine = Engine.load(str(dev_folder), EngineConfig(device="cpu", offload_text_encoder=True))
+    te = engine.pipeline.text_encoder
+    assert isinstance(te, OffloadedTextEncoder) and len(te.layers) == 30
+    hosts = [(t, host.data_ptr()) for t, host in te.tensors]
+    assert len(hosts) == len(list(te.module.parameters())) + len(list(te.module.buffers()))
+    out = engine.generate(req).frames
+    assert all(t.device.type == "cpu" and t.data_ptr() == ptr for t, ptr in hosts)
+    assert np.array_equal(out, Engine.load(str(dev_folder), EngineConfig(device="cpu")).generate(req).frames)
+    with pytest.raises(ConfigError, match="--offload-text-encoder is not supported by FLUX.1"):
+        Engine.load(None, EngineConfig(device="cpu", offload_text_encoder=True))
+    assert main(["generate", "--prompt", "a", "--offload-text-encoder", "--device", "cpu", "--output",
+                 "/tmp/never.png"]) == 2
+    assert "--offload-text-encoder is not supported by FLUX.1" in capsys.readouterr().err
