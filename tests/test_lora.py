@@ -365,3 +365,31 @@ def test_only_the_transformer_component_is_adapted(flux):
     first = dummy_component("FluxTransformer2DModel", config, engine_config, "transformer")
     second = dummy_component("FluxTransformer2DModel", config, engine_config, "transformer_2")
     assert first.lora.slots and not hasattr(second, "lora")
+
+
+def test_scales_from_alpha_keys_metadata_patterns_and_rslora(flux):
+    """alpha / r from `.alpha` keys, from lora_adapter_metadata (lora_alpha, an alpha_pattern entry, rsLoRA's
+    alpha / sqrt(r)); 1 with neither. Original-checkpoint prefixes are accepted."""
+    import json
+
+    from ditserve.loader import load_transformer
+    from ditserve.lora.adapters import parse_adapter
+
+    path, _, _ = flux
+    model, _ = load_transformer(str(path), CPU)
+
+    def pair(module, r, prefix="transformer."):
+        return {f"{prefix}{module}.lora_A.weight": torch.ones(r, 32),
+                f"{prefix}{module}.lora_B.weight": torch.ones(32, r)}
+
+    def scales(sd, **meta):  # module's last name -> its scale
+        packed = {f"transformer.{k}": v for k, v in meta.items()}
+        metadata = {"lora_adapter_metadata": json.dumps(packed)} if meta else {}
+        factors = parse_adapter(sd, metadata, model, "x").factors
+        return {f.key.split(".lora_A")[0].split(".")[-1]: f.scale for f in factors}
+
+    q, k = "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k"
+    assert scales({**pair(q, 2, "diffusion_model."), f"diffusion_model.{q}.alpha": torch.tensor(1.0)}) == {"to_q": 0.5}
+    assert scales({**pair(q, 2), **pair(k, 2)}) == {"to_q": 1.0, "to_k": 1.0}
+    assert scales({**pair(q, 2), **pair(k, 2)}, lora_alpha=8, alpha_pattern={"to_k": 2}) == {"to_q": 4.0, "to_k": 1.0}
+    assert scales(pair(q, 4), lora_alpha=4, use_rslora=True) == {"to_q": 2.0}

@@ -157,12 +157,15 @@ def _strip(key: str) -> str:
     return key
 
 
-_UNSUPPORTED = {".lora_mid.": "LoCon / LyCORIS mid weights", "dora_scale": "DoRA", ".lora_magnitude_vector": "DoRA",
-                ".diff": "full weight differences", ".diff_b": "bias differences", ".lokr_": "LoKr",
-                ".hada_": "LoHa", "lora_B.bias": "LoRA biases", "lora_up.bias": "LoRA biases"}
+# Key endings of what is not a plain LoRA pair (refused, naming the key).
+_UNSUPPORTED = ((".lora_mid.weight", "LoCon / LyCORIS mid weights"), (".dora_scale", "DoRA"),
+                (".lora_magnitude_vector", "DoRA"), (".lora_magnitude_vector.weight", "DoRA"),
+                (".diff", "full weight differences"), (".diff_b", "bias differences"), (".lora_B.bias", "LoRA biases"),
+                (".lora_up.bias", "LoRA biases"))
+_UNSUPPORTED_PARTS = ((".lokr_", "LoKr"), (".hada_", "LoHa"))
 
 
-def _metadata_alphas(metadata: dict[str, str]) -> tuple[float | None, dict[str, float], bool]:
+def _metadata_alphas(metadata: dict[str, str], where: str) -> tuple[float | None, dict[str, float], bool]:
     """(lora_alpha, alpha_pattern, use_rslora) of diffusers' `lora_adapter_metadata` (keys prefixed
     'transformer.' in a pipeline's file, bare in a model's), or (None, {}, False)."""
     raw = metadata.get("lora_adapter_metadata")
@@ -171,19 +174,24 @@ def _metadata_alphas(metadata: dict[str, str]) -> tuple[float | None, dict[str, 
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError:
-        raise ConfigError("LoRA file: its lora_adapter_metadata is not valid JSON") from None
+        raise ConfigError(f"{where}: its lora_adapter_metadata is not valid JSON") from None
     meta = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in meta.items()}
     if meta.get("use_dora"):
-        raise ConfigError("LoRA file: a DoRA adapter (use_dora in its metadata); only plain LoRA is supported")
+        raise ConfigError(f"{where}: a DoRA adapter (use_dora in its metadata); only plain LoRA is supported")
     alpha = meta.get("lora_alpha")
     return (None if alpha is None else float(alpha)), dict(meta.get("alpha_pattern") or {}), bool(
         meta.get("use_rslora"))
 
 
 def _pattern_value(module: str, pattern: dict[str, float]) -> float | None:
-    """PEFT's pattern lookup: the entry whose key is the module name or a '.'-bounded suffix of it."""
+    """PEFT's pattern lookup: the first entry whose key (a regular expression) matches a '.'-bounded suffix of
+    the module name."""
     for key, value in pattern.items():
-        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", module) is not None
+        except re.error:
+            hit = module == key or module.endswith("." + key)
+        if hit:
             return float(value)
     return None
 
@@ -198,9 +206,10 @@ def parse_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str], mo
     for key in tensors:
         if key.startswith(_TEXT_ENCODER_PREFIXES):
             raise ConfigError(f"{where}: key {key!r} is a text-encoder LoRA; ditserve applies LoRA to the DiT only")
-        for marker, what in _UNSUPPORTED.items():
-            if marker in key:
-                raise ConfigError(f"{where}: key {key!r} holds {what}; only plain LoRA (A/B or down/up) is supported")
+        what = next((w for end, w in _UNSUPPORTED if key.endswith(end)), None) or next(
+            (w for part, w in _UNSUPPORTED_PARTS if part in key), None)
+        if what is not None:
+            raise ConfigError(f"{where}: key {key!r} holds {what}; only plain LoRA (A/B or down/up) is supported")
     kohya = any(k.endswith(".lora_down.weight") for k in tensors)
     targets, aliases = model_targets(model), _aliases(model)
     modules = {layer.linear: layer for layer in targets.values()}
@@ -235,7 +244,7 @@ def parse_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str], mo
 
 def _diffusers_pairs(tensors, metadata, where):
     """(diffusers module, key, down, up, scale) of a diffusers / PEFT state dict."""
-    lora_alpha, alpha_pattern, rslora = _metadata_alphas(metadata)
+    lora_alpha, alpha_pattern, rslora = _metadata_alphas(metadata, where)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         k = _strip(key)
