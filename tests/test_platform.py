@@ -99,3 +99,18 @@ def test_cuda_platform_fields():
     assert p.compute_capability == torch.cuda.get_device_capability()
     assert p.supports_fp8 == (p.compute_capability >= (8, 9))
     assert platform_for("cuda:0") is current_platform("cuda")
+
+
+
+def test_kernel_modules_do_not_probe_cuda_at_import():
+    """Importing the kernels and a model (which imports them) must not touch the CUDA driver: checked in a fresh
+    interpreter whose torch.cuda.is_available raises."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "def probe():\n    raise SystemExit('torch.cuda.is_available() called at import')\n"
+            "torch.cuda.is_available = probe\n"
+            "import ditserve.kernels.norm, ditserve.kernels.quant, ditserve.kernels.rotary, ditserve.models.flux\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr + out.stdout

@@ -118,8 +118,9 @@ def _cudnn_fp8_attention(q, k, v, descale_q, descale_k, descale_v, scale_o) -> t
 
 
 def _register_cudnn() -> bool:
-    """Register cuDNN's fp8 SDPA for CUDA when the frontend is importable. Returns whether it did."""
-    if not torch.cuda.is_available() or not cudnn_frontend_available():
+    """Register cuDNN's fp8 SDPA for CUDA when the frontend is importable (no CUDA probe: registering needs no
+    GPU, and importing ditserve must not touch the driver). Returns whether it did."""
+    if not cudnn_frontend_available():
         return False
     fp8_attention.register_kernel("cuda")(_cudnn_fp8_attention)
     return True
