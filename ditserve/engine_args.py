@@ -82,9 +82,10 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto", p
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="a LoRA adapter for the DiT (diffusers/PEFT or kohya safetensors; a file or a folder with "
                         "pytorch_lora_weights.safetensors), at WEIGHT (default 1); repeat to stack several")
-    p.add_argument("--lora-mode", choices=["fuse", "unfused"], default="fuse",
-                   help="fuse = merged into the weights at load (no per-step cost; default), unfused = low-rank "
-                        "side products at run time (adapters chosen per request; not with --quantization)")
+    p.add_argument("--lora-mode", choices=["fuse", "unfused"], default=None,
+                   help="with --lora: fuse = merged into the weights at load (no per-step cost; default), "
+                        "unfused = low-rank side products at run time (adapters chosen per request; not with "
+                        "--quantization)")
     p.add_argument("--offload-text-encoder", action="store_true",
                    help="keep the text encoder in host memory, on the device only while it encodes (families "
                         "that support it: for a DiT and text encoder that do not fit on the GPU together)")
@@ -115,7 +116,9 @@ def engine_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
     if getattr(args, "lora", None):
         from ditserve.lora import LoRAConfig, LoRASpec
 
-        fields["lora"] = LoRAConfig(tuple(LoRASpec.parse(s) for s in args.lora), mode=args.lora_mode)
+        fields["lora"] = LoRAConfig(tuple(LoRASpec.parse(s) for s in args.lora), mode=args.lora_mode or "fuse")
+    elif getattr(args, "lora_mode", None):
+        raise ConfigError("--lora-mode applies to LoRA adapters: add at least one --lora PATH[:WEIGHT]")
     fields.update(overrides)
     return EngineConfig(**fields)
 

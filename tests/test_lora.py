@@ -284,6 +284,9 @@ def test_cli_flags_build_the_lora_config(flux):
     assert lora.mode == "unfused"
     assert [(s.path, s.weight) for s in lora.adapters] == [(str(files["a"]), 0.6), (str(files["k"]), 1.0)]
     assert engine_from_args(parser.parse_args([])).lora is None
+    assert engine_from_args(parser.parse_args(["--lora", str(files["a"])])).lora.mode == "fuse"
+    with pytest.raises(ConfigError, match="--lora-mode.*--lora PATH"):
+        engine_from_args(parser.parse_args(["--lora-mode", "unfused"]))
 
 
 def test_z_image_adapter_matches_diffusers(tmp_path):
