@@ -123,6 +123,25 @@ def _wan_adapter(config: dict, height: int, width: int, batch: int, text_len: in
 FAMILIES["wan"], PRESET["wan"] = _wan_adapter, "wan2.1-t2v-1.3b"
 
 
+def _qwen_image_adapter(config: dict, height: int, width: int, batch: int, text_len: int, device, dtype):
+    """Qwen-Image: one branch's forward (no text mask: every token real); diffusers takes img_shapes per sample."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from ditserve.models.qwen_image import QwenImageConfig, QwenImageTransformer
+
+    ours_inputs = QwenImageTransformer.example_inputs(QwenImageConfig.from_diffusers(config), height, width,
+                                                      text_len=text_len, device=device, dtype=dtype, batch=batch)
+    ref_inputs = dict(ours_inputs, img_shapes=[list(ours_inputs["img_shapes"])] * batch)
+
+    def call_ref(model):
+        return model(**ref_inputs, return_dict=False)[0]
+
+    return QwenImageTransformer2DModel, ours_inputs, call_ref
+
+
+FAMILIES["qwen-image"], PRESET["qwen-image"] = _qwen_image_adapter, "qwen-image"
+
+
 # ------------------------------------------------------------------------------------------ measures
 
 
