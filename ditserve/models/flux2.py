@@ -415,7 +415,7 @@ class Flux2Transformer(nn.Module):
         the tensor goes into rows [start:stop] (dim 0) of our parameter ((None, None): the whole parameter), so
         fused projections are filled piece by piece and tensors can be streamed one at a time."""
         c = self.config
-        D, Fh = c.inner_dim, c.mlp_hidden
+        D = c.inner_dim
         m: dict[str, tuple[str, int | None, int | None]] = {}
 
         def put(src: str, dst: str, start: int | None = None, stop: int | None = None) -> None:

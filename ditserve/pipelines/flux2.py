@@ -202,6 +202,7 @@ class Flux2Pipeline(Pipeline):
     TEXT_LAYERS = DEV_TEXT_LAYERS
     DEFAULT_STEPS, DEFAULT_GUIDANCE = 50, 4.0
     OFFLOADS_TEXT_ENCODER = True  # EngineConfig.offload_text_encoder: see OffloadedTextEncoder
+    GRAPHED_TEXT_ENCODERS = ("text_encoder",)  # replayed from CUDA graphs on CUDA (see Pipeline; not offloaded)
 
     def setup(self, components: dict[str, Any]) -> None:
         from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
@@ -215,6 +216,7 @@ class Flux2Pipeline(Pipeline):
         if self.engine.offload_text_encoder:  # host memory between prompts (the loader placed it on the host);
             # replaced in `components` too, where the base would move every nn.Module to the device
             self.text_encoder = components["text_encoder"] = OffloadedTextEncoder(self.text_encoder, self.device)
+            self.GRAPHED_TEXT_ENCODERS = ()  # a graph would replay device copies the offload has dropped
         self.latent_channels = self.transformer.config.in_channels  # 4x the VAE's (2x2 patches)
         self.image_processor = Flux2ImageProcessor(vae_scale_factor=16)
         self._capabilities = self.make_capabilities(components)
@@ -242,6 +244,12 @@ class Flux2Pipeline(Pipeline):
     def batch_key(self, params: SamplingParams) -> tuple:
         """The base's key plus the reference images (requests in one batch share them)."""
         return (*super().batch_key(params), tuple(_image_key(im) for im in params.images))
+
+    def forward_tokens(self, params: SamplingParams) -> int:
+        """Image tokens of one output's forward (the CUDA-graph size rule): the generated image's and every
+        reference image's."""
+        return (params.height // 16) * (params.width // 16) + sum(
+            (w // 16) * (h // 16) for w, h in (reference_size(im) for im in params.images))
 
     # -------------------------------------------------------------------------------------------- stages
 
@@ -361,7 +369,7 @@ class Flux2Pipeline(Pipeline):
             raise ConfigError(f"images: {e}") from e
         if image.width * image.height > REFERENCE_MAX_PIXELS:
             image = self.image_processor._resize_to_target_area(image, REFERENCE_MAX_PIXELS)
-        w, h = image.width // 16 * 16, image.height // 16 * 16
+        w, h = reference_size(image)
         return self.image_processor.preprocess(image, height=h, width=w, resize_mode="crop")
 
     def encode_reference(self, image: Any) -> torch.Tensor:
@@ -372,6 +380,28 @@ class Flux2Pipeline(Pipeline):
         z = z.view(1, C, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(1, 4 * C, h // 2, w // 2)
         mean, std = self.bn_stats(z.dtype)
         return (z - mean) / std
+
+
+def reference_size(image: Any) -> tuple[int, int]:
+    """The (width, height) in pixels a reference image (path or PIL image) is encoded at: scaled to at most
+    REFERENCE_MAX_PIXELS (as diffusers' `_resize_to_target_area` rounds), then cropped to multiples of 16. A path
+    is opened for its size only (0 x 0 if it cannot be read: `load_reference` reports that)."""
+    import math
+
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as im:
+                w, h = im.size
+        except (OSError, ValueError):
+            return 0, 0
+    else:
+        w, h = image.size
+    if w * h > REFERENCE_MAX_PIXELS:
+        scale = math.sqrt(REFERENCE_MAX_PIXELS / (w * h))
+        w, h = int(w * scale), int(h * scale)
+    return w // 16 * 16, h // 16 * 16
 
 
 def _image_key(image: Any) -> Any:

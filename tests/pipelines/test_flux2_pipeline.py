@@ -177,3 +177,16 @@ def test_processor_and_generic_tokenizer_classes(dev_folder, tmp_path):
     ours = Engine.load(str(folder), EngineConfig(device="cpu")).generate(SamplingParams(**kw)).frames
     generic = Engine.load(str(dev_folder), EngineConfig(device="cpu")).generate(SamplingParams(**kw)).frames
     assert np.array_equal(ours, generic)
+
+
+def test_forward_tokens_count_the_reference_images(dev, tmp_path):
+    """The CUDA-graph size rule's token count: the generated image's tokens plus each reference image's at the size
+    it is encoded (scaled to at most 1024^2 pixels, cropped to multiples of 16), read from a path's header."""
+    from ditserve.pipelines.flux2 import reference_size
+
+    big = Image.new("RGB", (2048, 1024))
+    big.save(tmp_path / "big.png")
+    assert reference_size(big) == reference_size(str(tmp_path / "big.png")) == (1440, 720)  # 1448 x 724 cropped
+    params = SamplingParams(prompt="a", height=128, width=64,
+                            images=[Image.new("RGB", (72, 100)), str(tmp_path / "big.png")])
+    assert dev.pipeline.forward_tokens(params) == 8 * 4 + 4 * 6 + 90 * 45
