@@ -210,3 +210,40 @@ def test_compiled_engine_matches_eager(folder, engine):
     for h, w in ((64, 64), (64, 96)):
         req = SamplingParams(prompt=PROMPT, height=h, width=w, steps=2, guidance=2.0, seed=1, negative_prompt="x")
         assert psnr(compiled.generate(req).frames, engine.generate(req).frames) >= 40
+
+
+def test_preset_components_build_at_full_size_on_meta():
+    """The presets' VAE and text encoder configs build the released architectures (parameter counts of
+    AutoencoderKLQwenImage and of Qwen2.5-VL-7B without its LM head)."""
+    from diffusers import AutoencoderKLQwenImage
+    from transformers import Qwen2_5_VLModel
+
+    from ditserve.registry import preset
+
+    spec = preset("qwen-image")
+    with torch.device("meta"):
+        vae = AutoencoderKLQwenImage.from_config(spec.components["vae"][1])
+        text = Qwen2_5_VLModel(Qwen2_5_VLModel.config_class.from_dict(spec.components["text_encoder"][1]))
+    assert sum(p.numel() for p in vae.parameters()) == 126_892_531
+    assert sum(p.numel() for p in text.parameters()) == 7_747_169_280
+
+
+def test_tiny_tokenizer_gives_the_template_prefix_its_real_length():
+    """The tiny tokenizer has the template's words as whole tokens, so the 34 tokens the pipeline drops are exactly
+    the system prefix (as with Qwen's tokenizer) and the prompt's tokens follow."""
+    from ditserve.pipelines.qwen_image import T2I_DROP, T2I_TEMPLATE
+    from ditserve.testing_qwen_image import make_tiny_qwen_image_tokenizer
+
+    tok = make_tiny_qwen_image_tokenizer()
+    ids = tok(T2I_TEMPLATE.format(PROMPT)).input_ids
+    assert len(tok(T2I_TEMPLATE.split("{}")[0]).input_ids) == T2I_DROP == 34
+    assert tok.convert_ids_to_tokens(ids[T2I_DROP:T2I_DROP + 5]) == ["a", "Ġphoto", "Ġof", "Ġa", "Ġcat"]
+    assert tok.decode(tok("zebra! 123").input_ids) == "zebra! 123"  # anything else falls back to bytes
+
+
+def test_build_is_deterministic(folder, tmp_path):
+    again = build_tiny_qwen_image_pipeline(tmp_path / "again")
+    files = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for rel in files:
+        assert (folder / rel).read_bytes() == (again / rel).read_bytes(), rel
