@@ -240,6 +240,7 @@ def end_to_end(preset: str, size: int, steps: int, quantization: str | None, run
            "first_request_s": round(first.timings["total_s"], 4), "image_s": round(totals[len(totals) // 2], 4),
            "stages_s": {k: round(outs[-1].timings[k], 4) for k in ("text_encode_s", "denoise_s", "decode_s")},
            "peak_gib": round(max(o.peak_memory_bytes for o in outs) / 2**30, 2),
+           "stage_peak_gib": {k: round(v / 2**30, 2) for k, v in (outs[-1].stage_peak_memory_bytes or {}).items()},
            "cuda_graph_mib": round(engine.pipeline.graph_memory_bytes / 2**20)}
     del engine
     release()

@@ -89,7 +89,8 @@ class Output:
         empty (N = 0) after a dummy run. fps: frames per second of a video (None for images).
     timings: seconds per stage: "text_encode_s", "denoise_s", "decode_s", and "total_s".
     peak_memory_bytes: peak device memory allocated during the request (CUDA), or None where torch does not
-        track it (CPU).
+        track it (CPU). stage_peak_memory_bytes: the same per stage, {"text_encode", "denoise", "decode"} (each
+        stage's own peak, so a decode that is not the request's peak shows below the denoise's), or None.
     params: the request with every default filled in, including the seed actually used.
     cache_stats: with a DiT cache, {"policy": name, "computed": steps, "cached": steps, ...} of the denoise
         loop (a batch's requests share one loop and so one count); None without a cache.
@@ -102,6 +103,7 @@ class Output:
     params: SamplingParams
     cache_stats: dict[str, Any] | None = None
     fps: float | None = None
+    stage_peak_memory_bytes: dict[str, int] | None = None
 
     @property
     def images(self) -> list[Any]:

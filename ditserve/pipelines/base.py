@@ -380,6 +380,15 @@ class Pipeline:
             x = schedule.scheduler.step(v, t, x, return_dict=False)[0]
         return x
 
+    def _stage_peak(self) -> int | None:
+        """Peak device memory allocated since the last call (or the request's start), then the count restarts:
+        one stage's peak (CUDA; None where torch does not track it)."""
+        if not self._track_memory:
+            return None
+        peak = torch.cuda.max_memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
+
     def _branch(self, key: str):
         import contextlib
 
@@ -454,12 +463,14 @@ class Pipeline:
         text = self.select_text(self.encode_prompt(prompts, first), rows)
         self._sync()
         t1 = time.perf_counter()
+        peaks = {"text_encode": self._stage_peak()}
 
         latents = torch.cat([self.prepare_latents(n, p) for n, p in zip(counts, ps)])
         schedule = self.timesteps(first, latents)
         final = self.denoise(latents, text, schedule, first, cfg, progress=progress)
         self._sync()
         t2 = time.perf_counter()
+        peaks["denoise"] = self._stage_peak()
 
         # A dummy run (warmup / autotune) skips the decode: its outputs are thrown away. With a compiled VAE
         # decoder it decodes once all the same (no outputs made), so that the decoder compiles in the warmup.
@@ -475,12 +486,14 @@ class Pipeline:
         t3 = time.perf_counter()  # to_uint8 copied to the host: the device is idle
         cache_stats = None if self.cache is None else {"policy": self.cache.name, **self.cache.stats().as_dict()}
 
-        peak = torch.cuda.max_memory_allocated(self.device) if self._track_memory else None
+        peaks["decode"] = self._stage_peak()
+        peak = max(peaks.values()) if self._track_memory else None
         timings = {"text_encode_s": t1 - t0, "denoise_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0}
         outputs, start = [], 0
         for n, p in zip(counts, ps):
             outputs.append(Output(kind=self.capabilities.output, frames=frames[start:start + n],
                                   timings=dict(timings), peak_memory_bytes=peak, params=p,
-                                  cache_stats=None if cache_stats is None else dict(cache_stats), fps=p.fps))
+                                  cache_stats=None if cache_stats is None else dict(cache_stats), fps=p.fps,
+                                  stage_peak_memory_bytes=dict(peaks) if self._track_memory else None))
             start += n
         return outputs
