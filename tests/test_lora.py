@@ -289,12 +289,17 @@ def test_cli_flags_build_the_lora_config(flux):
         engine_from_args(parser.parse_args(["--lora-mode", "unfused"]))
 
 
-def test_z_image_adapter_matches_diffusers(tmp_path):
-    import diffusers
-
+@pytest.fixture(scope="module")
+def z_image(tmp_path_factory):
     from ditserve.testing import build_tiny_z_image_pipeline
 
-    path = build_tiny_z_image_pipeline(tmp_path / "z", seed=0)
+    return build_tiny_z_image_pipeline(tmp_path_factory.mktemp("lora-z") / "z", seed=0)
+
+
+def test_z_image_adapter_matches_diffusers(z_image, tmp_path):
+    import diffusers
+
+    path = z_image
     ref = diffusers.ZImagePipeline.from_pretrained(path, dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
     file = make_peft_adapter(diffusers.ZImagePipeline, ref.transformer, tmp_path / "za", "za",
@@ -396,3 +401,36 @@ def test_scales_from_alpha_keys_metadata_patterns_and_rslora(flux):
     assert scales({**pair(q, 2), **pair(k, 2)}) == {"to_q": 1.0, "to_k": 1.0}
     assert scales({**pair(q, 2), **pair(k, 2)}, lora_alpha=8, alpha_pattern={"to_k": 2}) == {"to_q": 4.0, "to_k": 1.0}
     assert scales(pair(q, 4), lora_alpha=4, use_rslora=True) == {"to_q": 2.0}
+
+
+def test_z_image_original_names_land_like_diffusers_names(z_image, tmp_path):
+    """A Z-Image LoRA in the original checkpoint's names (fused attention.qkv, attention.out; dotted with
+    diffusion_model., or kohya's lora_unet_ underscores) merges exactly as the same factors in diffusers' names."""
+    from safetensors.torch import save_file
+
+    from ditserve.loader import load_transformer
+
+    base, _ = load_transformer(str(z_image), CPU)
+    D = base.config.dim
+    g = torch.Generator().manual_seed(0)
+    down_qkv, up_qkv = torch.randn(2, D, generator=g), torch.randn(3 * D, 2, generator=g)
+    down_out, up_out = torch.randn(2, D, generator=g), torch.randn(D, 2, generator=g)
+    original = {"diffusion_model.layers.0.attention.qkv.lora_down.weight": down_qkv,
+                "diffusion_model.layers.0.attention.qkv.lora_up.weight": up_qkv,
+                "diffusion_model.layers.0.attention.qkv.alpha": torch.tensor(1.0),  # scale 1/2
+                "lora_unet_noise_refiner_0_attention_out.lora_down.weight": down_out,
+                "lora_unet_noise_refiner_0_attention_out.lora_up.weight": up_out}
+    named = {"transformer.noise_refiner.0.attention.to_out.0.lora_A.weight": down_out,
+             "transformer.noise_refiner.0.attention.to_out.0.lora_B.weight": up_out}
+    for j, n in enumerate(("to_q", "to_k", "to_v")):
+        named[f"transformer.layers.0.attention.{n}.lora_A.weight"] = down_qkv.clone()
+        named[f"transformer.layers.0.attention.{n}.lora_B.weight"] = up_qkv[j * D:(j + 1) * D].clone() / 2
+    models = []
+    for name, sd in (("original", original), ("named", named)):
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+        lora = LoRAConfig((LoRASpec(str(tmp_path / f"{name}.safetensors")),))
+        models.append(load_transformer(str(z_image), dataclasses.replace(CPU, lora=lora))[0])
+    changed = [n for n, p in models[0].named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert changed == ["noise_refiner.0.attn_out.weight", "layers.0.qkv.weight"]
+    for (n, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=n)

@@ -276,23 +276,28 @@ def _diffusers_pairs(tensors, metadata, where):
 
 
 def _kohya_pairs(tensors, aliases, targets, where):
-    """(module name: diffusers or alias, key, down, up, scale) of a kohya / sd-scripts state dict."""
-    names = {m.replace(".", "_"): m for m in (*targets, *aliases)}
+    """(module name: diffusers or alias, key, down, up, scale) of a kohya / sd-scripts state dict. Module names
+    come with '_' for '.' (`lora_unet_double_blocks_0_img_attn_qkv`) or dotted (`diffusion_model.layers.0.
+    attention.qkv`), in diffusers' naming or the original checkpoint's (the family's `lora_aliases`)."""
+    dotted = {*targets, *aliases}
+    names = {m.replace(".", "_"): m for m in dotted}
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        base, _, part = key.partition(".")
-        if part not in ("lora_down.weight", "lora_up.weight", "alpha"):
+        part = next((p for p in ("lora_down.weight", "lora_up.weight", "alpha") if key.endswith("." + p)), None)
+        if part is None:
             raise ConfigError(f"{where}: key {key!r} is not a kohya LoRA weight (.lora_down.weight, "
                               f".lora_up.weight, .alpha)")
+        base = key[: -len(part) - 1]
         modules.setdefault(base, {"key": f"{base}.lora_down.weight"})[part] = t
     out = []
     for base, parts in modules.items():
-        stem = base
+        stem = _strip(base).replace(".default", "")
         for prefix in _KOHYA_PREFIXES:
             if stem.startswith(prefix):
                 stem = stem[len(prefix):]
                 break
-        if stem not in names:
+        module = stem if stem in dotted else names.get(stem)
+        if module is None:
             raise ConfigError(f"{where}: key {parts['key']!r} names module {stem!r}, which this model does not have")
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise ConfigError(f"{where}: key {parts['key']!r}: module {stem!r} lacks its lora_down or lora_up weight")
@@ -301,7 +306,7 @@ def _kohya_pairs(tensors, aliases, targets, where):
             down, up = down.flatten(1), up.flatten(1)
         r = down.shape[0]
         alpha = float(parts["alpha"]) if "alpha" in parts else float(r)
-        out.append((names[stem], parts["key"], down, up, alpha / r))
+        out.append((module, parts["key"], down, up, alpha / r))
     return out
 
 

@@ -558,6 +558,25 @@ class ZImageTransformer(nn.Module):
         linear(f"all_final_layer.{patch}.linear", "proj_out")
         return m
 
+    def lora_aliases(self) -> dict[str, tuple[str, ...]]:
+        """Module names of the original Z-Image checkpoint that differ from diffusers' -> the diffusers modules
+        whose outputs each concatenates (`ditserve.lora`): the fused `attention.qkv`, `attention.out`, and the
+        final layer and patch embedder without their patch-size keys."""
+        c = self.config
+        patch = f"{c.patch_size}-{c.f_patch_size}"
+        a: dict[str, tuple[str, ...]] = {
+            "x_embedder": (f"all_x_embedder.{patch}",),
+            "final_layer.linear": (f"all_final_layer.{patch}.linear",),
+            "final_layer.adaLN_modulation.1": (f"all_final_layer.{patch}.adaLN_modulation.1",),
+        }
+        blocks = [f"noise_refiner.{i}" for i in range(c.n_refiner_layers)]
+        blocks += [f"context_refiner.{i}" for i in range(c.n_refiner_layers)]
+        blocks += [f"layers.{i}" for i in range(c.n_layers)]
+        for b in blocks:
+            a[f"{b}.attention.qkv"] = tuple(f"{b}.attention.{n}" for n in ("to_q", "to_k", "to_v"))
+            a[f"{b}.attention.out"] = (f"{b}.attention.to_out.0",)
+        return a
+
     def expected_diffusers_keys(self) -> list[str]:
         """The keys a diffusers `ZImageTransformer2DModel` state dict of this config has, sorted."""
         return sorted(self.weight_map())
