@@ -35,9 +35,10 @@ from torch import nn
 from ditserve.config import ConfigError
 from ditserve.dummy_run import in_dummy_run
 from ditserve.ops import (
-    Attention, Linear, MulAdd, NormScaleShift, OpsConfig, ResidualNormScaleShift, RMSNorm, RMSNormRotary,
-    axial_rope_cos_sin,
+    Attention, Fp8Attention, Fp8Linear, Linear, MulAdd, NormScaleShift, OpsConfig, ResidualNormScaleShift, RMSNorm,
+    RMSNormRotary, axial_rope_cos_sin,
 )
+from ditserve.ops import functional as Fn
 
 VAE_SCALE = 16  # pixels per latent token: the 8x VAE, then 2x2 patchified into 4x the channels
 FP16_MAX = 65504.0
@@ -171,6 +172,7 @@ class Flux2DoubleBlock(nn.Module):
         self.txt_k_norm = RMSNorm(head_dim, eps=eps, **norm)
         self.norm_rotary = RMSNormRotary(head_dim, eps=eps, interleaved=True, ops=ops)
         self.attn = Attention(attention)
+        self.fp8_attn: Fp8Attention | None = None  # set by Flux2Transformer.use_fp8_attention
         self.img_attn_out = Linear(dim, dim, **lin)
         self.txt_attn_out = Linear(dim, dim, **lin)
         self.norm2 = ResidualNormScaleShift(dim, eps=eps, norm="layer", ops=ops)
@@ -192,15 +194,23 @@ class Flux2DoubleBlock(nn.Module):
         img_q, img_k, img_v = self.img_qkv(img_h).unflatten(-1, qkv_shape).unbind(2)  # (B, L, H, Dh) each
         txt_q, txt_k, txt_v = self.txt_qkv(txt_h).unflatten(-1, qkv_shape).unbind(2)  # (B, T, H, Dh) each
         # q, k: each stream RMS-normed with its own weight, joined as [txt, img], rotated: (B, S, H, Dh)
-        q = self.norm_rotary((txt_q, img_q), (self.txt_q_norm.weight, self.img_q_norm.weight), cos, sin)
-        k = self.norm_rotary((txt_k, img_k), (self.txt_k_norm.weight, self.img_k_norm.weight), cos, sin)
+        q_parts = ((txt_q, img_q), (self.txt_q_norm.weight, self.img_q_norm.weight))
+        k_parts = ((txt_k, img_k), (self.txt_k_norm.weight, self.img_k_norm.weight))
         v = torch.cat((txt_v, img_v), dim=1)  # (B, S, H, Dh)
-        attn = self.attn(q, k, v).flatten(2)  # (B, S, D)
+        if self.fp8_attn is not None:  # q, k, v and the output in fp8, one scale each (the out projections read it)
+            o, o_descale = self.fp8_attn(*self.norm_rotary(*q_parts, cos, sin, quantize=True),
+                                         *self.norm_rotary(*k_parts, cos, sin, quantize=True), v)
+            o = o.flatten(2)  # (B, S, D) fp8
+            txt_attn, img_attn = Fn.tensorwise(o[:, :T], o_descale), Fn.tensorwise(o[:, T:], o_descale)
+        else:
+            attn = self.attn(self.norm_rotary(*q_parts, cos, sin), self.norm_rotary(*k_parts, cos, sin), v)
+            attn = attn.flatten(2)  # (B, S, D)
+            txt_attn, img_attn = attn[:, :T], attn[:, T:]
 
         # Each stream: gated residual + AdaLN, then the SwiGLU MLP with a gated residual.
-        img_h, img = self.norm2(self.img_attn_out(attn[:, T:]), img, img_gate1, img_scale2, img_shift2)
+        img_h, img = self.norm2(self.img_attn_out(img_attn), img, img_gate1, img_scale2, img_shift2)
         img = self.gated_add(self.img_mlp_out(swiglu(self.img_mlp_in(img_h))), img_gate2, img)  # (B, L, D)
-        txt_h, txt = self.norm2(self.txt_attn_out(attn[:, :T]), txt, txt_gate1, txt_scale2, txt_shift2)
+        txt_h, txt = self.norm2(self.txt_attn_out(txt_attn), txt, txt_gate1, txt_scale2, txt_shift2)
         txt = self.gated_add(self.txt_mlp_out(swiglu(self.txt_mlp_in(txt_h))), txt_gate2, txt)  # (B, T, D)
         if self.clamp_fp16:  # as diffusers: keep fp16 text activations finite
             txt = txt.clamp(-FP16_MAX, FP16_MAX)
@@ -226,6 +236,7 @@ class Flux2SingleBlock(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=eps, ops=ops, device=device, dtype=dtype)
         self.norm_rotary = RMSNormRotary(head_dim, eps=eps, interleaved=True, ops=ops)
         self.attn = Attention(attention)
+        self.fp8_attn: Fp8Attention | None = None  # set by Flux2Transformer.use_fp8_attention
         self.out = Linear(dim + mlp_hidden, dim, **lin)  # over concat(attn, swiglu(mlp))
         self.gated_add = MulAdd(k=0.0, ops=ops)
 
@@ -234,9 +245,14 @@ class Flux2SingleBlock(nn.Module):
         h = self.norm(x, scale, shift)  # (B, S, D)
         qkv, mlp = self.qkv_mlp(h).split((3 * self.dim, 2 * self.mlp_hidden), dim=-1)  # (B, S, 3D), (B, S, 2F)
         q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # (B, S, H, Dh) each
-        q = self.norm_rotary((q,), (self.q_norm.weight,), cos, sin)
-        k = self.norm_rotary((k,), (self.k_norm.weight,), cos, sin)
-        attn = self.attn(q, k, v).flatten(2)  # (B, S, D)
+        q_parts, k_parts = ((q,), (self.q_norm.weight,)), ((k,), (self.k_norm.weight,))
+        if self.fp8_attn is not None:  # fp8 q, k, v and output; the output read back in the compute dtype
+            o, o_descale = self.fp8_attn(*self.norm_rotary(*q_parts, cos, sin, quantize=True),
+                                         *self.norm_rotary(*k_parts, cos, sin, quantize=True), v)
+            attn = (o.flatten(2).float() * o_descale).to(x.dtype)  # (B, S, D)
+        else:
+            attn = self.attn(self.norm_rotary(*q_parts, cos, sin), self.norm_rotary(*k_parts, cos, sin), v)
+            attn = attn.flatten(2)  # (B, S, D)
         h = self.out(torch.cat((attn, swiglu(mlp)), dim=-1))  # (B, S, D + F) -> (B, S, D)
         x = self.gated_add(h, gate, x)
         if self.clamp_fp16:
@@ -309,6 +325,17 @@ class Flux2Transformer(nn.Module):
         self.norm_out_mod = Linear(D, 2 * D, bias=False, **lin)  # (scale, shift): AdaLayerNormContinuous's order
         self.norm_out = NormScaleShift(D, eps=c.eps, norm="layer", ops=ops)
         self.proj_out = Linear(D, c.out_channels, bias=False, **lin)
+
+    def use_fp8_attention(self, ops: OpsConfig) -> None:
+        """Run every block's attention in fp8 (`ditserve.ops.attention.Fp8Attention`; lossy). Needs the fp8 tier
+        (`apply_fp8` first: the double blocks' output projections read the fp8 output). Call it before compiling."""
+        blocks = (*self.double_blocks, *self.single_blocks)
+        if not all(isinstance(b.img_attn_out if isinstance(b, Flux2DoubleBlock) else b.out, Fp8Linear)
+                   for b in blocks):
+            raise ConfigError("fp8 attention needs the fp8 tier's layers: apply_fp8 (--quantization fp8) first")
+        for block in blocks:
+            block.fp8_attn = Fp8Attention(ops)
+            block.norm_rotary.warm_quantized = True  # the prewarm compiles the kernel variant now in use
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep: torch.Tensor,
                 img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None = None,
