@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -56,18 +54,35 @@ def test_free_cores_counts_this_process_as_free(monkeypatch):
     assert threads.free_cores([0, 1]) == pytest.approx(1.0)
 
 
-def _run(code: str, env: dict[str, str]) -> str:
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
+def test_engine_on_cpu_sets_threads_once_unless_the_user_chose(monkeypatch):
+    """Built on the CPU, the engine applies the choice (once per process): the packaged default model (~0.7 GFLOP
+    a forward) gets one thread; with OMP_NUM_THREADS set, or a count set with torch.set_num_threads that torch
+    would not pick, the count is left alone."""
+    import torch
 
+    from ditserve.config import EngineConfig
+    from ditserve.engine import Engine
 
-def test_engine_on_cpu_sets_threads_once_unless_the_user_chose():
-    """Built on the CPU, the packaged default model (~0.7 GFLOP a forward) runs on one thread; with
-    OMP_NUM_THREADS set, or after torch.set_num_threads, the count is left alone."""
-    code = ("import torch\nfrom ditserve.config import EngineConfig\nfrom ditserve.engine import Engine\n"
-            "{before}\nEngine.load(None, EngineConfig(device='cpu'))\nprint(torch.get_num_threads())")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    assert _run(code.format(before=""), env) == "1"
-    odd = len(os.sched_getaffinity(0)) + 3  # a count torch never picks itself
-    assert _run(code.format(before=f"torch.set_num_threads({odd})"), env) == str(odd)
+    calls = []
+    real = threads.configure_for_pipeline
+    monkeypatch.setattr(threads, "configure_for_pipeline", lambda p: calls.append(p) or real(p))
+    engine = Engine.load(None, EngineConfig(device="cpu"))
+    assert calls == [engine.pipeline]
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        default = len(os.sched_getaffinity(0))  # what torch picks by itself here
+        for preset, expect in ((default, 1), (default + 3, default + 3)):
+            monkeypatch.setattr(threads, "_choice", None)
+            torch.set_num_threads(preset)
+            threads.configure_for_pipeline(engine.pipeline)
+            assert torch.get_num_threads() == expect, preset
+        monkeypatch.setenv("OMP_NUM_THREADS", str(default))
+        monkeypatch.setattr(threads, "_choice", None)
+        torch.set_num_threads(default)
+        assert threads.configure_for_pipeline(engine.pipeline).user_set and torch.get_num_threads() == default
+        monkeypatch.setattr(threads, "_choice", None)
+        first = threads.configure_for_pipeline(engine.pipeline)
+        assert threads.configure_for_pipeline(engine.pipeline) is first  # once per process
+    finally:
+        torch.set_num_threads(before)
