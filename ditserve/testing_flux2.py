@@ -193,15 +193,16 @@ def build_tiny_flux2_klein_pipeline(path: str | Path, *, is_distilled: bool = Fa
     return path
 
 
-def reference_flux2(path: str | Path, prompt: str | list[str], *, height: int, width: int, steps: int,
-                    guidance: float, seed: int, images: list[Any] | None = None, num_images: int = 1,
+def reference_flux2(path: str | Path, prompt: str | list[str], *, height: int | None, width: int | None,
+                    steps: int, guidance: float, seed: int, images: list[Any] | None = None, num_images: int = 1,
                     max_sequence_length: int = TINY_MAX_LENGTH) -> np.ndarray:
     """Images from diffusers' own pipeline (`Flux2Pipeline` or `Flux2KleinPipeline`, as model_index.json names
     it) loaded from `path`, on CPU in fp32, as uint8 (N, H, W, 3): the reference ours is compared against.
 
     Noise from `torch.Generator("cpu").manual_seed(seed)`; `guidance` is the pipeline's guidance_scale (dev: the
     embedded guidance; klein base: CFG with the empty negative prompt when > 1); `images` the reference images
-    (PIL), passed as diffusers' `image=`; output_type="np", then round(x * 255).
+    (PIL), passed as diffusers' `image=`; height/width None: diffusers' default (the first reference image's
+    size); output_type="np", then round(x * 255).
     """
     import diffusers
 

@@ -29,6 +29,7 @@ Notation: B outputs, T text tokens, C latent channels (VAE), h x w latent size, 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,15 @@ class Flux2Pipeline(Pipeline):
     @classmethod
     def sampling_defaults(cls, components: dict[str, Any]) -> tuple[int, float]:
         return cls.DEFAULT_STEPS, cls.DEFAULT_GUIDANCE
+
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        """As the base, except that with reference images an unset height or width is the first reference
+        image's (as it is encoded), as diffusers does."""
+        if params.images and (params.height is None or params.width is None):
+            w, h = reference_size(params.images[0])
+            if w and h:  # (an unreadable image keeps the defaults; loading it reports the error)
+                params = dataclasses.replace(params, height=params.height or h, width=params.width or w)
+        return super().resolve(params)
 
     def batch_key(self, params: SamplingParams) -> tuple:
         """The base's key plus the reference images (requests in one batch share them)."""

@@ -114,6 +114,17 @@ def test_reference_images_match_diffusers(dev, dev_folder, klein, klein_folder, 
     assert psnr(plain, with_refs) < 35  # the reference images change the image
 
 
+def test_size_defaults_to_the_first_reference_image(klein, klein_folder):
+    """Without --height/--width a request with reference images takes the first one's size (cropped to multiples
+    of 16: 100 x 72 -> 96 x 64), as diffusers does."""
+    images = reference_images()[::-1]
+    out = klein.generate(SamplingParams(prompt=PROMPT, seed=6, steps=2, guidance=2.0, images=images))
+    assert (out.params.height, out.params.width) == (64, 96)
+    ref = reference_flux2(klein_folder, PROMPT, height=None, width=None, steps=2, guidance=2.0, seed=6,
+                          images=images)
+    assert ref.shape == out.frames.shape and psnr(out.frames, ref) >= 40
+
+
 def test_reference_image_paths_and_bad_images(dev, tmp_path):
     image = reference_images()[0]
     image.save(tmp_path / "ref.png")
