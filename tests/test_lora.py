@@ -255,6 +255,13 @@ def test_requests_and_settings_are_checked(flux, unfused):
     path, files, _ = flux
     with pytest.raises(ConfigError, match="no adapter named 'zz'"):
         unfused.resolve(SamplingParams(prompt=PROMPT, extra={"lora": [("zz", 1.0)]}))
+    with pytest.raises(ConfigError, match="given at start"):
+        unfused.lora.unload("a")
+    unfused.lora.load("k2", str(files["k"]))
+    unfused.lora.activate((("k2", 1.0),))
+    unfused.lora.unload("k2")  # active: the slots fall back to no adapter
+    assert "k2" not in unfused.lora.adapters and unfused.lora.active == ()
+    assert not any(b.any() for s in unfused.lora.slots.values() for b in s.buffers())
     with pytest.raises(ConfigError, match="needs rank"):  # a + b + k stacked exceed the slots' rank (4 + 2)
         unfused.resolve(SamplingParams(prompt=PROMPT, extra={"lora": [("a", 1), ("b", 1), ("k", 1)]}))
     fused = engine(path, files, {"a": 1.0})

@@ -475,9 +475,12 @@ class LoRAManager:
         return adapter
 
     def unload(self, name: str) -> None:
-        """Forget adapter `name` (its selection falls back to nothing if it was active)."""
+        """Forget adapter `name`, loaded with `load` (the slots fall back to no adapter if it was active). The
+        adapters the engine started with stay: requests that name none use them."""
         if name not in self.adapters:
             raise ConfigError(f"no LoRA adapter named {name!r}; loaded: {', '.join(sorted(self.adapters)) or 'none'}")
+        if any(n == name for n, _ in self.default):
+            raise ConfigError(f"LoRA adapter {name!r} was given at start (--lora): it stays loaded")
         del self.adapters[name]
         if any(n == name for n, _ in self.active):
             self.activate(())
