@@ -151,12 +151,11 @@ class OffloadedTextEncoder:
     def __init__(self, module: nn.Module, device: torch.device):
         self.module, self.device = module, device
         pin = device.type == "cuda"
-        self.tensors = []  # (parameter or buffer owner, name, host tensor)
-        for owner in module.modules():
-            for name, t in [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]:
-                host = t.data.pin_memory() if pin else t.data
-                t.data = host
-                self.tensors.append((t, host))
+        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter or buffer, its host data)
+        for t in [*module.parameters(), *module.buffers()]:
+            host = t.data.pin_memory() if pin else t.data
+            t.data = host
+            self.tensors.append((t, host))
 
     def __call__(self, **kwargs):
         try:
