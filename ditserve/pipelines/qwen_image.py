@@ -197,6 +197,7 @@ class QwenImageStepContext:
     img_shapes: list[tuple[int, int, int]]  # (frames, h/2, w/2) of the noise, then of each input image
     mask: torch.Tensor | None  # (rows, T) bool text mask, None when no row is padded
     image_latents: torch.Tensor | None  # (1, L_in, 4C) the input images' packed latents (edit), model dtype
+    conditioning: list[Any]  # per step: the DiT's timestep conditioning of `rows` rows (`precompute_conditioning`)
 
 
 class QwenImagePipeline(Pipeline):
@@ -320,11 +321,15 @@ class QwenImagePipeline(Pipeline):
                       params: SamplingParams) -> QwenImageStepContext:
         h, w = self.latent_size(params.height, params.width)
         shapes, image_latents = self.input_image_latents(params)
-        T = text.embeds.shape[1]
+        rows, T = text.embeds.shape[:2]
         mask = None
         if min(text.lens) < T:
             mask = torch.arange(T, device=self.device)[None] < torch.tensor(text.lens, device=self.device)[:, None]
-        return QwenImageStepContext(img_shapes=[(1, h // 2, w // 2), *shapes], mask=mask, image_latents=image_latents)
+        # Every step's AdaLN vectors at once: one pass over the blocks' modulation weights per request, not per step.
+        steps = (schedule.timesteps.float() / 1000)[:, None].expand(-1, rows)  # (N, rows), as `predict` passes t
+        conditioning = self.transformer.precompute_conditioning(steps)
+        return QwenImageStepContext(img_shapes=[(1, h // 2, w // 2), *shapes], mask=mask, image_latents=image_latents,
+                                    conditioning=conditioning)
 
     def predict(self, x: torch.Tensor, i: int, t: torch.Tensor, text: QwenImageText,
                 ctx: QwenImageStepContext) -> torch.Tensor:
@@ -336,7 +341,8 @@ class QwenImagePipeline(Pipeline):
             hidden = torch.cat((hidden, ctx.image_latents.expand(B, -1, -1)), dim=1)  # (B, L + L_in, 4C)
         timestep = t.expand(B).to(x.dtype) / 1000  # (B,)
         out = self.forward(hidden_states=hidden, encoder_hidden_states=text.embeds, timestep=timestep,
-                           img_shapes=ctx.img_shapes, encoder_hidden_states_mask=ctx.mask)  # (B, L (+ L_in), 4C)
+                           img_shapes=ctx.img_shapes, encoder_hidden_states_mask=ctx.mask,
+                           conditioning=ctx.conditioning[i])  # (B, L (+ L_in), 4C)
         return out[:, :L].float()
 
     def combine_cfg(self, cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:

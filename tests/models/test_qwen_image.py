@@ -124,6 +124,21 @@ def test_timestep_and_text_matter(pair):
         assert rel_err(ours(**other), base) > 1e-2
 
 
+def test_precomputed_conditioning_equals_per_step(pair):
+    """precompute_conditioning for N steps at once (one pass over the modulation weights) gives each step's
+    forward of the timestep alone."""
+    _, ours = pair
+    inputs = make_inputs([(1, 4, 6)], [8, 3])
+    steps = torch.tensor([[0.9, 0.9], [0.5, 0.5], [0.1, 0.1]])  # (N, B)
+    with torch.no_grad():
+        conds = ours.precompute_conditioning(steps)
+        for i in range(3):
+            step = dict(inputs, timestep=steps[i])
+            assert rel_err(ours(**step, conditioning=conds[i]), ours(**step)) <= 1e-6
+        with pytest.raises(ValueError, match="conditioning was computed for a batch of 1"):
+            ours(**inputs, conditioning=ours.precompute_conditioning(steps[:, :1])[0])
+
+
 def test_run_blocks_in_ranges_equals_forward(pair):
     """The block-cache interface: prepare -> run_blocks over any split of the blocks -> finish."""
     _, ours = pair
