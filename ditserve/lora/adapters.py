@@ -335,21 +335,21 @@ def load_adapter(spec: LoRASpec, model: nn.Module, device: torch.device | str = 
 
 @torch.no_grad()
 def fuse_adapters(model: nn.Module, adapters: list[tuple[LoRAAdapter, float]]) -> None:
-    """W[rows] += weight * scale * up @ down for every factor of every (adapter, weight), in fp32 on the
-    weight's device, cast once per piece.
-    Every adapter was checked when parsed, so this cannot fail half-way on a user error."""
+    """W[rows] += sum over factors of weight * scale * up @ down, for every row piece any factor of any
+    (adapter, weight) touches: one piece at a time (its stacked factors in one fp32 product on the weight's
+    device, then cast once), so only one piece's fp32 delta exists at a time. Every adapter was checked when
+    parsed, so this cannot fail half-way on a user error."""
     modules = dict(model.named_modules())
-    deltas: dict[tuple[str, int, int], torch.Tensor] = {}
+    pieces: dict[tuple[str, int, int], list[tuple[Factor, float]]] = {}
     for adapter, weight in adapters:
         for f in adapter.factors:
-            w = modules[f.linear].weight
-            d = (weight * f.scale) * (f.up.to(w.device, torch.float32) @ f.down.to(w.device, torch.float32))  # fp32
-            k = (f.linear, f.start, f.stop)
-            deltas[k] = deltas[k] + d if k in deltas else d
-    for (linear, start, stop), d in deltas.items():
-        w = modules[linear].weight
-        rows = w[start:stop]
-        rows.copy_(rows.float() + d)
+            pieces.setdefault((f.linear, f.start, f.stop), []).append((f, weight))
+    for (linear, start, stop), factors in pieces.items():
+        rows = modules[linear].weight[start:stop]  # (stop - start, in)
+        f32 = dict(device=rows.device, dtype=torch.float32)
+        up = torch.cat([f.up.to(**f32) * (w * f.scale) for f, w in factors], dim=1)  # (stop - start, sum r)
+        down = torch.cat([f.down.to(**f32) for f, _ in factors])  # (sum r, in)
+        rows.copy_(rows.float().addmm_(up, down))
 
 
 # ------------------------------------------------------------------------------------------- unfused mode
