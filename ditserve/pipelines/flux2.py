@@ -22,8 +22,10 @@ Numerically these are diffusers' `Flux2Pipeline` and `Flux2KleinPipeline` (0.42.
   normalised, and its tokens appended after the noisy ones with RoPE time coordinate 10 (i + 1); the DiT's
   output layer projects the noisy tokens only.
 
-The text encoder is loaded as its bare language model: no LM head and, for dev, no vision tower or projector
-(`Mistral3TextModel`), and layers past the deepest one read are dropped at setup (`trim_text_encoder`).
+The text encoder is loaded as its bare language model: no LM head and, for dev, no vision tower or projector;
+layers past the deepest one read are never loaded (dev, `Mistral3TextModel`) or dropped at setup (klein,
+`trim_text_encoder`). With EngineConfig.offload_text_encoder it lives in host memory between prompts
+(`OffloadedTextEncoder`).
 Notation: B outputs, T text tokens, C latent channels (VAE), h x w latent size, L = (h/2)(w/2) image tokens.
 """
 
