@@ -66,8 +66,8 @@ def _check_flag_names(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 def _cli_wording(message: str) -> str:
     """A request field at the start of a message, named as its flag: "num_images must be ..." -> "--num-images
     must be ..."."""
-    m = re.match(r"(\w+) (must|is not supported)", message)
-    if m and m[1] in FIELD_FLAGS and m[2] == "must":
+    m = re.match(r"(\w+) must ", message)
+    if m and m[1] in FIELD_FLAGS:
         return FIELD_FLAGS[m[1]] + message[len(m[1]):]
     return message
 
