@@ -30,6 +30,7 @@ Notation: B outputs, P prompts, T text tokens, C latent channels, h x w latent s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from ditserve.config import ConfigError, EngineConfig, ModelSpec, SamplingParams
 from ditserve.engine.request import Capabilities
@@ -70,6 +72,7 @@ OUTPUT_AREA = 1024 * 1024  # an edit's default output size (and Edit's VAE/condi
 PLUS_CONDITION_AREA = 384 * 384  # Edit Plus: each image as the vision-language encoder sees it
 PLUS_VAE_AREA = 1024 * 1024  # Edit Plus: each image as the VAE encodes it
 MAX_EDIT_PLUS_IMAGES = 4
+LANCZOS = Image.Resampling.LANCZOS  # diffusers' VaeImageProcessor resamples with Lanczos
 
 
 def area_dimensions(area: int, ratio: float) -> tuple[int, int]:
@@ -82,8 +85,6 @@ def area_dimensions(area: int, ratio: float) -> tuple[int, int]:
 
 def open_image(image: Any):
     """An input image (a PIL image, or a path to one) as an RGB PIL image; a ConfigError names what failed."""
-    from PIL import Image, UnidentifiedImageError
-
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
     if not isinstance(image, (str, Path)):
@@ -115,10 +116,8 @@ def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 def to_vae_pixels(image, width: int, height: int) -> torch.Tensor:
     """A PIL image resized (Lanczos) to width x height -> (1, 3, 1, height, width) fp32 in [-1, 1] (diffusers'
     `VaeImageProcessor.preprocess`, with the frame axis the VAE takes)."""
-    from PIL import Image
-
     if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.LANCZOS)
+        image = image.resize((width, height), resample=LANCZOS)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (H, W, 3) in [0, 1]
     return (x.permute(2, 0, 1) * 2.0 - 1.0)[None, :, None]  # (1, 3, 1, H, W)
 
@@ -396,8 +395,6 @@ class QwenImageEditPipeline(QwenImagePipeline):
         self.capabilities.check(params)  # (the image count, before opening any)
         images = [open_image(im) for im in params.images]
         width, height = area_dimensions(OUTPUT_AREA, images[-1].size[0] / images[-1].size[1])
-        import dataclasses
-
         params = dataclasses.replace(params, images=images, height=params.height or height,
                                      width=params.width or width)
         return super().resolve(params)
@@ -410,13 +407,13 @@ class QwenImageEditPipeline(QwenImagePipeline):
         """The images as the vision-language encoder sees them: Edit resizes to the output area's size."""
         image = params.images[0]
         width, height = area_dimensions(OUTPUT_AREA, image.size[0] / image.size[1])
-        return [image.resize((width, height), resample=_lanczos())]
+        return [image.resize((width, height), resample=LANCZOS)]
 
     def vae_images(self, params: SamplingParams) -> list[torch.Tensor]:
         """The images as the VAE encodes them, (1, 3, 1, H_k, W_k) each in [-1, 1]."""
         image = params.images[0]
         width, height = area_dimensions(OUTPUT_AREA, image.size[0] / image.size[1])
-        return [to_vae_pixels(image.resize((width, height), resample=_lanczos()), width, height)]
+        return [to_vae_pixels(image.resize((width, height), resample=LANCZOS), width, height)]
 
     def _prompt_inputs(self, prompts: list[str], params: SamplingParams) -> dict[str, torch.Tensor]:
         images = self.condition_images(params)
@@ -460,7 +457,7 @@ class QwenImageEditPlusPipeline(QwenImageEditPipeline):
         out = []
         for image in params.images:
             width, height = area_dimensions(PLUS_CONDITION_AREA, image.size[0] / image.size[1])
-            out.append(image.resize((width, height), resample=_lanczos()))
+            out.append(image.resize((width, height), resample=LANCZOS))
         return out
 
     def vae_images(self, params: SamplingParams) -> list[torch.Tensor]:
@@ -469,12 +466,6 @@ class QwenImageEditPlusPipeline(QwenImageEditPipeline):
             width, height = area_dimensions(PLUS_VAE_AREA, image.size[0] / image.size[1])
             out.append(to_vae_pixels(image, width, height))
         return out
-
-
-def _lanczos():
-    from PIL import Image
-
-    return Image.LANCZOS
 
 
 # --------------------------------------------------------------------------------------------------- presets
