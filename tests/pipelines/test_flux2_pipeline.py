@@ -201,3 +201,25 @@ def test_forward_tokens_count_the_reference_images(dev, tmp_path):
     params = SamplingParams(prompt="a", height=128, width=64,
                             images=[Image.new("RGB", (72, 100)), str(tmp_path / "big.png")])
     assert dev.pipeline.forward_tokens(params) == 8 * 4 + 4 * 6 + 90 * 45
+
+
+def test_mistral3_text_model_reads_both_key_layouts(dev_folder, tmp_path):
+    """Mistral3ForConditionalGeneration weights saved as `language_model.model.*` (how transformers 5 writes them)
+    or `model.language_model.*` (its module layout) load the same language model, layers 0-29 only."""
+    from safetensors.torch import load_file, save_file
+
+    from ditserve.pipelines.flux2 import Mistral3TextModel
+
+    src = dev_folder / "text_encoder"
+    sd = load_file(src / "model.safetensors")
+    assert any(k.startswith("language_model.model.layers.30.") for k in sd)
+    other = tmp_path / "text_encoder"
+    other.mkdir()
+    shutil.copy(src / "config.json", other / "config.json")
+    save_file({k.replace("language_model.model.", "model.language_model.", 1): v for k, v in sd.items()},
+              other / "model.safetensors")
+    a, b = Mistral3TextModel.from_pretrained(src), Mistral3TextModel.from_pretrained(other)
+    assert len(a.layers) == 30 and isinstance(a.norm, torch.nn.Identity)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(sa["layers.29.mlp.down_proj.weight"], sd["language_model.model.layers.29.mlp.down_proj.weight"])
