@@ -155,6 +155,26 @@ def test_presets():
         assert ids and max(ids) < spec.components["text_encoder"][1]["vocab_size"]
 
 
+def test_preset_text_encoders_match_released_sizes():
+    """The presets' text encoders built on meta as the loader builds them: Qwen3-4B (4,022,468,096 parameters)
+    and Qwen3-8B without its LM head, Mistral Small's language model cut to its first 30 layers (no final norm;
+    the released 40-layer model has 22.9 B parameters without the LM head)."""
+    from ditserve.registry import component_class, preset
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    sizes = {}
+    for name in ("flux.2-dev", "flux.2-klein-4b", "flux.2-klein-9b"):
+        class_name, config = preset(name).components["text_encoder"]
+        cls = component_class(class_name)
+        with torch.device("meta"):
+            sizes[name] = model = cls(cls.config_class.from_dict(config))
+        assert len(model.layers) == (30 if name == "flux.2-dev" else 36)
+    assert isinstance(sizes["flux.2-dev"].norm, torch.nn.Identity)
+    assert [count(sizes[n]) for n in sizes] == [17_343_754_240, 4_022_468_096, 8_190_735_360 - 151936 * 4096]
+
+
 def test_cli_generate_matches_diffusers(dev_folder, tmp_path):
     """The issue's check: `ditserve generate --model DIR --prompt P --guidance G --seed S --height H --width W
     --steps N --output out.png` against diffusers' image, then with two --image reference images."""
