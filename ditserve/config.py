@@ -187,9 +187,6 @@ class EngineConfig:
             raise ConfigError(f"unknown cfg_mode {self.cfg_mode!r}; valid: {', '.join(CFG_MODES)}")
         if self.vae_tiling not in VAE_TILING:
             raise ConfigError(f"unknown vae_tiling {self.vae_tiling!r}; valid: {', '.join(VAE_TILING)}")
-        if self.lora is not None and self.lora.mode == "unfused" and self.quantization is not None:
-            raise ConfigError(f"--lora-mode unfused with --quantization {self.quantization}: a quantised model takes "
-                              f"LoRA adapters merged before quantisation; use --lora-mode fuse")
 
     @property
     def fp8_fast_accum_on(self) -> bool:

@@ -84,8 +84,8 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto", p
                         "pytorch_lora_weights.safetensors), at WEIGHT (default 1); repeat to stack several")
     p.add_argument("--lora-mode", choices=["fuse", "unfused"], default=None,
                    help="with --lora: fuse = merged into the weights at load (no per-step cost; default), "
-                        "unfused = low-rank side products at run time (adapters chosen per request; not with "
-                        "--quantization)")
+                        "unfused = low-rank side products at run time (adapters chosen per request; with "
+                        "--quantization fp8 in bf16 on the GEMMs' dequantised input)")
     p.add_argument("--offload-text-encoder", action="store_true",
                    help="keep the text encoder in host memory, on the device only while it encodes (families "
                         "that support it: for a DiT and text encoder that do not fit on the GPU together)")

@@ -154,11 +154,11 @@ def build_dit(class_name: str, config: dict[str, Any], engine: EngineConfig, fil
               component: str = "transformer") -> nn.Module:
     """Build our DiT for diffusers class `class_name` from its config.json dict, in the engine's dtype on its
     device: on meta first, then materialised empty, then filled from `files` (safetensors, streamed) or, when
-    `files` is None, with random weights. LoRA adapters (engine.lora) are then merged or given their slots
-    (`ditserve.lora`; the model's `lora` attribute) when `component` (the model_index.json name) is the one
-    LoRA files adapt, "transformer" (as diffusers' `load_lora_weights`; a second expert gets none). With
-    engine.quantization "fp8", the layers the model declares eligible are then quantised in place, one at a
-    time (`ditserve.ops.fp8.apply_fp8`)."""
+    `files` is None, with random weights. With engine.quantization "fp8", the layers the model declares
+    eligible are then quantised in place, one at a time (`ditserve.ops.fp8.apply_fp8`). LoRA adapters
+    (engine.lora, `ditserve.lora`; the model's `lora` attribute) are merged before that (fuse) or given their
+    slots after it (unfused), when `component` (the model_index.json name) is the one LoRA files adapt,
+    "transformer" (as diffusers' `load_lora_weights`; a second expert gets none)."""
     cls, config_cls = registry.component_class(class_name), registry.dit_config_class(class_name)
     cfg = config_cls.from_diffusers(config)
     device, dtype = engine.torch_device, engine.torch_dtype
@@ -170,16 +170,21 @@ def build_dit(class_name: str, config: dict[str, Any], engine: EngineConfig, fil
         random_init_(model)
     else:
         stream_into(model, files, model.weight_map(), device)
-    if engine.lora is not None and component == LORA_COMPONENT:  # merged before quantisation, or slots
+    lora = engine.lora if component == LORA_COMPONENT else None
+    if lora is not None and lora.mode == "fuse":  # merged before quantisation
         from ditserve.lora.adapters import attach
 
-        attach(model, engine.lora, engine.quantization)
+        attach(model, lora)
     if engine.quantization == "fp8":
         apply_fp8(model, fast_accum=engine.fp8_fast_accum_on)
     if engine.fp8_attention:
         if not hasattr(model, "use_fp8_attention"):
             raise ConfigError(f"--fp8-attention: {type(model).__name__} has no fp8 attention")
         model.use_fp8_attention(ops)
+    if lora is not None and lora.mode == "unfused":  # side products on the layers that run (fp8 ones too)
+        from ditserve.lora.adapters import attach
+
+        attach(model, lora)
     return _frozen(model)
 
 

@@ -31,8 +31,9 @@ Modes (`LoRAConfig.mode`):
   activation of a Linear that carries one). Selecting adapters writes their factors into the buffers in place
   (weights and scales folded into the up projections; several adapters stack along R), so a compiled model or
   a captured CUDA graph reads the new adapter with nothing recompiled. No adapter selected: the buffers are
-  zero and the side products still run (their cost is the mode's cost). Not with `--quantization fp8`
-  (refused: fp8 takes merged adapters).
+  zero and the side products still run (their cost is the mode's cost). With `--quantization fp8` the slots
+  are installed after quantisation: an fp8 layer's side product is a bf16 product of the rows its fp8 GEMM
+  reads, dequantised (the adapter itself is not quantised).
 
 Engine API (`Engine.lora`, a `ditserve.lora.adapters.LoRAManager`, None without LoRA): `load(name, path)`,
 `unload(name)`, `info()`, `adapters` (name -> `LoRAAdapter`), and per request `SamplingParams.extra["lora"]`: a

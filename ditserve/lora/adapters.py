@@ -17,6 +17,7 @@ from torch import nn
 
 from ditserve.errors import ConfigError
 from ditserve.lora import LoRAConfig, LoRASpec
+from ditserve.ops.fp8 import Fp8Linear
 from ditserve.ops.linear import Linear
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes into a folder
@@ -75,8 +76,8 @@ class Target:
 
 
 def model_targets(model: nn.Module) -> dict[str, Target]:
-    """Every diffusers Linear module name of `model`'s weight map -> its Target (only weights that fill a 2-D
-    weight of one of our Linear layers)."""
+    """Every diffusers Linear module name of `model`'s weight map -> its Target (only weights that fill the
+    weight of one of our Linear layers, or of the fp8 tier's `Fp8Linear` that replaced one)."""
     out = {}
     modules = dict(model.named_modules())
     for key, (param, start, stop) in model.weight_map().items():
@@ -84,7 +85,7 @@ def model_targets(model: nn.Module) -> dict[str, Target]:
             continue
         linear = param[: -len(".weight")]
         layer = modules.get(linear)
-        if not isinstance(layer, Linear):
+        if not isinstance(layer, (Linear, Fp8Linear)):
             continue
         rows = layer.out_features
         out[key[: -len(".weight")]] = Target(linear, 0 if start is None else start, rows if stop is None else stop)
@@ -384,10 +385,24 @@ class LoRASlot(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (..., out)
 
 
-def _slot_forward(layer: nn.Module, base_impl):
-    """The Linear's new bound path: its own output plus the slot's side product; for a Linear that carries an
-    activation (LinearGELU), the side product joins before the activation."""
-    slot = layer.lora_slot
+def _hook(layer: nn.Module, slot: LoRASlot) -> None:
+    """Make `layer` add `slot`'s side product to its output, before any activation it carries.
+
+    Linear: its bound path (`_impl`) becomes its own output plus the side product (LinearGELU: the GELU after
+    both). Fp8Linear (the fp8 tier): its `product` (the fp8 GEMM of quantised rows, which every one of its paths
+    calls before the bias and the activation) gets the side product of the rows it read, dequantised to the
+    compute dtype: a bf16 side product of the GEMM's own input."""
+    layer.lora_slot = slot
+    if isinstance(layer, Fp8Linear):
+        product = layer.product
+
+        def fp8_product(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            x = (q.float() * scale).to(layer.out_dtype)  # (M, K): the rows the GEMM reads
+            return product(q, scale) + slot(x)  # (M, N)
+
+        layer.product = fp8_product
+        return
+    base_impl = layer._impl
     if getattr(layer, "activation", None) == "gelu_tanh":
         def forward(x: torch.Tensor) -> torch.Tensor:
             bias = layer.bias.to(x.dtype) if layer.bias is not None else None
@@ -397,7 +412,7 @@ def _slot_forward(layer: nn.Module, base_impl):
             return base_impl(x) + slot(x)
     else:
         raise ConfigError(f"LoRA: a Linear with activation {layer.activation!r} cannot take an unfused adapter")
-    return forward
+    layer._impl = forward
 
 
 class LoRAManager:
@@ -413,18 +428,17 @@ class LoRAManager:
         self.active: tuple[tuple[str, float], ...] = ()
         self.slots: dict[str, LoRASlot] = {}
         self.rank = 0
-        param = next(model.parameters())
+        # the compute dtype: that of the floating-point weights wider than a byte (fp8 ones are not)
+        param = next(p for p in model.parameters() if p.is_floating_point() and p.element_size() > 1)
         self.device, self.dtype = param.device, param.dtype
 
     # ------------------------------------------------------------------------------------- building
 
     @classmethod
-    def attach(cls, model: nn.Module, config: LoRAConfig, quantization: str | None = None) -> "LoRAManager":
-        """Load `config`'s adapters onto a loaded (not yet quantised or compiled) `model`: merge them (fuse) or
-        install slots and select them (unfused). Every file is read and checked before the model is touched."""
-        if config.mode == "unfused" and quantization is not None:
-            raise ConfigError(f"--lora-mode unfused with --quantization {quantization}: a quantised model takes "
-                              f"LoRA adapters merged before quantisation; use --lora-mode fuse")
+    def attach(cls, model: nn.Module, config: LoRAConfig) -> "LoRAManager":
+        """Load `config`'s adapters onto a loaded, not yet compiled `model`: merge them (fuse: before the fp8
+        tier quantises it) or install slots and select them (unfused: after, on the layers it will run). Every
+        file is read and checked before the model is touched."""
         device = next(model.parameters()).device
         adapters = [load_adapter(spec, model, device) for spec in config.adapters]
         manager = cls(model, config, adapters)
@@ -454,10 +468,9 @@ class LoRAManager:
                 pieces.setdefault(t.linear, set()).add((t.start, t.stop))
         for name, ranges in sorted(pieces.items()):
             layer = modules[name]
-            layer.lora_slot = LoRASlot(layer.in_features, layer.out_features, sorted(ranges), self.rank,
-                                       self.device, self.dtype)
-            layer._impl = _slot_forward(layer, layer._impl)
-            self.slots[name] = layer.lora_slot
+            slot = LoRASlot(layer.in_features, layer.out_features, sorted(ranges), self.rank, self.device, self.dtype)
+            _hook(layer, slot)
+            self.slots[name] = slot
 
     # ------------------------------------------------------------------------------------- adapters
 
@@ -574,8 +587,6 @@ class LoRAManager:
                 for a in self.adapters.values()]
 
 
-def attach(model: nn.Module, config: "LoRAConfig | None", quantization: str | None = None) -> None:
-    """The loader's hook (between the weight stream and quantisation): set `model.lora` to a LoRAManager, or
-    leave it unset without LoRA settings."""
-    if config is not None and (config.adapters or config.mode == "unfused"):
-        model.lora = LoRAManager.attach(model, config, quantization)
+def attach(model: nn.Module, config: LoRAConfig) -> None:
+    """The loader's hook: set `model.lora` to a LoRAManager of `config` (see `LoRAManager.attach`)."""
+    model.lora = LoRAManager.attach(model, config)
