@@ -2,13 +2,14 @@
 adapter unfused (selected, and with no adapter selected: zero slots), and fused; adapter load and swap times.
 One JSON line last.
 
-    python bench/lora.py [--size 1024] [--rank 64] [--iters 20] [--no-compile]
+    python bench/lora.py [--size 1024] [--rank 64] [--iters 20] [--no-compile] [--fp8]
 
 The adapter is random, in diffusers' format (`transformer.<module>.lora_A/B.weight`, bf16), on the layers
 trainers usually adapt: every attention projection and MLP Linear of both block kinds (the modulation Linears
 are left out). Step = one transformer forward at batch 1 with the step's conditioning precomputed, as the
 denoise loop calls it (CUDA events, median). Load = `LoRAManager.load` (read, map, move to the GPU, check);
-swap = `LoRAManager.activate` between two selections (the in-place slot writes), synchronised.
+swap = `LoRAManager.activate` between two selections (the in-place slot writes), synchronised. `--fp8`: the
+same on the fp8 tier (fused: merged before quantisation, in a model of its own; unfused: bf16 side products).
 """
 
 from __future__ import annotations
@@ -88,10 +89,12 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--fp8", action="store_true", help="the fp8 tier (--quantization fp8)")
     args = ap.parse_args()
-    base = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=args.compile)
+    base = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=args.compile,
+                        quantization="fp8" if args.fp8 else None)
     out: dict = dict(bench="lora", commit=commit(), preset=PRESET, size=args.size, rank=args.rank,
-                     compiled=args.compile, device=torch.cuda.get_device_name())
+                     compiled=args.compile, quantization=base.quantization, device=torch.cuda.get_device_name())
     with tempfile.TemporaryDirectory() as tmp:
         model = build(base, args.compile)
         files = [write_adapter(Path(tmp), model, args.rank, seed) for seed in (1, 2)]
@@ -99,11 +102,18 @@ def main() -> None:
         out["no_adapter_ms"] = round(step_ms(model, args.size, args.iters), 3)
         log(f"no adapter: {out['no_adapter_ms']} ms a step")
 
-        # fuse: merged into the same (already compiled) model's weights; nothing recompiles
+        # fuse: bf16, merged into the same (already compiled) model's weights, nothing recompiles; fp8: merged
+        # before quantisation, in a model built for it
         from ditserve.lora.adapters import LoRAManager
 
         cfg = LoRAConfig((LoRASpec(str(files[0]), 1.0, name="a"),), mode="fuse")
-        out["fuse_load_s"] = round(timed(lambda: LoRAManager.attach(model, cfg)), 3)
+        if args.fp8:
+            del model
+            torch.cuda.empty_cache()
+            out["fuse_load_s"] = None
+            model = build(dataclasses.replace(base, lora=cfg), args.compile)
+        else:
+            out["fuse_load_s"] = round(timed(lambda: LoRAManager.attach(model, cfg)), 3)
         out["fused_ms"] = round(step_ms(model, args.size, args.iters), 3)
         log(f"fused: {out['fused_ms']} ms a step (merge {out['fuse_load_s']} s)")
         del model

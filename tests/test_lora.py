@@ -345,6 +345,10 @@ def test_fp8_takes_the_adapter_merged_before_quantisation(flux):
         to_merged = (q - merged.get_submodule(name).weight.float()).norm()
         to_base = (q - base.get_submodule(name).weight.float()).norm()
         assert to_merged < 0.3 * to_base, name
+    from ditserve.lora.adapters import LoRAManager
+
+    with pytest.raises(ConfigError, match="before quantisation"):  # merging into fp8 weights is refused
+        LoRAManager.attach(fp8, lora)
 
 
 def test_generate_command_with_stacked_adapters_matches_diffusers(flux, tmp_path):

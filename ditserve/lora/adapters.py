@@ -439,6 +439,9 @@ class LoRAManager:
         """Load `config`'s adapters onto a loaded, not yet compiled `model`: merge them (fuse: before the fp8
         tier quantises it) or install slots and select them (unfused: after, on the layers it will run). Every
         file is read and checked before the model is touched."""
+        if config.mode == "fuse" and any(isinstance(m, Fp8Linear) for m in model.modules()):
+            raise ConfigError("--lora-mode fuse merges adapters before quantisation: this model's layers are fp8 "
+                              "already (the loader merges first; or use --lora-mode unfused)")
         device = next(model.parameters()).device
         adapters = [load_adapter(spec, model, device) for spec in config.adapters]
         manager = cls(model, config, adapters)
