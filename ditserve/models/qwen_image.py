@@ -9,8 +9,8 @@ MLPs' input projections carry their GELU (`LinearGELU`), and the q/k RMSNorms an
 (`RMSNormRotary`).
 
 The model, as diffusers runs it:
-  - timestep: t (B,) in [0, 1] -> sinusoidal features of t x 1000 (the frequencies rounded to the model dtype)
-    -> MLP 256 -> D -> D: `temb`, the AdaLN input of every block and of the output norm;
+  - timestep: t (B,) in [0, 1], rounded to the model dtype -> sinusoidal features of t x 1000 (fp32) -> MLP
+    256 -> D -> D: `temb`, the AdaLN input of every block and of the output norm;
   - image: packed latents (B, L, in_channels) (2x2 patches of 16 latent channels, packed by the pipeline) ->
     Linear -> (B, L, D); an edit model appends the input image's packed latents to the same sequence;
   - text: Qwen2.5-VL hidden states (B, T, joint_attention_dim) -> RMSNorm (`txt_norm`) -> Linear (`txt_in`);
@@ -127,12 +127,11 @@ def timestep_embedding(t: torch.Tensor, dim: int = TIME_FREQ_DIM, max_period: fl
     """Sinusoidal features of timesteps t (B,) in [0, 1], in the model dtype -> (B, dim) fp32, [cos | sin].
 
     As diffusers' `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000)` computes them, op for
-    op: the frequencies exp(-ln(max_period) i / (dim/2)) rounded to t's dtype, multiplied by t in fp32, then by
-    the scale 1000.
+    op: the fp32 frequencies exp(-ln(max_period) i / (dim/2)) times t (in fp32), then times the scale 1000.
     """
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    args = t[:, None].float() * torch.exp(exponent).to(t.dtype)[None, :]  # (B, dim/2)
+    args = t[:, None].float() * torch.exp(exponent)[None, :]  # (B, dim/2)
     args = TIME_SCALE * args
     return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)  # (B, dim)
 
