@@ -188,8 +188,9 @@ class Flux2DoubleBlock(nn.Module):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = mod_img.chunk(6, dim=-1)  # (B, 1, D)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = mod_txt.chunk(6, dim=-1)
 
-        img_h = self.norm1(img, img_scale1, img_shift1)  # (B, L, D)
-        txt_h = self.norm1(txt, txt_scale1, txt_shift1)  # (B, T, D)
+        # (fp8 tier: the norms hand the projections their input already quantised, see `Linear.takes_fp8`)
+        img_h = self.norm1(img, img_scale1, img_shift1, quantize=self.img_qkv.takes_fp8)  # (B, L, D)
+        txt_h = self.norm1(txt, txt_scale1, txt_shift1, quantize=self.txt_qkv.takes_fp8)  # (B, T, D)
         qkv_shape = (3, self.heads, self.head_dim)
         img_q, img_k, img_v = self.img_qkv(img_h).unflatten(-1, qkv_shape).unbind(2)  # (B, L, H, Dh) each
         txt_q, txt_k, txt_v = self.txt_qkv(txt_h).unflatten(-1, qkv_shape).unbind(2)  # (B, T, H, Dh) each
@@ -208,9 +209,11 @@ class Flux2DoubleBlock(nn.Module):
             txt_attn, img_attn = attn[:, :T], attn[:, T:]
 
         # Each stream: gated residual + AdaLN, then the SwiGLU MLP with a gated residual.
-        img_h, img = self.norm2(self.img_attn_out(img_attn), img, img_gate1, img_scale2, img_shift2)
+        img_h, img = self.norm2(self.img_attn_out(img_attn), img, img_gate1, img_scale2, img_shift2,
+                                quantize=self.img_mlp_in.takes_fp8)
         img = self.gated_add(self.img_mlp_out(swiglu(self.img_mlp_in(img_h))), img_gate2, img)  # (B, L, D)
-        txt_h, txt = self.norm2(self.txt_attn_out(txt_attn), txt, txt_gate1, txt_scale2, txt_shift2)
+        txt_h, txt = self.norm2(self.txt_attn_out(txt_attn), txt, txt_gate1, txt_scale2, txt_shift2,
+                                quantize=self.txt_mlp_in.takes_fp8)
         txt = self.gated_add(self.txt_mlp_out(swiglu(self.txt_mlp_in(txt_h))), txt_gate2, txt)  # (B, T, D)
         if self.clamp_fp16:  # as diffusers: keep fp16 text activations finite
             txt = txt.clamp(-FP16_MAX, FP16_MAX)
@@ -242,7 +245,7 @@ class Flux2SingleBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = mod.chunk(3, dim=-1)  # (B, 1, D) each
-        h = self.norm(x, scale, shift)  # (B, S, D)
+        h = self.norm(x, scale, shift, quantize=self.qkv_mlp.takes_fp8)  # (B, S, D) (fp8 tier: quantised)
         qkv, mlp = self.qkv_mlp(h).split((3 * self.dim, 2 * self.mlp_hidden), dim=-1)  # (B, S, 3D), (B, S, 2F)
         q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # (B, S, H, Dh) each
         q_parts, k_parts = ((q,), (self.q_norm.weight,)), ((k,), (self.k_norm.weight,))
