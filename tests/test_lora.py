@@ -181,18 +181,22 @@ def test_kohya_fused_qkv_and_linear1_land_on_the_fused_rows(flux, tmp_path):
     assert untouched == ["single_blocks.1.qkv_mlp.weight"]
 
 
-def test_switching_adapters_recompiles_nothing(flux):
-    """Compiled (backend eager, regional), unfused: changing the adapter or its weight between forwards changes
-    the output and compiles no new graph."""
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_switching_adapters_recompiles_nothing(flux, quantization):
+    """Compiled (backend eager, regional, fullgraph), unfused, bf16 and fp8 layers: changing the adapter or its
+    weight between forwards changes the output and compiles no new graph."""
     from ditserve.compile import CompileConfig, compile_model
+    from ditserve.loader import load_transformer
     from ditserve.models.flux import flux_example_inputs
 
     path, files, _ = flux
-    eng = engine(path, files, {"a": 1.0, "b": 0.6}, mode="unfused")
-    model = eng.pipeline.transformer
+    specs = tuple(LoRASpec(str(files[n]), w, name=n) for n, w in (("a", 1.0), ("b", 0.6)))
+    config = dataclasses.replace(CPU, dtype="bf16", quantization=quantization,
+                                 lora=LoRAConfig(specs, mode="unfused"))
+    model, _ = load_transformer(str(path), config)
     torch._dynamo.reset()
     compile_model(model, CompileConfig(backend="eager"))
-    x = flux_example_inputs(model.config, 64, 64, text_len=8)
+    x = flux_example_inputs(model.config, 64, 64, text_len=8, dtype=torch.bfloat16)
     stats = torch._dynamo.utils.counters["stats"]
     outs = []
     with torch.inference_mode():
@@ -201,10 +205,10 @@ def test_switching_adapters_recompiles_nothing(flux):
         assert graphs > 0
         with torch._dynamo.config.patch(error_on_recompile=True):
             for sel in ((("a", 0.3),), (("b", 1.0), ("a", 1.0)), ()):
-                eng.lora.activate(sel)
+                model.lora.activate(sel)
                 outs.append(model(**x))
     assert stats["unique_graphs"] == graphs
-    assert all((outs[i] - outs[i + 1]).abs().max() > 1e-3 for i in range(len(outs) - 1))
+    assert all((outs[i] - outs[i + 1]).abs().max() > 1e-2 for i in range(len(outs) - 1))
 
 
 def _bad_file(tmp_path, flux, mutate):
