@@ -9,9 +9,11 @@
     GET  /                        a web page to try the model
 
 Every error has OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 bad values (size, n,
-options) and malformed JSON, 401 missing or wrong API key, 404 unknown model or route, 413 body too large,
-422 schema violations (wrong types, unknown fields), 429 queue full (Retry-After), 500 engine failure, 503
-not ready / shutting down / GPU out of memory, 504 request timeout.
+options, every number out of its documented range, text that is not valid Unicode) and malformed JSON, 401 missing
+or wrong API key, 404 unknown model or route, 408 a request head or body that did not arrive in time, 413 body too
+large, 422 schema violations (wrong types, unknown fields), 429 queue full (Retry-After), 500 engine failure, 503
+not ready / shutting down / GPU out of memory / too many connections, 504 request timeout. `/openapi.json` states
+each field's accepted values for the served model (`RequestLimits`) and each route's error statuses.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import base64
 import hashlib
 import hmac
 import io
+import math
 import re
 import secrets
 import socket
@@ -33,30 +36,43 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ditserve.config import ConfigError, SamplingParams
+from ditserve.config import MAX_SIZE, MIN_SIZE, REQUEST_RANGES, SIZE_MULTIPLE, ConfigError, SamplingParams
 from ditserve.logging import init_logger
 from ditserve.preflight import suggested_sizes
 from ditserve.engine import Engine
 from ditserve.server.config import ServerConfig
+from ditserve.server.connections import guarded_protocol
 from ditserve.server.files import OutputStore
 from ditserve.server.metrics import CONTENT_TYPE, ServerMetrics
-from ditserve.server.schemas import (MEDIA_TYPES, OUTPUT_FORMATS, UNSUPPORTED_OPENAI_OPTIONS, ErrorBody, ImageData,
-                                     ImageGenerationRequest, ImagesResponse, ModelCard, ModelList)
+from ditserve.server.schemas import (MEDIA_TYPES, OUTPUT_FORMATS, UNSUPPORTED_OPENAI_OPTIONS, ErrorBody, Health,
+                                     ImageData, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList,
+                                     ReadyInfo, RequestLimits)
 from ditserve.server.worker import EngineFailure, EngineWorker, Loader, NotAccepting, QueueFull
 
 logger = init_logger(__name__)
 
 FILES_PREFIX = "/v1/images/files/"
-SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
+# Sizes parse strictly: ASCII digits only (\d would take other scripts' digits), no sign, no leading zero (one
+# spelling per size: "00064x00064" is refused), lower-case x.
+SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
 DEFAULT_QUALITY = 95  # jpeg / webp encoder quality when output_compression is unset
 SWEEP_INTERVAL_S = 60.0
 # A ConfigError message names the SamplingParams field first; the API calls it by its OpenAI name.
 _PARAM_NAMES = {"height": "size", "width": "size", "steps": "num_inference_steps", "guidance": "guidance_scale",
-                "seed": "seed", "num_images": "n", "prompt": "prompt", "negative_prompt": "negative_prompt"}
+                "seed": "seed", "num_images": "n", "prompt": "prompt", "negative_prompt": "negative_prompt",
+                "guidance_2": "guidance_2", "num_frames": "num_frames", "fps": "fps"}
 _PARAM_WORD = re.compile(r"\b(" + "|".join(_PARAM_NAMES) + r")\b")
+# What each error status of a route means, for the OpenAPI schema.
+_ERRORS = {400: "a value out of its range, an unsupported option, or malformed JSON",
+           401: "missing or wrong API key", 404: "no such model, route or file",
+           408: "the request body did not arrive within --body-timeout", 413: "the body is over --max-body-bytes",
+           422: "the body does not fit the schema", 429: "the queue is full (Retry-After)",
+           500: "the engine or the server failed on this request",
+           503: "not ready, shutting down, or the GPU ran out of memory", 504: "no answer within --request-timeout"}
 # Route label of /metrics' request counter for each path (bounded: file names and model ids are not labels).
 _ENDPOINTS = ("/v1/images/generations", "/v1/models", "/health", "/ready", "/metrics", "/")
 
@@ -79,23 +95,31 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
     """OpenAI's "WIDTHxHEIGHT" -> (height, width); None or "auto" -> (None, None), the model's default.
-    Raises ConfigError for a malformed size or one out of the engine's limits."""
+    Raises ConfigError for a malformed size (anything but ASCII digits without leading zeros, "x", ASCII digits)
+    or one out of the engine's limits."""
     if size is None or size == "auto":
         return None, None
     m = SIZE.fullmatch(size)
     if m is None:
-        raise ConfigError(f'size must be "WIDTHxHEIGHT" (e.g. "1024x768") or "auto", got {size!r}')
+        raise ConfigError(f'size must be "WIDTHxHEIGHT" in ASCII digits without leading zeros (e.g. "1024x768") '
+                          f'or "auto", got {size!r}')
     width, height = int(m[1]), int(m[2])
     SamplingParams(prompt="", height=height, width=width).validate()
     return height, width
 
 
-def encode_images(images: list[Any], fmt: str, quality: int) -> list[bytes]:
-    """PIL images -> encoded files of format `fmt` ("png", "jpeg", "webp")."""
+def encode_images(images: list[Any], fmt: str, compression: int | None = None) -> list[bytes]:
+    """PIL images -> encoded files of format `fmt` ("png", "jpeg", "webp"). `compression` (0-100, OpenAI's
+    output_compression): the jpeg / webp quality (default 95), or for png the zlib level, 0-100 mapped to 0-9
+    (lossless: the same pixels; default Pillow's 6)."""
+    if fmt == "png":
+        options = {} if compression is None else {"compress_level": round(compression * 9 / 100)}
+    else:
+        options = {"quality": DEFAULT_QUALITY if compression is None else compression}
     out = []
     for image in images:
         buf = io.BytesIO()
-        image.save(buf, format=OUTPUT_FORMATS[fmt], **({} if fmt == "png" else {"quality": quality}))
+        image.save(buf, format=OUTPUT_FORMATS[fmt], **options)
         out.append(buf.getvalue())
     return out
 
@@ -227,7 +251,19 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
     app.add_middleware(_RequestCounter, metrics=metrics)
     _add_error_handlers(app)
 
-    error_responses = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 429, 500, 503, 504)}
+    def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+        """The error statuses a route can return (401 on /v1/* only when a key is configured; 413 on any
+        route, from the body limit; 500 on any, from the catch-all handler), each with OpenAI's body."""
+        codes = {*codes, 413, 500} - (set() if config.api_key is not None else {401})
+        return {code: {"model": ErrorBody, "description": _ERRORS[code]} for code in sorted(codes)}
+
+    limits_cache: list[RequestLimits] = []
+
+    def limits() -> RequestLimits:
+        """This server's `RequestLimits` for the served model (the engine is loaded)."""
+        if not limits_cache:
+            limits_cache.append(request_limits(config, worker.engine.capabilities, formats))
+        return limits_cache[0]
 
     def require_ready() -> None:
         if not worker.ready:
@@ -235,14 +271,20 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
                            headers={"Retry-After": "5"})
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
-              responses=error_responses)
+              responses={**errors(400, 401, 404, 408, 422, 429, 503, 504),
+                         429: {"model": ErrorBody, "description": _ERRORS[429],
+                               "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                                           "description": "seconds until a retry is likely to be "
+                                                                          "accepted"}}}})
     async def generations(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
         arrival = time.monotonic()
         require_ready()
         if body.model is not None and body.model != worker.model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {worker.model_name!r}",
                            param="model", code="model_not_found")
-        params, fmt, quality = _request_params(body, config, formats)
+        params, fmt, compression = _request_params(body, limits())
+        if params.steps is None and worker.engine.spec.default_steps > limits().max_steps:
+            params.steps = limits().max_steps  # the server's --max-steps caps the model's default too
         if params.seed is None:  # drawn here, below 2**53: JSON readers that parse numbers as doubles
             params.seed = secrets.randbits(53)  # (JavaScript) read it exactly and can send it back
         try:
@@ -271,7 +313,7 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
             raise APIError(503, str(e), type="server_error", code="shutting_down") from None
 
         encode_start = time.monotonic()
-        files = await run_in_threadpool(encode_images, result.images, fmt, quality)
+        files = await run_in_threadpool(encode_images, result.images, fmt, compression)
         if body.response_format == "url":
             names = await run_in_threadpool(lambda: [store.save(f, fmt) for f in files])
             base = str(request.base_url).rstrip("/")
@@ -286,7 +328,10 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
         return ImagesResponse(created=int(time.time()), data=data, size=f"{p.width}x{p.height}", output_format=fmt,
                               seed=p.seed)
 
-    @app.get(FILES_PREFIX + "{name}", responses={404: {"model": ErrorBody}})
+    @app.get(FILES_PREFIX + "{name}", response_class=Response,
+             responses={200: {"description": "the image file", "content": {
+                 media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()}},
+                 **errors(404)})
     async def image_file(name: str) -> Response:
         data = await run_in_threadpool(store.read, name)
         if data is None:
@@ -294,12 +339,12 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
         return Response(data, media_type=MEDIA_TYPES[name.rsplit(".", 1)[1]],
                         headers={"Cache-Control": f"private, max-age={int(store.expires_in(name))}"})
 
-    @app.get("/v1/models", response_model=ModelList, responses=error_responses)
+    @app.get("/v1/models", response_model=ModelList, responses=errors(401, 503))
     async def models() -> ModelList:
         require_ready()
         return ModelList(data=[ModelCard(id=worker.model_name, created=worker.started_at)])
 
-    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=error_responses)
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=errors(401, 404, 503))
     async def model(model: str) -> ModelCard:
         require_ready()
         if model != worker.model_name:
@@ -307,14 +352,14 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
                            param="model", code="model_not_found")
         return ModelCard(id=worker.model_name, created=worker.started_at)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses=errors(503))
     async def health() -> JSONResponse:
         if not worker.alive:
             return error_response(503, f"the engine is not running: {_not_ready_message(worker)}",
                                   type="server_error", code="engine_down")
         return JSONResponse({"status": "ok", "state": worker.state})
 
-    @app.get("/ready")
+    @app.get("/ready", response_model=ReadyInfo, responses=errors(503))
     async def ready() -> JSONResponse:
         require_ready()
         spec = worker.engine.spec
@@ -330,7 +375,9 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
                              # sizes the model draws well, its default first (the web page's size menu)
                              "sizes": suggested_sizes(spec.default_height, spec.default_width)})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **errors()})
     async def metrics_endpoint() -> Response:
         metrics.queue_depth.set(worker.queue_depth())
         return Response(metrics.render(), media_type=CONTENT_TYPE)
@@ -339,14 +386,61 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, made true for this server: the request fields' accepted values (once the model is
+        loaded; until then the engine's general limits), no 422 on routes that have no input to validate,
+        and the bearer scheme on the routes that need the key."""
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        ready = worker.engine is not None and worker.state in ("ready", "draining")
+        limit = limits() if ready else request_limits(config, None, formats)
+        properties = schema["components"]["schemas"]["ImageGenerationRequest"]["properties"]
+        for name, prop in limit.openapi_properties().items():
+            properties[name] = {**prop, "title": properties[name].get("title", name)}
+        for path, operations in schema["paths"].items():
+            for method, operation in operations.items():
+                if method != "post":
+                    operation["responses"].pop("422", None)
+                if config.api_key is not None and path.startswith("/v1/") and not path.startswith(FILES_PREFIX):
+                    operation["security"] = [{"bearer": []}]
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schema["components"]["schemas"].pop(unused, None)
+        if config.api_key is not None:
+            schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        if ready:
+            app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
     return app
 
 
-def _request_params(body: ImageGenerationRequest, config: ServerConfig, formats: set[str]
-                    ) -> tuple[SamplingParams, str, int]:
-    """The request's SamplingParams (unresolved), output format and encoder quality. Raises APIError(400).
-    What the model cannot do (a negative prompt for a family without classifier-free guidance, ...) is refused
-    when the engine resolves the request, with the family's own message."""
+def request_limits(config: ServerConfig, capabilities: Any, formats: set[str]) -> RequestLimits:
+    """What a request may ask of this server: the engine's limits, narrowed by the server's settings
+    (max_batch_size, max_steps, max_image_size) and by the served family's `Capabilities` (None: not loaded
+    yet)."""
+    multiple, low, high = SIZE_MULTIPLE, MIN_SIZE, MAX_SIZE
+    max_guidance, negative_prompt = REQUEST_RANGES["guidance"][1], True
+    if capabilities is not None:
+        multiple = math.lcm(multiple, capabilities.size_multiple)
+        low, high = max(low, capabilities.min_size), min(high, capabilities.max_size)
+        max_guidance = 0.0 if capabilities.guidance == "none" else max_guidance
+        negative_prompt = capabilities.guidance == "cfg"
+    if config.max_image_size is not None:
+        high = min(high, config.max_image_size)
+    steps = REQUEST_RANGES["steps"][1] if config.max_steps is None else min(config.max_steps,
+                                                                            REQUEST_RANGES["steps"][1])
+    return RequestLimits(max_n=min(config.max_batch_size, REQUEST_RANGES["num_images"][1]), max_steps=int(steps),
+                         size_multiple=multiple, min_size=low, max_size=high, max_guidance=float(max_guidance),
+                         negative_prompt=negative_prompt, output_formats=tuple(sorted(formats)))
+
+
+def _request_params(body: ImageGenerationRequest, limits: RequestLimits) -> tuple[SamplingParams, str, int | None]:
+    """The request's SamplingParams (unresolved), output format and output_compression. Raises APIError(400)
+    naming the field and its range. What the model cannot do (a negative prompt for a family without
+    classifier-free guidance, ...) is refused when the engine resolves the request, with the family's own
+    message."""
     for option in UNSUPPORTED_OPENAI_OPTIONS:
         if getattr(body, option) is not None:
             raise APIError(400, f"{option!r} is not supported by ditserve; leave it unset", param=option,
@@ -354,26 +448,27 @@ def _request_params(body: ImageGenerationRequest, config: ServerConfig, formats:
     if body.stream:
         raise APIError(400, "streaming is not supported; leave 'stream' unset or false", param="stream",
                        code="unsupported_parameter")
-    if not 1 <= body.n <= config.max_batch_size:
-        raise APIError(400, f"n must be between 1 and {config.max_batch_size} (the server's max batch size), "
+    if not 1 <= body.n <= limits.max_n:
+        raise APIError(400, f"n must be between 1 and {limits.max_n} (the server's max batch size), "
                             f"got {body.n}", param="n", code="invalid_value")
-    if body.output_format not in formats:
+    if body.output_format not in limits.output_formats:
         raise APIError(400, f"output_format {body.output_format!r} is not available on this server "
-                            f"(this Pillow cannot write it); use one of {sorted(formats)}",
+                            f"(this Pillow cannot write it); use one of {list(limits.output_formats)}",
                        param="output_format", code="invalid_value")
-    quality = DEFAULT_QUALITY
-    if body.output_compression is not None:
-        if body.output_format == "png":
-            raise APIError(400, "output_compression applies to jpeg and webp only", param="output_compression",
-                           code="invalid_value")
-        if not 0 <= body.output_compression <= 100:
-            raise APIError(400, f"output_compression must be between 0 and 100, got {body.output_compression}",
-                           param="output_compression", code="invalid_value")
-        quality = body.output_compression
+    if body.output_compression is not None and not 0 <= body.output_compression <= 100:
+        raise APIError(400, f"output_compression must be between 0 and 100, got {body.output_compression}",
+                       param="output_compression", code="invalid_value")
+    if body.num_inference_steps is not None and body.num_inference_steps > limits.max_steps:
+        raise APIError(400, f"num_inference_steps must be between 1 and {limits.max_steps} on this server, got "
+                            f"{body.num_inference_steps}", param="num_inference_steps", code="invalid_value")
     try:
         height, width = parse_size(body.size)
     except ConfigError as e:
         raise APIError(400, str(e), param="size", code="invalid_value") from None
+    for side in (height, width):
+        if side is not None and not side <= limits.max_size:
+            raise APIError(400, f"size: width and height must be at most {limits.max_size} on this server, got "
+                                f"{body.size!r}", param="size", code="invalid_value")
     params = SamplingParams(prompt=body.prompt, height=height, width=width, steps=body.num_inference_steps,
                             guidance=body.guidance_scale, seed=body.seed, num_images=body.n,
                             negative_prompt=body.negative_prompt)
@@ -381,13 +476,18 @@ def _request_params(body: ImageGenerationRequest, config: ServerConfig, formats:
         params.validate()
     except ConfigError as e:
         raise _bad_value(e) from None
-    return params, body.output_format, quality
+    return params, body.output_format, body.output_compression
 
 
 def _bad_value(e: ConfigError) -> APIError:
-    m = _PARAM_WORD.search(str(e))
-    code = "unsupported_parameter" if " is not supported by " in str(e) else "invalid_value"
-    return APIError(400, str(e), param=_PARAM_NAMES[m[1]] if m else None, code=code)
+    """A 400 for a request value the engine refused; the message names the field by its API name."""
+    message = str(e)
+    m = _PARAM_WORD.search(message)
+    param = _PARAM_NAMES[m[1]] if m else None
+    if m is not None and m.start() == 0 and param != m[1]:  # "steps must be ..." -> "num_inference_steps must be ..."
+        message = f"size: {message}" if param == "size" else param + message[m.end():]
+    code = "unsupported_parameter" if " is not supported by " in message else "invalid_value"
+    return APIError(400, message, param=param, code=code)
 
 
 def _not_ready_message(worker: EngineWorker) -> str:
@@ -454,6 +554,20 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def uvicorn_config(app: FastAPI, config: ServerConfig, verbose: bool = False):
+    """uvicorn's settings for `app`: the h11 protocol with the header and body deadlines and the connection cap
+    (`ditserve.server.connections`), uvicorn's keep-alive timeout, and a graceful shutdown as long as a request
+    may take."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app, log_level="info" if verbose else "warning", access_log=verbose, lifespan="on",
+        http=guarded_protocol(config.header_timeout, config.body_timeout, config.max_connections),
+        timeout_keep_alive=config.keep_alive_timeout,
+        # uvicorn waits this long for in-flight requests after a signal; then lifespan shutdown drains the rest
+        timeout_graceful_shutdown=int(config.request_timeout) + 5)
+
+
 def run_server(model: str | None, engine, config: ServerConfig, host: str, port: int, verbose: bool = False,
                announce=print) -> None:
     """Serve `model` until SIGINT/SIGTERM, then drain. The model loads on the engine thread while /health
@@ -471,10 +585,7 @@ def run_server(model: str | None, engine, config: ServerConfig, host: str, port:
             server.should_exit = True
 
     app = create_app(lambda: Engine.load(model, engine), config, on_fatal=on_fatal)
-    server = uvicorn.Server(uvicorn.Config(
-        app, log_level="info" if verbose else "warning", access_log=verbose, lifespan="on",
-        # uvicorn waits this long for in-flight requests after a signal; then lifespan shutdown drains the rest
-        timeout_graceful_shutdown=int(config.request_timeout) + 5))
+    server = uvicorn.Server(uvicorn_config(app, config, verbose))
     worker: EngineWorker = app.state.worker
     announce(f"ditserve: listening on {url} (loading {model or 'the default model'})")
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ditserve.config import ConfigError
+from ditserve.config import MIN_SIZE, ConfigError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 30000
@@ -29,6 +29,14 @@ class ServerConfig:
         so the first real request does not pay compilation or allocator growth.
     warmup_size: (height, width) of the warmup, and warmup_steps its step count (None: the model's
         defaults). Set them to what requests will use: a compiled or cached model is warm for that shape.
+    max_steps, max_image_size: the most denoise steps and the largest width or height one request may ask for
+        (None: the engine's limits, 1000 steps and 4096 pixels); a larger request is a 400, and a request that
+        leaves steps unset gets at most max_steps. They bound the work one request can make a public server do,
+        and the OpenAPI schema states them.
+    header_timeout, body_timeout: seconds a client has to send a request's head (from the connection's first
+        byte, or the next request's), and then its body; past either the request gets 408 and the connection
+        closes. keep_alive_timeout: seconds an idle keep-alive connection stays open. max_connections: most
+        open connections; a request on one more gets 503 (Retry-After) and its connection closes.
     """
 
     api_key: str | None = None
@@ -42,16 +50,25 @@ class ServerConfig:
     warmup: bool = True
     warmup_size: tuple[int, int] | None = None
     warmup_steps: int | None = None
+    max_steps: int | None = None
+    max_image_size: int | None = None
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 256
 
     def __post_init__(self):
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("the API key is empty")
         for name, low in (("max_batch_size", 1), ("max_queue", 1), ("max_body_bytes", 1024),
-                          ("output_max_bytes", 1)):
+                          ("output_max_bytes", 1), ("max_connections", 1), ("max_steps", 1),
+                          ("max_image_size", MIN_SIZE)):
             v = getattr(self, name)
+            if v is None and name in ("max_steps", "max_image_size"):
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
-        for name in ("request_timeout", "url_ttl"):
+        for name in ("request_timeout", "url_ttl", "header_timeout", "body_timeout", "keep_alive_timeout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")

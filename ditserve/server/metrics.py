@@ -8,7 +8,8 @@ process can build many apps, as the tests do).
                                                      encode (image files), total (arrival to response)
     ditserve_batch_images                            images per denoise batch
     ditserve_images_generated_total                  images returned to clients
-    ditserve_engine_failures_total{reason}           batches that failed (out_of_memory, error)
+    ditserve_engine_failures_total{reason}           engine runs that failed (out_of_memory, error)
+    ditserve_batch_splits_total                      failed batches rerun one request at a time
     ditserve_gpu_memory_{allocated,reserved,peak}_bytes   the model's CUDA device, read at scrape time
 """
 
@@ -59,8 +60,10 @@ class ServerMetrics:
         self.batch_images = Histogram("ditserve_batch_images", "images per denoise batch",
                                       buckets=BATCH_BUCKETS, registry=r)
         self.images = Counter("ditserve_images_generated", "images returned to clients", registry=r)
-        self.engine_failures = Counter("ditserve_engine_failures", "batches that failed in the engine",
-                                       ["reason"], registry=r)
+        self.engine_failures = Counter("ditserve_engine_failures", "engine runs (batches, or one request after a "
+                                       "split) that failed", ["reason"], registry=r)
+        self.batch_splits = Counter("ditserve_batch_splits", "failed batches of several requests rerun one "
+                                    "request at a time", registry=r)
         for stage in STAGES:  # every series exists from the start, at 0
             self.stage_seconds.labels(stage)
         for reason in ("out_of_memory", "error"):

@@ -8,8 +8,9 @@ length) up to `max_batch_size` images (none when the engine has a DiT cache moun
 taken for a whole batch), run them with `engine.generate_batch`, and complete each request's
 future. Handlers wait on those futures from the event loop, so the loop never blocks on the model.
 
-A failing batch fails only its own requests: CUDA out-of-memory (the allocator's cache is emptied) and any
-other exception become an `EngineFailure` on those futures, and the worker takes the next batch. `close()`
+A failure stays with its request: when a batch of several requests fails (CUDA out-of-memory, after the
+allocator's cache is emptied, or any other exception), each of its requests is rerun alone, so only a request that
+fails by itself gets an `EngineFailure` on its future; then the worker takes the next batch. `close()`
 stops accepting, lets the queued and running requests finish (drain), then stops the thread.
 
 The worker speaks only `ditserve.engine.Engine`: `spec`, `capabilities`, `device`, `cache`, `resolve`,
@@ -56,7 +57,8 @@ class NotAccepting(Exception):
 
 
 class EngineFailure(Exception):
-    """A batch failed in the engine. reason: "out_of_memory" or "error"."""
+    """A request failed in the engine (alone: a failing batch is split first). reason: "out_of_memory" or
+    "error"."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -254,6 +256,13 @@ class EngineWorker:
         start = time.monotonic()
         for job in batch:
             self.metrics.stage_seconds.labels("queue").observe(start - job.arrival)
+        self._run_batch(batch)
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        """Run `batch` and complete its futures. A failing batch of several requests (out of memory included) is
+        split and each request rerun alone, so only a request that fails by itself gets the error and every
+        valid neighbour still gets its images."""
+        start = time.monotonic()
         self.metrics.batch_images.observe(sum(job.images for job in batch))
         failure: tuple[str, str] | None = None
         try:
@@ -261,7 +270,7 @@ class EngineWorker:
         except torch.OutOfMemoryError:
             # Not bound to a name: the traceback (and the tensors its frames hold) is freed when this block
             # ends, before the cache is emptied below.
-            failure = ("out_of_memory", "the GPU ran out of memory on this batch; retry later, or ask for "
+            failure = ("out_of_memory", "the GPU ran out of memory on this request; retry later, or ask for "
                                         "fewer or smaller images")
         except Exception as e:
             logger.exception(f"batch of {len(batch)} request(s) failed")
@@ -270,8 +279,13 @@ class EngineWorker:
             if failure[0] == "out_of_memory":
                 self._empty_cache()
             self.metrics.engine_failures.labels(failure[0]).inc()
-            for job in batch:
-                job.future.set_exception(EngineFailure(*failure))
+            if len(batch) > 1:
+                logger.warning(f"rerunning the {len(batch)} requests of a failed batch one at a time")
+                self.metrics.batch_splits.inc()
+                for job in batch:
+                    self._run_batch([job])
+                return
+            batch[0].future.set_exception(EngineFailure(*failure))
             return
         elapsed = time.monotonic() - start
         self._batch_seconds = elapsed if self._batch_seconds is None else 0.8 * self._batch_seconds + 0.2 * elapsed

@@ -16,7 +16,7 @@ import numpy as np
 from ditserve.config import EngineConfig, ModelSpec, SamplingParams
 from ditserve.engine import Capabilities, Engine, Output
 from ditserve.server import ServerConfig, create_app
-from ditserve.server.app import listen_socket
+from ditserve.server.app import listen_socket, uvicorn_config
 
 FAKE_SPEC = ModelSpec(name="fake", pipeline="FakePipeline", components={}, default_steps=2, default_guidance=0.0,
                       default_height=64, default_width=64, max_sequence_length=16)
@@ -94,7 +94,9 @@ def live_server(app, timeout: float = 60.0):
 
     sock = listen_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=30))
+    config = uvicorn_config(app, app.state.config)  # what `ditserve serve` runs: its protocol, timeouts and cap
+    config.timeout_graceful_shutdown = 30
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
