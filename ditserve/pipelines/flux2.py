@@ -264,12 +264,16 @@ class Flux2Pipeline(Pipeline):
 
     # -------------------------------------------------------------------------------------------- stages
 
-    def tokenize(self, prompts: list[str], max_length: int) -> Any:
-        """Prompts -> the tokenizer's batch (input_ids, attention_mask: (P, max_length)) as diffusers renders them:
-        the system message and the prompt ("[IMG]" removed) as content lists, no generation prompt."""
+    def tokenize(self, prompts: list[str], max_length: int | None) -> Any:
+        """Prompts -> the tokenizer's batch (input_ids, attention_mask: (P, max_length) tensors) as diffusers
+        renders them: the system message and the prompt ("[IMG]" removed) as content lists, no generation prompt.
+        max_length None: the whole prompts, unpadded (lists of ids)."""
         messages = [[{"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]},
                      {"role": "user", "content": [{"type": "text", "text": p.replace("[IMG]", "")}]}]
                     for p in prompts]
+        if max_length is None:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True,
+                                                      return_dict=True)
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True,
                                                   return_dict=True, return_tensors="pt", padding="max_length",
                                                   truncation=True, max_length=max_length)
@@ -278,6 +282,11 @@ class Flux2Pipeline(Pipeline):
         """P prompts -> (P, T, 3 x text hidden): the text encoder's hidden states TEXT_LAYERS, stacked per token
         (layer-major within a token's features, as diffusers' permute + reshape)."""
         tok = self.tokenize(prompts, params.max_sequence_length)
+        if int(tok["attention_mask"].sum(1).max()) == params.max_sequence_length:  # full: maybe cut (rare)
+            longest = max(len(ids) for ids in self.tokenize(prompts, None)["input_ids"])
+            if longest > params.max_sequence_length:
+                logger.warning(f"a prompt was truncated to {params.max_sequence_length} tokens (it has {longest}, "
+                               f"chat template included)")
         out = self.text_encoder(input_ids=tok["input_ids"].to(self.device),
                                 attention_mask=tok["attention_mask"].to(self.device), output_hidden_states=True,
                                 use_cache=False)
@@ -446,12 +455,14 @@ class Flux2KleinPipeline(Flux2Pipeline):
         guidance = "none" if self.is_distilled(components, self.spec.name) else "cfg"
         return Capabilities(family=f"{self.FAMILY} klein", guidance=guidance, max_input_images=MAX_REFERENCE_IMAGES)
 
-    def tokenize(self, prompts: list[str], max_length: int) -> Any:
+    def tokenize(self, prompts: list[str], max_length: int | None) -> Any:
         """Each prompt as a user turn of the chat template, generation prompt on, thinking off; padded to
-        max_length."""
+        max_length (None: the whole prompts, unpadded)."""
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                     add_generation_prompt=True, enable_thinking=False)
                  for p in prompts]
+        if max_length is None:
+            return self.tokenizer(texts)
         return self.tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True,
                               max_length=max_length)
 

@@ -223,3 +223,19 @@ def test_mistral3_text_model_reads_both_key_layouts(dev_folder, tmp_path):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert torch.equal(sa["layers.29.mlp.down_proj.weight"], sd["language_model.model.layers.29.mlp.down_proj.weight"])
+
+
+def test_a_truncated_prompt_is_reported(dev, klein, caplog):
+    """Prompts are cut at max_sequence_length tokens, chat template included, as diffusers cuts them: a warning
+    says so (and nothing is said for prompts that fit)."""
+    import logging
+
+    long = " ".join(["a red cat"] * 60)
+    kw = dict(height=64, width=64, steps=1, seed=0)
+    for engine in (dev, klein):
+        with caplog.at_level(logging.WARNING, logger="ditserve"):
+            caplog.clear()
+            engine.generate(SamplingParams(prompt=PROMPT, max_sequence_length=192, **kw))
+            assert "truncated" not in caplog.text
+            engine.generate(SamplingParams(prompt=long, max_sequence_length=192, **kw))
+            assert "a prompt was truncated to 192 tokens" in caplog.text
