@@ -325,7 +325,9 @@ class QwenImagePipeline(Pipeline):
         if min(text.lens) < T:
             mask = torch.arange(T, device=self.device)[None] < torch.tensor(text.lens, device=self.device)[:, None]
         # Every step's AdaLN vectors at once: one pass over the blocks' modulation weights per request, not per step.
-        steps = (schedule.timesteps.float() / 1000)[:, None].expand(-1, rows)  # (N, rows), as `predict` passes t
+        # t / 1000 as diffusers computes it: t in the latents' dtype (there the prompt embeddings', i.e. the model's)
+        # divided in that dtype; a bf16 model sees the same rounded timesteps as diffusers'.
+        steps = (schedule.timesteps.to(self.dtype) / 1000)[:, None].expand(-1, rows)  # (N, rows)
         conditioning = self.transformer.precompute_conditioning(steps)
         return QwenImageStepContext(img_shapes=[(1, h // 2, w // 2), *shapes], mask=mask, image_latents=image_latents,
                                     conditioning=conditioning)
@@ -338,7 +340,7 @@ class QwenImagePipeline(Pipeline):
         hidden = x.to(self.dtype)
         if ctx.image_latents is not None:
             hidden = torch.cat((hidden, ctx.image_latents.expand(B, -1, -1)), dim=1)  # (B, L + L_in, 4C)
-        timestep = t.expand(B).to(x.dtype) / 1000  # (B,)
+        timestep = t.expand(B).to(self.dtype) / 1000  # (B,) (the conditioning is precomputed from the same values)
         out = self.forward(hidden_states=hidden, encoder_hidden_states=text.embeds, timestep=timestep,
                            img_shapes=ctx.img_shapes, encoder_hidden_states_mask=ctx.mask,
                            conditioning=ctx.conditioning[i])  # (B, L (+ L_in), 4C)
