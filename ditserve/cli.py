@@ -134,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may take from arrival to answer; then 504 (default: 600)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body; more is 413 "
                                                                        "(default: 1 MiB)")
+    s.add_argument("--max-steps", type=int, default=None,
+                   help="most denoise steps a request may ask for (also caps the model's default; default: 1000)")
+    s.add_argument("--max-image-size", type=int, default=None,
+                   help="largest width or height a request may ask for, in pixels (default: 4096)")
+    s.add_argument("--max-connections", type=int, default=256,
+                   help="most open connections; a request on one more gets 503 (default: 256)")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers; then 408 and close (default: 10)")
+    s.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a request's body after its headers; then 408 (default: 30)")
+    s.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open (default: 5)")
     s.add_argument("--output-dir", default=None,
                    help="folder for response_format=url images (default: a temporary folder removed at exit)")
     s.add_argument("--url-ttl", type=float, default=3600.0, help="seconds an image URL stays valid (default: 3600)")
@@ -291,7 +303,10 @@ def _serve(args: argparse.Namespace) -> int:
                           request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
                           output_dir=Path(args.output_dir) if args.output_dir else None, url_ttl=args.url_ttl,
                           output_max_bytes=args.output_max_bytes, warmup=not args.no_warmup,
-                          warmup_size=warmup_size, warmup_steps=args.warmup_steps)
+                          warmup_size=warmup_size, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                          max_image_size=args.max_image_size, max_connections=args.max_connections,
+                          header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                          keep_alive_timeout=args.keep_alive_timeout)
     engine = engine_from_args(args)
     check_engine(engine)
     _quiet_libraries()

@@ -225,7 +225,15 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
 
     config = config or ServerConfig()
     metrics = ServerMetrics()
-    worker = EngineWorker(load, config, metrics, on_fatal=on_fatal)
+    def load_within_limits():
+        engine = load()
+        spec = engine.spec
+        if config.max_image_size is not None and max(spec.default_height, spec.default_width) > config.max_image_size:
+            raise ConfigError(f"--max-image-size {config.max_image_size} is below the model's default size "
+                              f"{spec.default_width}x{spec.default_height}, which a request without a size gets")
+        return engine
+
+    worker = EngineWorker(load_within_limits, config, metrics, on_fatal=on_fatal)
     store = OutputStore(config.output_dir, config.url_ttl, config.output_max_bytes)
     page = resources.files("ditserve.server").joinpath("static/index.html").read_text(encoding="utf-8")
     formats = {f for f in OUTPUT_FORMATS if f != "webp" or features.check("webp")}

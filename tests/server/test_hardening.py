@@ -24,7 +24,7 @@ from PIL import Image
 
 from ditserve.server import ServerConfig, create_app
 
-from .conftest import FakePipeline, fake_app, fake_colour, live_server
+from .conftest import FakePipeline, fake_app, fake_colour, fake_engine, live_server
 
 URL = "/v1/images/generations"
 
@@ -248,3 +248,15 @@ def test_schemathesis_finds_nothing_against_the_default_model(default_pipeline, 
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
     assert " passed" in summary and "failure" not in summary.split("SUMMARY")[-1], summary
     assert app.state.metrics.engine_failures.labels("error")._value.get() == 0
+
+
+
+def test_max_image_size_below_the_models_default_size_fails_the_load():
+    """A request without a size gets the model's default size: a cap below it is refused at start."""
+    pipe = FakePipeline()
+    pipe.spec = dataclasses.replace(pipe.spec, default_width=128)
+    fatal = []
+    app = create_app(lambda: fake_engine(pipe), ServerConfig(max_image_size=96, warmup=False), on_fatal=fatal.append)
+    with TestClient(app):
+        assert not app.state.worker.wait_ready(10)
+    assert len(fatal) == 1 and "--max-image-size 96 is below the model's default size 128x64" in str(fatal[0])
