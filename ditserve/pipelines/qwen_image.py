@@ -14,16 +14,19 @@ Numerically these are diffusers' `QwenImagePipeline`, `QwenImageEditPipeline` an
 - latents: noise drawn in fp32 from `torch.Generator(device).manual_seed(seed)` as (B, 1, C, h, w), packed into
   2x2 patches (B, h/2 * w/2, 4C); sigmas linspace(1, 1/N, N) with mu from the image's token count through the
   checkpoint's own flow-match scheduler (dynamic exponential shift, shift_terminal);
-- the model sees t / 1000; guidance is Qwen-Image's `true_cfg_scale` (ditserve's `guidance`): CFG runs when it is
-  > 1 and a negative prompt is given (diffusers' rule; a request without a negative prompt runs one branch, at
-  guidance 1), and the guided prediction's norm over each token's channels is rescaled to the conditional one's;
+- the model sees t / 1000 computed in the model's dtype (as diffusers, whose latents have that dtype), with
+  every step's AdaLN vectors computed once per request (`QwenImageTransformer.precompute_conditioning`);
+- guidance is Qwen-Image's `true_cfg_scale` (ditserve's `guidance`): CFG runs when it is > 1 and a negative
+  prompt is given (diffusers' rule; a request without a negative prompt runs one branch, at guidance 1), and the
+  guided prediction's norm over each token's channels is rescaled to the conditional one's;
 - decode: unpacked to (B, C, 1, h, w), latents * std + mean (the VAE's latents_mean / latents_std), the VAE's
-  first frame.
+  first frame;
 - editing: the input image(s) are resized to the family's pixel areas (aspect kept, sides multiples of 32),
-  shown to the vision-language encoder in the prompt (through the checkpoint's `Qwen2VLProcessor`) and encoded by
-  the VAE (its distribution's mode, normalised by mean / std, packed); their tokens follow the noise tokens in
-  the DiT's sequence (RoPE frame k for image k) and the prediction keeps the noise tokens'. Without --height /
-  --width the output takes the (last) input image's aspect at 1024 x 1024 pixels.
+  shown to the vision-language encoder in the prompt (through the checkpoint's processor folder, read by
+  `QwenVLProcessor`) and encoded by the VAE (its distribution's mode, normalised by mean / std, packed); their
+  tokens follow the noise tokens in the DiT's sequence (RoPE frame k for image k) and the prediction keeps the
+  noise tokens'. Without --height / --width the output takes the (last) input image's aspect at 1024 x 1024
+  pixels.
 
 Notation: B outputs, P prompts, T text tokens, C latent channels, h x w latent size, L = h/2 * w/2 tokens.
 """
