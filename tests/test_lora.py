@@ -263,9 +263,12 @@ def test_requests_and_settings_are_checked(flux, unfused):
         unfused.lora.unload("a")
     unfused.lora.load("k2", str(files["k"]))
     unfused.lora.activate((("k2", 1.0),))
-    unfused.lora.unload("k2")  # active: the slots fall back to no adapter
-    assert "k2" not in unfused.lora.adapters and unfused.lora.active == ()
-    assert not any(b.any() for s in unfused.lora.slots.values() for b in s.buffers())
+    unfused.lora.unload("k2")  # active: the next batch rewrites the slots, even for a new "k2"
+    assert "k2" not in unfused.lora.adapters and unfused.lora.active is None
+    unfused.lora.load("k2", str(files["b"]))
+    unfused.lora.activate((("k2", 1.0),))
+    assert unfused.lora.slots["double_blocks.0.img_qkv"].up0.abs().sum() == 0  # b does not touch to_q
+    unfused.lora.unload("k2")
     with pytest.raises(ConfigError, match="needs rank"):  # a + b + k stacked exceed the slots' rank (4 + 2)
         unfused.resolve(SamplingParams(prompt=PROMPT, extra={"lora": [("a", 1), ("b", 1), ("k", 1)]}))
     fused = engine(path, files, {"a": 1.0})

@@ -425,7 +425,8 @@ class LoRAManager:
         self.mode = config.mode
         self.adapters: dict[str, LoRAAdapter] = {a.name: a for a in adapters}
         self.default: tuple[tuple[str, float], ...] = tuple((s.name, float(s.weight)) for s in config.adapters)
-        self.active: tuple[tuple[str, float], ...] = ()
+        # what the slots hold (None: unknown, e.g. after the active adapter was unloaded)
+        self.active: tuple[tuple[str, float], ...] | None = ()
         self.slots: dict[str, LoRASlot] = {}
         self.rank = 0
         # the compute dtype: that of the floating-point weights wider than a byte (fp8 ones are not)
@@ -491,15 +492,16 @@ class LoRAManager:
         return adapter
 
     def unload(self, name: str) -> None:
-        """Forget adapter `name`, loaded with `load` (the slots fall back to no adapter if it was active). The
-        adapters the engine started with stay: requests that name none use them."""
+        """Forget adapter `name`, loaded with `load`. The adapters the engine started with stay (requests that
+        name none use them). The slots are not touched here (a batch may be running on them): if it was active,
+        the next batch writes its own selection whatever it is."""
         if name not in self.adapters:
             raise ConfigError(f"no LoRA adapter named {name!r}; loaded: {', '.join(sorted(self.adapters)) or 'none'}")
         if any(n == name for n, _ in self.default):
             raise ConfigError(f"LoRA adapter {name!r} was given at start (--lora): it stays loaded")
         del self.adapters[name]
-        if any(n == name for n, _ in self.active):
-            self.activate(())
+        if self.active is not None and any(n == name for n, _ in self.active):
+            self.active = None  # unknown: never equal to a selection, so the next `activate` writes
 
     def _check_fits(self, chosen: list[tuple[LoRAAdapter, float]]) -> None:
         used: dict[tuple[str, int], int] = {}
@@ -586,7 +588,7 @@ class LoRAManager:
         """One dict per loaded adapter (name, path, format, rank, layers touched, bytes as parsed, mode, active): for
         listings."""
         return [dict(name=a.name, path=a.path, format=a.format, **a.stats, mode=self.mode,
-                     active=any(n == a.name for n, _ in self.active))
+                     active=any(n == a.name for n, _ in self.active or ()))
                 for a in self.adapters.values()]
 
 
