@@ -155,6 +155,9 @@ def test_per_request_adapters_in_one_unfused_engine(flux, unfused):
     outs = unfused.generate(reqs)
     assert psnr(outs[0].frames, reference(ref, {"a": 0.6})) >= 40
     assert psnr(outs[1].frames, reference(ref, {})) >= 40
+    info = {d["name"]: d for d in unfused.lora.info()}  # what a server lists
+    assert (info["a"]["rank"], info["a"]["format"]) == (4, "diffusers")
+    assert (info["k"]["rank"], info["k"]["format"]) == (4, "kohya")
 
 
 def test_kohya_file_matches_diffusers(flux):
