@@ -173,6 +173,16 @@ class PatchEmbed(nn.Module):
         return F.linear(x, self.weight.flatten(1), self.bias)
 
 
+class Table(nn.Module):
+    """A learned fp32 tensor (`weight`) whatever the model's dtype: Wan's modulation tables and the cross-attention
+    norm's bias, which diffusers keeps in fp32. (A submodule, registered after a block's layers, so that a model's
+    first parameter, which callers read its dtype from, is one of its compute-dtype weights.)"""
+
+    def __init__(self, *shape: int, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(*shape, device=device, dtype=torch.float32))
+
+
 class TimeEmbedder(nn.Module):
     """linear_2(silu(linear_1(x))): sinusoidal features (N, freq_dim) -> (N, D). fp32 weights whatever the
     model's dtype (diffusers keeps `time_embedder` in fp32)."""
@@ -229,8 +239,6 @@ class WanBlock(nn.Module):
         D, H = c.dim, c.num_attention_heads
         self.heads, self.head_dim = H, c.attention_head_dim
         lin = dict(ops=ops, device=device, dtype=dtype)
-        # diffusers keeps the table (and the norms' affine weights) in fp32 in half-precision models.
-        self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, D, device=device, dtype=torch.float32))
         self.norm1 = NormScaleShift(D, eps=c.eps, norm="layer", ops=ops)
         # self-attention: q/k RMSNorm over all H * Dh channels, then RoPE
         self.qkv = Linear(D, 3 * D, **lin)  # [q | k | v]
@@ -244,7 +252,6 @@ class WanBlock(nn.Module):
         if c.cross_attn_norm:
             self.norm2 = ResidualNormScaleShift(D, eps=c.eps, norm="layer", elementwise_affine=True, ops=ops,
                                                 device=device, dtype=torch.float32)
-            self.norm2_bias = nn.Parameter(torch.zeros(D, device=device, dtype=torch.float32))
         self.cross_q = Linear(D, D, **lin)
         self.cross_kv = Linear(D, 2 * D, **lin)  # [k | v] of the text
         self.cross_norm_q = RMSNorm(D, eps=c.eps, **lin)
@@ -258,6 +265,10 @@ class WanBlock(nn.Module):
         self.norm3 = ResidualNormScaleShift(D, eps=c.eps, norm="layer", ops=ops)
         self.ffn_in = LinearGELU(D, c.ffn_dim, ops=ops, device=device, dtype=dtype)
         self.ffn_out = Linear(c.ffn_dim, D, **lin)
+        # fp32 in half-precision models too, as diffusers keeps them: the block's modulation table, norm2's bias
+        self.scale_shift_table = Table(1, 6, D, device=device)
+        if c.cross_attn_norm:
+            self.norm2_bias = Table(D, device=device)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.heads, self.head_dim))  # (B, N, D) -> (B, N, H, Dh)
@@ -284,13 +295,14 @@ class WanBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, image_context: torch.Tensor | None,
                 mod: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if mod.ndim == 4:  # per-token modulation (B, L, 6, D): six (B, L, D)
-            shift1, scale1, gate1, shift3, scale3, gate3 = (self.scale_shift_table.unsqueeze(0) + mod).unbind(2)
+            shift1, scale1, gate1, shift3, scale3, gate3 = (self.scale_shift_table.weight.unsqueeze(0) + mod).unbind(2)
         else:  # (B, 6, D): six (B, 1, D)
-            shift1, scale1, gate1, shift3, scale3, gate3 = (self.scale_shift_table + mod).chunk(6, dim=1)
+            shift1, scale1, gate1, shift3, scale3, gate3 = (self.scale_shift_table.weight + mod).chunk(6, dim=1)
         h = self.norm1(x, scale1, shift1)  # (B, L, D) in x's dtype
         a = self.self_attention(h, cos, sin)
         if self.cross_attn_norm:  # x + gate1 * a in fp32, then norm2's affine LayerNorm (scale 0, shift = bias)
-            h, x = self.norm2(a, x, gate1, torch.zeros_like(self.norm2_bias), self.norm2_bias)
+            bias = self.norm2_bias.weight
+            h, x = self.norm2(a, x, gate1, torch.zeros_like(bias), bias)
         else:
             x = (x.float() + a.float() * gate1).to(x.dtype)
             h = x
@@ -353,7 +365,7 @@ class WanTransformer(nn.Module):
         self.image_embedder = ImageEmbedder(c.image_dim, D, ops, device, dtype) if c.image_dim is not None else None
         self.blocks = nn.ModuleList(WanBlock(c, ops, attention, device=device, dtype=dtype)
                                     for _ in range(c.num_layers))
-        self.scale_shift_table = nn.Parameter(torch.zeros(1, 2, D, device=device, dtype=torch.float32))
+        self.scale_shift_table = Table(1, 2, D, device=device)  # the final (shift, scale) table, fp32
         self.norm_out = NormScaleShift(D, eps=c.eps, norm="layer", ops=ops)
         self.proj_out = Linear(D, c.out_features, **lin)
 
@@ -456,9 +468,9 @@ class WanTransformer(nn.Module):
         if in_dummy_run():
             return x.new_zeros(()).expand(B, c.out_channels, gf * pt, gh * ph, gw * pw)
         if ctx.temb.ndim == 3:  # per token: (B, L, D) -> shift, scale (B, L, D)
-            shift, scale = (self.scale_shift_table.unsqueeze(0) + ctx.temb.unsqueeze(2)).unbind(2)
+            shift, scale = (self.scale_shift_table.weight.unsqueeze(0) + ctx.temb.unsqueeze(2)).unbind(2)
         else:  # (B, D) -> (B, 1, D) each
-            shift, scale = (self.scale_shift_table + ctx.temb.unsqueeze(1)).chunk(2, dim=1)
+            shift, scale = (self.scale_shift_table.weight + ctx.temb.unsqueeze(1)).chunk(2, dim=1)
         x = self.proj_out(self.norm_out(x, scale, shift))  # (B, L, C_out*pt*ph*pw)
         x = x.view(B, gf, gh, gw, pt, ph, pw, c.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, c.out_channels, gf * pt, gh * ph, gw * pw)
@@ -495,7 +507,7 @@ class WanTransformer(nn.Module):
             linear(f"{ie}.norm2", "image_embedder.norm2")
         for i in range(c.num_layers):
             b = f"blocks.{i}"
-            param(f"{b}.scale_shift_table", f"{b}.scale_shift_table")
+            param(f"{b}.scale_shift_table", f"{b}.scale_shift_table.weight")
             for j, name in enumerate(("to_q", "to_k", "to_v")):
                 linear(f"{b}.attn1.{name}", f"{b}.qkv", j * D, (j + 1) * D)
             param(f"{b}.attn1.norm_q.weight", f"{b}.norm_q.weight")
@@ -513,10 +525,10 @@ class WanTransformer(nn.Module):
             linear(f"{b}.attn2.to_out.0", f"{b}.cross_out")
             if c.cross_attn_norm:
                 param(f"{b}.norm2.weight", f"{b}.norm2.weight")
-                param(f"{b}.norm2.bias", f"{b}.norm2_bias")
+                param(f"{b}.norm2.bias", f"{b}.norm2_bias.weight")
             linear(f"{b}.ffn.net.0.proj", f"{b}.ffn_in")
             linear(f"{b}.ffn.net.2", f"{b}.ffn_out")
-        param("scale_shift_table", "scale_shift_table")
+        param("scale_shift_table", "scale_shift_table.weight")
         linear("proj_out", "proj_out")
         return m
 

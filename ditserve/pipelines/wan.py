@@ -36,7 +36,7 @@ from ditserve.config import ModelSpec, SamplingParams
 from ditserve.engine.request import Capabilities
 from ditserve.errors import ConfigError
 from ditserve.logging import init_logger
-from ditserve.pipelines.base import Pipeline, Timesteps
+from ditserve.pipelines.base import Pipeline, Timesteps, to_uint8
 
 logger = init_logger(__name__)
 
@@ -377,11 +377,30 @@ class WanPipeline(Pipeline):
         return latents / inv_std + mean
 
     def decode_latents(self, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-        """Final latents -> videos (B, 3, F, H, W) in [-1, 1], VAE dtype: diffusers' frame-chunked causal decode,
+        """Final latents -> videos (B, 3, F, H, W) in [-1, 1], VAE dtype: diffusers' `AutoencoderKLWan.decode`,
         spatially tiled where `tiled_decode` says so (the VAE's own tiles, blended: lossy)."""
         z = self.vae_latents(latents, params).to(self.vae_dtype)  # (B, C, F', h, w)
         self.vae.use_tiling = self.tiled_decode(params.height, params.width)
         return self.vae.decode(z, return_dict=False)[0]  # (B, 3, F, H, W)
+
+    def decode(self, latents: torch.Tensor, params: SamplingParams) -> np.ndarray:
+        """Final latents -> (B, F, H, W, 3) uint8. Untiled, the VAE's decoder runs latent frame by latent frame
+        with its causal cache, exactly as `AutoencoderKLWan.decode` does, but each chunk of output frames goes
+        straight to uint8 on the host: the whole video never exists on the device (diffusers concatenates the
+        chunks one by one, then clamps, and the float conversion adds more full-video copies), so the decode
+        needs one chunk's activations only. Bitwise the same frames as the whole decode."""
+        if self.tiled_decode(params.height, params.width):
+            return to_uint8(self.decode_latents(latents, params))
+        z = self.vae_latents(latents, params).to(self.vae_dtype)  # (B, C, F', h, w)
+        frames = np.empty((z.shape[0], params.num_frames, params.height, params.width, 3), dtype=np.uint8)
+        start = 0
+        for chunk in decode_chunks(self.vae, z):  # (B, 3, n, H, W)
+            n = chunk.shape[2]
+            frames[:, start:start + n] = to_uint8(chunk.clamp(-1.0, 1.0))
+            start += n
+        if start != params.num_frames:
+            raise RuntimeError(f"the VAE decoded {start} frames, expected {params.num_frames}")
+        return frames
 
 
 # --------------------------------------------------------------------------------------------- image to video
@@ -425,6 +444,26 @@ def clip_image_processor():
     from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor()
+
+
+def decode_chunks(vae, z: torch.Tensor):
+    """`AutoencoderKLWan`'s untiled decode of z (B, C, F', h, w), yielded chunk by chunk: latent frame 0 -> 1 frame,
+    every later latent frame -> scale_factor_temporal frames, (B, 3, n, H, W) in the VAE's dtype, unclamped. The
+    same decoder calls, in the same order, with the same causal cache as diffusers' `_decode`."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+    vae.clear_cache()
+    try:
+        x = vae.post_quant_conv(z)
+        for i in range(z.shape[2]):
+            vae._conv_idx = [0]
+            out = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                              first_chunk=i == 0)
+            if vae.config.patch_size is not None:  # the Wan2.2 VAE decodes 2x2 pixel patches as channels
+                out = unpatchify(out, patch_size=vae.config.patch_size)
+            yield out
+    finally:
+        vae.clear_cache()
 
 
 # ------------------------------------------------------------------------------------------------ presets

@@ -272,3 +272,13 @@ def test_fp8_tier_quantises_every_block_gemm():
     with torch.no_grad():
         err = rel_err(q(**inputs), ours(**inputs))
     assert 0 < err < 0.05, err  # measured 0.019
+
+
+def test_first_parameter_has_the_compute_dtype():
+    """Pipelines, compile-report and benches read a model's dtype from its first parameter: in a bf16 model that
+    is a bf16 weight, not one of the fp32 tables diffusers keeps in fp32 (and we do too)."""
+    model = WanTransformer(WanConfig.from_diffusers(TINY_I2V), dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert next(model.blocks[0].parameters()).dtype == torch.bfloat16
+    assert model.blocks[0].scale_shift_table.weight.dtype == model.scale_shift_table.weight.dtype == torch.float32
+    assert model.time_embedder.linear_1.weight.dtype == torch.float32

@@ -96,6 +96,14 @@ def test_wan21_matches_diffusers(wan21, engine21, case):
         assert min(frame_psnrs(ours[:1], ref[:1])) >= 40
 
 
+def test_bf16_engine(wan21):
+    """The DiT in bf16 (its fp32 tables and time embedder kept in fp32): runs, and stays near diffusers' fp32."""
+    ours = generate(Engine.load(str(wan21), EngineConfig(device="cpu", dtype="bf16")), prompt="a cat",
+                    negative_prompt="blurry", guidance=4.0)
+    ref = reference_wan(wan21, "a cat", negative_prompt="blurry", guidance=4.0, **VIDEO)
+    assert min(frame_psnrs(ours, ref)) >= 30
+
+
 def test_split_cfg_matches_batched(wan21):
     batched = generate(Engine.load(str(wan21), EngineConfig(device="cpu", cfg_mode="split")), prompt="a cat",
                        negative_prompt="blurry", guidance=4.0)
@@ -107,7 +115,8 @@ def test_wan22_two_experts_match_diffusers(wan22, engine22):
     """Both experts run (boundary 0.6 of 1000 splits the 3 steps), each with its own guidance scale."""
     pipe = engine22.pipeline
     for g, g2 in ((4.0, 2.0), (3.0, None)):
-        ours = generate(engine22, prompt="a photo of a cat", negative_prompt="blurry", guidance=g, guidance_2=g2)
+        ours = generate(engine22, prompt="a photo of a cat", negative_prompt="blurry", guidance=g,
+                        guidance_2=g2)
         assert {e for e, _ in pipe._plan} == {0, 1}
         assert [s for _, s in pipe._plan if _ == 1] == [g if g2 is None else g2] * sum(e for e, _ in pipe._plan)
         ref = reference_wan(wan22, "a photo of a cat", negative_prompt="blurry", guidance=g, guidance_2=g2, **VIDEO)
@@ -115,6 +124,24 @@ def test_wan22_two_experts_match_diffusers(wan22, engine22):
     # guidance_2 reaches the second expert: another value, another video
     other = generate(engine22, prompt="a photo of a cat", negative_prompt="blurry", guidance=4.0, guidance_2=8.0)
     assert psnr(other, ours) < 40
+
+
+@pytest.mark.parametrize("num_frames", [5, 9])
+def test_chunked_decode_is_the_whole_decode(engine21, num_frames):
+    """The pipeline's decode (latent frame by latent frame, each chunk to uint8 on the host) gives bitwise the
+    frames of diffusers' whole `AutoencoderKLWan.decode`."""
+    import torch
+
+    from ditserve.pipelines.base import to_uint8
+
+    pipe = engine21.pipeline
+    params = pipe.resolve(SamplingParams(prompt="x", **{**VIDEO, "num_frames": num_frames}))
+    latents = torch.randn(pipe.latent_shape(2, params), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole = to_uint8(pipe.decode_latents(latents, params))
+        chunked = pipe.decode(latents, params)
+    assert chunked.shape == whole.shape == (2, num_frames, 64, 80, 3)
+    assert np.array_equal(chunked, whole)
 
 
 # ------------------------------------------------------------------------------------------------ requests
@@ -148,8 +175,8 @@ def test_transformer_2_without_boundary_is_refused(wan22, tmp_path):
 def test_cache_state_per_expert_and_branch(wan22):
     """--cache on a two-expert model: each expert has its own cache (its first step computes, whatever the other
     expert cached), and split CFG keeps a state per branch; the stats sum both experts."""
-    engine = Engine.load(str(wan22), EngineConfig(device="cpu", cache="fbcache:threshold=inf,warmup=1,max_consecutive=0",
-                                                  cfg_mode="split"))
+    cache = "fbcache:threshold=inf,warmup=1,max_consecutive=0"
+    engine = Engine.load(str(wan22), EngineConfig(device="cpu", cache=cache, cfg_mode="split"))
     pipe = engine.pipeline
     a, b = pipe.transformer.block_cache, pipe.transformer_2.block_cache
     assert a is not None and b is not None and a is not b
