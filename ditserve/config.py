@@ -227,11 +227,12 @@ def check_image_size(name: str, v: int) -> None:
 
 # The documented range of each numeric request field (inclusive), checked by `SamplingParams.validate` for the CLI
 # and the server alike (the server's OpenAPI schema states them too). Each range is finite: a guidance of 1e38
-# passes `math.isfinite` and still overflows the float32 tensor it becomes in a pipeline.
+# passes `math.isfinite` and still overflows the float32 tensor it becomes in a pipeline. Guidance stops at 50:
+# a guidance embedding scales it by 1000 in the model's dtype, and fp16 ends at 65504 (66 would embed inf).
 REQUEST_RANGES: dict[str, tuple[float, float]] = {
     "steps": (1, 1000),
-    "guidance": (0.0, 100.0),
-    "guidance_2": (0.0, 100.0),
+    "guidance": (0.0, 50.0),
+    "guidance_2": (0.0, 50.0),
     "seed": (0, 2**63 - 1),
     "num_images": (1, 16),
     "num_frames": (1, 1024),
