@@ -82,29 +82,25 @@ def _mistral3_text_classes():
 
     class Mistral3TextConfig(MistralConfig):
         """The language model's MistralConfig, from a Mistral3ForConditionalGeneration config (its `text_config`)
-        or a plain one, cut to the `deepest` layers FLUX.2-dev reads (`flux2_final_norm` False when layers were
-        cut: the model then ends without its final norm, see `trim_text_encoder`)."""
+        or a plain one."""
 
         @classmethod
         def from_dict(cls, config_dict, **kwargs):
-            config = MistralConfig.from_dict(config_dict.get("text_config", config_dict), **kwargs)
-            if config.num_hidden_layers > deepest:
-                config.num_hidden_layers = deepest
-                if getattr(config, "layer_types", None):
-                    config.layer_types = config.layer_types[:deepest]
-                config.flux2_final_norm = False
-            return config
+            return MistralConfig.from_dict(config_dict.get("text_config", config_dict), **kwargs)
 
     class Mistral3TextModel(MistralModel):
         """The language model of a `Mistral3ForConditionalGeneration` checkpoint alone (a `MistralModel`), up to
         the deepest layer FLUX.2-dev's prompt encoding reads: the vision tower, the projector, the LM head and the
-        layers past it are never built (their weights are skipped at load; 10 of Mistral Small's 40 layers)."""
+        layers past it are never built, and their weights are skipped at load (10 of Mistral Small's 40 layers).
+        The config keeps the checkpoint's layer count (so a model rebuilt from it is cut the same way); with
+        layers cut, the final norm is an identity (see `trim_text_encoder`)."""
 
         config_class = Mistral3TextConfig
 
         def __init__(self, config):
             super().__init__(config)
-            if not getattr(config, "flux2_final_norm", True):
+            if len(self.layers) > deepest:
+                del self.layers[deepest:]  # (forward runs layers[:num_hidden_layers]: these 30)
                 self.norm = nn.Identity()
 
         @classmethod
@@ -242,6 +238,16 @@ class Flux2Pipeline(Pipeline):
     @classmethod
     def sampling_defaults(cls, components: dict[str, Any]) -> tuple[int, float]:
         return cls.DEFAULT_STEPS, cls.DEFAULT_GUIDANCE
+
+    @classmethod
+    def component_configs(cls, components: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+        """The base's, with dev's text encoder under its checkpoint class name (the registry builds our
+        `Mistral3TextModel` from it; its config is the cut language model's)."""
+        configs = super().component_configs(components)
+        name, config = configs["text_encoder"]
+        if name == "Mistral3TextModel":
+            configs["text_encoder"] = ("Mistral3ForConditionalGeneration", config)
+        return configs
 
     def resolve(self, params: SamplingParams) -> SamplingParams:
         """As the base, except that with reference images an unset height or width is the first reference

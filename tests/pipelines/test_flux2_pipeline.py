@@ -61,11 +61,22 @@ def test_spec_capabilities_and_text_encoder(dev, klein):
     assert (dev.capabilities.guidance, dev.capabilities.max_input_images) == ("distilled", 10)
     assert (klein.spec.default_steps, klein.spec.default_guidance) == (50, 4.0)
     assert klein.capabilities.guidance == "cfg"
+    from ditserve.pipelines.flux2 import trim_text_encoder
+    from ditserve.registry import component_class
+
     for engine, layers, cls in ((dev, 30, "Mistral3TextModel"), (klein, 27, "Qwen3Model")):
         te = engine.pipeline.text_encoder
         assert type(te).__name__ == cls and len(te.layers) == layers and isinstance(te.norm, torch.nn.Identity)
         names = [n for n, _ in te.named_parameters()]
         assert not any(k in n for n in names for k in ("lm_head", "vision", "projector"))
+        # the spec names a registry class that rebuilds this very encoder from the spec's config (the checkpoint's
+        # layer count), cut as the pipeline cuts it
+        class_name, config = engine.spec.components["text_encoder"]
+        with torch.device("meta"):
+            again = component_class(class_name)(component_class(class_name).config_class.from_dict(config))
+        trim_text_encoder(again, layers)
+        assert len(again.layers) == layers and type(again.norm) is type(te.norm)
+    assert dev.spec.components["text_encoder"][0] == "Mistral3ForConditionalGeneration"
 
 
 @pytest.mark.parametrize("kw", [
