@@ -1,4 +1,4 @@
-"""The Wan text-to-video pipeline (Wan 2.1, Wan 2.2 with two experts), on the shared `Pipeline` base.
+"""The Wan video pipelines (Wan 2.1, Wan 2.2 with two experts; text or image to video), on the shared `Pipeline` base.
 
     prompts -> encode_prompt (UMT5) -> prepare_latents -> timesteps -> denoise (CFG, expert switch) -> decode -> frames
 
@@ -8,8 +8,10 @@ rows past each prompt's length zeroed (the DiT attends to all of them); the init
 `torch.Generator(device).manual_seed(seed)` as (B, C, (F - 1) / 4 + 1, H / 8, W / 8); the scheduler the checkpoint
 names (UniPC with flow sigmas and its flow_shift, or flow-match Euler), stepped with the raw timestep (0-1000) as
 the model's input; classifier-free guidance uncond + g (cond - uncond) when g > 1, both branches in one batched
-forward by default; the VAE's per-channel latents_mean/std undone before `AutoencoderKLWan.decode`, which decodes
-frame chunk by frame chunk with a causal cache.
+forward by default; the VAE's per-channel latents_mean/std undone before `AutoencoderKLWan`'s decoder, which runs
+latent frame by latent frame with a causal cache (here each chunk of frames goes to uint8 as it comes, `decode`).
+With one input image (`WanImageToVideoPipeline`, and `expand_timesteps` checkpoints): diffusers'
+`WanImageToVideoPipeline` conditioning, see `WanText`.
 
 Wan 2.2 A14B: `transformer` runs the steps whose timestep is >= boundary_ratio * 1000 with `guidance`,
 `transformer_2` the rest with `guidance_2` (default: `guidance`); each expert has its own DiT-cache state per CFG

@@ -282,3 +282,35 @@ def test_first_parameter_has_the_compute_dtype():
     assert next(model.blocks[0].parameters()).dtype == torch.bfloat16
     assert model.blocks[0].scale_shift_table.weight.dtype == model.scale_shift_table.weight.dtype == torch.float32
     assert model.time_embedder.linear_1.weight.dtype == torch.float32
+
+
+@pytest.fixture
+def _restore_compiler_flags():
+    """compile_model sets process-wide dynamo flags; keep other tests independent of them."""
+    saved = torch.fx.experimental._config.use_duck_shape, torch._dynamo.config.specialize_float
+    yield
+    torch.fx.experimental._config.use_duck_shape, torch._dynamo.config.specialize_float = saved
+
+
+def test_compile_report_no_recompile_across_sizes_and_frames(_restore_compiler_flags):
+    """The engine's regional compile (`compile_model`, dynamic shapes, backend eager) through `compile_report`: a
+    second resolution with another frame count (9 -> 13 frames) recompiles nothing and breaks no graph."""
+    from ditserve.compile import CompileConfig
+    from ditserve.compile_report import compile_report
+
+    ref = make_reference()
+    model = ours_from(ref)
+    cfg = model.config
+
+    def make(h, w):
+        return WanTransformer.example_inputs(cfg, h, w, text_len=7, num_frames=9 if h == 64 else 13)
+
+    inputs = make(64, 80)
+    with torch.no_grad():
+        eager = model(**inputs)
+    report = compile_report(model, make, [(64, 80), (96, 64)], CompileConfig(backend="eager", dynamic=True),
+                            steady_iters=1)
+    assert report["graph_count"] >= 1 and report["graph_breaks"] == 0 and report["break_reasons"] == []
+    assert report["recompiles"] == 0 and report["recompile_reasons"] == []
+    with torch.no_grad():
+        assert torch.equal(model(**inputs), eager)
