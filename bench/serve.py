@@ -213,8 +213,10 @@ def main() -> int:
     server = None
     url = args.url
     if url is None:
+        # Connections beyond the queue: an open-loop overload is measured at the queue (429), not the connection cap.
         serve_args = ["--load-format", args.load_format, "--max-batch-size", str(args.max_batch_size),
-                      "--max-queue", str(args.max_queue), "--request-timeout", str(args.timeout)]
+                      "--max-queue", str(args.max_queue), "--request-timeout", str(args.timeout),
+                      "--max-connections", str(args.max_queue + 64)]
         for flag, value in (("--model", args.model), ("--device", args.device), ("--dtype", args.dtype),
                             ("--warmup-size", args.size), ("--warmup-steps", args.steps)):
             if value is not None:
