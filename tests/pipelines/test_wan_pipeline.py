@@ -204,3 +204,24 @@ def test_presets_resolve():
     tok = make_dummy_wan_tokenizer()
     ids = tok(["a photo of a cat"], padding="max_length", max_length=512).input_ids[0]
     assert len(ids) == 512 and max(ids) < 256384
+
+
+def test_chunked_decode_of_a_wan22_vae():
+    """Wan2.2's VAE (TI2V-5B: residual, 2x2 pixel patches as channels, 16x spatial) decodes chunk by chunk to the
+    same tensor as its whole decode."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from ditserve.pipelines.wan import decode_chunks
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=16, decoder_base_dim=24, z_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                           out_channels=12, patch_size=2, scale_factor_spatial=16, latents_mean=[0.0] * 8,
+                           latents_std=[1.0] * 8).eval()
+    z = torch.randn(1, 8, 3, 4, 5)
+    with torch.no_grad():
+        whole = vae.decode(z, return_dict=False)[0]
+        chunks = list(decode_chunks(vae, z))
+    assert [c.shape[2] for c in chunks] == [1, 4, 4]
+    assert torch.equal(torch.cat(chunks, 2).clamp(-1, 1), whole) and whole.shape == (1, 3, 9, 64, 80)
