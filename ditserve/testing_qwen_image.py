@@ -132,8 +132,9 @@ def _tiny_text_encoder(tokenizer, text_width: int):
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def _tiny_components(seed: int):
-    """(transformer, vae, text_encoder, tokenizer, scheduler) of a tiny Qwen-Image, seeded, conditioning amplified."""
+def _tiny_components(seed: int, zero_cond_t: bool = False):
+    """(transformer, vae, text_encoder, tokenizer, scheduler) of a tiny Qwen-Image, seeded, conditioning amplified;
+    `zero_cond_t`: Edit-2511's transformer (input images' tokens modulated as at t = 0)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
     tokenizer = make_tiny_qwen_image_tokenizer()
@@ -141,7 +142,7 @@ def _tiny_components(seed: int):
     torch.manual_seed(seed)  # every constructor below draws its init from the global generator
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=text_width, axes_dims_rope=(4, 6, 6))
+        joint_attention_dim=text_width, axes_dims_rope=(4, 6, 6), zero_cond_t=zero_cond_t)
     vae = AutoencoderKLQwenImage(
         base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
         temperal_downsample=[False, True, True], latents_mean=TINY_LATENTS_MEAN, latents_std=TINY_LATENTS_STD)
@@ -182,8 +183,10 @@ def build_tiny_qwen_image_pipeline(path: str | Path, *, seed: int = 0) -> Path:
     return path
 
 
-def build_tiny_qwen_image_edit_pipeline(path: str | Path, *, seed: int = 0, plus: bool = False) -> Path:
-    """A tiny random `QwenImageEditPipeline` (`QwenImageEditPlusPipeline` with `plus`) saved at `path`: the
+def build_tiny_qwen_image_edit_pipeline(path: str | Path, *, seed: int = 0, plus: bool = False,
+                                        zero_cond_t: bool = False) -> Path:
+    """A tiny random `QwenImageEditPipeline` (`QwenImageEditPlusPipeline` with `plus`; with `zero_cond_t` too, the
+    Edit-2511 layout) saved at `path`: the
     components of `build_tiny_qwen_image_pipeline` saved by the diffusers pipeline's `save_pretrained`, plus the
     processor folder of `make_tiny_qwen_image_processor`, which model_index.json names as the released checkpoints
     do: ["transformers", "Qwen2VLProcessor"]."""
@@ -193,7 +196,7 @@ def build_tiny_qwen_image_edit_pipeline(path: str | Path, *, seed: int = 0, plus
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    transformer, vae, text_encoder, tokenizer, scheduler = _tiny_components(seed)
+    transformer, vae, text_encoder, tokenizer, scheduler = _tiny_components(seed, zero_cond_t)
     cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
     pipe = cls(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, processor=None,
                transformer=transformer)

@@ -1,8 +1,8 @@
 """Qwen-Image (and its edit models): the 20B dual-stream MMDiT of Alibaba's Qwen team, built on `ditserve.ops`.
 
-Numerically this is diffusers' `QwenImageTransformer2DModel` (0.42.x) in the configuration of Qwen-Image,
-Qwen-Image-2512, Qwen-Image-Edit and Qwen-Image-Edit-2509 (no zero_cond_t / additional timestep condition /
-layered RoPE, which only Edit-2511 and the Layered model use): same inputs, same weights (loaded from a diffusers
+Numerically this is diffusers' `QwenImageTransformer2DModel` (0.42.x) in the configurations of Qwen-Image,
+Qwen-Image-2512 and the Edit models (-Edit, -2509, and -2511 with `zero_cond_t`: the input images' tokens
+modulated as at t = 0), not the Layered model's (additional timestep condition, layered RoPE): same inputs, same weights (loaded from a diffusers
 state dict through `QwenImageTransformer.weight_map`), same positions and masking. The layout differs where it is
 faster: q/k/v of each stream come from one fused Linear, the two streams' AdaLN modulations are one Linear, the
 MLPs' input projections carry their GELU (`LinearGELU`), and the q/k RMSNorms and RoPE run as one op
@@ -82,10 +82,10 @@ class QwenImageConfig:
         if self.guidance_embeds:
             raise ConfigError("Qwen-Image transformer: guidance_embeds=True is not supported (no released "
                               "checkpoint has a guidance embedding; diffusers 0.42 cannot run one either)")
-        for name in ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"):
+        for name in ("use_additional_t_cond", "use_layer3d_rope"):
             if getattr(self, name):
-                raise ConfigError(f"Qwen-Image transformer: {name}=True (Qwen-Image-Edit-2511 / Layered) is not "
-                                  f"supported; Qwen-Image, -2512, -Edit and -Edit-2509 are")
+                raise ConfigError(f"Qwen-Image transformer: {name}=True (Qwen-Image-Layered) is not supported; "
+                                  f"Qwen-Image, -2512 and the Edit models (-Edit, -2509, -2511) are")
         for name in ("patch_size", "in_channels", "out_channels", "num_attention_heads", "attention_head_dim",
                      "joint_attention_dim"):
             if getattr(self, name) < 1:
@@ -188,9 +188,11 @@ class TimestepEmbedder(nn.Module):
 class QwenImageBlock(nn.Module):
     """Dual-stream block: separate weights per stream, one joint attention over [txt, img].
 
-    forward(img (B, L, D), txt (B, T, D), mod (B, 12D), mask (B, 1, 1, S) bool or None, cos, sin (S, Dh/2) fp32)
-    -> (img, txt), same shapes. `mod` is the block's AdaLN vectors, `self.modulation(silu(temb))`:
-    [img: shift1, scale1, gate1, shift2, scale2, gate2 | txt: the same], each (B, D).
+    forward(img (B, L, D), txt (B, T, D), mod (B, 12D), mask (B, 1, 1, S) bool or None, cos, sin (S, Dh/2) fp32,
+    ref_mod, ref_tokens) -> (img, txt), same shapes. `mod` is the block's AdaLN vectors, `self.modulation(silu(temb))`:
+    [img: shift1, scale1, gate1, shift2, scale2, gate2 | txt: the same], each (B, D). With `zero_cond_t`
+    (Edit-2511), ref_mod (B or 1, 6D) is the image half of the vectors at t = 0 and the image tokens where
+    ref_tokens (1, L, 1) is True (the input images') take it instead.
         x = x + gate1 * attn(norm1(x) * (1 + scale1) + shift1)       (per stream; attention is joint)
         x = x + gate2 * mlp(norm2(x) * (1 + scale2) + shift2)
     """
@@ -227,10 +229,16 @@ class QwenImageBlock(nn.Module):
         return self.mod(silu_temb)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, mod: torch.Tensor, mask: torch.Tensor | None,
-                cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                cos: torch.Tensor, sin: torch.Tensor, ref_mod: torch.Tensor | None = None,
+                ref_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         T = txt.shape[1]
-        (img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2,
-         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2) = mod.unsqueeze(1).chunk(12, dim=-1)
+        img_mod, txt_mod = mod.unsqueeze(1).chunk(2, dim=-1)  # (B, 1, 6D) each
+        img_params = img_mod.chunk(6, dim=-1)  # (B, 1, D) each
+        if ref_mod is not None:  # zero_cond_t: the tokens where ref_tokens (1, L, 1) is True take t = 0's vectors
+            ref_params = ref_mod.unsqueeze(1).chunk(6, dim=-1)  # (B or 1, 1, D) each
+            img_params = [torch.where(ref_tokens, r, t) for t, r in zip(img_params, ref_params)]  # (B, L, D) each
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_params
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = txt_mod.chunk(6, dim=-1)
 
         # Joint attention over [txt, img]. (fp8 tier: the norms hand the projections their input already quantised.)
         img_h = self.norm1(img, img_scale1, img_shift1, quantize=self.img_qkv.takes_fp8)  # (B, L, D)
@@ -279,6 +287,7 @@ class QwenImageConditioning:
 
     temb: torch.Tensor  # (B, D) model dtype
     mods: tuple[torch.Tensor, ...]  # per block: (B, 12D)
+    ref_mods: tuple[torch.Tensor, ...] | None = None  # zero_cond_t: per block (1, 6D), the image half at t = 0
 
 
 # A pytree node (its fields are leaves): so `ditserve.cuda_graphs.GraphedForward` copies its tensors into a graph.
@@ -291,6 +300,8 @@ class QwenImageBlockContext:
 
     temb: torch.Tensor  # (B, D) the AdaLN input, model dtype
     mods: tuple[torch.Tensor, ...]  # per block: (B, 12D) its AdaLN vectors
+    ref_mods: tuple[torch.Tensor, ...] | None  # zero_cond_t: per block (1, 6D), the input images' tokens' (t = 0)
+    ref_tokens: torch.Tensor | None  # zero_cond_t: (1, L, 1) bool, True for the input images' tokens
     mask: torch.Tensor | None  # (B, 1, 1, S) bool, True = attend (padded text keys False); None: no padding
     cos: torch.Tensor  # (S, Dh/2) fp32 RoPE table of the joint sequence [txt, img]
     sin: torch.Tensor  # (S, Dh/2) fp32
@@ -420,8 +431,13 @@ class QwenImageTransformer(nn.Module):
         if encoder_hidden_states_mask is not None:
             img_valid = torch.ones(B, L, dtype=torch.bool, device=device)
             mask = torch.cat((encoder_hidden_states_mask.to(torch.bool), img_valid), dim=1)[:, None, None, :]
-        return (img, txt), QwenImageBlockContext(temb=conditioning.temb, mods=conditioning.mods, mask=mask, cos=cos,
-                                                 sin=sin)
+        ref_tokens = None
+        if conditioning.ref_mods is not None:  # zero_cond_t: every image after the first is a reference image
+            f, h, w = shapes[0]
+            ref_tokens = (torch.arange(L, device=device) >= f * h * w)[None, :, None]  # (1, L, 1)
+        return (img, txt), QwenImageBlockContext(temb=conditioning.temb, mods=conditioning.mods,
+                                                 ref_mods=conditioning.ref_mods, ref_tokens=ref_tokens, mask=mask,
+                                                 cos=cos, sin=sin)
 
     def precompute_conditioning(self, timesteps: torch.Tensor) -> list[QwenImageConditioning]:
         """The conditioning of N forwards at once: timesteps (N, B) in [0, 1] (each row as `forward`'s `timestep`)
@@ -435,14 +451,22 @@ class QwenImageTransformer(nn.Module):
         silu = F.silu(temb)
         mods = [block.modulation(silu).unflatten(0, (N, B)) for block in self.transformer_blocks]  # (N, B, 12D)
         temb = temb.unflatten(0, (N, B))  # (N, B, D)
-        return [QwenImageConditioning(temb=temb[i], mods=tuple(m[i] for m in mods)) for i in range(N)]
+        ref_mods = None
+        if self.config.zero_cond_t:  # the image half of every block's vectors at t = 0 (the same for every step)
+            t0 = torch.zeros(1, dtype=dtype, device=timesteps.device)
+            silu0 = F.silu(self.time_embedder(timestep_embedding(t0).to(dtype)))  # (1, D)
+            D6 = 6 * self.config.inner_dim
+            ref_mods = tuple(block.modulation(silu0)[:, :D6] for block in self.transformer_blocks)  # (1, 6D) each
+        return [QwenImageConditioning(temb=temb[i], mods=tuple(m[i] for m in mods), ref_mods=ref_mods)
+                for i in range(N)]
 
     def run_blocks(self, state: tuple[torch.Tensor, torch.Tensor], ctx: QwenImageBlockContext, start: int,
                    stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks [start, stop) on the state (img (B, L, D), txt (B, T, D)) -> (img, txt)."""
         img, txt = state
         for i, block in enumerate(self.transformer_blocks[start:stop], start):
-            img, txt = block(img, txt, ctx.mods[i], ctx.mask, ctx.cos, ctx.sin)
+            ref_mod = None if ctx.ref_mods is None else ctx.ref_mods[i]
+            img, txt = block(img, txt, ctx.mods[i], ctx.mask, ctx.cos, ctx.sin, ref_mod, ctx.ref_tokens)
         return img, txt
 
     def finish(self, state: tuple[torch.Tensor, torch.Tensor], ctx: QwenImageBlockContext) -> torch.Tensor:

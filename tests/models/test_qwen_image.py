@@ -22,13 +22,13 @@ TINY = dict(patch_size=2, in_channels=IN_CH, out_channels=4, num_layers=2, atten
 
 
 @torch.no_grad()
-def make_reference(seed: int = 0):
+def make_reference(seed: int = 0, **config):
     """A diffusers QwenImageTransformer2DModel, seeded, every parameter perturbed (norm weights no longer ones,
     biases not zero)."""
     from diffusers import QwenImageTransformer2DModel
 
     torch.manual_seed(seed)
-    ref = QwenImageTransformer2DModel(**TINY).eval()
+    ref = QwenImageTransformer2DModel(**TINY, **config).eval()
     gen = torch.Generator().manual_seed(seed + 100)
     for p in ref.parameters():
         p.add_(torch.randn(p.shape, generator=gen) * 0.1)
@@ -118,6 +118,21 @@ def test_bf16_not_worse_than_diffusers_bf16():
         assert err_ours < 3e-2, (lens, err_ours)
         worst_ratio = max(worst_ratio, err_ours / err_diffusers)
     assert worst_ratio <= 1.2, worst_ratio
+
+
+@pytest.mark.parametrize("lens", [[8, 3], [7, 7]])
+def test_parity_zero_cond_t(lens):
+    """Edit-2511's zero_cond_t: the input images' tokens modulated as at t = 0 (masked and unmasked text)."""
+    ref = make_reference(zero_cond_t=True)
+    ours = ours_from(ref)
+    inputs = make_inputs([(1, 4, 6), (1, 5, 3), (1, 2, 2)], lens)
+    with torch.no_grad():
+        out = ours(**inputs)
+    assert rel_err(out, run_reference(ref, inputs)) <= 1e-5
+    # the reference images' tokens are modulated otherwise than without zero_cond_t
+    plain = ours_from(make_reference())
+    with torch.no_grad():
+        assert rel_err(plain(**inputs)[:, 24:], out[:, 24:]) > 1e-2
 
 
 def test_padding_is_masked_out(pair):
@@ -252,7 +267,7 @@ def test_config_from_diffusers_and_preset_size():
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"zero_cond_t": True}, "zero_cond_t=True"),
+    ({"use_additional_t_cond": True}, "use_additional_t_cond=True"),
     ({"use_layer3d_rope": True}, "use_layer3d_rope=True"),
     ({"guidance_embeds": True}, "guidance_embeds"),
     ({"axes_dims_rope": [16, 56, 54]}, "sum"),

@@ -108,7 +108,8 @@ def test_processor_expands_each_image_to_its_tokens(edit):
 
 
 def test_edit_plus_with_two_images_matches_diffusers(tmp_path):
-    folder = build_tiny_qwen_image_edit_pipeline(tmp_path / "plus", plus=True, seed=1)
+    """QwenImageEditPlusPipeline with Edit-2511's transformer (zero_cond_t; -2509's is the Edit one's)."""
+    folder = build_tiny_qwen_image_edit_pipeline(tmp_path / "plus", plus=True, seed=1, zero_cond_t=True)
     engine = Engine.load(str(folder), EngineConfig(device="cpu"))
     assert engine.capabilities.max_input_images == 4 and engine.capabilities.family == "Qwen-Image-Edit-Plus"
     images = [picture(56, 40, seed=0), picture(40, 64, seed=3)]
