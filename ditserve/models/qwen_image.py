@@ -2,9 +2,9 @@
 
 Numerically this is diffusers' `QwenImageTransformer2DModel` (0.42.x) in the configurations of Qwen-Image,
 Qwen-Image-2512 and the Edit models (-Edit, -2509, and -2511 with `zero_cond_t`: the input images' tokens
-modulated as at t = 0), not the Layered model's (additional timestep condition, layered RoPE): same inputs, same weights (loaded from a diffusers
-state dict through `QwenImageTransformer.weight_map`), same positions and masking. The layout differs where it is
-faster: q/k/v of each stream come from one fused Linear, the two streams' AdaLN modulations are one Linear, the
+modulated as at t = 0), not the Layered model's (additional timestep condition, layered RoPE): same inputs, same
+weights (loaded from a diffusers state dict through `QwenImageTransformer.weight_map`), same positions and
+masking. The layout differs where it is faster: q/k/v of each stream come from one fused Linear, the two streams' AdaLN modulations are one Linear, the
 MLPs' input projections carry their GELU (`LinearGELU`), and the q/k RMSNorms and RoPE run as one op
 (`RMSNormRotary`).
 
@@ -189,8 +189,9 @@ class QwenImageBlock(nn.Module):
     """Dual-stream block: separate weights per stream, one joint attention over [txt, img].
 
     forward(img (B, L, D), txt (B, T, D), mod (B, 12D), mask (B, 1, 1, S) bool or None, cos, sin (S, Dh/2) fp32,
-    ref_mod, ref_tokens) -> (img, txt), same shapes. `mod` is the block's AdaLN vectors, `self.modulation(silu(temb))`:
-    [img: shift1, scale1, gate1, shift2, scale2, gate2 | txt: the same], each (B, D). With `zero_cond_t`
+    ref_mod, ref_tokens) -> (img, txt), same shapes. `mod` is the block's AdaLN vectors,
+    `self.modulation(silu(temb))`: [img: shift1, scale1, gate1, shift2, scale2, gate2 | txt: the same], each (B, D).
+    With `zero_cond_t`
     (Edit-2511), ref_mod (B or 1, 6D) is the image half of the vectors at t = 0 and the image tokens where
     ref_tokens (1, L, 1) is True (the input images') take it instead.
         x = x + gate1 * attn(norm1(x) * (1 + scale1) + shift1)       (per stream; attention is joint)
