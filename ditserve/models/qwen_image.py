@@ -4,9 +4,9 @@ Numerically this is diffusers' `QwenImageTransformer2DModel` (0.42.x) in the con
 Qwen-Image-2512 and the Edit models (-Edit, -2509, and -2511 with `zero_cond_t`: the input images' tokens
 modulated as at t = 0), not the Layered model's (additional timestep condition, layered RoPE): same inputs, same
 weights (loaded from a diffusers state dict through `QwenImageTransformer.weight_map`), same positions and
-masking. The layout differs where it is faster: q/k/v of each stream come from one fused Linear, the two streams' AdaLN modulations are one Linear, the
-MLPs' input projections carry their GELU (`LinearGELU`), and the q/k RMSNorms and RoPE run as one op
-(`RMSNormRotary`).
+masking. The layout differs where it is faster: q/k/v of each stream come from one fused Linear, the two
+streams' AdaLN modulations are one Linear, the MLPs' input projections carry their GELU (`LinearGELU`), and the
+q/k RMSNorms and RoPE run as one op (`RMSNormRotary`).
 
 The model, as diffusers runs it:
   - timestep: t (B,) in [0, 1], rounded to the model dtype -> sinusoidal features of t x 1000 (fp32) -> MLP
