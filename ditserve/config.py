@@ -238,6 +238,9 @@ REQUEST_RANGES: dict[str, tuple[float, float]] = {
     "num_frames": (1, 1024),
     "fps": (1.0, 120.0),
 }
+# A LoRA adapter's weight in a request (`extra["lora"]`): finite and bounded, so weight x scale x B stays finite in
+# the adapter buffers' dtype; the adapter code checks the names and the rest of the entry.
+LORA_WEIGHT_RANGE = (-10.0, 10.0)
 
 
 def _range_text(name: str) -> str:
@@ -350,3 +353,10 @@ class SamplingParams:
         if msl is not None and spec is not None and not (1 <= msl <= spec.max_sequence_length):
             raise ConfigError(
                 f"max_sequence_length must be between 1 and {spec.max_sequence_length} for {spec.name}, got {msl}")
+        entries = self.extra.get("lora") if isinstance(self.extra, dict) else None
+        for entry in entries if isinstance(entries, (list, tuple)) else ():
+            weight = (entry.get("weight") if isinstance(entry, dict)
+                      else entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None)
+            low, high = LORA_WEIGHT_RANGE
+            if isinstance(weight, numbers.Real) and not isinstance(weight, bool) and not low <= weight <= high:
+                raise ConfigError(f"lora: a weight must be a finite number between {low:g} and {high:g}, got {weight}")

@@ -148,3 +148,11 @@ def test_the_largest_guidance_survives_a_guidance_embedding_in_every_dtype():
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             assert torch.isfinite(torch.tensor([high], dtype=dtype) * 1000).all(), (name, dtype)
     assert not torch.isfinite(torch.tensor([66.0], dtype=torch.float16) * 1000).all()  # why the bound is not 100
+
+
+@pytest.mark.parametrize("lora", [[("style", 1e300)], [{"name": "style", "weight": float("nan")}],
+                                  [("a", 0.5), ("style", -10.5)]])
+def test_lora_weights_have_a_finite_range(lora):
+    with pytest.raises(ConfigError, match=r"lora: a weight must be a finite number between -10 and 10"):
+        SamplingParams(prompt="x", extra={"lora": lora}).validate()
+    SamplingParams(prompt="x", extra={"lora": [("style", 10.0), {"name": "b", "weight": -1}, "c"]}).validate()
