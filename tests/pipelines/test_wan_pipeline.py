@@ -199,6 +199,18 @@ def test_presets_resolve():
         assert spec.default_num_frames in (81, 121) and spec.default_fps in (16.0, 24.0)
         assert ("transformer_2" in spec.components) == (name == "wan2.2-t2v-a14b")
     assert preset("wan2.2-ti2v-5b").components["vae"][1]["z_dim"] == 48
+    i2v = preset("wan2.1-i2v-14b-480p")
+    assert i2v.pipeline == "WanImageToVideoPipeline" and pipeline_class(i2v.pipeline).FAMILY == "Wan"
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    with torch.device("meta"):  # the dummy preset's image encoder builds from its config: ViT-H/14's tower
+        clip = CLIPVisionModel(CLIPVisionConfig.from_dict(i2v.components["image_encoder"][1]))
+    assert clip.config.hidden_size == i2v.components["transformer"][1]["image_dim"] == 1280
+    from ditserve.registry import import_target
+
+    processor = import_target(i2v.tokenizers["image_processor"])()
+    assert processor.crop_size == {"height": 224, "width": 224}
     from ditserve.testing_wan import make_dummy_wan_tokenizer
 
     tok = make_dummy_wan_tokenizer()
