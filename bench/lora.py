@@ -1,6 +1,7 @@
 """LoRA on FLUX.1-dev (dummy weights, bf16, CUDA): the compiled DiT's step time with no adapter, with one rank-R
 adapter unfused (selected, and with no adapter selected: zero slots), and fused; adapter load and swap times.
-One JSON line last.
+Both unfused layouts (`LoRAConfig.unfused_impl`: "concat", the default, keys without a suffix; "separate", keys
+`*_separate*`). One JSON line last.
 
     python bench/lora.py [--size 1024] [--rank 64] [--iters 20] [--no-compile] [--fp8]
 
@@ -119,21 +120,26 @@ def main() -> None:
         del model
         torch.cuda.empty_cache()
 
-        # unfused: slots for adapter a's layers at its rank, plus adapter b loaded later (same layers)
-        engine = dataclasses.replace(base, lora=dataclasses.replace(cfg, mode="unfused"))
-        model = build(engine, args.compile)
-        lora = model.lora
-        out["unfused_ms"] = round(step_ms(model, args.size, args.iters), 3)
-        out["load_s"] = round(timed(lambda: lora.load("b", str(files[1]))), 3)
-        swaps = []
-        for sel in ((("b", 0.8),), (("a", 1.0),)) * 3:
-            swaps.append(timed(lambda: lora.activate(sel)))
-        out["swap_s"] = round(sorted(swaps)[len(swaps) // 2], 4)
-        lora.activate(())
-        out["unfused_none_ms"] = round(step_ms(model, args.size, args.iters), 3)
-        log(f"unfused: {out['unfused_ms']} ms a step with the adapter, {out['unfused_none_ms']} ms with none "
-            f"selected; load {out['load_s']} s, swap {out['swap_s']} s")
-    out["unfused_overhead"] = round(out["unfused_ms"] / out["no_adapter_ms"] - 1, 4)
+        # unfused, each layout: slots for adapter a's layers at its rank, adapter b loaded later (same layers)
+        for impl in ("concat", "separate"):
+            key = "" if impl == "concat" else f"_{impl}"  # the default layout's keys carry no suffix
+            engine = dataclasses.replace(base, lora=dataclasses.replace(cfg, mode="unfused", unfused_impl=impl))
+            model = build(engine, args.compile)
+            lora = model.lora
+            out[f"unfused{key}_ms"] = round(step_ms(model, args.size, args.iters), 3)
+            out[f"load{key}_s"] = round(timed(lambda: lora.load("b", str(files[1]))), 3)
+            swaps = []
+            for sel in ((("b", 0.8),), (("a", 1.0),)) * 3:
+                swaps.append(timed(lambda: lora.activate(sel)))
+            out[f"swap{key}_s"] = round(sorted(swaps)[len(swaps) // 2], 4)
+            lora.activate(())
+            out[f"unfused{key}_none_ms"] = round(step_ms(model, args.size, args.iters), 3)
+            out[f"unfused{key}_overhead"] = round(out[f"unfused{key}_ms"] / out["no_adapter_ms"] - 1, 4)
+            log(f"unfused ({impl}): {out[f'unfused{key}_ms']} ms a step with the adapter, "
+                f"{out[f'unfused{key}_none_ms']} ms with none selected; load {out[f'load{key}_s']} s, "
+                f"swap {out[f'swap{key}_s']} s")
+            del model, lora
+            torch.cuda.empty_cache()
     out["fused_overhead"] = round(out["fused_ms"] / out["no_adapter_ms"] - 1, 4)
     print(json.dumps(out))
 

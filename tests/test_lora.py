@@ -143,6 +143,15 @@ def test_stacked_adapters_unfused_match_diffusers_and_fused(flux, unfused):
     assert psnr(fused, ours) >= 60  # the same math, merged or as side products
 
 
+def test_unfused_layouts_agree(flux, unfused):
+    """The "separate" side products give the image the default "concat" layout gives (stacked a and b)."""
+    path, files, _ = flux
+    separate = engine(path, files, {"a": 1.0, "b": 0.6}, mode="unfused", unfused_impl="separate")
+    assert not separate.lora.slots["double_blocks.0.img_qkv"].concat
+    assert unfused.lora.slots["double_blocks.0.img_qkv"].concat
+    assert psnr(image(separate), image(unfused)) >= 60
+
+
 def test_per_request_adapters_in_one_unfused_engine(flux, unfused):
     _, _, ref = flux
     assert psnr(image(unfused, lora=[("a", 0.6)]), reference(ref, {"a": 0.6})) >= 40
@@ -184,10 +193,11 @@ def test_kohya_fused_qkv_and_linear1_land_on_the_fused_rows(flux, tmp_path):
     assert untouched == ["single_blocks.1.qkv_mlp.weight"]
 
 
-@pytest.mark.parametrize("quantization", [None, "fp8"])
-def test_switching_adapters_recompiles_nothing(flux, quantization):
-    """Compiled (backend eager, regional, fullgraph), unfused, bf16 and fp8 layers: changing the adapter or its
-    weight between forwards changes the output and compiles no new graph."""
+@pytest.mark.parametrize("quantization, impl", [(None, "concat"), (None, "separate"), ("fp8", "concat")])
+def test_switching_adapters_recompiles_nothing(flux, quantization, impl):
+    """Compiled (backend eager, regional, fullgraph), unfused, both layouts, bf16 and fp8 layers (fp8 ones take
+    separate side products): changing the adapter or its weight between forwards changes the output and
+    compiles no new graph."""
     from ditserve.compile import CompileConfig, compile_model
     from ditserve.loader import load_transformer
     from ditserve.models.flux import flux_example_inputs
@@ -195,7 +205,7 @@ def test_switching_adapters_recompiles_nothing(flux, quantization):
     path, files, _ = flux
     specs = tuple(LoRASpec(str(files[n]), w, name=n) for n, w in (("a", 1.0), ("b", 0.6)))
     config = dataclasses.replace(CPU, dtype="bf16", quantization=quantization,
-                                 lora=LoRAConfig(specs, mode="unfused"))
+                                 lora=LoRAConfig(specs, mode="unfused", unfused_impl=impl))
     model, _ = load_transformer(str(path), config)
     torch._dynamo.reset()
     compile_model(model, CompileConfig(backend="eager"))
@@ -245,7 +255,8 @@ def test_bad_adapters_are_refused_and_nothing_is_applied(flux, tmp_path, mutate,
     eng = engine(path, {"bad": bad}, {}, mode="unfused", max_rank=8, targets="all")
     with pytest.raises(ConfigError, match=match):
         eng.lora.load("bad", str(bad))
-    assert "bad" not in eng.lora.adapters and not any(b.any() for s in eng.lora.slots.values() for b in s.buffers())
+    assert "bad" not in eng.lora.adapters
+    assert not any(t.any() for s in eng.lora.slots.values() for t in (s.down, *s.ups))
 
 
 def test_pickle_and_missing_files_are_refused(flux, tmp_path):
@@ -270,7 +281,7 @@ def test_requests_and_settings_are_checked(flux, unfused):
     assert "k2" not in unfused.lora.adapters and unfused.lora.active is None
     unfused.lora.load("k2", str(files["b"]))
     unfused.lora.activate((("k2", 1.0),))
-    assert unfused.lora.slots["double_blocks.0.img_qkv"].up0.abs().sum() == 0  # b does not touch to_q
+    assert not unfused.lora.slots["double_blocks.0.img_qkv"].ups[0].any()  # b does not touch to_q
     unfused.lora.unload("k2")
     with pytest.raises(ConfigError, match="needs rank"):  # a + b + k stacked exceed the slots' rank (4 + 2)
         unfused.resolve(SamplingParams(prompt=PROMPT, extra={"lora": [("a", 1), ("b", 1), ("k", 1)]}))

@@ -27,8 +27,9 @@ Modes (`LoRAConfig.mode`):
   for the life of the engine.
 - "unfused": each targeted Linear gets a `LoRASlot`: fixed-size buffers, a stacked down projection
   (P * R, in) and one up projection (rows_p, R) per row piece p of its output (a fused QKV Linear has three
-  pieces), R the slot rank. Its forward adds up_p @ (down_p @ x) to piece p of the output (before the
-  activation of a Linear that carries one). Selecting adapters writes their factors into the buffers in place
+  pieces), R the slot rank; piece p of the output gets + up_p @ (down_p @ x), before the activation of a Linear
+  that carries one. By default ("concat") the up projections are extra columns of the Linear's own weight, so
+  one GEMM computes [x | down x] @ [W | ups]^T; "separate" adds a side product to the output instead. Selecting adapters writes their factors into the buffers in place
   (weights and scales folded into the up projections; several adapters stack along R), so a compiled model or
   a captured CUDA graph reads the new adapter with nothing recompiled. No adapter selected: the buffers are
   zero and the side products still run (their cost is the mode's cost). With `--quantization fp8` the slots
@@ -58,6 +59,7 @@ __all__ = ["LORA_COMPONENT", "LORA_MODES", "LORA_TARGETS", "LoRAConfig", "LoRASp
 
 LORA_MODES = ("fuse", "unfused")
 LORA_TARGETS = ("auto", "all")
+UNFUSED_IMPLS = ("concat", "separate")
 # The model_index.json component LoRA files adapt (diffusers' `load_lora_weights` default); other DiTs of a
 # pipeline (a second expert) get none.
 LORA_COMPONENT = "transformer"
@@ -105,12 +107,16 @@ class LoRAConfig:
         at once). A later adapter whose rank (stacked with the others of a request) exceeds it is refused.
     targets: (unfused) which Linear layers get slots: "auto" those the start adapters touch, "all" every Linear
         the weight map fills (for adapters loaded later that touch others).
+    unfused_impl: (unfused) how a Linear adds its update (`ditserve.lora.adapters.LoRASlot`): "concat" (default:
+        one GEMM of [x | A x] against [W | B], the update inside the layer's own GEMM) or "separate" (a side
+        product added to the layer's output). The fp8 tier's layers always use "separate".
     """
 
     adapters: tuple[LoRASpec, ...] = ()
     mode: str = "fuse"
     max_rank: int | None = None
     targets: str = "auto"
+    unfused_impl: str = "concat"
 
     def __post_init__(self):
         object.__setattr__(self, "adapters", tuple(self.adapters))
@@ -118,6 +124,8 @@ class LoRAConfig:
             raise ConfigError(f"unknown --lora-mode {self.mode!r}; valid: {', '.join(LORA_MODES)}")
         if self.targets not in LORA_TARGETS:
             raise ConfigError(f"unknown LoRA targets {self.targets!r}; valid: {', '.join(LORA_TARGETS)}")
+        if self.unfused_impl not in UNFUSED_IMPLS:
+            raise ConfigError(f"unknown LoRA unfused_impl {self.unfused_impl!r}; valid: {', '.join(UNFUSED_IMPLS)}")
         if self.max_rank is not None and self.max_rank < 1:
             raise ConfigError(f"LoRA max_rank must be >= 1, got {self.max_rank}")
         names = [a.name for a in self.adapters]

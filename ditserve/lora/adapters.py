@@ -357,21 +357,57 @@ def fuse_adapters(model: nn.Module, adapters: list[tuple[LoRAAdapter, float]]) -
 
 
 class LoRASlot(nn.Module):
-    """The run-time side product of one Linear: `pieces` are its output row ranges (start, stop), sorted and
-    disjoint; `down` (P * R, in) stacks each piece's down projection, `up{p}` (stop - start, R) its up
-    projection (scale and adapter weight folded in). forward(x (..., in)) -> delta (..., out): zero on rows no
-    piece covers. Buffers are written in place only (`LoRAManager.activate`)."""
+    """The run-time low-rank product of one Linear: `pieces` are its output row ranges (start, stop), sorted and
+    disjoint (a fused QKV Linear has three); `down` (P * R, in) stacks each piece's down projection; `ups[p]`
+    (stop - start, R) is piece p's up projection (scale and adapter weight folded in). Written in place only
+    (`LoRAManager.activate`), so compiled graphs and CUDA graphs read the new values.
 
-    def __init__(self, in_features: int, out_features: int, pieces: list[tuple[int, int]], rank: int,
-                 device: torch.device, dtype: torch.dtype):
+    Two layouts (`LoRAConfig.unfused_impl`):
+    - "separate": the ups are buffers of their own; `delta(x)` -> (..., out) is added to the layer's output
+      (zero on rows no piece covers). Costs the up products' outputs and an add over the layer's output.
+    - "concat": the Linear's weight becomes the first `in` columns of `weight_aug` (out, in + P * R) and the ups
+      are blocks of its other columns (piece p: rows start:stop, columns in + p R .. in + (p + 1) R), so the
+      layer computes [x | down x] @ weight_aug^T in one GEMM: the update costs P * R more columns of K and a
+      copy of x, and no pass over the layer's output.
+    """
+
+    def __init__(self, layer: nn.Module, pieces: list[tuple[int, int]], rank: int, device: torch.device,
+                 dtype: torch.dtype, concat: bool):
         super().__init__()
-        self.out_features, self.rank = out_features, rank
+        n_in, n_out = layer.in_features, layer.out_features
+        self.in_features, self.out_features, self.rank, self.concat = n_in, n_out, rank, concat
         self.pieces = tuple(pieces)
-        self.register_buffer("down", torch.zeros(len(pieces) * rank, in_features, device=device, dtype=dtype))
-        for p, (start, stop) in enumerate(pieces):
-            self.register_buffer(f"up{p}", torch.zeros(stop - start, rank, device=device, dtype=dtype))
+        self.register_buffer("down", torch.zeros(len(pieces) * rank, n_in, device=device, dtype=dtype))
+        if concat:
+            aug = torch.zeros(n_out, n_in + len(pieces) * rank, device=device, dtype=dtype)
+            aug[:, :n_in].copy_(layer.weight.detach())
+            self.register_buffer("weight_aug", aug)
+            layer.weight = nn.Parameter(aug[:, :n_in], requires_grad=False)  # (out, in) view: one copy
+        else:
+            for p, (start, stop) in enumerate(pieces):
+                self.register_buffer(f"up{p}", torch.zeros(stop - start, rank, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def ups(self) -> list[torch.Tensor]:
+        """Each piece's up projection (stop - start, R): a buffer ("separate") or a block of `weight_aug`."""
+        if not self.concat:
+            return [getattr(self, f"up{p}") for p in range(len(self.pieces))]
+        n, R = self.in_features, self.rank
+        return [self.weight_aug[start:stop, n + p * R:n + (p + 1) * R] for p, (start, stop) in enumerate(self.pieces)]
+
+    @torch.no_grad()
+    def clear(self) -> None:
+        """No adapter: the down and up projections zeroed (the layer's own weight is kept)."""
+        self.down.zero_()
+        for up in self.ups:
+            up.zero_()
+
+    def widen(self, x: torch.Tensor) -> torch.Tensor:
+        """ "concat": x (..., in) -> [x | down x] (..., in + P * R), the input of `weight_aug`."""
+        return torch.cat((x, F.linear(x, self.down)), dim=-1)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """ "separate": x (..., in) -> the update of the layer's output (..., out)."""
         R = self.rank
         h = F.linear(x, self.down)  # (..., P * R)
         parts, pos = [], 0
@@ -386,32 +422,47 @@ class LoRASlot(nn.Module):
 
 
 def _hook(layer: nn.Module, slot: LoRASlot) -> None:
-    """Make `layer` add `slot`'s side product to its output, before any activation it carries.
+    """Make `layer` add `slot`'s update to its output, before any activation it carries.
 
-    Linear: its bound path (`_impl`) becomes its own output plus the side product (LinearGELU: the GELU after
-    both). Fp8Linear (the fp8 tier): its `product` (the fp8 GEMM of quantised rows, which every one of its paths
-    calls before the bias and the activation) gets the side product of the rows it read, dequantised to the
-    compute dtype: a bf16 side product of the GEMM's own input."""
+    Linear, "concat": its bound path (`_impl`) becomes one GEMM of [x | down x] with `weight_aug` (LinearGELU:
+    its GELU after it, in the GEMM's epilogue where the layer's own path has it there). Linear, "separate": its
+    own output plus `delta(x)` (LinearGELU: the GELU after both). Fp8Linear (the fp8 tier, always "separate"):
+    its `product` (the fp8 GEMM of quantised rows, which each of its paths calls before the bias and the
+    activation) gets the delta of the rows it read, dequantised to the compute dtype: a bf16 side product of the
+    GEMM's own input."""
     layer.lora_slot = slot
     if isinstance(layer, Fp8Linear):
         product = layer.product
 
         def fp8_product(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
             x = (q.float() * scale).to(layer.out_dtype)  # (M, K): the rows the GEMM reads
-            return product(q, scale) + slot(x)  # (M, N)
+            return product(q, scale) + slot.delta(x)  # (M, N)
 
         layer.product = fp8_product
         return
+    activation = getattr(layer, "activation", None)
+    if activation not in (None, "gelu_tanh"):
+        raise ConfigError(f"LoRA: a Linear with activation {activation!r} cannot take an unfused adapter")
     base_impl = layer._impl
-    if getattr(layer, "activation", None) == "gelu_tanh":
+
+    def bias_for(x: torch.Tensor) -> torch.Tensor | None:
+        return layer.bias.to(x.dtype) if layer.bias is not None else None
+
+    if slot.concat and activation == "gelu_tanh" and layer.path == "cuda":
+        def forward(x: torch.Tensor) -> torch.Tensor:  # the layer's GELU_BIAS epilogue, on the widened GEMM
+            xa = slot.widen(x).reshape(-1, slot.weight_aug.shape[1])  # (M, in + P R)
+            y = torch._addmm_activation(layer.bias, xa, slot.weight_aug.t(), use_gelu=True)  # (M, out)
+            return y.reshape(*x.shape[:-1], layer.out_features)
+    elif slot.concat:
         def forward(x: torch.Tensor) -> torch.Tensor:
-            bias = layer.bias.to(x.dtype) if layer.bias is not None else None
-            return F.gelu(F.linear(x, layer.weight, bias) + slot(x), approximate="tanh")
-    elif getattr(layer, "activation", None) is None:
+            y = F.linear(slot.widen(x), slot.weight_aug, bias_for(x))  # (..., out)
+            return F.gelu(y, approximate="tanh") if activation else y
+    elif activation:
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return base_impl(x) + slot(x)
+            return F.gelu(F.linear(x, layer.weight, bias_for(x)) + slot.delta(x), approximate="tanh")
     else:
-        raise ConfigError(f"LoRA: a Linear with activation {layer.activation!r} cannot take an unfused adapter")
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return base_impl(x) + slot.delta(x)
     layer._impl = forward
 
 
@@ -472,7 +523,8 @@ class LoRAManager:
                 pieces.setdefault(t.linear, set()).add((t.start, t.stop))
         for name, ranges in sorted(pieces.items()):
             layer = modules[name]
-            slot = LoRASlot(layer.in_features, layer.out_features, sorted(ranges), self.rank, self.device, self.dtype)
+            concat = self.config.unfused_impl == "concat" and not isinstance(layer, Fp8Linear)
+            slot = LoRASlot(layer, sorted(ranges), self.rank, self.device, self.dtype, concat)
             _hook(layer, slot)
             self.slots[name] = slot
 
@@ -568,8 +620,7 @@ class LoRAManager:
         chosen = [(self.adapters[n], w) for n, w in selection]
         self._check_fits(chosen)
         for slot in self.slots.values():
-            for buf in slot.buffers():
-                buf.zero_()
+            slot.clear()
         used: dict[tuple[str, int], int] = {}
         for adapter, weight in chosen:
             for f in adapter.factors:
@@ -578,7 +629,7 @@ class LoRAManager:
                 off = used.get((f.linear, p), 0)
                 r = f.rank
                 slot.down[p * slot.rank + off:p * slot.rank + off + r].copy_(f.down)
-                up = getattr(slot, f"up{p}")
+                up = slot.ups[p]
                 up[:, off:off + r].copy_(f.up)
                 up[:, off:off + r].mul_(weight * f.scale)
                 used[(f.linear, p)] = off + r
