@@ -383,7 +383,10 @@ class WanPipeline(Pipeline):
         spatially tiled where `tiled_decode` says so (the VAE's own tiles, blended: lossy)."""
         z = self.vae_latents(latents, params).to(self.vae_dtype)  # (B, C, F', h, w)
         self.vae.use_tiling = self.tiled_decode(params.height, params.width)
-        return self.vae.decode(z, return_dict=False)[0]  # (B, 3, F, H, W)
+        try:
+            return self.vae.decode(z, return_dict=False)[0]  # (B, 3, F, H, W)
+        finally:  # the switch also tiles the encoder (an input image's condition): off again, as diffusers has it
+            self.vae.use_tiling = False
 
     def decode(self, latents: torch.Tensor, params: SamplingParams) -> np.ndarray:
         """Final latents -> (B, F, H, W, 3) uint8. Untiled, the VAE's decoder runs latent frame by latent frame
