@@ -120,6 +120,9 @@ class Engine:
         for n in batch_sizes:
             params = SamplingParams(prompt="warmup", height=height, width=width, steps=steps, seed=0,
                                     num_images=n, num_frames=num_frames)
+            complete = getattr(self.pipeline, "warmup_request", None)  # a family whose requests need more than a
+            if complete is not None:  # prompt (an edit model's input image) completes the warmup's request
+                params = complete(params)
             logger.info(f"warmup batch of {n}: {warmup(self.pipeline, params)['seconds']:.2f} s")
             short = dataclasses.replace(params, steps=REAL_WARMUP_STEPS)
             logger.info(f"real warmup batch of {n}: {warmup(self.pipeline, short, dummy=False)['seconds']:.2f} s")

@@ -404,6 +404,15 @@ class QwenImageEditPipeline(QwenImagePipeline):
                                      width=params.width or width)
         return super().resolve(params)
 
+    def warmup_request(self, params: SamplingParams) -> SamplingParams:
+        """`Engine.warmup`'s request (a prompt only) with a stand-in input image: mid-grey, of the warmup's size
+        (the model's default where none is given), so that the warmup runs an edit's path at that size."""
+        if params.images:
+            return params
+        width, height = params.width or self.spec.default_width, params.height or self.spec.default_height
+        return dataclasses.replace(params, images=[Image.new("RGB", (width, height), (128, 128, 128))],
+                                   height=height, width=width)
+
     def batch_key(self, params: SamplingParams) -> tuple:
         """Requests batch only with the same input images (each request's images condition all of its rows)."""
         return super().batch_key(params) + (tuple(id(im) for im in params.images),)

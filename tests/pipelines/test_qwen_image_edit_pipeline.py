@@ -89,6 +89,11 @@ def test_input_errors_name_the_option(edit, tmp_path):
         edit.resolve(SamplingParams(prompt=PROMPT, images=[str(tmp_path / "text.png")]))
 
 
+def test_engine_warmup_runs_with_a_stand_in_image(edit):
+    """Engine.warmup (the server's, bench's) sends a prompt only: the edit pipeline completes it with an image."""
+    assert edit.warmup(64, 64, steps=2) > 0
+
+
 def test_requests_with_other_images_do_not_batch(edit):
     a = edit.resolve(SamplingParams(prompt=PROMPT, images=[picture(8, 8, 0)], height=64, width=64))
     b = edit.resolve(SamplingParams(prompt=PROMPT, images=[picture(8, 8, 1)], height=64, width=64))
