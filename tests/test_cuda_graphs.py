@@ -202,7 +202,8 @@ def test_pipeline_auto_graphs_a_small_shape_and_reports_its_memory(folder):
     assert len(pipe.forward.graphs) == 1 and pipe.graph_memory_bytes > 0
     again = pipe.generate(SamplingParams(prompt="a", height=64, width=64, steps=3, seed=0), progress=False)
     assert (out.frames == again.frames).all()
-    assert pipe.release_idle_graphs(0.0) == 1 and pipe.graph_memory_bytes == 0
+    # the forward's graph and the text encoders' (FLUX.1 graphs its CLIP and T5)
+    assert pipe.release_idle_graphs(0.0) >= 1 and pipe.graph_memory_bytes == 0 and not pipe.forward.graphs
 
 
 def test_graphed_module_reads_as_the_module():
