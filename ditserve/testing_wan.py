@@ -83,13 +83,15 @@ def tiny_wan_tokenizer(dir: str | Path):
 
 
 def build_tiny_wan_pipeline(path: str | Path, *, seed: int = 0, two_experts: bool = False,
-                            boundary_ratio: float = 0.6, scheduler: str = "unipc", flow_shift: float = 3.0) -> Path:
+                            boundary_ratio: float = 0.6, scheduler: str = "unipc", flow_shift: float = 3.0,
+                            expand_timesteps: bool = False) -> Path:
     """Build a tiny random Wan pipeline and save it with `WanPipeline.save_pretrained` at `path`.
 
     Wan 2.1 layout (transformer, vae, text_encoder, tokenizer, scheduler), or with `two_experts` Wan 2.2 A14B's
     (a second transformer of another seed as `transformer_2`, and `boundary_ratio` in model_index.json).
     `scheduler`: "unipc" (the released checkpoints' UniPCMultistepScheduler, flow prediction, `flow_shift`) or
-    "euler" (FlowMatchEulerDiscreteScheduler with shift `flow_shift`, the pipeline's type hint). Deterministic:
+    "euler" (FlowMatchEulerDiscreteScheduler with shift `flow_shift`, the pipeline's type hint). `expand_timesteps`:
+    Wan 2.2 TI2V-5B's option in model_index.json (per-token timesteps in diffusers' loop). Deterministic:
     the same arguments give byte-identical files. Returns `path`.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
@@ -115,7 +117,7 @@ def build_tiny_wan_pipeline(path: str | Path, *, seed: int = 0, two_experts: boo
             module.eval()
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=sched,
                        transformer=transformer, transformer_2=transformer_2,
-                       boundary_ratio=boundary_ratio if two_experts else None)
+                       boundary_ratio=boundary_ratio if two_experts else None, expand_timesteps=expand_timesteps)
     pipe.save_pretrained(path, safe_serialization=True)
     import shutil
 

@@ -104,6 +104,18 @@ def test_bf16_engine(wan21):
     assert min(frame_psnrs(ours, ref)) >= 30
 
 
+def test_ti2v_text_to_video_matches_diffusers(tmp_path):
+    """An expand_timesteps checkpoint (Wan 2.2 TI2V-5B's option) without an input image: diffusers gives every
+    token the step's timestep; ours gives it once per sample, the same result."""
+    path = build_tiny_wan_pipeline(tmp_path / "ti2v", seed=4, expand_timesteps=True)
+    engine = Engine.load(str(path), EngineConfig(device="cpu"))
+    assert engine.pipeline.expand_timesteps and engine.capabilities.max_input_images == 1
+    assert (engine.spec.default_num_frames, engine.spec.default_fps) == (121, 24.0)
+    ours = generate(engine, prompt="a photo of a cat", negative_prompt="blurry", guidance=4.0)
+    ref = reference_wan(path, "a photo of a cat", negative_prompt="blurry", guidance=4.0, **VIDEO)
+    assert min(frame_psnrs(ours, ref)) >= 40
+
+
 def test_split_cfg_matches_batched(wan21):
     batched = generate(Engine.load(str(wan21), EngineConfig(device="cpu", cfg_mode="split")), prompt="a cat",
                        negative_prompt="blurry", guidance=4.0)
