@@ -492,3 +492,45 @@ def test_fp8_unfused_side_products_match_the_merged_adapter(flux):
         unfused.lora.activate(())
         assert torch.equal(unfused(**x), plain(**x))
     assert err["unfused"] <= 1.5 * err["fused"] and err["unfused"] < 0.5 * err["plain"], err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_gpu_compiled_unfused_matches_merged_and_recompiles_nothing(flux, quantization):
+    """On CUDA in bf16, compiled with inductor (the engine's backend) on the CUDA paths (LinearGELU's epilogue on
+    the widened GEMM, the fp8 GEMMs): both unfused layouts agree with the adapters merged into the bf16 weights
+    (fp8: as closely as merging before quantisation does), and changing adapters compiles nothing."""
+    from ditserve.compile import CompileConfig, compile_model
+    from ditserve.loader import load_transformer
+    from ditserve.models.flux import flux_example_inputs
+
+    path, files, _ = flux
+    gpu = EngineConfig(device="cuda", dtype="bf16")
+    specs = (LoRASpec(str(files["a"]), 1.0, name="a"), LoRASpec(str(files["b"]), 0.6, name="b"))
+    tier = dataclasses.replace(gpu, quantization=quantization)
+    merged, _ = load_transformer(str(path), dataclasses.replace(gpu, lora=LoRAConfig(specs)))
+    plain, _ = load_transformer(str(path), tier)
+    fused, _ = load_transformer(str(path), dataclasses.replace(tier, lora=LoRAConfig(specs)))
+    x = flux_example_inputs(merged.config, 128, 128, text_len=16, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref = merged(**x).float()
+
+        def err(model):
+            return float((model(**x).float() - ref).norm() / ref.norm())
+
+        e_plain, e_fused = err(plain), err(fused)
+        stats = torch._dynamo.utils.counters["stats"]
+        for impl in ("concat", "separate"):
+            engine = dataclasses.replace(tier, compile=True, lora=LoRAConfig(specs, mode="unfused", unfused_impl=impl))
+            model, _ = load_transformer(str(path), engine)
+            compile_model(model, CompileConfig.for_engine(engine))
+            e_unfused = err(model)
+            graphs = stats["unique_graphs"]
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                model.lora.activate((("a", 0.5),))
+                model(**x)
+                model.lora.activate((("a", 1.0), ("b", 0.6)))
+                assert abs(err(model) - e_unfused) < 1e-3, impl
+            assert stats["unique_graphs"] == graphs, impl
+            bound = 0.1 * e_plain if quantization is None else min(1.5 * e_fused + 0.01, 0.5 * e_plain)
+            assert e_unfused < bound, (impl, e_unfused, e_fused, e_plain)
