@@ -568,9 +568,12 @@ def uvicorn_config(app: FastAPI, config: ServerConfig, verbose: bool = False):
     may take."""
     import uvicorn
 
+    refused = app.state.metrics.connections_refused
     return uvicorn.Config(
         app, log_level="info" if verbose else "warning", access_log=verbose, lifespan="on",
-        http=guarded_protocol(config.header_timeout, config.body_timeout, config.max_connections),
+        http=guarded_protocol(config.header_timeout, config.body_timeout, config.max_connections,
+                              on_refused=lambda reason: refused.labels(reason).inc()),
+        ws="none",  # no WebSocket routes: an upgrade request is answered as plain HTTP, under the same deadlines
         timeout_keep_alive=config.keep_alive_timeout,
         # uvicorn waits this long for in-flight requests after a signal; then lifespan shutdown drains the rest
         timeout_graceful_shutdown=int(config.request_timeout) + 5)

@@ -22,30 +22,37 @@ from __future__ import annotations
 import asyncio
 import http
 import json
+from typing import Callable
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+REASONS = ("header_timeout", "body_timeout", "max_connections")  # why a connection was refused
 
-def error_bytes(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> tuple[bytes, bytes]:
-    """(head, body) of a `Connection: close` response with OpenAI's error body."""
+
+def error_response(status: int, message: str, code: str, extra: dict[str, str] | None = None
+                   ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """(headers, body) of a `Connection: close` answer with OpenAI's error body."""
     body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status < 500
                                  else "server_error", "param": None, "code": code}}).encode()
-    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", "content-type: application/json",
-             f"content-length: {len(body)}", "connection: close",
-             *(f"{k}: {v}" for k, v in (headers or {}).items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii"), body
+    headers = {"content-type": "application/json", "content-length": str(len(body)), "connection": "close",
+               **(extra or {})}
+    return [(k.encode("ascii"), v.encode("ascii")) for k, v in headers.items()], body
 
 
-def guarded_protocol(header_timeout: float, body_timeout: float, max_connections: int) -> type[H11Protocol]:
-    """The h11 protocol class for `uvicorn.Config(http=...)` with these deadlines (seconds) and cap."""
+def guarded_protocol(header_timeout: float, body_timeout: float, max_connections: int,
+                     on_refused: Callable[[str], None] = lambda reason: None) -> type[H11Protocol]:
+    """The h11 protocol class for `uvicorn.Config(http=...)` with these deadlines (seconds) and cap;
+    `on_refused(reason)` is called (on the event loop) for each connection refused, reason one of REASONS."""
     return type("GuardedH11Protocol", (_GuardedH11Protocol,), {
-        "header_timeout": header_timeout, "body_timeout": body_timeout, "max_connections": max_connections})
+        "header_timeout": header_timeout, "body_timeout": body_timeout, "max_connections": max_connections,
+        "on_refused": staticmethod(on_refused)})
 
 
 class _GuardedH11Protocol(H11Protocol):
     header_timeout: float
     body_timeout: float
     max_connections: int
+    on_refused: Callable[[str], None]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -90,13 +97,16 @@ class _GuardedH11Protocol(H11Protocol):
 
     def _head_timed_out(self) -> None:
         self._deadline = None
-        self._refuse(f"the request head did not arrive within {self.header_timeout:g} s")
+        if not self.transport.is_closing():
+            self.on_refused("header_timeout")
+            self._refuse(f"the request head did not arrive within {self.header_timeout:g} s")
 
     def _body_timed_out(self) -> None:
         self._deadline = None
         cycle = self.cycle
         if self.transport.is_closing() or cycle is None or not cycle.more_body:
             return
+        self.on_refused("body_timeout")
         if cycle.response_complete:  # answered without its body, which still trickles in: stop reading it
             self.transport.close()
         elif cycle.response_started:  # the handler answers without the body: close once it is done
@@ -106,17 +116,15 @@ class _GuardedH11Protocol(H11Protocol):
 
     def _refuse(self, message: str) -> None:
         """Answer 408 (no response has started on this connection) and close."""
-        if self.transport.is_closing():
-            return
-        head, body = error_bytes(408, message, "request_timeout")
-        self.transport.write(head + body)
+        headers, body = error_response(408, message, "request_timeout")
+        head = [f"HTTP/1.1 408 {http.HTTPStatus(408).phrase}".encode("ascii")] + [k + b": " + v for k, v in headers]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         self.transport.close()
 
     async def _over_capacity(self, scope, receive, send) -> None:
-        head, body = error_bytes(503, f"the server has {self.max_connections} connections open (its "
-                                      f"--max-connections); retry shortly", "too_many_connections",
-                                 {"retry-after": "1"})
-        headers = [tuple(line.split(": ", 1)) for line in head.decode("ascii").split("\r\n")[1:] if line]
-        await send({"type": "http.response.start", "status": 503,
-                    "headers": [(k.encode("ascii"), v.encode("ascii")) for k, v in headers]})
+        self.on_refused("max_connections")
+        headers, body = error_response(503, f"the server has {self.max_connections} connections open (its "
+                                            f"--max-connections); retry shortly", "too_many_connections",
+                                       {"retry-after": "1"})
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})

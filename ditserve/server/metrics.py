@@ -10,6 +10,8 @@ process can build many apps, as the tests do).
     ditserve_images_generated_total                  images returned to clients
     ditserve_engine_failures_total{reason}           engine runs that failed (out_of_memory, error)
     ditserve_batch_splits_total                      failed batches rerun one request at a time
+    ditserve_connections_refused_total{reason}       connections cut off: header_timeout, body_timeout (408),
+                                                     max_connections (503)
     ditserve_gpu_memory_{allocated,reserved,peak}_bytes   the model's CUDA device, read at scrape time
 """
 
@@ -64,6 +66,10 @@ class ServerMetrics:
                                        "split) that failed", ["reason"], registry=r)
         self.batch_splits = Counter("ditserve_batch_splits", "failed batches of several requests rerun one "
                                     "request at a time", registry=r)
+        self.connections_refused = Counter("ditserve_connections_refused", "connections cut off (408 past a "
+                                           "deadline, 503 over the cap)", ["reason"], registry=r)
+        for reason in ("header_timeout", "body_timeout", "max_connections"):
+            self.connections_refused.labels(reason)
         for stage in STAGES:  # every series exists from the start, at 0
             self.stage_seconds.labels(stage)
         for reason in ("out_of_memory", "error"):

@@ -124,12 +124,12 @@ def test_a_failing_request_does_not_fail_its_batch_neighbour(error):
         threads = [threading.Thread(target=post, args=("blocker", 1))]
         threads[0].start()
         assert pipe.started.wait(10)  # the engine is busy: the next two queue up together
-        for name, seed in (("bad", 2), ("good", 3)):
+        for depth, (name, seed) in enumerate((("bad", 2), ("good", 3)), start=1):
             threads.append(threading.Thread(target=post, args=(name, seed)))
             threads[-1].start()
-        deadline = time.monotonic() + 10
-        while app.state.worker.queue_depth() < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+            deadline = time.monotonic() + 10
+            while app.state.worker.queue_depth() < depth and time.monotonic() < deadline:  # queued in this order
+                time.sleep(0.01)
         gate.set()
         for t in threads:
             t.join(30)
@@ -188,6 +188,9 @@ def test_stalled_clients_are_cut_off_while_others_are_served():
             assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), answer
             assert json.loads(body)["error"]["code"] == "request_timeout"
         assert closed_after < 1.0 + 2.0, f"stalled connections were closed only after {closed_after:.1f} s"
+        metrics = httpx2.get(live.url + "/metrics", timeout=5).text
+        for reason in ("header_timeout", "body_timeout"):
+            assert f'ditserve_connections_refused_total{{reason="{reason}"}} 10.0' in metrics, reason
         # A connection that trickles the next request's head a byte at a time is cut off at the same deadline.
         s = _connect(live.url)
         t0 = time.monotonic()
@@ -220,6 +223,7 @@ def test_max_connections():
         over.close()
         assert head.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in head.lower(), head
         assert json.loads(body)["error"]["code"] == "too_many_connections"
+        assert app.state.metrics.connections_refused.labels("max_connections")._value.get() == 1
         for s in idle:
             s.close()
         time.sleep(0.2)
