@@ -89,6 +89,22 @@ def test_guidance_without_a_negative_prompt_runs_one_branch(engine, folder):
     assert guided.params.guidance == 4.0 and psnr(guided.frames, out.frames) < 35
 
 
+def test_a_left_padding_tokenizer_matches_diffusers(folder, tmp_path):
+    """Prompt and negative prompt of different lengths padded on the left in one text-encoder call (diffusers
+    encodes them apart): Qwen2.5-VL places each prompt's tokens by the attention mask, so the image is the same."""
+    import shutil
+
+    left = tmp_path / "left"
+    shutil.copytree(folder, left)
+    config_file = left / "tokenizer" / "tokenizer_config.json"
+    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), padding_side="left")))
+    engine = Engine.load(str(left), EngineConfig(device="cpu"))
+    assert engine.pipeline.tokenizer.padding_side == "left"
+    kw = dict(height=64, width=80, steps=2, guidance=3.0, negative_prompt="a dark night over the sea and a red sun")
+    ours = engine.generate(SamplingParams(prompt=PROMPT, seed=11, **kw)).frames
+    assert psnr(ours, reference_qwen_image(left, PROMPT, seed=11, **kw)) >= 40
+
+
 def test_the_prompt_and_the_negative_prompt_matter(engine):
     def image(**kw):
         return engine.generate(SamplingParams(height=64, width=64, steps=2, seed=1, **kw)).frames
