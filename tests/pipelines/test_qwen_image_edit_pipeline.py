@@ -112,6 +112,24 @@ def test_processor_expands_each_image_to_its_tokens(edit):
         processor(text=["<|image_pad|><|image_pad|>"], images=images[:1])
 
 
+def test_processor_equals_transformers_qwen2vl_processor(edit):
+    """QwenVLProcessor gives transformers' Qwen2VLProcessor's inputs (same tokenizer and image processor). Skipped
+    without torchvision, which transformers' class needs for its video processor."""
+    pytest.importorskip("torchvision")
+    import torch
+    from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    ours = edit.pipeline.processor
+    theirs = Qwen2VLProcessor(image_processor=ours.image_processor, tokenizer=ours.tokenizer,
+                              video_processor=Qwen2VLVideoProcessor())
+    images = [picture(56, 40, seed=0), picture(100, 100, seed=1)]
+    texts = ["x <|vision_start|><|image_pad|><|vision_end|> y", "z <|image_pad|> w a long one"]
+    a = ours(text=texts, images=images, padding=True, return_tensors="pt")
+    b = theirs(text=texts, images=images, padding=True, return_tensors="pt")
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_edit_plus_with_two_images_matches_diffusers(tmp_path):
     """QwenImageEditPlusPipeline with Edit-2511's transformer (zero_cond_t; -2509's is the Edit one's)."""
     folder = build_tiny_qwen_image_edit_pipeline(tmp_path / "plus", plus=True, seed=1, zero_cond_t=True)
