@@ -27,8 +27,9 @@ import os
 import time
 from dataclasses import dataclass
 
-# A transformer forward of fewer FLOPs than this per thread runs no faster on more threads: at ~100 parallel ops
-# a forward, OpenMP's fork/join and the ops' split overhead eat what the extra core gives (CPU, fp32).
+# One thread per this many FLOPs of a transformer forward: below it, OpenMP's fork/join at each of a forward's
+# ~100 parallel ops costs more than splitting them saves (CPU, fp32). A conservative setting (the packaged model
+# at its 64x64, ~0.35 GFLOP a forward, stays on one thread), not a measured crossover.
 FLOPS_PER_THREAD = 2e9
 SAMPLE_S = 0.1  # the shortest window of /proc/stat the free-core estimate is taken over
 # Free cores are rounded down unless nearly whole: a core 75% idle still runs a thread that others delay.
