@@ -181,6 +181,8 @@ def write_outputs(output: Any, targets: list[Target]) -> list[Path]:
     or folders). Nothing appears under a final name until every output is complete; on any error the
     temporary files are deleted and the error re-raised."""
     frames = output.frames
+    if output.kind == "video" and not output.fps:
+        raise ValueError("a video Output carries its fps (the family sets Output.fps)")
     folder = len(targets) == 1 and targets[0].folder
     if not folder and len(frames) != len(targets):
         raise ValueError(f"{len(frames)} outputs for {len(targets)} targets")
