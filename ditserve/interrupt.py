@@ -26,9 +26,7 @@ def _noop(signum, frame) -> None:
     CPython to write the signal to the wakeup fd."""
 
 
-def _watch(read_fd: int, command: str) -> None:
-    from ditserve import media
-
+def _watch(read_fd: int, command: str, cleanup) -> None:
     while True:
         try:
             data = os.read(read_fd, 64)
@@ -38,7 +36,7 @@ def _watch(read_fd: int, command: str) -> None:
         if signal.SIGINT in signals or signal.SIGTERM in signals:
             signum = signal.SIGINT if signal.SIGINT in signals else signal.SIGTERM
             break
-    media.abort_pending()
+    cleanup()
     what = "interrupted" if signum == signal.SIGINT else "terminated"
     lead = "\n" if sys.stderr is not None and sys.stderr.isatty() else ""  # past the ^C and a progress bar
     os.write(2, f"{lead}ditserve {command}: {what}; no output written\n".encode())
@@ -51,10 +49,13 @@ def install(command: str) -> None:
     global _installed
     if _installed:
         return
+    from ditserve import media  # imported here, not in the watcher: an import there could wait on the main thread's
+
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _noop)
-    threading.Thread(target=_watch, args=(read_fd, command), name="ditserve-interrupt", daemon=True).start()
+    threading.Thread(target=_watch, args=(read_fd, command, media.abort_pending), name="ditserve-interrupt",
+                     daemon=True).start()
     _installed = True
