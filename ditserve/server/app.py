@@ -381,7 +381,8 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
                              "fp8_fast_accum": bool(engine is not None and engine.fp8_fast_accum_on),
                              "output_formats": sorted(formats),
                              # sizes the model draws well, its default first (the web page's size menu)
-                             "sizes": suggested_sizes(spec.default_height, spec.default_width)})
+                             "sizes": [s for s in suggested_sizes(spec.default_height, spec.default_width)
+                                       if limits().accepts_size(*map(int, s.split("x")))]})
 
     @app.get("/metrics", response_class=Response, responses={
         200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},

@@ -91,6 +91,9 @@ class RequestLimits:
         first = math.ceil(self.min_size / self.size_multiple) * self.size_multiple
         return range(first, self.max_size + 1, self.size_multiple)
 
+    def accepts_size(self, width: int, height: int) -> bool:
+        return width in self.sizes() and height in self.sizes()
+
     def size_text(self) -> str:
         return (f'"WIDTHxHEIGHT" in ASCII digits without leading zeros (e.g. "{self.sizes()[0]}x{self.sizes()[0]}"), '
                 f"each a multiple of {self.size_multiple} between {self.min_size} and {self.max_size}, or \"auto\" "
@@ -151,6 +154,7 @@ class ReadyInfo(BaseModel):
     fp8_attention: bool
     fp8_fast_accum: bool
     output_formats: list[str]
+    sizes: list[str]  # "WIDTHxHEIGHT" sizes the model draws well and this server accepts, the default first
 
 
 class ImageData(BaseModel):

@@ -98,9 +98,11 @@ def test_server_limits_on_steps_and_size():
         assert c.post(URL, json={"prompt": "a", "size": "96x96", "num_inference_steps": 4}).status_code == 200
         assert c.post(URL, json={"prompt": "a"}).status_code == 200
         schema = c.get("/openapi.json").json()["components"]["schemas"]["ImageGenerationRequest"]["properties"]
+        sizes = c.get("/ready").json()["sizes"]  # the web page's menu: only sizes this server accepts
     assert [p.steps for (p,) in pipe.batches] == [4, 4]  # the unset steps: the model's 8, capped to 4
     assert schema["num_inference_steps"]["anyOf"][0]["maximum"] == 4
     assert schema["size"]["anyOf"][0]["pattern"] == "^(auto|(64|80|96)x(64|80|96))$"
+    assert sizes[0] == "64x64" and all(max(map(int, s.split("x"))) <= 96 for s in sizes), sizes
 
 
 # ---------------------------------------------------------------------------------- failures stay put
