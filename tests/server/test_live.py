@@ -272,6 +272,9 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, _fresh_log_handlers):
         "two keys": ["--api-key", "a", "--api-key-file", str(tmp_path / "k")],
         "bad warmup size": ["--warmup-size", "100x100"],
         "bad batch size": ["--max-batch-size", "0"],
+        "bad connection cap": ["--max-connections", "0"],
+        "bad header timeout": ["--header-timeout", "-1"],
+        "bad image size cap": ["--max-image-size", "32"],
         "bad port": ["--port", "70000"],
         "busy port": ["--port", str(busy_port)],
     }
