@@ -45,7 +45,7 @@ from ditserve.logging import init_logger
 from ditserve.preflight import suggested_sizes
 from ditserve.engine import Engine
 from ditserve.server.config import ServerConfig
-from ditserve.server.connections import guarded_protocol
+from ditserve.server.connections import TIMED_OUT, guarded_protocol
 from ditserve.server.files import OutputStore
 from ditserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from ditserve.server.schemas import (MEDIA_TYPES, OUTPUT_FORMATS, UNSUPPORTED_OPENAI_OPTIONS, ErrorBody, Health,
@@ -147,6 +147,7 @@ class _RequestCounter:
         try:
             await self.app(scope, receive, counting_send)
         finally:
+            status = 408 if scope.get(TIMED_OUT) else status  # cut off by the protocol; the app saw a disconnect
             self.metrics.requests.labels(_endpoint(scope["path"]), str(status)).inc()
 
 

@@ -27,6 +27,9 @@ from typing import Callable
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 REASONS = ("header_timeout", "body_timeout", "max_connections")  # why a connection was refused
+# Set (True) in the ASGI scope of a request whose body timed out: the app, which then reads a disconnect, counts the
+# request as the 408 the client got.
+TIMED_OUT = "ditserve.body_timed_out"
 
 
 def error_response(status: int, message: str, code: str, extra: dict[str, str] | None = None
@@ -112,6 +115,7 @@ class _GuardedH11Protocol(H11Protocol):
         elif cycle.response_started:  # the handler answers without the body: close once it is done
             cycle.keep_alive = False
         else:
+            cycle.scope[TIMED_OUT] = True  # type: ignore[literal-required]
             self._refuse(f"the request body did not arrive within {self.body_timeout:g} s")
 
     def _refuse(self, message: str) -> None:

@@ -193,6 +193,9 @@ def test_stalled_clients_are_cut_off_while_others_are_served():
         metrics = httpx2.get(live.url + "/metrics", timeout=5).text
         for reason in ("header_timeout", "body_timeout"):
             assert f'ditserve_connections_refused_total{{reason="{reason}"}} 10.0' in metrics, reason
+        # The cut-off requests whose heads arrived count as what their clients got.
+        assert 'ditserve_http_requests_total{endpoint="/v1/images/generations",status="408"} 10.0' in metrics
+        assert 'status="400"' not in metrics
         # A connection that trickles the next request's head a byte at a time is cut off at the same deadline.
         s = _connect(live.url)
         t0 = time.monotonic()
