@@ -28,8 +28,8 @@ Modes (`LoRAConfig.mode`):
 - "unfused": each targeted Linear gets a `LoRASlot`: fixed-size buffers, a stacked down projection
   (P * R, in) and one up projection (rows_p, R) per row piece p of its output (a fused QKV Linear has three
   pieces), R the slot rank; piece p of the output gets + up_p @ (down_p @ x), before the activation of a Linear
-  that carries one. By default ("concat") the up projections are extra columns of the Linear's own weight, so
-  one GEMM computes [x | down x] @ [W | ups]^T; "separate" adds a side product to the output instead. Selecting adapters writes their factors into the buffers in place
+  that carries one. By default ("separate") a side product is added to the output; "concat" makes the up
+  projections extra columns of the Linear's own weight, so one GEMM computes [x | down x] @ [W | ups]^T. Selecting adapters writes their factors into the buffers in place
   (weights and scales folded into the up projections; several adapters stack along R), so a compiled model or
   a captured CUDA graph reads the new adapter with nothing recompiled. No adapter selected: the buffers are
   zero and the side products still run (their cost is the mode's cost). With `--quantization fp8` the slots
@@ -107,16 +107,17 @@ class LoRAConfig:
         at once). A later adapter whose rank (stacked with the others of a request) exceeds it is refused.
     targets: (unfused) which Linear layers get slots: "auto" those the start adapters touch, "all" every Linear
         the weight map fills (for adapters loaded later that touch others).
-    unfused_impl: (unfused) how a Linear adds its update (`ditserve.lora.adapters.LoRASlot`): "concat" (default:
-        one GEMM of [x | A x] against [W | B], the update inside the layer's own GEMM) or "separate" (a side
-        product added to the layer's output). The fp8 tier's layers always use "separate".
+    unfused_impl: (unfused) how a Linear adds its update (`ditserve.lora.adapters.LoRASlot`): "separate"
+        (default: a side product added to the layer's output; measured faster on an H200, bench/results) or
+        "concat" (one GEMM of [x | A x] against [W | B], the update inside the layer's own GEMM, whose fused
+        projections carry zero-padded columns). The fp8 tier's layers always use "separate".
     """
 
     adapters: tuple[LoRASpec, ...] = ()
     mode: str = "fuse"
     max_rank: int | None = None
     targets: str = "auto"
-    unfused_impl: str = "concat"
+    unfused_impl: str = "separate"
 
     def __post_init__(self):
         object.__setattr__(self, "adapters", tuple(self.adapters))
