@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--url-ttl", type=float, default=3600.0, help="seconds an image URL stays valid (default: 3600)")
     s.add_argument("--output-max-bytes", type=int, default=1 << 30,
                    help="largest total size of the URL image folder; the oldest go first (default: 1 GiB)")
-    s.add_argument("--warmup-size", default=None,
-                   help="WIDTHxHEIGHT of the warmup run (default: the model's size); use your requests' size")
+    s.add_argument("--warmup-size", action="append", default=None,
+                   help="WIDTHxHEIGHT of a warmup run (default: the model's size); repeat it for every size your "
+                        "requests use: each is compiled and its CUDA graphs captured before /ready")
     s.add_argument("--warmup-steps", type=int, default=None, help="steps of the warmup run (default: the model's)")
     s.add_argument("--no-warmup", action="store_true", help="ready as soon as the model is loaded")
     s.add_argument("--verbose", "-v", action="store_true", help="INFO logs and an access log")
@@ -291,9 +292,9 @@ def _serve(args: argparse.Namespace) -> int:
     from ditserve.server.app import parse_size
 
     warmup_size = None
-    if args.warmup_size is not None:
+    if args.warmup_size:  # repeatable: every size is warmed up (compiled, CUDA graphs captured)
         try:
-            warmup_size = parse_size(args.warmup_size)
+            warmup_size = tuple(parse_size(size) for size in args.warmup_size)
         except ConfigError as e:
             raise ConfigError(f"--warmup-size: {e}") from None
     if args.warmup_steps is not None:

@@ -46,7 +46,9 @@ from ditserve.preflight import suggested_sizes
 from ditserve.engine import Engine
 from ditserve.server.config import ServerConfig
 from ditserve.server.connections import TIMED_OUT, guarded_protocol
+from ditserve.server.edits import EDITS_PATH, edit_request_schema, edits_router
 from ditserve.server.files import OutputStore
+from ditserve.server.lora import ServerAdapters, lora_schema
 from ditserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from ditserve.server.schemas import (MEDIA_TYPES, OUTPUT_FORMATS, UNSUPPORTED_OPENAI_OPTIONS, ErrorBody, Health,
                                      ImageData, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList,
@@ -74,7 +76,7 @@ _ERRORS = {400: "a value out of its range, an unsupported option, or malformed J
            500: "the engine or the server failed on this request",
            503: "not ready, shutting down, or the GPU ran out of memory", 504: "no answer within --request-timeout"}
 # Route label of /metrics' request counter for each path (bounded: file names and model ids are not labels).
-_ENDPOINTS = ("/v1/images/generations", "/v1/models", "/health", "/ready", "/metrics", "/")
+_ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/v1/models", "/health", "/ready", "/metrics", "/")
 
 
 class APIError(HTTPException):
@@ -162,18 +164,20 @@ def _endpoint(path: str) -> str:
 
 
 class _BodyLimit:
-    """413 for a body over `max_bytes`: at once from Content-Length, else while a chunked body streams in."""
+    """413 for a body over `max_bytes` (or the path's own limit in `path_limits`: the image routes'): at once
+    from Content-Length, else while a chunked body streams in."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, path_limits: dict[str, int] | None = None):
+        self.app, self.default_max_bytes, self.path_limits = app, max_bytes, path_limits or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        max_bytes = self.path_limits.get(scope["path"], self.default_max_bytes)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+        if length is not None and (not length.isdigit() or int(length) > max_bytes):
             status = 413 if length.isdigit() else 400
-            message = (f"the request body is larger than {self.max_bytes} bytes" if status == 413
+            message = (f"the request body is larger than {max_bytes} bytes" if status == 413
                        else "malformed Content-Length header")
             return await error_response(status, message, code="request_too_large" if status == 413 else None)(
                 scope, receive, send)
@@ -184,8 +188,8 @@ class _BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise APIError(413, f"the request body is larger than {self.max_bytes} bytes",
+                if received > max_bytes:
+                    raise APIError(413, f"the request body is larger than {max_bytes} bytes",
                                    code="request_too_large")
             return message
 
@@ -256,7 +260,7 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
     # Outermost last: count every request, then the body limit, then the API key.
     if config.api_key is not None:
         app.add_middleware(_ApiKeyAuth, api_key=config.api_key)
-    app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes, path_limits={EDITS_PATH: config.max_image_bytes})
     app.add_middleware(_RequestCounter, metrics=metrics)
     _add_error_handlers(app)
 
@@ -288,14 +292,30 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
     async def generations(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
         arrival = time.monotonic()
         require_ready()
+        return await answer(body, [], request, arrival)
+
+    async def answer(body: ImageGenerationRequest, images: list[Any], request: Request,
+                     arrival: float) -> ImagesResponse:
+        """The request path of generations and edits (`images`: the edit's decoded input images): checks, LoRA
+        adapters, queue, engine, encoding, and the images response."""
         if body.model is not None and body.model != worker.model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {worker.model_name!r}",
                            param="model", code="model_not_found")
         params, fmt, compression = _request_params(body, limits())
+        params.images = images
         if params.steps is None and worker.engine.spec.default_steps > limits().max_steps:
             params.steps = limits().max_steps  # the server's --max-steps caps the model's default too
         if params.seed is None:  # drawn here, below 2**53: JSON readers that parse numbers as doubles
             params.seed = secrets.randbits(53)  # (JavaScript) read it exactly and can send it back
+        pinned = await adapters.acquire(body.lora) if adapters is not None else ()
+        try:
+            return await _run(params, fmt, compression, body.response_format, request, arrival)
+        finally:
+            if adapters is not None:
+                adapters.release(pinned)
+
+    async def _run(params: SamplingParams, fmt: str, compression: int | None, response_format: str,
+                   request: Request, arrival: float) -> ImagesResponse:
         try:
             params = worker.engine.resolve(params)
         except ConfigError as e:
@@ -323,7 +343,7 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
 
         encode_start = time.monotonic()
         files = await run_in_threadpool(encode_images, result.images, fmt, compression)
-        if body.response_format == "url":
+        if response_format == "url":
             names = await run_in_threadpool(lambda: [store.save(f, fmt) for f in files])
             base = str(request.base_url).rstrip("/")
             data = [ImageData(url=f"{base}{FILES_PREFIX}{name}") for name in names]
@@ -336,6 +356,10 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
         p = result.params
         return ImagesResponse(created=int(time.time()), data=data, size=f"{p.width}x{p.height}", output_format=fmt,
                               seed=p.seed)
+
+    adapters = ServerAdapters.create(worker, metrics, config)
+    app.state.require_ready, app.state.adapters = require_ready, adapters
+    app.include_router(edits_router(answer, errors(400, 401, 404, 408, 422, 429, 503, 504)))
 
     @app.get(FILES_PREFIX + "{name}", response_class=Response,
              responses={200: {"description": "the image file", "content": {
@@ -351,7 +375,11 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
     @app.get("/v1/models", response_model=ModelList, responses=errors(401, 503))
     async def models() -> ModelList:
         require_ready()
-        return ModelList(data=[ModelCard(id=worker.model_name, created=worker.started_at)])
+        return ModelList(data=[model_card()])
+
+    def model_card() -> ModelCard:
+        return ModelCard(id=worker.model_name, created=worker.started_at,
+                         lora_adapters=adapters.cards() if adapters is not None and adapters.enabled else None)
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=errors(401, 404, 503))
     async def model(model: str) -> ModelCard:
@@ -359,7 +387,7 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
         if model != worker.model_name:
             raise APIError(404, f"model {model!r} does not exist; this server serves {worker.model_name!r}",
                            param="model", code="model_not_found")
-        return ModelCard(id=worker.model_name, created=worker.started_at)
+        return model_card()
 
     @app.get("/health", response_model=Health, responses=errors(503))
     async def health() -> JSONResponse:
@@ -380,6 +408,8 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
                              "quantization": engine.quantization if engine is not None else None,
                              "fp8_attention": bool(engine is not None and engine.fp8_attention),
                              "fp8_fast_accum": bool(engine is not None and engine.fp8_fast_accum_on),
+                             "cuda_graph_mib": round(getattr(getattr(worker.engine, "pipeline", None),
+                                                             "graph_memory_bytes", 0) / 2**20, 1),
                              "output_formats": sorted(formats),
                              # sizes the model draws well, its default first (the web page's size menu)
                              "sizes": [s for s in suggested_sizes(spec.default_height, spec.default_width)
@@ -408,6 +438,13 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
         properties = schema["components"]["schemas"]["ImageGenerationRequest"]["properties"]
         for name, prop in limit.openapi_properties().items():
             properties[name] = {**prop, "title": properties[name].get("title", name)}
+        properties["lora"] = lora_schema(adapters if ready else None)
+        if EDITS_PATH in schema["paths"]:  # the multipart body; no edits where the model takes no input image
+            if ready and not worker.engine.capabilities.max_input_images:
+                del schema["paths"][EDITS_PATH]
+            else:
+                content = schema["paths"][EDITS_PATH]["post"]["requestBody"]["content"]
+                content["multipart/form-data"]["schema"] = edit_request_schema(limit, properties)
         for path, operations in schema["paths"].items():
             for method, operation in operations.items():
                 if method != "post":

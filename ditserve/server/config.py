@@ -27,8 +27,11 @@ class ServerConfig:
         `output_max_bytes`.
     warmup: run the model at start, before /ready turns true, with batch 1 and (when batching is on) batch 2,
         so the first real request does not pay compilation or allocator growth.
-    warmup_size: (height, width) of the warmup, and warmup_steps its step count (None: the model's
-        defaults). Set them to what requests will use: a compiled or cached model is warm for that shape.
+    warmup_size: (height, width) of the warmup, or several of them ((h, w), (h, w), ...), each warmed up; and
+        warmup_steps its step count (None: the model's defaults). Set them to what requests will use: a compiled
+        or cached model is warm for those shapes, and their CUDA graphs are captured (`ditserve.cuda_graphs`).
+    graph_idle_seconds: CUDA graphs of shapes not run for this long are released (their memory goes back to
+        the allocator; the shape is captured again when it returns). None: never.
     max_steps, max_image_size: the most denoise steps and the largest width or height one request may ask for
         (None: the engine's limits, 1000 steps and 4096 pixels); a larger request is a 400, and a request that
         leaves steps unset gets at most max_steps. They bound the work one request can make a public server do,
@@ -48,14 +51,24 @@ class ServerConfig:
     url_ttl: float = 3600.0
     output_max_bytes: int = 1 << 30
     warmup: bool = True
-    warmup_size: tuple[int, int] | None = None
+    warmup_size: tuple[int, int] | tuple[tuple[int, int], ...] | None = None
     warmup_steps: int | None = None
+    graph_idle_seconds: float | None = 600.0
     max_steps: int | None = None
     max_image_size: int | None = None
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     keep_alive_timeout: float = 5.0
     max_connections: int = 256
+
+    @property
+    def warmup_sizes(self) -> list[tuple[int | None, int | None]]:
+        """The (height, width) of each warmup: the configured ones, else the model's default [(None, None)]."""
+        if self.warmup_size is None:
+            return [(None, None)]
+        if isinstance(self.warmup_size[0], int):
+            return [tuple(self.warmup_size)]
+        return [tuple(hw) for hw in self.warmup_size]
 
     def __post_init__(self):
         if self.api_key is not None and not self.api_key.strip():

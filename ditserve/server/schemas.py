@@ -38,6 +38,15 @@ def _integral(v: Any) -> Any:
 Integer = Annotated[int, BeforeValidator(_integral)]
 
 
+class LoRAChoice(BaseModel):
+    """One LoRA adapter a request selects: its name and weight (range checked by the server: 400)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+    weight: float = 1.0
+
+
 class ImageGenerationRequest(BaseModel):
     """The body of `POST /v1/images/generations`. Ranges (n, size, steps, ...) are checked by the server
     against the model and its limits (`RequestLimits`), giving 400 rather than 422."""
@@ -59,6 +68,7 @@ class ImageGenerationRequest(BaseModel):
     num_inference_steps: Integer | None = None
     guidance_scale: float | None = None
     seed: Integer | None = None
+    lora: list[LoRAChoice] | None = None  # LoRA adapters (servers with adapters; `ditserve.server.lora`)
     # OpenAI options without an implementation here (400 when set)
     quality: Any = None
     style: Any = None
@@ -153,6 +163,7 @@ class ReadyInfo(BaseModel):
     quantization: str | None
     fp8_attention: bool
     fp8_fast_accum: bool
+    cuda_graph_mib: float  # device memory the captured CUDA graphs reserve (0 without any)
     output_formats: list[str]
     sizes: list[str]  # "WIDTHxHEIGHT" sizes the model draws well and this server accepts, the default first
 
@@ -186,11 +197,23 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class LoRACard(BaseModel):
+    """A LoRA adapter a request may select (`lora: [{"name", "weight"}]`): `loaded` false for one of the
+    --lora-dir folder's files not loaded yet (loaded on first use); `default_weight` for the adapters given at
+    start, which requests that name no adapter get."""
+
+    name: str
+    loaded: bool
+    rank: int | None = None
+    default_weight: float | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "ditserve"
+    lora_adapters: list[LoRACard] | None = None  # servers with LoRA adapters: those requests may select
 
 
 class ModelList(BaseModel):

@@ -56,6 +56,10 @@ class NotAccepting(Exception):
     """The worker takes no requests: it is not ready yet, or it is shutting down."""
 
 
+class Cancelled(Exception):
+    """Every request of a running batch was stopped (`EngineWorker.stop`): the denoise loop ended early."""
+
+
 class EngineFailure(Exception):
     """A request failed in the engine (alone: a failing batch is split first). reason: "out_of_memory" or
     "error"."""
@@ -74,6 +78,9 @@ class Job:
     images: int  # images this request makes
     arrival: float  # time.monotonic() when the request arrived
     future: Future = field(default_factory=Future)
+    # on_progress(done, total): denoise steps done, called on the engine thread after each step (video jobs)
+    on_progress: Callable[[int, int], None] | None = None
+    stopped: bool = False  # set by `EngineWorker.stop`: a running request ends at its next step
 
 
 class EngineWorker:
@@ -97,6 +104,7 @@ class EngineWorker:
         self._batch_seconds: float | None = None  # moving average of batch run time, for Retry-After
         self._empty_cache: Callable[[], None] = lambda: None
         self._one_request_per_batch = False
+        self._graphs_checked = time.monotonic()  # the last idle-graph sweep
         self._thread = threading.Thread(target=self._main, name="ditserve-engine", daemon=True)
 
     # --------------------------------------------------------------------------------------- lifecycle
@@ -146,15 +154,17 @@ class EngineWorker:
 
     # ---------------------------------------------------------------------------------------- requests
 
-    def submit(self, params: SamplingParams) -> Job:
-        """Queue a resolved request. Raises NotAccepting (not ready, or shutting down) or QueueFull."""
+    def submit(self, params: SamplingParams, on_progress: Callable[[int, int], None] | None = None) -> Job:
+        """Queue a resolved request (`on_progress`: see `Job`). Raises NotAccepting (not ready, or shutting down)
+        or QueueFull."""
         with self._cond:
             if not self._accepting:
                 raise NotAccepting(f"the engine is {self.state}")
             if len(self._queue) >= self.config.max_queue:
                 raise QueueFull(self._retry_after())
             job = Job(params=params, key=self.engine.batch_key(params),
-                      images=len(params.prompts) * params.num_images, arrival=time.monotonic())
+                      images=len(params.prompts) * params.num_images, arrival=time.monotonic(),
+                      on_progress=on_progress)
             self._queue.append(job)
             self.metrics.queue_depth.set(len(self._queue))
             self._cond.notify_all()
@@ -172,6 +182,15 @@ class EngineWorker:
                 pass
             self.metrics.queue_depth.set(len(self._queue))
             return True
+
+    def stop(self, job: Job) -> bool:
+        """Cancel a queued request (True), or stop a running one: its batch's denoise loop ends at the next step
+        once every request of the batch is stopped, and the future gets `Cancelled` (False: it may still
+        finish, when a neighbour in its batch goes on)."""
+        if self.cancel(job):
+            return True
+        job.stopped = True
+        return False
 
     def queue_depth(self) -> int:
         return len(self._queue)
@@ -228,10 +247,21 @@ class EngineWorker:
         (a compiled model specialises batch size 1; every larger batch shares one graph). Size and steps are
         the configured warmup's, else the model's defaults."""
         cfg = self.config
-        height, width = cfg.warmup_size if cfg.warmup_size is not None else (None, None)
-        seconds = self.engine.warmup(height, width, cfg.warmup_steps,
-                                     batch_sizes=(1, 2) if cfg.max_batch_size >= 2 else (1,))
-        logger.info(f"warmup: {seconds:.2f} s")
+        for height, width in cfg.warmup_sizes:
+            seconds = self.engine.warmup(height, width, cfg.warmup_steps,
+                                         batch_sizes=(1, 2) if cfg.max_batch_size >= 2 else (1,))
+            logger.info(f"warmup {width or 'default'}x{height or 'default'}: {seconds:.2f} s")
+
+    def _release_idle_graphs(self) -> None:
+        """Release the CUDA graphs of shapes unused for `graph_idle_seconds` (checked at most once a minute)."""
+        idle = self.config.graph_idle_seconds
+        release = getattr(getattr(self.engine, "pipeline", None), "release_idle_graphs", None)
+        now = time.monotonic()
+        if idle is None or release is None or now - self._graphs_checked < min(60.0, idle):
+            return
+        self._graphs_checked = now
+        if released := release(idle):
+            logger.info(f"released the CUDA graphs of {released} shape(s) unused for {idle:.0f} s")
 
     def _next_batch(self) -> list[Job] | None:
         """The next batch (possibly empty when every taken request was cancelled meanwhile), or None when
@@ -253,6 +283,7 @@ class EngineWorker:
         return [job for job in batch if job.future.set_running_or_notify_cancel()]
 
     def _run(self, batch: list[Job]) -> None:
+        self._release_idle_graphs()
         start = time.monotonic()
         for job in batch:
             self.metrics.stage_seconds.labels("queue").observe(start - job.arrival)
@@ -265,8 +296,15 @@ class EngineWorker:
         start = time.monotonic()
         self.metrics.batch_images.observe(sum(job.images for job in batch))
         failure: tuple[str, str] | None = None
+        pipeline = getattr(self.engine, "pipeline", None)
+        if pipeline is not None:
+            pipeline.on_step = lambda done, total: self._on_step(batch, done, total)
         try:
             results = self.engine.generate_batch([job.params for job in batch])
+        except Cancelled as e:
+            for job in batch:
+                job.future.set_exception(e)
+            return
         except torch.OutOfMemoryError:
             # Not bound to a name: the traceback (and the tensors its frames hold) is freed when this block
             # ends, before the cache is emptied below.
@@ -275,6 +313,9 @@ class EngineWorker:
         except Exception as e:
             logger.exception(f"batch of {len(batch)} request(s) failed")
             failure = ("error", f"the engine failed on this request: {type(e).__name__}: {e}")
+        finally:
+            if pipeline is not None:
+                pipeline.on_step = None
         if failure is not None:
             if failure[0] == "out_of_memory":
                 self._empty_cache()
@@ -294,3 +335,12 @@ class EngineWorker:
             self.metrics.stage_seconds.labels(stage).observe(timings[f"{stage}_s"])
         for job, result in zip(batch, results):
             job.future.set_result(result)
+
+    @staticmethod
+    def _on_step(batch: list[Job], done: int, total: int) -> None:
+        """The pipeline's step hook for `batch`: report progress, and end the loop once every request is stopped."""
+        if all(job.stopped for job in batch):
+            raise Cancelled("the request was cancelled while it ran")
+        for job in batch:
+            if job.on_progress is not None:
+                job.on_progress(done, total)

@@ -486,3 +486,31 @@ def test_gpu_memory_metrics():
         text = client.get("/metrics").text
     for name in ("allocated", "reserved", "peak"):
         assert f'ditserve_gpu_memory_{name}_bytes{{device="cuda"}}' in text, name
+
+
+def test_every_warmup_size_is_warmed_and_ready_reports_graph_memory():
+    pipe = FakePipeline()
+    app = create_app(lambda: fake_engine(pipe), ServerConfig(max_batch_size=1, warmup_size=((64, 64), (96, 128))))
+    with client_for(app) as client:
+        ready = client.get("/ready").json()
+        assert ready["cuda_graph_mib"] == 0  # the fake has no CUDA graphs
+        warm = [(b[0].height, b[0].width) for b in pipe.batches]
+        assert warm == [(64, 64)] * 2 + [(96, 128)] * 2  # per size: the dummy run and the short real one
+
+
+def test_serve_warmup_size_is_repeatable():
+    from ditserve.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--warmup-size", "64x64", "--warmup-size", "128x96"])
+    assert args.warmup_size == ["64x64", "128x96"]
+
+
+def test_idle_cuda_graphs_are_released_between_batches():
+    pipe = FakePipeline()
+    released = []
+    pipe.release_idle_graphs = lambda seconds: released.append(seconds) or 1
+    app = create_app(lambda: fake_engine(pipe), ServerConfig(warmup=False, graph_idle_seconds=0.05))
+    with client_for(app) as client:
+        time.sleep(0.1)
+        assert client.post(URL, json={"prompt": "a"}).status_code == 200
+    assert released == [0.05]
