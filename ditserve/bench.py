@@ -105,6 +105,8 @@ def run_bench(model: str | None, engine: EngineConfig, params: SamplingParams, r
         "steps_per_s": round(resolved.steps / _median([r.timings["denoise_s"] for r in results]), 2),
         "images_per_s": round(n_images / _median(totals), 3),
         "peak_memory_gib": round(max(peaks) / 2**30, 3) if peaks else None,
+        # device memory the captured CUDA graphs (denoise forward, text encoders) hold
+        "cuda_graph_mib": round(pipe.pipeline.graph_memory_bytes / 2**20, 1),
     }
 
 
@@ -118,7 +120,8 @@ def format_table(rec: dict[str, Any]) -> str:
         f"  latency   median {lat['median']:.3f} s  (min {lat['min']:.3f}, max {lat['max']:.3f})",
         f"  stages    text encode {s['text_encode_s']:.3f} s | denoise {s['denoise_s']:.3f} s "
         f"({rec['steps_per_s']} step/s) | decode {s['decode_s']:.3f} s",
-        f"  rate      {rec['images_per_s']} images/s | peak memory {peak} | load {rec['load_s']:.2f} s | "
+        f"  rate      {rec['images_per_s']} images/s | peak memory {peak} (CUDA graphs "
+        f"{rec['cuda_graph_mib']:.0f} MiB) | load {rec['load_s']:.2f} s | "
         f"warmup {rec['warmup_s']:.2f} s",
     ])
 

@@ -22,6 +22,7 @@ def test_bench_default_model_reports_json(capsys):
     assert rec["images_per_s"] > 0 and rec["engine"]["vae_tiling"] == "auto"
     assert rec["device"] == rec["engine"]["device"] == "cpu"  # what was used, not the flags' None
     assert rec["dtype"] == rec["engine"]["dtype"] == "fp32"
+    assert rec["cuda_graph_mib"] == 0  # CPU: no CUDA graphs
     assert "latency   median" in err and "run 2/2" in err
 
 
