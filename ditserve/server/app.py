@@ -53,6 +53,7 @@ from ditserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from ditserve.server.schemas import (MEDIA_TYPES, OUTPUT_FORMATS, UNSUPPORTED_OPENAI_OPTIONS, ErrorBody, Health,
                                      ImageData, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList,
                                      ReadyInfo, RequestLimits)
+from ditserve.server.videos import VIDEOS_PATH, add_video_routes, patch_openapi
 from ditserve.server.worker import EngineFailure, EngineWorker, Loader, NotAccepting, QueueFull
 
 logger = init_logger(__name__)
@@ -160,7 +161,9 @@ def _endpoint(path: str) -> str:
         return FILES_PREFIX + "{name}"
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
-    return "other"
+    if path.startswith(VIDEOS_PATH + "/"):
+        return VIDEOS_PATH + ("/{id}/content" if path.endswith("/content") else "/{id}")
+    return VIDEOS_PATH if path == VIDEOS_PATH else "other"
 
 
 class _BodyLimit:
@@ -253,6 +256,7 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
             sweeper.cancel()
             await run_in_threadpool(worker.close, config.request_timeout)  # drain: queued + running finish
             store.close()
+            videos.close()
 
     app = FastAPI(title="ditserve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible image generation with diffusion transformers.")
@@ -301,18 +305,22 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
         if body.model is not None and body.model != worker.model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {worker.model_name!r}",
                            param="model", code="model_not_found")
+        if worker.engine.capabilities.output != "image":
+            raise APIError(400, f"the served model {worker.model_name!r} makes videos, not images: use POST "
+                                f"{VIDEOS_PATH}", param="model", code="unsupported_model")
         params, fmt, compression = _request_params(body, limits())
         params.images = images
         if params.steps is None and worker.engine.spec.default_steps > limits().max_steps:
             params.steps = limits().max_steps  # the server's --max-steps caps the model's default too
         if params.seed is None:  # drawn here, below 2**53: JSON readers that parse numbers as doubles
             params.seed = secrets.randbits(53)  # (JavaScript) read it exactly and can send it back
-        pinned = await adapters.acquire(body.lora) if adapters is not None else ()
+        if body.lora is not None:
+            params.extra["lora"] = adapters.check(body.lora)  # [(name, weight)]; 400 naming the problem
+        pinned = await adapters.acquire(params.extra.get("lora"))  # loaded, and kept loaded until answered
         try:
             return await _run(params, fmt, compression, body.response_format, request, arrival)
         finally:
-            if adapters is not None:
-                adapters.release(pinned)
+            adapters.release(pinned)
 
     async def _run(params: SamplingParams, fmt: str, compression: int | None, response_format: str,
                    request: Request, arrival: float) -> ImagesResponse:
@@ -360,6 +368,7 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
     adapters = ServerAdapters.create(worker, metrics, config)
     app.state.require_ready, app.state.adapters = require_ready, adapters
     app.include_router(edits_router(answer, errors(400, 401, 404, 408, 422, 429, 503, 504)))
+    videos = app.state.videos = add_video_routes(app, worker, config, metrics, limits, require_ready, errors)
 
     @app.get(FILES_PREFIX + "{name}", response_class=Response,
              responses={200: {"description": "the image file", "content": {
@@ -379,7 +388,7 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
 
     def model_card() -> ModelCard:
         return ModelCard(id=worker.model_name, created=worker.started_at,
-                         lora_adapters=adapters.cards() if adapters is not None and adapters.enabled else None)
+                         lora_adapters=adapters.cards() if adapters.enabled else None)
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=errors(401, 404, 503))
     async def model(model: str) -> ModelCard:
@@ -445,6 +454,7 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
             else:
                 content = schema["paths"][EDITS_PATH]["post"]["requestBody"]["content"]
                 content["multipart/form-data"]["schema"] = edit_request_schema(limit, properties)
+        patch_openapi(schema, limit, worker.engine.capabilities if ready else None)  # the video routes' truth
         for path, operations in schema["paths"].items():
             for method, operation in operations.items():
                 if method != "post":

@@ -40,6 +40,12 @@ class ServerConfig:
         byte, or the next request's), and then its body; past either the request gets 408 and the connection
         closes. keep_alive_timeout: seconds an idle keep-alive connection stays open. max_connections: most
         open connections; a request on one more gets 503 (Retry-After) and its connection closes.
+    max_image_bytes: largest body of an image edit request (multipart: its input images and fields; the JSON
+        routes keep max_body_bytes). max_input_pixels: most pixels (width x height) of one input image, checked
+        from its header before it is decoded.
+    lora_dir: a folder of LoRA adapters (`NAME.safetensors`) that requests may select by name (`lora`), loaded
+        on first use; at most lora_max_loaded of them stay loaded (least recently used evicted first; adapters
+        given at start with --lora are not counted and never evicted).
     """
 
     api_key: str | None = None
@@ -60,6 +66,10 @@ class ServerConfig:
     body_timeout: float = 30.0
     keep_alive_timeout: float = 5.0
     max_connections: int = 256
+    max_image_bytes: int = 20 << 20
+    max_input_pixels: int = 4096 * 4096
+    lora_dir: Path | None = None
+    lora_max_loaded: int = 8
 
     @property
     def warmup_sizes(self) -> list[tuple[int | None, int | None]]:
@@ -75,6 +85,7 @@ class ServerConfig:
             raise ConfigError("the API key is empty")
         for name, low in (("max_batch_size", 1), ("max_queue", 1), ("max_body_bytes", 1024),
                           ("output_max_bytes", 1), ("max_connections", 1), ("max_steps", 1),
+                          ("max_image_bytes", 1024), ("max_input_pixels", 1), ("lora_max_loaded", 1),
                           ("max_image_size", MIN_SIZE)):
             v = getattr(self, name)
             if v is None and name in ("max_steps", "max_image_size"):

@@ -12,6 +12,8 @@ process can build many apps, as the tests do).
     ditserve_batch_splits_total                      failed batches rerun one request at a time
     ditserve_connections_refused_total{reason}       connections cut off: header_timeout, body_timeout (408),
                                                      max_connections (503)
+    ditserve_lora_loads_total, ditserve_lora_evictions_total   LoRA adapters loaded from --lora-dir, evicted
+    ditserve_lora_loaded_adapters                    --lora-dir adapters loaded now
     ditserve_gpu_memory_{allocated,reserved,peak}_bytes   the model's CUDA device, read at scrape time
 """
 
@@ -68,6 +70,11 @@ class ServerMetrics:
                                     "request at a time", registry=r)
         self.connections_refused = Counter("ditserve_connections_refused", "connections cut off (408 past a "
                                            "deadline, 503 over the cap)", ["reason"], registry=r)
+        self.lora_loads = Counter("ditserve_lora_loads", "LoRA adapters loaded from --lora-dir", registry=r)
+        self.lora_evictions = Counter("ditserve_lora_evictions", "LoRA adapters of --lora-dir unloaded to make room "
+                                      "(--lora-max-loaded)", registry=r)
+        self.lora_loaded = Gauge("ditserve_lora_loaded_adapters", "LoRA adapters of --lora-dir loaded now",
+                                 registry=r)
         for reason in ("header_timeout", "body_timeout", "max_connections"):
             self.connections_refused.labels(reason)
         for stage in STAGES:  # every series exists from the start, at 0

@@ -98,6 +98,7 @@ class EngineWorker:
         self.error: BaseException | None = None
         self.started_at = int(time.time())
         self._queue: deque[Job] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()  # `call`s waiting for the engine thread
         self._cond = threading.Condition()
         self._accepting = False
         self._closing = False
@@ -192,6 +193,27 @@ class EngineWorker:
         job.stopped = True
         return False
 
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn()` on the engine thread between two batches (work that must not race a running batch, such as
+        loading a LoRA adapter); the returned future gets its result or exception. Raises NotAccepting."""
+        with self._cond:
+            if not self._accepting:
+                raise NotAccepting(f"the engine is {self.state}")
+            future: Future = Future()
+            self._calls.append((fn, future))
+            self._cond.notify_all()
+        return future
+
+    def _run_calls(self) -> None:
+        with self._cond:
+            calls, self._calls = self._calls, deque()
+        for fn, future in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:
+                    future.set_exception(e)
+
     def queue_depth(self) -> int:
         return len(self._queue)
 
@@ -232,6 +254,7 @@ class EngineWorker:
             self._cond.notify_all()
         logger.info(f"engine ready: {self.model_name}")
         while (batch := self._next_batch()) is not None:
+            self._run_calls()
             if batch:
                 self._run(batch)
         self.metrics.ready.set(0)
@@ -267,10 +290,10 @@ class EngineWorker:
         """The next batch (possibly empty when every taken request was cancelled meanwhile), or None when
         closing with an empty queue."""
         with self._cond:
-            while not self._queue and not self._closing:
+            while not self._queue and not self._calls and not self._closing:
                 self._cond.wait()
             if not self._queue:
-                return None
+                return [] if self._calls else None
             head = self._queue.popleft()
             batch, images = [head], head.images
             for job in [] if self._one_request_per_batch else list(self._queue):
