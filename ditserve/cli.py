@@ -135,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may take from arrival to answer; then 504 (default: 600)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body; more is 413 "
                                                                        "(default: 1 MiB)")
+    s.add_argument("--max-image-bytes", type=int, default=20 << 20,
+                   help="largest body of an image edit request (/v1/images/edits: its images and fields); more "
+                        "is 413 (default: 20 MiB; the JSON routes keep --max-body-bytes)")
+    s.add_argument("--max-input-pixels", type=int, default=4096 * 4096,
+                   help="most pixels (width x height) of one input image of an edit, checked before it is "
+                        "decoded; more is 400 (default: 16777216, 4096x4096)")
+    s.add_argument("--lora-dir", default=None,
+                   help="a folder of LoRA adapters (NAME.safetensors) that requests select by name (\"lora\": "
+                        "[{\"name\": NAME, \"weight\": W}]), loaded on first use (needs --lora-mode unfused, "
+                        "serve's default); --lora NAME=PATH adds adapters loaded at start")
+    s.add_argument("--lora-max-loaded", type=int, default=8,
+                   help="most --lora-dir adapters loaded at once; the least recently used is unloaded first "
+                        "(default: 8)")
+    s.add_argument("--lora-max-rank", type=int, default=64,
+                   help="with --lora-dir: the rank of the LoRA slots on every Linear (an adapter, or the adapters "
+                        "of one request together, of a larger rank is refused; default: 64)")
     s.add_argument("--max-steps", type=int, default=None,
                    help="most denoise steps a request may ask for (also caps the model's default; default: 1000)")
     s.add_argument("--max-image-size", type=int, default=None,
@@ -308,7 +324,9 @@ def _serve(args: argparse.Namespace) -> int:
                           warmup_size=warmup_size, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
                           max_image_size=args.max_image_size, max_connections=args.max_connections,
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-                          keep_alive_timeout=args.keep_alive_timeout)
+                          keep_alive_timeout=args.keep_alive_timeout, max_image_bytes=args.max_image_bytes,
+                          max_input_pixels=args.max_input_pixels, lora_max_loaded=args.lora_max_loaded,
+                          lora_dir=Path(args.lora_dir) if args.lora_dir else None)
     engine = engine_from_args(args)
     check_engine(engine)
     _quiet_libraries()

@@ -5,6 +5,9 @@ cannot drift apart."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
+from pathlib import Path
 
 from ditserve.config import (
     CFG_MODES, CUDA_GRAPHS, DTYPE_NAMES, DYNAMIC_SHAPES, FP8_FAST_ACCUM, LOAD_FORMATS, QUANTIZATIONS, VAE_STREAMING,
@@ -79,12 +82,15 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto", p
     p.add_argument("--cfg-mode", choices=list(CFG_MODES), default="batched",
                    help="classifier-free guidance (families with a negative prompt): batched = both branches in "
                         "one forward of twice the batch (default), split = one forward per branch (less memory)")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+    p.add_argument("--lora", action="append", default=[], metavar="[NAME=]PATH[:WEIGHT]",
                    help="a LoRA adapter for the DiT (diffusers/PEFT or kohya safetensors; a file or a folder with "
-                        "pytorch_lora_weights.safetensors), at WEIGHT (default 1); repeat to stack several")
+                        "pytorch_lora_weights.safetensors), at WEIGHT (default 1); repeat to stack several. NAME= "
+                        "names it (default: the file's stem), as server requests select it (serve: the adapters "
+                        "requests that name none get)")
     p.add_argument("--lora-mode", choices=["fuse", "unfused"], default=None,
-                   help="with --lora: fuse = merged into the weights at load (no per-step cost; default), "
-                        "unfused = low-rank side products at run time (adapters chosen per request; with "
+                   help="with --lora: fuse = merged into the weights at load (no per-step cost; generate's and "
+                        "bench's default), unfused = low-rank side products at run time (adapters chosen per "
+                        "request: serve's default; with "
                         "--quantization fp8 in bf16 on the GEMMs' dequantised input)")
     p.add_argument("--offload-text-encoder", action="store_true",
                    help="keep the text encoder in host memory, on the device only while it encodes (families "
@@ -113,14 +119,48 @@ def engine_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
              "quantization", "fp8_attention", "fp8_fast_accum", "vae_tiling", "compile_vae", "dynamic_shapes",
              "compile_prewarm", "cuda_graphs", "vae_streaming", "cfg_mode", "offload_text_encoder")
     fields = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    if getattr(args, "lora", None):
-        from ditserve.lora import LoRAConfig, LoRASpec
-
-        fields["lora"] = LoRAConfig(tuple(LoRASpec.parse(s) for s in args.lora), mode=args.lora_mode or "fuse")
+    lora_dir = getattr(args, "lora_dir", None)
+    if getattr(args, "lora", None) or lora_dir:
+        fields["lora"] = lora_from_args(args)
     elif getattr(args, "lora_mode", None):
         raise ConfigError("--lora-mode applies to LoRA adapters: add at least one --lora PATH[:WEIGHT]")
     fields.update(overrides)
     return EngineConfig(**fields)
+
+
+LORA_NAME = re.compile(r"([A-Za-z0-9_-][A-Za-z0-9_.-]*)=(.+)")
+
+
+def parse_lora(text: str):
+    """`--lora [NAME=]PATH[:WEIGHT]` -> a LoRASpec. A leading plain name (letters, digits, '_', '-', '.') and '='
+    name the adapter; otherwise the whole text is `PATH[:WEIGHT]` (so a path holding '=' is written with a
+    folder, e.g. ./a=b.safetensors, whose '/' makes the prefix no name)."""
+    from ditserve.lora import LoRASpec
+
+    m = LORA_NAME.fullmatch(text)
+    spec = LoRASpec.parse(m[2] if m else text)
+    return dataclasses.replace(spec, name=m[1]) if m else spec
+
+
+def lora_from_args(args: argparse.Namespace):
+    """The LoRAConfig of --lora (and, for serve, --lora-dir). generate / bench: --lora-mode defaults to fuse.
+    serve: to unfused (requests choose adapters: `lora` in the request); with --lora-dir, slots on every Linear
+    of rank --lora-max-rank, for adapters loaded on request."""
+    from ditserve.lora import LoRAConfig
+
+    specs = tuple(parse_lora(s) for s in getattr(args, "lora", None) or ())
+    serving = hasattr(args, "lora_dir")
+    mode = args.lora_mode or ("unfused" if serving else "fuse")
+    if getattr(args, "lora_dir", None) is None:
+        return LoRAConfig(specs, mode=mode)
+    folder = Path(args.lora_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"--lora-dir {args.lora_dir}: no such folder")
+    if mode != "unfused":
+        raise ConfigError("--lora-dir loads adapters when requests name them: it needs --lora-mode unfused")
+    if args.lora_max_rank < 1:
+        raise ConfigError(f"--lora-max-rank must be >= 1, got {args.lora_max_rank}")
+    return LoRAConfig(specs, mode=mode, targets="all", max_rank=args.lora_max_rank)
 
 
 def check_engine(engine: EngineConfig) -> None:
