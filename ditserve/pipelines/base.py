@@ -142,6 +142,9 @@ class Pipeline:
 
     transformer: torch.nn.Module
     vae: Any
+    #: called as on_step(done, total) after each denoise step (a server's job progress); None: nothing is called.
+    #: It may raise to stop the loop (a cancelled job): the exception leaves `generate_batch` as it is.
+    on_step: Callable[[int, int], None] | None = None
 
     def __init__(self, components: dict[str, Any], engine: EngineConfig, spec: ModelSpec):
         missing = [k for k in self.REQUIRED_COMPONENTS if components.get(k) is None]
@@ -378,6 +381,8 @@ class Pipeline:
                 cond, uncond = self.predict(torch.cat((x, x)), i, t, text, ctx).chunk(2)
                 v = self.combine_cfg(cond, uncond, params.guidance)
             x = schedule.scheduler.step(v, t, x, return_dict=False)[0]
+            if self.on_step is not None:
+                self.on_step(i + 1, len(schedule.timesteps))
         return x
 
     def _stage_peak(self) -> int | None:

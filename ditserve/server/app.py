@@ -264,7 +264,8 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
     # Outermost last: count every request, then the body limit, then the API key.
     if config.api_key is not None:
         app.add_middleware(_ApiKeyAuth, api_key=config.api_key)
-    app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes, path_limits={EDITS_PATH: config.max_image_bytes})
+    app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes,
+                       path_limits={EDITS_PATH: config.max_image_bytes, VIDEOS_PATH: config.max_image_bytes})
     app.add_middleware(_RequestCounter, metrics=metrics)
     _add_error_handlers(app)
 

@@ -40,6 +40,10 @@ class ServerConfig:
         byte, or the next request's), and then its body; past either the request gets 408 and the connection
         closes. keep_alive_timeout: seconds an idle keep-alive connection stays open. max_connections: most
         open connections; a request on one more gets 503 (Retry-After) and its connection closes.
+    video_ttl: seconds a finished video job (its status, and the MP4 of a completed one) is kept after it ends;
+        then it is deleted (404). max_video_jobs: most video jobs kept at once (queued, running and finished);
+        past it the oldest finished one is deleted, or a new job gets 429 when none has finished.
+        video_max_bytes: most bytes of MP4 files kept; the oldest finished videos are deleted to make room.
     max_image_bytes: largest body of an image edit request (multipart: its input images and fields; the JSON
         routes keep max_body_bytes). max_input_pixels: most pixels (width x height) of one input image, checked
         from its header before it is decoded.
@@ -70,6 +74,9 @@ class ServerConfig:
     max_input_pixels: int = 4096 * 4096
     lora_dir: Path | None = None
     lora_max_loaded: int = 8
+    video_ttl: float = 3600.0
+    max_video_jobs: int = 256
+    video_max_bytes: int = 4 << 30
 
     @property
     def warmup_sizes(self) -> list[tuple[int | None, int | None]]:
@@ -86,13 +93,14 @@ class ServerConfig:
         for name, low in (("max_batch_size", 1), ("max_queue", 1), ("max_body_bytes", 1024),
                           ("output_max_bytes", 1), ("max_connections", 1), ("max_steps", 1),
                           ("max_image_bytes", 1024), ("max_input_pixels", 1), ("lora_max_loaded", 1),
-                          ("max_image_size", MIN_SIZE)):
+                          ("max_image_size", MIN_SIZE), ("max_video_jobs", 1), ("video_max_bytes", 1)):
             v = getattr(self, name)
             if v is None and name in ("max_steps", "max_image_size"):
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
-        for name in ("request_timeout", "url_ttl", "header_timeout", "body_timeout", "keep_alive_timeout"):
+        for name in ("request_timeout", "url_ttl", "header_timeout", "body_timeout", "keep_alive_timeout",
+                     "video_ttl"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")

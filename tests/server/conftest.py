@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from typing import Callable
@@ -57,7 +58,16 @@ class FakePipeline:
             time.sleep(self.delay)
         if self.fail is not None and (exc := self.fail(requests)) is not None:
             raise exc
+        steps = requests[0].steps or 0  # (a warmup's request may leave it unset)
+        for i in range(steps):  # the denoise loop's progress hook (`Pipeline.on_step`)
+            if getattr(self, "on_step", None) is not None:
+                self.on_step(i + 1, steps)
+            if getattr(self, "step_gate", None) is not None:
+                self.step_gate.wait(30)
         timings = {"text_encode_s": 0.001, "denoise_s": 0.002, "decode_s": 0.001, "total_s": 0.004}
+        if self.capabilities.output == "video":  # frame j of video i: the image's colour, its red channel + j
+            return [Output(kind="video", frames=np.stack([fake_video(p, i) for i in range(p.num_images)]),
+                           timings=timings, peak_memory_bytes=None, params=p, fps=p.fps) for p in requests]
         return [Output(kind="image", frames=np.stack([np.asarray(fake_image(p, i)) for i in range(p.num_images)]),
                        timings=timings, peak_memory_bytes=None, params=p) for p in requests]
 
@@ -68,6 +78,27 @@ def fake_colour(seed: int, i: int) -> tuple[int, int, int]:
 
 def fake_image(p: SamplingParams, i: int):
     return Image.new("RGB", (p.width, p.height), fake_colour(p.seed, i))
+
+
+def fake_video(p: SamplingParams, i: int) -> np.ndarray:
+    """(F, H, W, 3) uint8: frame j is `fake_colour(seed, i)` with j added to its red channel."""
+    frames = np.empty((p.num_frames, p.height, p.width, 3), dtype=np.uint8)
+    frames[:] = fake_colour(p.seed, i)
+    frames[..., 0] += np.arange(p.num_frames, dtype=np.uint8)[:, None, None]
+    return frames
+
+
+class FakeVideoPipeline(FakePipeline):
+    """The fake as a video family: classifier-free guidance, frames 4n + 1 (5 by default, at 8 fps), one optional
+    input image; `step_gate` (an Event) holds each denoise step until set."""
+
+    def __init__(self, *args, step_gate: threading.Event | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spec = dataclasses.replace(FAKE_SPEC, default_num_frames=5, default_fps=8.0)
+        self.capabilities = Capabilities(family="fake-video", guidance="cfg", output="video", max_input_images=1,
+                                         frame_rule=(4, 1))
+        self.step_gate = step_gate
+        self.on_step = None
 
 
 def fake_engine(pipeline: FakePipeline) -> Engine:

@@ -1,0 +1,331 @@
+"""The asynchronous video API (`ditserve.server.videos`) over HTTP: a job's lifecycle with a fake video engine
+(queued, in progress with its progress, completed, the MP4, the list, delete), cancelling a queued and a running
+job, expiry, the bounds (jobs kept, MP4 bytes), bad inputs (400 naming the field and its range), OpenAI's SDK with a
+multipart input image, and one job end to end on a tiny Wan checkpoint whose MP4 decodes with the right frame
+count, size and fps."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from ditserve.server import ServerConfig, create_app
+
+from .conftest import FakePipeline, FakeVideoPipeline, fake_app, fake_colour, live_server
+
+URL = "/v1/videos"
+
+
+def error_of(r, status: int) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def wait_for(client, video_id: str, statuses=("completed", "failed", "cancelled"), timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"{URL}/{video_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.02)
+    raise AssertionError(f"job {video_id} did not reach {statuses}: {job}")
+
+
+def decode_mp4(data: bytes) -> tuple[list[np.ndarray], float]:
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        return frames, float(stream.average_rate)
+
+
+def metric(client, line: str) -> float:
+    for row in client.get("/metrics").text.splitlines():
+        if row.startswith(line + " "):
+            return float(row.split()[-1])
+    raise AssertionError(f"no metric {line}")
+
+
+@pytest.fixture
+def video_client():
+    pipe = FakeVideoPipeline()
+    with TestClient(fake_app(pipe)) as c:
+        assert c.app.state.worker.wait_ready(10)
+        yield c, pipe
+
+
+# ------------------------------------------------------------------------------------------- lifecycle
+
+
+def test_job_lifecycle(video_client):
+    c, pipe = video_client
+    r = c.post(URL, json={"prompt": "a", "size": "80x64", "num_frames": 9, "fps": 12, "seed": 3,
+                          "num_inference_steps": 4, "negative_prompt": "blurry", "guidance_scale": 5})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["object"] == "video" and job["status"] in ("queued", "in_progress") and job["id"].startswith("video_")
+    assert (job["size"], job["num_frames"], job["fps"], job["seed"], job["seconds"]) == ("80x64", 9, 12.0, 3, "0.75")
+    done = wait_for(c, job["id"])
+    assert done["status"] == "completed" and done["progress"] == 100 and done["error"] is None
+    assert done["expires_at"] == done["completed_at"] + 3600
+    [params] = pipe.batches[-1]
+    assert (params.steps, params.guidance, params.negative_prompt) == (4, 5.0, "blurry")
+
+    r = c.get(f"{URL}/{job['id']}/content")
+    assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+    frames, fps = decode_mp4(r.content)
+    assert len(frames) == 9 and frames[0].shape == (64, 80, 3) and fps == 12
+    for j, frame in enumerate(frames):  # the fake's colours (frame j: red + j), through lossy H.264
+        expected = np.array(fake_colour(3, 0)) + [j, 0, 0]
+        assert np.abs(frame.reshape(-1, 3).mean(0) - expected).max() < 4, (j, frame[0, 0])
+
+    listed = c.get(URL).json()
+    assert listed["object"] == "list" and [v["id"] for v in listed["data"]] == [job["id"]]
+    assert not listed["has_more"]
+    assert metric(c, 'ditserve_video_jobs_total{event="submitted"}') == 1
+    assert metric(c, 'ditserve_video_jobs_total{event="completed"}') == 1
+    assert metric(c, "ditserve_video_job_seconds_count") == 1
+    assert metric(c, "ditserve_video_storage_bytes") == len(r.content)
+
+    path = c.app.state.videos.jobs[job["id"]].path
+    assert path.exists()
+    assert c.delete(f"{URL}/{job['id']}").json() == {"id": job["id"], "object": "video.deleted", "deleted": True}
+    assert not path.exists()
+    assert error_of(c.get(f"{URL}/{job['id']}"), 404)["code"] == "video_not_found"
+    error_of(c.get(f"{URL}/{job['id']}/content"), 404)
+    error_of(c.get(f"{URL}/video_nope"), 404)
+
+
+def test_seconds_become_the_models_frame_count(video_client):
+    """seconds x fps, to the nearest count of the rule 4n + 1 (OpenAI's SDK sends seconds as a string)."""
+    c, _ = video_client
+    for seconds, fps, frames in ((1, 8, 9), ("4", 16, 65), (0.1, 8, 1), ("8", 120, 961), (2.5, None, 21)):
+        body = {"prompt": "a", "seconds": seconds, **({"fps": fps} if fps else {})}
+        r = c.post(URL, json=body)
+        assert r.status_code == 200 and r.json()["num_frames"] == frames, (body, r.text)
+
+
+def test_cancel_a_running_job_stops_it_at_the_next_step():
+    gate = threading.Event()
+    pipe = FakeVideoPipeline(step_gate=gate)
+    with TestClient(fake_app(pipe)) as c:
+        assert c.app.state.worker.wait_ready(10)
+        steps = []
+        job = c.post(URL, json={"prompt": "a", "num_inference_steps": 4}).json()
+        running = wait_for(c, job["id"], ("in_progress",))
+        assert running["progress"] == 95 * 1 // 4  # one step done, held at the gate
+        original = pipe.on_step
+
+        cancelled = c.delete(f"{URL}/{job['id']}").json()
+        assert cancelled["status"] == "cancelled"
+        assert error_of(c.get(f"{URL}/{job['id']}/content"), 409)["code"] == "video_not_ready"
+        pipe.on_step = lambda done, total: (steps.append(done), original(done, total))
+        gate.set()
+        deadline = time.monotonic() + 10
+        while c.app.state.worker.queue_depth() or not c.app.state.videos.jobs[job["id"]].work.future.done():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert steps == [2]  # the loop ended at the next step's hook
+        assert c.get(f"{URL}/{job['id']}").json()["status"] == "cancelled"
+        assert metric(c, 'ditserve_video_jobs_total{event="cancelled"}') == 1
+        assert metric(c, 'ditserve_engine_failures_total{reason="error"}') == 0
+        # The engine goes on with the next job.
+        assert wait_for(c, c.post(URL, json={"prompt": "b"}).json()["id"])["status"] == "completed"
+        assert c.delete(f"{URL}/{job['id']}").json()["deleted"] is True  # a finished job is deleted
+
+
+def test_cancel_a_queued_job_never_runs_it():
+    gate = threading.Event()
+    pipe = FakeVideoPipeline(gate=gate)
+    with TestClient(fake_app(pipe)) as c:
+        assert c.app.state.worker.wait_ready(10)
+        first = c.post(URL, json={"prompt": "first"}).json()
+        assert pipe.started.wait(10)
+        second = c.post(URL, json={"prompt": "second"}).json()
+        assert c.get(f"{URL}/{second['id']}").json()["status"] == "queued"
+        assert c.delete(f"{URL}/{second['id']}").json()["status"] == "cancelled"
+        gate.set()
+        assert wait_for(c, first["id"])["status"] == "completed"
+        time.sleep(0.1)
+        assert [[p.prompt for p in b] for b in pipe.batches] == [["first"]]
+        assert c.get(f"{URL}/{second['id']}").json()["status"] == "cancelled"
+
+
+def test_jobs_expire_and_are_bounded():
+    pipe = FakeVideoPipeline()
+    with TestClient(fake_app(pipe, video_ttl=0.3)) as c:
+        assert c.app.state.worker.wait_ready(10)
+        job = wait_for(c, c.post(URL, json={"prompt": "a"}).json()["id"])
+        assert job["expires_at"] - job["completed_at"] in (0, 1)
+        path = c.app.state.videos.jobs[job["id"]].path
+        time.sleep(0.35)
+        error_of(c.get(f"{URL}/{job['id']}"), 404)
+        assert not path.exists() and metric(c, 'ditserve_video_jobs_total{event="expired"}') == 1
+
+    # At most max_video_jobs kept: the oldest finished one goes; with none finished, 429.
+    gate = threading.Event()
+    pipe = FakeVideoPipeline(gate=gate)
+    with TestClient(fake_app(pipe, max_video_jobs=2)) as c:
+        assert c.app.state.worker.wait_ready(10)
+        a, b = (c.post(URL, json={"prompt": p}).json() for p in "ab")
+        err = error_of(c.post(URL, json={"prompt": "c"}), 429)
+        assert err["code"] == "too_many_jobs" and "at most 2" in err["message"]
+        gate.set()
+        wait_for(c, a["id"]), wait_for(c, b["id"])
+        third = c.post(URL, json={"prompt": "c"})
+        assert third.status_code == 200
+        assert [v["id"] for v in c.get(URL, params={"order": "asc"}).json()["data"]] == [b["id"], third.json()["id"]]
+
+    # At most video_max_bytes of MP4s: the oldest completed video goes to make room.
+    with TestClient(fake_app(FakeVideoPipeline(), video_max_bytes=3000)) as c:
+        assert c.app.state.worker.wait_ready(10)
+        first = wait_for(c, c.post(URL, json={"prompt": "a", "seed": 1}).json()["id"])
+        second = wait_for(c, c.post(URL, json={"prompt": "b", "seed": 2}).json()["id"])
+        assert first["status"] == second["status"] == "completed"
+        error_of(c.get(f"{URL}/{first['id']}"), 404)
+        assert c.get(f"{URL}/{second['id']}/content").status_code == 200
+        big = wait_for(c, c.post(URL, json={"prompt": "c", "size": "512x512", "num_frames": 17}).json()["id"])
+        assert big["status"] == "failed" and big["error"]["code"] == "too_large"
+
+
+def test_list_pages(video_client):
+    c, _ = video_client
+    ids = [c.post(URL, json={"prompt": str(i)}).json()["id"] for i in range(3)]
+    page = c.get(URL, params={"limit": 2}).json()
+    assert [v["id"] for v in page["data"]] == ids[::-1][:2] and page["has_more"]
+    rest = c.get(URL, params={"limit": 2, "after": page["last_id"]}).json()
+    assert [v["id"] for v in rest["data"]] == [ids[0]] and not rest["has_more"]
+    assert c.get(URL, params={"limit": 101}).status_code == 422
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+
+@pytest.mark.parametrize("raw,param,words", [
+    ('{"prompt": "a", "size": "00080x64"}', "size", "ASCII digits"),
+    ('{"prompt": "a", "size": "72x64"}', "size", "multiple of 16"),
+    ('{"prompt": "a", "num_frames": 6}', "num_frames", "4n + 1"),
+    ('{"prompt": "a", "num_frames": 1025}', "num_frames", "between 1 and 1024"),
+    ('{"prompt": "a", "seconds": 9}', "seconds", "at most 8"),
+    ('{"prompt": "a", "seconds": "12"}', "seconds", "at most 8"),
+    ('{"prompt": "a", "seconds": 0}', "seconds", "greater than 0"),
+    ('{"prompt": "a", "seconds": 1e999}', "seconds", "finite"),
+    ('{"prompt": "a", "seconds": 4, "num_frames": 5}', "seconds", "give one of them"),
+    ('{"prompt": "a", "fps": 0}', "fps", "between 1 and 120"),
+    ('{"prompt": "a", "fps": 121, "seconds": 1}', "fps", "between 1 and 120"),
+    ('{"prompt": "a", "fps": NaN}', "fps", "finite"),
+    ('{"prompt": "a", "guidance_scale": 3.41e38}', "guidance_scale", "between 0 and 50"),
+    ('{"prompt": "a", "guidance_2": 2}', "guidance_2", "not supported"),
+    ('{"prompt": "a", "num_inference_steps": 1001}', "num_inference_steps", "between 1 and 1000"),
+    ('{"prompt": "a", "seed": -1}', "seed", "between 0 and 9223372036854775807"),
+    ('{"prompt": "\\ud800"}', "prompt", "not valid Unicode"),
+    ('{"prompt": "a", "negative_prompt": "\\udfff"}', "negative_prompt", "not valid Unicode"),
+    ('{"prompt": "a", "input_reference": "data:image/png;base64,aGVsbG8="}', "input_reference", "not an image"),
+    ('{"prompt": "a", "input_reference": "http://example.invalid/x.png"}', "input_reference", "data: URL"),
+])
+def test_bad_values_are_400_naming_the_field(video_client, raw, param, words):
+    c, pipe = video_client
+    err = error_of(c.post(URL, content=raw, headers={"content-type": "application/json"}), 400)
+    assert err["param"] == param and words in err["message"], err
+    assert pipe.batches == []  # nothing reached the engine
+
+
+def test_malformed_requests(video_client):
+    c, _ = video_client
+    assert error_of(c.post(URL, json={"prompt": "a", "frames": 5}), 422)["param"] == "frames"
+    assert error_of(c.post(URL, json={"prompt": "a", "num_frames": "5"}), 422)["param"] == "num_frames"
+    assert error_of(c.post(URL, content=b"{", headers={"content-type": "application/json"}), 400)["code"] == \
+        "invalid_json"
+    assert error_of(c.post(URL, content=b"prompt=a", headers={"content-type": "text/plain"}), 400)["code"] == \
+        "invalid_content_type"
+    err = error_of(c.post(URL, data={"prompt": "a", "num_frames": "five"}, files={"x": ("a.txt", b"1")}), 422)
+    assert err["param"] in ("num_frames", "x")
+    err = error_of(c.post(URL, data={"prompt": "a", "num_frames": "five"}, files={"input_reference": ("i.png", png())}),
+                   422)
+    assert err["param"] == "num_frames"
+
+
+def png(width: int = 40, height: int = 24, colour=(10, 200, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_an_image_model_refuses_videos_and_a_video_model_refuses_images():
+    with TestClient(fake_app(FakePipeline())) as c:
+        assert c.app.state.worker.wait_ready(10)
+        err = error_of(c.post(URL, json={"prompt": "a"}), 400)
+        assert err["code"] == "unsupported_model" and "makes images" in err["message"]
+        assert not any(p.startswith(URL) for p in c.get("/openapi.json").json()["paths"])
+    with TestClient(fake_app(FakeVideoPipeline())) as c:
+        assert c.app.state.worker.wait_ready(10)
+        err = error_of(c.post("/v1/images/generations", json={"prompt": "a"}), 400)
+        assert err["code"] == "unsupported_model" and "POST /v1/videos" in err["message"]
+        schema = c.get("/openapi.json").json()
+        assert "/v1/images/generations" not in schema["paths"] and URL in schema["paths"]
+        body = schema["paths"][URL]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+        assert body["num_frames"]["anyOf"][0]["enum"][:3] == [1, 5, 9]
+        assert body["guidance_2"]["type"] == "null"  # one expert: refused
+        assert body["fps"]["anyOf"][0] == {"type": "number", "minimum": 1.0, "maximum": 120.0}
+
+
+# ------------------------------------------------------------------------- OpenAI's SDK, multipart image
+
+
+@pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the SDK's note on OpenAI's own service
+def test_openai_sdk_creates_an_image_to_video_job_with_a_multipart_image():
+    openai = pytest.importorskip("openai")
+    pipe = FakeVideoPipeline()
+    app = fake_app(pipe, api_key="k-video")
+    with live_server(app) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="k-video")
+        video = client.videos.create(prompt="a red apple", size="80x64", seconds="4",
+                                     input_reference=("first.png", png(), "image/png"))
+        assert video.status in ("queued", "in_progress") and video.size == "80x64"
+        deadline = time.monotonic() + 30
+        while (video := client.videos.retrieve(video.id)).status != "completed":
+            assert video.status in ("queued", "in_progress") and time.monotonic() < deadline
+            time.sleep(0.05)
+        frames, fps = decode_mp4(client.videos.download_content(video.id).read())
+        assert len(frames) == 33 and fps == 8  # 4 s at the model's 8 fps: 32 frames, the nearest 4n + 1 is 33
+        [params] = pipe.batches[-1]
+        assert params.images[0].size == (40, 24) and params.images[0].getpixel((0, 0)) == (10, 200, 30)
+        assert [v.id for v in client.videos.list().data] == [video.id]
+        assert client.videos.delete(video.id).deleted
+
+
+# ------------------------------------------------------------------------------------ a tiny Wan, end to end
+
+
+def test_a_job_on_a_tiny_wan_checkpoint(tmp_path):
+    """The real engine: a job's MP4 decodes (PyAV) with the requested frame count, size and fps, and shows the
+    video the engine makes for the same request."""
+    from ditserve.config import EngineConfig, SamplingParams
+    from ditserve.engine import Engine
+    from ditserve.testing_wan import build_tiny_wan_pipeline
+
+    engine = Engine.load(str(build_tiny_wan_pipeline(tmp_path / "wan", seed=2)), EngineConfig(device="cpu"))
+    app = create_app(lambda: engine, ServerConfig(warmup=False))
+    request = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "size": "80x64", "num_frames": 5,
+               "fps": 12, "num_inference_steps": 2, "guidance_scale": 4, "seed": 3}
+    with TestClient(app) as c:
+        assert app.state.worker.wait_ready(60)
+        job = c.post(URL, json=request).json()
+        done = wait_for(c, job["id"], timeout=120)
+        assert done["status"] == "completed", done
+        frames, fps = decode_mp4(c.get(f"{URL}/{job['id']}/content").content)
+    assert len(frames) == 5 and frames[0].shape == (64, 80, 3) and fps == 12
+    direct = engine.generate(SamplingParams(prompt="a photo of a cat", negative_prompt="blurry", height=64, width=80,
+                                            num_frames=5, fps=12, steps=2, guidance=4.0, seed=3)).frames[0]
+    for ours, ref in zip(frames, direct):
+        mse = ((ours.astype(np.float64) - ref) ** 2).mean()
+        assert 10 * np.log10(255.0**2 / max(mse, 1e-12)) >= 25  # H.264 in yuv420p: lossy, but the same video
