@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--url-ttl", type=float, default=3600.0, help="seconds an image URL stays valid (default: 3600)")
     s.add_argument("--output-max-bytes", type=int, default=1 << 30,
                    help="largest total size of the URL image folder; the oldest go first (default: 1 GiB)")
+    s.add_argument("--video-ttl", type=float, default=3600.0,
+                   help="seconds a finished video job and its MP4 are kept; then 404 (default: 3600)")
+    s.add_argument("--max-video-jobs", type=int, default=256,
+                   help="most video jobs kept; the oldest finished goes first, else 429 (default: 256)")
+    s.add_argument("--video-max-bytes", type=int, default=4 << 30,
+                   help="most bytes of MP4 files kept; the oldest finished videos go first (default: 4 GiB)")
     s.add_argument("--warmup-size", action="append", default=None,
                    help="WIDTHxHEIGHT of a warmup run (default: the model's size); repeat it for every size your "
                         "requests use: each is compiled and its CUDA graphs captured before /ready")
@@ -326,7 +332,8 @@ def _serve(args: argparse.Namespace) -> int:
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                           keep_alive_timeout=args.keep_alive_timeout, max_image_bytes=args.max_image_bytes,
                           max_input_pixels=args.max_input_pixels, lora_max_loaded=args.lora_max_loaded,
-                          lora_dir=Path(args.lora_dir) if args.lora_dir else None)
+                          lora_dir=Path(args.lora_dir) if args.lora_dir else None, video_ttl=args.video_ttl,
+                          max_video_jobs=args.max_video_jobs, video_max_bytes=args.video_max_bytes)
     engine = engine_from_args(args)
     check_engine(engine)
     _quiet_libraries()
