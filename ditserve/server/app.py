@@ -421,6 +421,10 @@ def create_app(load: Loader, config: ServerConfig | None = None, on_fatal=None) 
                              "cuda_graph_mib": round(getattr(getattr(worker.engine, "pipeline", None),
                                                              "graph_memory_bytes", 0) / 2**20, 1),
                              "output_formats": sorted(formats),
+                             # what the model makes (the web page shows the video form for "video")
+                             "output": worker.engine.capabilities.output,
+                             "max_input_images": worker.engine.capabilities.max_input_images,
+                             "default_num_frames": spec.default_num_frames, "default_fps": spec.default_fps,
                              # sizes the model draws well, its default first (the web page's size menu)
                              "sizes": [s for s in suggested_sizes(spec.default_height, spec.default_width)
                                        if limits().accepts_size(*map(int, s.split("x")))]})

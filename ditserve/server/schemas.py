@@ -165,6 +165,10 @@ class ReadyInfo(BaseModel):
     fp8_fast_accum: bool
     cuda_graph_mib: float  # device memory the captured CUDA graphs reserve (0 without any)
     output_formats: list[str]
+    output: Literal["image", "video"]  # what the model makes
+    max_input_images: int  # input images a request may send (edits, image-to-video)
+    default_num_frames: int | None  # a video model's defaults (None for images)
+    default_fps: float | None
     sizes: list[str]  # "WIDTHxHEIGHT" sizes the model draws well and this server accepts, the default first
 
 

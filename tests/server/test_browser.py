@@ -130,3 +130,55 @@ def test_web_page_generates_and_keeps_history(page_server, tmp_path):
             assert [e for e in errors if "status of 400" not in e] == []  # the console notes the 400 it got
         finally:
             browser.close()
+
+
+def test_web_page_makes_a_video_and_plays_it(tmp_path):
+    """A video model (the fake video engine): the page shows the video form, submits a job, follows its progress
+    and plays the MP4 in a <video> element; a bad frame count shows the server's 400."""
+    import threading
+
+    from .conftest import FakeVideoPipeline, fake_app
+
+    gate = threading.Event()
+    pipe = FakeVideoPipeline(step_gate=gate)
+    with live_server(fake_app(pipe)) as live, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(live.url + "/")
+            page.wait_for_function("document.getElementById('model-line').textContent.includes('frames at')",
+                                   timeout=20_000)
+            assert page.is_visible("#video-fields") and page.is_visible("#first-frame-label")  # takes an image
+            assert page.inner_text("#generate") == "Generate video"
+            page.fill("#frames", "9")
+            page.fill("#fps", "8")
+            page.fill("#steps", "4")
+            page.fill("#seed", str(BIG_SEED))
+            page.click("#generate")
+            # Held at the first step: the page shows the job in progress and its progress bar.
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('in progress')",
+                                   timeout=20_000)
+            assert page.is_visible("#progress") and "23%" in page.inner_text("#status")
+            gate.set()
+            page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=30_000)
+            assert page.is_visible("#video") and page.is_hidden("#result") and page.is_hidden("#progress")
+            page.wait_for_function("document.getElementById('video').readyState >= 1", timeout=10_000)
+            width, height, duration = page.evaluate(
+                "(() => { const v = document.getElementById('video'); return [v.videoWidth, v.videoHeight, "
+                "v.duration]; })()")
+            assert (width, height) == (64, 64) and abs(duration - 9 / 8) < 0.2, (width, height, duration)
+            info = page.inner_text("#result-info")
+            assert f"seed {BIG_SEED}" in info and "9 frames at 8 fps" in info
+            [params] = pipe.batches[-1]
+            assert (params.num_frames, params.fps, params.seed) == (9, 8.0, BIG_SEED)
+
+            page.fill("#frames", "6")  # not 4n + 1: the server's 400 shows on the page
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').className === 'error'", timeout=30_000)
+            assert "400" in page.inner_text("#status") and "4n + 1" in page.inner_text("#status")
+            page.screenshot(path=str(tmp_path / "video-page.png"), full_page=True)
+            assert errors == []
+        finally:
+            browser.close()
