@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
 
 import httpx2
@@ -216,3 +220,24 @@ def test_openai_client_on_the_tiny_edit_model(qwen_edit):
     direct = qwen_edit.generate(SamplingParams(prompt="a cat", images=[picture], height=64, width=64, steps=2,
                                                guidance=1.0, seed=3)).frames[0]
     assert np.abs(served.astype(int) - direct.astype(int)).max() <= 1
+
+
+@pytest.mark.skipif(shutil.which("st", path=os.path.dirname(sys.executable)) is None,
+                    reason="schemathesis is not installed (pip install -e .[test])")
+def test_schemathesis_on_the_edit_route(tmp_path):
+    """schemathesis against the edit route of a live server with an edit model (the fake one: every request
+    that passes the checks reaches it). Every check but positive_data_acceptance: a schema can say that `image`
+    is a file, not that its bytes decode as a picture, so a schema-valid request with random bytes is rightly a
+    400. Bounded: 10 examples per phase."""
+    pipe = FakeEditPipeline()
+    with live_server(fake_app(pipe, api_key="k-fuzz", max_batch_size=2, max_steps=2, max_image_size=96)) as live:
+        run = subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "st"), "run", live.url + "/openapi.json",
+             "--include-path", URL, "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+             "--header", "Authorization: Bearer k-fuzz", "--max-examples", "10", "--seed", "1", "--no-color",
+             "--suppress-health-check", "all"],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    summary = run.stdout[-3000:]
+    assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
+    assert " passed" in summary and "failure" not in summary.split("SUMMARY")[-1], summary
+    assert "Tested: 1" in summary, summary  # the route was in the schema and fuzzed
