@@ -233,6 +233,10 @@ def edit_request_schema(limits: RequestLimits, generation_properties: dict[str, 
     and the refused options typed null-only."""
     properties = {name: prop for name, prop in generation_properties.items()
                   if name not in ("quality", "style", "background", "moderation", "partial_images")}
+    if properties.get("lora", {}).get("type") != "null":  # a form field is text: the list as JSON
+        properties["lora"] = {"type": "string", "contentMediaType": "application/json",
+                              "description": "LoRA adapters as generations takes them, as JSON text: "
+                                             '[{"name": ..., "weight": ...}]'}
     image = {"type": "string", "format": "binary", "description": "an input image: a PNG, JPEG or WebP file"}
     properties["image"] = image
     properties["image[]"] = {"type": "array", "items": image, "description": "input images, in order"}

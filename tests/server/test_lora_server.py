@@ -191,6 +191,54 @@ def test_different_adapters_never_share_a_batch(setup):
         assert np.abs(b64_image(results[name]).astype(int) - alone).max() <= 1, name
 
 
+def test_an_adapter_in_use_is_never_evicted(setup):
+    """--lora-max-loaded 1: while a queued request uses k1, a request for k2 cannot evict it: 503 with
+    Retry-After (code lora_busy); the k1 request gets its image; once it is answered, k2 loads (k1 evicted)."""
+    engine, folder = setup
+    gate, started = threading.Event(), threading.Event()
+    run = engine.generate_batch
+
+    def gated(requests, progress=False):
+        if requests[0].prompt == "blocker":
+            started.set()
+            gate.wait(30)
+        return run(requests, progress=progress)
+
+    eng = Engine(engine.name, engine.pipeline, engine.config)
+    eng.generate_batch = gated
+    app = create_app(lambda: eng, ServerConfig(warmup=False, lora_dir=folder, lora_max_loaded=1))
+    results = {}
+    with TestClient(app) as c:
+        assert app.state.worker.wait_ready(30)
+        assert c.post(URL, json={**REQ, "lora": [{"name": "k1"}]}).status_code == 200  # loads k1
+
+        def post(name, body):
+            results[name] = c.post(URL, json=body)
+
+        threads = [threading.Thread(target=post, args=("blocker", {**REQ, "prompt": "blocker", "lora": []})),
+                   threading.Thread(target=post, args=("k1", {**REQ, "lora": [{"name": "k1"}]}))]
+        threads[0].start()
+        assert started.wait(20)
+        threads[1].start()
+        deadline = time.monotonic() + 20
+        while app.state.worker.queue_depth() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        threads.append(threading.Thread(target=post, args=("k2", {**REQ, "lora": [{"name": "k2"}]})))
+        threads[-1].start()  # its load waits for the engine thread, which runs it before the k1 request
+        while not app.state.worker._calls and time.monotonic() < deadline:  # the load is queued
+            time.sleep(0.01)
+        gate.set()
+        for t in threads:
+            t.join(60)
+        busy = results["k2"]
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "5", busy.text
+        assert busy.json()["error"]["code"] == "lora_busy"
+        assert results["k1"].status_code == 200 and results["blocker"].status_code == 200
+        assert c.post(URL, json={**REQ, "lora": [{"name": "k2"}]}).status_code == 200  # k1 is free: evicted
+        assert sorted(engine.lora.adapters) == ["k2", "style"]
+        assert app.state.metrics.lora_evictions._value.get() == 1
+
+
 def _serve_args(*argv: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     add_engine_flags(p)
