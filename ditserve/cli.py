@@ -393,7 +393,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The outputs are written and closed: skip the interpreter's teardown (freeing torch, diffusers and
         # transformers module by module, which takes about a second). Not after a compile, whose worker
         # processes get their own shutdown.
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing left to tell
+                pass
         os._exit(code)
     return code
