@@ -26,9 +26,10 @@ import io
 import json
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
@@ -58,17 +59,19 @@ def _api_error(*args, **kwargs):
 # ------------------------------------------------------------------------------------------------ parsing
 
 
+@dataclass
 class Part:
     """One multipart part: its field name, file name (None for a plain field) and bytes."""
 
-    def __init__(self, name: str, filename: str | None, data: bytes):
-        self.name, self.filename, self.data = name, filename, data
+    name: str
+    filename: str | None
+    data: bytes
 
 
 def parse_multipart(body: bytes, content_type: str) -> list[Part]:
     """The parts of a multipart/form-data `body`, in memory. Raises APIError(400) for a body that is not
     multipart/form-data or is malformed, or that has more than MAX_FORM_FIELDS parts."""
-    from python_multipart.multipart import MultipartParser, parse_options_header
+    from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
     ctype, options = parse_options_header(content_type or "")
     if ctype == b"application/x-www-form-urlencoded":  # a form without files (so without an image)
@@ -120,10 +123,13 @@ def parse_multipart(body: bytes, content_type: str) -> list[Part]:
     try:
         parser.write(body)
         parser.finalize()
-    except Exception as e:
-        if hasattr(e, "body"):  # an APIError of a callback
-            raise
+    except HTTPException:  # an APIError of a callback
+        raise
+    except Exception as e:  # python-multipart's parse errors
         raise _api_error(400, f"the multipart body is malformed: {e}", code="invalid_multipart") from None
+    if parser.state != MultipartState.END:
+        raise _api_error(400, "the multipart body is truncated: it ends before its closing boundary",
+                         code="invalid_multipart")
     return parts
 
 

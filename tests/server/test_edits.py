@@ -157,6 +157,13 @@ def test_body_caps_and_content_type(edit_client):
     assert "1048576 bytes" in err["message"]
     err = error_of(c.post(URL, json={"prompt": "p"}), 400)
     assert "multipart/form-data" in err["message"]
+    whole = (b'--B\r\nContent-Disposition: form-data; name="prompt"\r\n\r\np\r\n--B\r\nContent-Disposition: '
+             b'form-data; name="image"; filename="x.png"\r\n\r\n' + solid((1, 2, 3)) + b"\r\n--B--\r\n")
+    headers = {"content-type": "multipart/form-data; boundary=B"}
+    assert c.post(URL, content=whole, headers=headers).status_code == 200
+    for cut in (whole[:-12], whole[:-5], b"garbage"):  # inside the image, before the closing boundary, no parts
+        err = error_of(c.post(URL, content=cut, headers=headers), 400)
+        assert err["code"] == "invalid_multipart" and "multipart body is" in err["message"], err
 
 
 def test_text_to_image_model_refuses_edits_and_hides_the_route():
