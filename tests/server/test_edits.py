@@ -248,3 +248,23 @@ def test_schemathesis_on_the_edit_route(tmp_path):
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
     assert " passed" in summary and "failure" not in summary.split("SUMMARY")[-1], summary
     assert "Tested: 1" in summary, summary  # the route was in the schema and fuzzed
+
+
+def test_lora_field_of_an_edit():
+    """The form's `lora` (JSON text) is generations' field: checked by the same rules and handed to the engine."""
+    from types import SimpleNamespace
+
+    pipe = FakeEditPipeline()
+    pipe.lora = SimpleNamespace(adapters={"style": SimpleNamespace(rank=4)}, default=())  # what the server reads
+    with TestClient(fake_app(pipe)) as c:
+        assert c.app.state.worker.wait_ready(10)
+        image = {"image": ("x.png", solid((1, 2, 3)))}
+        r = c.post(URL, data={"prompt": "p", "lora": '[{"name": "style", "weight": 0.5}]'}, files=image)
+        assert r.status_code == 200, r.text
+        err = error_of(c.post(URL, data={"prompt": "p", "lora": '[{"name": "other"}]'}, files=image), 400)
+        assert err["param"] == "lora" and "no adapter named 'other'" in err["message"]
+        err = error_of(c.post(URL, data={"prompt": "p", "lora": '[{"name": "style", "weight": 1e3}]'}, files=image),
+                       400)
+        assert "between -10 and 10" in err["message"]
+        error_of(c.post(URL, data={"prompt": "p", "lora": "style"}, files=image), 422)
+    assert [p.extra["lora"] for (p,) in pipe.batches] == [[("style", 0.5)]]
