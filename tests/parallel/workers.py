@@ -1,0 +1,52 @@
+"""Functions the parallel tests run on every spawned rank (module-level, so the spawned processes import them)."""
+
+from __future__ import annotations
+
+import torch
+import torch._dynamo
+import torch.distributed as dist
+
+from ditserve.ops.attention import Attention
+from ditserve.parallel.attention import SequenceParallelAttention
+
+
+def reference_attention(q, k, v, kv_valid):
+    """Single-process attention in fp32: (B, S, H, D) each, kv_valid (B, S) or None."""
+    mask = None if kv_valid is None else kv_valid[:, None, None, :]
+    return Attention("sdpa")(q, k, v, mask)
+
+
+def shard(x, state, sp):
+    """This rank's equal shard along dim 1 (a multiple of sp long)."""
+    n = x.shape[1] // sp
+    return x[:, state.sp_rank * n:(state.sp_rank + 1) * n]
+
+
+def attention_cases(state, cases):
+    """Each (plan, q, k, v, kv_valid, compile_) of `cases` on this world (the groups of each plan built in
+    turn); -> [(the gathered output, graph breaks or None)] per case."""
+    from ditserve.parallel import ParallelConfig
+    from ditserve.parallel.state import init_parallel
+
+    results = []
+    for plan, *args in cases:
+        results.append(attention_case(init_parallel(ParallelConfig.parse(plan), "cpu"), *args))
+    return results
+
+
+def attention_case(state, q, k, v, kv_valid, compile_):
+    """Every rank's shard through SequenceParallelAttention; -> (the gathered output, graph breaks or None)."""
+    sp = state.config.sp
+    op = SequenceParallelAttention(Attention("sdpa"), state)
+    args = [shard(t, state, sp) for t in (q, k, v)]
+    breaks = None
+    if compile_:
+        explain = torch._dynamo.explain(op)(*args, kv_valid)
+        breaks = explain.graph_break_count
+        out = torch.compile(op, fullgraph=True, backend="eager")(*args, kv_valid)
+    else:
+        out = op(*args, kv_valid)
+    parts = [torch.empty_like(out) for _ in range(state.world_size)]
+    dist.all_gather(parts, out.contiguous())
+    full = torch.cat(parts[:sp], dim=1)  # the sp group of cfg rank 0 (the whole world here)
+    return full, breaks
