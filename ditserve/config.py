@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ditserve.cache.policy import parse_cache
 from ditserve.errors import ConfigError
 from ditserve.lora import LoRAConfig
+from ditserve.parallel.config import ParallelConfig
 
 __all__ = ["ConfigError", "EngineConfig", "ModelSpec", "SamplingParams"]
 
@@ -132,6 +133,9 @@ class EngineConfig:
         one forward of twice the batch) or "split" (one forward per branch, each with its own DiT-cache state;
         less activation memory). Exact either way, up to the rounding of batched kernels.
     lora: LoRA adapters (`ditserve.lora.LoRAConfig`: files and weights, "fuse" or "unfused" mode), or None.
+    parallel: several processes (GPUs, or gloo processes on a CPU) for one model (`ditserve.parallel`):
+        "ulysses=U,ring=R,cfg=C", each part optional (default 1), their product the number of processes. None or
+        a product of 1: one process.
     offload_text_encoder: the text encoder lives in host memory and comes to the device only while it encodes
         prompts (families that declare it: one whose DiT and text encoder do not fit on the GPU together; each
         request then copies the encoder's weights to the device). Refused by the other families. Off by default.
@@ -157,9 +161,11 @@ class EngineConfig:
     cfg_mode: str = "batched"
     lora: LoRAConfig | None = None
     offload_text_encoder: bool = False
+    parallel: str | None = None  # "ulysses=U,ring=R,cfg=C" (`ditserve.parallel.ParallelConfig`); None: one process
 
     def __post_init__(self):
         parse_cache(self.cache)  # raises ConfigError for unknown names, knobs or values
+        ParallelConfig.parse(self.parallel)  # raises ConfigError naming the bad part
         if self.cache_backend not in ("ditserve", "cache-dit"):
             raise ConfigError(f"unknown cache backend {self.cache_backend!r}; valid: ditserve, cache-dit")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:

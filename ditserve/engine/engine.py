@@ -45,12 +45,30 @@ class Engine:
         name) for `config`. Raises ConfigError on any user-facing problem."""
         from ditserve.pipelines import load_pipeline
 
+        state = cls._join_parallel(config)
         name, pipeline = load_pipeline(model, config)
+        if state is not None and state.sp > 1:  # the DiT on this rank's shard of the sequence
+            from ditserve.parallel.sharding import enable_sequence_parallel
+
+            enable_sequence_parallel(pipeline.transformer, state)
         if pipeline.device.type == "cpu":  # threads for the work and the cores free, once per process
             from ditserve.threads import configure_for_pipeline
 
             logger.info(configure_for_pipeline(pipeline).describe())
         return cls(name, pipeline, config)
+
+    @staticmethod
+    def _join_parallel(config: EngineConfig):
+        """EngineConfig.parallel: this process's `ParallelState` (joining the run's process group when no one
+        has yet: under torchrun, from its environment), or None for a one-process engine."""
+        from ditserve.parallel import ParallelConfig
+
+        plan = ParallelConfig.parse(config.parallel)
+        if not plan.enabled:
+            return None
+        from ditserve.parallel.state import current, init_parallel
+
+        return current() or init_parallel(plan, config.device)
 
     # ------------------------------------------------------------------------------------- what it is
 

@@ -304,6 +304,7 @@ class ZImageBlockContext:
     image_tokens: int  # L: the real image tokens, at the start of the sequence
     height: int  # latent height h
     width: int  # latent width w
+    tokens: int = 0  # S, the unified sequence's length before sequence-parallel padding (0: not sharded)
 
 
 class ZImageTransformer(nn.Module):
@@ -326,6 +327,9 @@ class ZImageTransformer(nn.Module):
     # -> `finish`. The state between ranges is (x (B, S, D),); the refiners run in `prepare`. A cache mounted in
     # `block_cache` decides which ranges run.
     block_cache = None
+    # Sequence parallelism (`ditserve.parallel.sharding`): the unified sequence of the main layers is sharded
+    # (image and caption tokens alike: split, not replicated); the refiners run whole on every rank.
+    sharder = None
     # The fp8 tier (`ditserve.ops.fp8.apply_fp8`): per block list, the token-wise GEMMs it quantises. Left out:
     # each block's `mod` (M = batch), the embedders and the final layer.
     fp8_linears = (
@@ -477,8 +481,14 @@ class ZImageTransformer(nn.Module):
             cap = block(cap, cap_mask, cap_cos, cap_sin)  # (B, P, D)
 
         x = torch.cat((x, cap), dim=1)  # (B, S, D): per item [image (Lp), caption (P_i), batch padding]
+        S = x.shape[1]
+        if self.sharder is not None:  # this rank's shard (B, Ls, D); the key mask over the padded sequence
+            sh = self.sharder
+            key_mask = sh.key_mask(S, B, mask, device)
+            mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, sp*Ls)
+            x, cos, sin = sh.shard(x), sh.shard(cos, dim=-2), sh.shard(sin, dim=-2)
         return (x,), ZImageBlockContext(adaln=adaln, cos=cos, sin=sin, mask=mask, image_tokens=L, height=h,
-                                        width=w)
+                                        width=w, tokens=S)
 
     def run_blocks(self, state: tuple[torch.Tensor, ...], ctx: ZImageBlockContext, start: int,
                    stop: int) -> tuple[torch.Tensor]:
@@ -498,10 +508,20 @@ class ZImageTransformer(nn.Module):
         h, w = ctx.height, ctx.width
         if in_dummy_run():
             return x.new_zeros(()).expand(B, C, h, w)
+        if self.sharder is not None:
+            x = self.sharder.gather(x, ctx.tokens)  # (B, S, D), the same on every rank
         scale = 1.0 + self.final_mod(F.silu(ctx.adaln)).unsqueeze(1)  # (B, 1, D)
         x = self.proj_out(self.final_norm(x[:, :ctx.image_tokens]) * scale)  # (B, L, p*p*C)
         x = x.view(B, h // p, w // p, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, h/p, p, w/p, p)
         return x.reshape(B, C, h, w)
+
+    def enable_sequence_parallel(self, state) -> None:
+        """Run the main layers on this rank's shard of the unified sequence (`ditserve.parallel.sharding`; state:
+        a `ParallelState` with a sequence-parallel degree above 1)."""
+        from ditserve.parallel.sharding import SequenceSharder, swap_attention
+
+        swap_attention(self.layers, state)
+        self.sharder = SequenceSharder(state)
 
     # ------------------------------------------------------------------------------------- weight loading
 

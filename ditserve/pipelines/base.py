@@ -34,7 +34,6 @@ The base does the rest, the same way for every family:
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -49,6 +48,7 @@ from ditserve.dummy_run import in_dummy_run
 from ditserve.engine.request import Capabilities, Output
 from ditserve.errors import ConfigError
 from ditserve.logging import init_logger
+from ditserve.parallel.cfg import cfg_state, gather_branches, shared_seed
 from ditserve.pipelines.vae_decode import streamed_decode, streamed_decode_unsupported
 
 logger = init_logger(__name__)
@@ -359,8 +359,13 @@ class Pipeline:
         if self.cache is not None:
             self.cache.reset(len(schedule.timesteps))
         split = cfg and self.engine.cfg_mode == "split"
-        self._forward_tokens = self.forward_tokens(params) * B * (2 if cfg and not split else 1)
-        if split:
+        # CFG parallelism (`ditserve.parallel.cfg`): this rank predicts one branch's rows, the other rank the other.
+        par = cfg_state(cfg)
+        self._forward_tokens = self.forward_tokens(params) * B * (2 if cfg and not split and par is None else 1)
+        if par is not None:
+            text = self.select_text(text, list(range(par.cfg_rank * B, (par.cfg_rank + 1) * B)))
+            ctx = self.begin_denoise(latents, text, schedule, params)
+        elif split:
             texts = (self.select_text(text, list(range(B))), self.select_text(text, list(range(B, 2 * B))))
             ctxs = [self.begin_denoise(latents, t, schedule, params) for t in texts]
         else:
@@ -371,6 +376,9 @@ class Pipeline:
             self.model_for_step(i, t)
             if not cfg:
                 v = self.predict(x, i, t, text, ctx)
+            elif par is not None:  # this rank's branch; both gathered, every rank steps the same latents
+                cond, uncond = gather_branches(self.predict(x, i, t, text, ctx), par)
+                v = self.combine_cfg(cond, uncond, params.guidance)
             elif split:
                 with self._branch("cond"):
                     cond = self.predict(x, i, t, texts[0], ctxs[0])
@@ -409,7 +417,7 @@ class Pipeline:
         p = params.resolved(self.spec)
         self.capabilities.check(p)
         if p.seed is None:
-            p.seed = secrets.randbits(63)
+            p.seed = shared_seed()  # in a parallel run, the same on every rank
         if self.lora is not None:
             p.extra["lora"] = self.lora.selection(p.extra)  # checked, normalised: ((name, weight), ...)
         elif p.extra.get("lora"):

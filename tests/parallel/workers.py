@@ -50,3 +50,19 @@ def attention_case(state, q, k, v, kv_valid, compile_):
     dist.all_gather(parts, out.contiguous())
     full = torch.cat(parts[:sp], dim=1)  # the sp group of cfg rank 0 (the whole world here)
     return full, breaks
+
+
+def generate_cases(state, folder, plans, requests):
+    """Each plan of `plans` on this world: its groups built, the engine loaded with it, `requests` generated;
+    -> [the frames of each request] per plan (rank 0's)."""
+    from ditserve.config import EngineConfig
+    from ditserve.engine import Engine
+    from ditserve.parallel import ParallelConfig
+    from ditserve.parallel.state import init_parallel
+
+    results = []
+    for plan in plans:
+        init_parallel(ParallelConfig.parse(plan), "cpu")
+        engine = Engine.load(str(folder), EngineConfig(device="cpu", parallel=plan))
+        results.append([out.frames for out in engine.generate(list(requests))])
+    return results
