@@ -574,8 +574,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
-        return error_response(exc.status_code, str(exc.detail), code=codes.get(exc.status_code),
-                              headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # every method of the path (Starlette names only the first route's)
+            from starlette.routing import Match
+
+            methods = {m for route in request.app.routes if getattr(route, "methods", None)
+                       and route.matches({**request.scope, "method": "GET"})[0] != Match.NONE for m in route.methods}
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(methods))}
+        return error_response(exc.status_code, str(exc.detail), code=codes.get(exc.status_code), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -5,13 +5,12 @@
     GET    /v1/videos                  the jobs, newest first (`limit`, `after`, `order`)
     GET    /v1/videos/{id}             one job: status (queued, in_progress, completed, failed, cancelled), progress
     GET    /v1/videos/{id}/content     the MP4 (H.264, `ditserve.media.save_mp4`) once completed (409 before)
-    DELETE /v1/videos/{id}             cancel a queued or running job (it stays, "cancelled", until it expires), or
-                                       delete a finished one and its file
+    DELETE /v1/videos/{id}             delete a job and its file; a queued job is cancelled (it never runs), a
+                                       running one stops at its next denoise step
 
 A job runs on the engine's worker like an image request (the same queue and its `--max-queue`, 429 when full),
 and lives on the server, not on the client's connection: the client polls. Progress is the denoise steps done
-(0-95 %, reported by the pipeline's `on_step` hook), then 100 once the MP4 is written. A running job that is
-cancelled stops at its next denoise step. Jobs are bounded: at most `ServerConfig.max_video_jobs` kept (the oldest
+(0-95 %, reported by the pipeline's `on_step` hook), then 100 once the MP4 is written. Jobs are bounded: at most `ServerConfig.max_video_jobs` kept (the oldest
 finished one is deleted to make room, else 429), at most `video_max_bytes` of MP4 files (the oldest finished
 videos are deleted to make room), and a finished job expires `video_ttl` seconds after it ended (then 404).
 Files live in a temporary folder removed at exit.
@@ -40,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from prometheus_client import Counter, Gauge, Histogram
@@ -64,7 +63,7 @@ SECONDS_TEXT = r"^(0\.[0-9]*[1-9][0-9]*|[1-7](\.[0-9]+)?|8(\.0+)?)$"
 _INTEGER = re.compile(r"-?[0-9]{1,30}")
 _NUMBER = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _INTEGER_FIELDS = ("num_frames", "num_inference_steps", "seed")
-_NUMBER_FIELDS = ("fps", "guidance_scale", "guidance_2")
+_NUMBER_FIELDS = ("seconds", "fps", "guidance_scale", "guidance_2")
 FINISHED = ("completed", "failed", "cancelled")
 
 
@@ -437,8 +436,12 @@ def request_schema(limits, capabilities, multipart: bool) -> dict[str, Any]:
                                       nullable)),
         "user": _nullable({"type": "string"}, "an end-user identifier (accepted, not used)", nullable),
     }
+    set_ = {"not": {"type": "null"}}
+    both = ({"required": ["seconds", "num_frames"]} if multipart else
+            {"required": ["seconds", "num_frames"], "properties": {"seconds": set_, "num_frames": set_}})
     return {"type": "object", "required": ["prompt"], "properties": properties, "additionalProperties": False,
-            "description": "a video job: OpenAI's Videos API fields and ditserve's extensions"}
+            "not": both, "description": "a video job: OpenAI's Videos API fields and ditserve's extensions "
+                                        "(seconds or num_frames, not both)"}
 
 
 def patch_openapi(schema: dict[str, Any], limits, capabilities) -> None:
@@ -606,10 +609,35 @@ def add_video_routes(app: FastAPI, worker, config, metrics, limits: Callable[[],
         jobs.add(job)
         return job.view(config.video_ttl)
 
-    @app.get(VIDEOS_PATH, response_model=VideoList, responses=errors(400, 401, 503), summary="List video jobs")
-    async def list_videos(limit: int = Query(20, ge=LIST_LIMIT[0], le=LIST_LIMIT[1]), after: str | None = None,
-                          order: Literal["asc", "desc"] = "desc") -> VideoList:
+    def query(request: Request, name: str, default: str | None, allowed=None) -> str | None:
+        """A query parameter's value (the last one given), checked against `allowed`: 400 naming it."""
+        values = request.query_params.getlist(name)
+        value = values[-1] if values else default
+        if allowed is not None and value is not None and value not in allowed:
+            raise APIError(400, f"{name} must be one of {list(allowed)}, got {value[:40]!r}", param=name,
+                           code="invalid_value")
+        return value
+
+    low, high = LIST_LIMIT
+    list_parameters = [
+        {"name": "limit", "in": "query", "required": False, "description": f"jobs per page, {low}-{high} (20)",
+         "schema": {"type": "integer", "minimum": low, "maximum": high, "default": 20}},
+        {"name": "after", "in": "query", "required": False, "description": "the last id of the previous page",
+         "schema": {"type": "string"}},
+        {"name": "order", "in": "query", "required": False, "description": "newest first (desc) or oldest first",
+         "schema": {"type": "string", "enum": ["desc", "asc"], "default": "desc"}}]
+
+    @app.get(VIDEOS_PATH, response_model=VideoList, responses=errors(400, 401, 503), summary="List video jobs",
+             openapi_extra={"parameters": list_parameters})
+    async def list_videos(request: Request) -> VideoList:
         require_ready()
+        order = query(request, "order", "desc", ("desc", "asc"))
+        after = query(request, "after", None)
+        limit = query(request, "limit", "20")
+        if not (re.fullmatch(r"[0-9]{1,3}", limit) and low <= int(limit) <= high):
+            raise APIError(400, f"limit must be an integer between {low} and {high}, got {limit[:40]!r}",
+                           param="limit", code="invalid_value")
+        limit = int(limit)
         jobs.sweep()
         items = list(jobs.jobs.values())  # oldest first
         if order == "desc":
@@ -628,12 +656,16 @@ def add_video_routes(app: FastAPI, worker, config, metrics, limits: Callable[[],
         return find(video_id).view(config.video_ttl)
 
     @app.get(VIDEOS_PATH + "/{video_id}/content", response_class=FileResponse, summary="The video's MP4",
+             openapi_extra={"parameters": [
+                 {"name": "variant", "in": "query", "required": False, "description": "only the video (OpenAI's "
+                  "thumbnail and spritesheet variants are not made)", "schema": {"type": "string", "enum": ["video"]}}]},
              responses={200: {"description": "the MP4 (H.264)", "content": {
                  "video/mp4": {"schema": {"type": "string", "format": "binary"}}}},
                  409: {"model": _error_model(), "description": "the job has not completed (or failed, or was "
                                                                 "cancelled)"},
-                 **errors(401, 404, 503)})
-    async def video_content(video_id: str, variant: Literal["video"] = "video") -> FileResponse:
+                 **errors(400, 401, 404, 503)})
+    async def video_content(video_id: str, request: Request) -> FileResponse:
+        query(request, "variant", "video", ("video",))
         job = find(video_id)
         if job.status != "completed" or job.path is None:
             state = {"queued": "is queued", "in_progress": f"is in progress ({job.progress}%)",
@@ -642,15 +674,14 @@ def add_video_routes(app: FastAPI, worker, config, metrics, limits: Callable[[],
                            param="video_id", code="video_not_ready")
         return FileResponse(job.path, media_type="video/mp4", filename=f"{video_id}.mp4")
 
-    @app.delete(VIDEOS_PATH + "/{video_id}", response_model=VideoObject | VideoDeleted,
-                responses=errors(401, 404, 503), summary="Cancel a video job, or delete a finished one")
-    async def delete_video(video_id: str) -> VideoObject | VideoDeleted:
+    @app.delete(VIDEOS_PATH + "/{video_id}", response_model=VideoDeleted, responses=errors(401, 404, 503),
+                summary="Delete a video job (cancelling it if it has not finished) and its file")
+    async def delete_video(video_id: str) -> VideoDeleted:
         job = find(video_id)
-        if job.status in FINISHED:
-            jobs.remove(job)
-            return VideoDeleted(id=job.id, deleted=True)
-        jobs.cancel(job)
-        return job.view(config.video_ttl)
+        if job.status not in FINISHED:
+            jobs.cancel(job)
+        jobs.remove(job)
+        return VideoDeleted(id=job.id, deleted=True)
 
     return jobs
 
