@@ -314,6 +314,7 @@ class FluxBlockContext:
     cond: FluxConditioning
     cos: torch.Tensor  # (S, Dh/2) fp32 RoPE table of the joint sequence [txt, img]
     sin: torch.Tensor  # (S, Dh/2) fp32
+    image_tokens: int = 0  # L before sequence-parallel padding (0: not sharded)
 
 
 class FluxTransformer(nn.Module):
@@ -338,6 +339,9 @@ class FluxTransformer(nn.Module):
     # ranges is always the tuple (img (B, L, D), txt (B, T, D)); a cache mounted in `block_cache` decides
     # which ranges run. Blocks stay the compiled regions; the cache runs eagerly between them.
     block_cache = None
+    # Sequence parallelism (`ditserve.parallel.sharding`): the image and the text tokens are each sharded over the
+    # ranks (split, not replicated); each rank's joint sequence is [its text shard, its image shard].
+    sharder = None
     # False: the model computes every block's modulation vectors (FluxConditioning) and passes each block its
     # own. True (`use_per_block_modulation`): each block gets temb and computes its own, as diffusers' blocks
     # do; for wrappers that call all blocks of a list with the same arguments (cache-dit's).
@@ -436,7 +440,14 @@ class FluxTransformer(nn.Module):
         # RoPE tables for the joint sequence [txt, img], computed once for all blocks.
         ids = torch.cat((txt_ids, img_ids), dim=0)  # (S, 3)
         cos, sin = axial_rope_cos_sin(ids, self.config.axes_dims_rope, ROPE_THETA)  # (S, Dh/2) fp32
-        return (img, txt), FluxBlockContext(cond=conditioning, cos=cos, sin=sin)
+        if self.sharder is None:
+            return (img, txt), FluxBlockContext(cond=conditioning, cos=cos, sin=sin)
+        # This rank's shards (B, Lt, D), (B, Li, D); the RoPE tables and the key mask of [txt shard, img shard].
+        sh, (B, L), T = self.sharder, img.shape[:2], txt.shape[1]
+        sh.current_mask = sh.joint_key_mask((T, L), B, img.device)  # (B, sp*(Lt+Li)) or None
+        cos, sin = (torch.cat((sh.shard(t[:T], 0), sh.shard(t[T:], 0))) for t in (cos, sin))  # (Lt+Li, Dh/2)
+        return (sh.shard(img), sh.shard(txt)), FluxBlockContext(cond=conditioning, cos=cos, sin=sin,
+                                                                image_tokens=L)
 
     def precompute_conditioning(self, timesteps: torch.Tensor, pooled_projections: torch.Tensor,
                                 guidance: torch.Tensor | None = None) -> list[FluxConditioning]:
@@ -476,6 +487,16 @@ class FluxTransformer(nn.Module):
             block.fp8_attn = Fp8Attention(ops)
             block.norm_rotary.warm_quantized = True  # the prewarm compiles the kernel variant now in use
 
+    def enable_sequence_parallel(self, state) -> None:
+        """Run every block on this rank's shards of the text and the image tokens (`ditserve.parallel.sharding`;
+        state: a `ParallelState` with a sequence-parallel degree above 1). Not with fp8 attention."""
+        from ditserve.parallel.sharding import SequenceSharder, swap_attention
+
+        if any(b.fp8_attn is not None for b in (*self.double_blocks, *self.single_blocks)):
+            raise ConfigError("--parallel ulysses/ring cannot run with --fp8-attention")
+        self.sharder = SequenceSharder(state)
+        swap_attention(self, state, self.sharder)
+
     def use_per_block_modulation(self) -> None:
         """Make each block compute its own modulation vectors from temb (see `blocks_take_temb`). Call it
         before compiling (a compiled block traces the setting once)."""
@@ -513,7 +534,10 @@ class FluxTransformer(nn.Module):
         broadcast view: no memory) is returned."""
         img = state[0]
         if in_dummy_run():
-            return img.new_zeros(()).expand(*img.shape[:2], self.config.out_channels)
+            L = ctx.image_tokens if self.sharder is not None else img.shape[1]
+            return img.new_zeros(()).expand(img.shape[0], L, self.config.out_channels)
+        if self.sharder is not None:
+            img = self.sharder.gather(img, ctx.image_tokens)  # (B, L, D), the same on every rank
         scale, shift = ctx.cond.out_mod.unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
         img = self.norm_out(img, scale, shift)  # (B, L, D)
         return self.proj_out(img)  # (B, L, out_channels)

@@ -102,17 +102,21 @@ class SequenceParallelAttention(nn.Module):
     """Attention over a sequence sharded across the ulysses x ring ranks of `state`. Wraps the block's own
     `Attention` (the backend Ulysses runs on whole sequences); forward(q, k, v, mask) like it, with q, k, v this
     rank's shard (B, Ls, H, D) and `mask` None or a key mask over the whole padded sequence, (B, Ls*sp) or
-    (B, 1, 1, Ls*sp) bool (True = attend)."""
+    (B, 1, 1, Ls*sp) bool (True = attend). `mask_source` (a `SequenceSharder`): where a call without a mask finds
+    the current forward's, for blocks that pass attention none."""
 
-    def __init__(self, inner: nn.Module, state: ParallelState):
+    def __init__(self, inner: nn.Module, state: ParallelState, mask_source=None):
         super().__init__()
         self.inner = inner
+        self.mask_source = mask_source
         cfg = state.config
         self.ulysses, self.ring = cfg.ulysses, cfg.ring
         self.ulysses_group, self.ring_group, self.ring_rank = state.ulysses_group, state.ring_group, state.ring_rank
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None and self.mask_source is not None:
+            mask = self.mask_source.current_mask
         if mask is not None and mask.ndim == 4:
             mask = mask[:, 0, 0, :]  # (B, S)
         U, H = self.ulysses, q.shape[2]

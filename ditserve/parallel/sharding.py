@@ -26,6 +26,9 @@ class SequenceSharder:
 
     def __init__(self, state: ParallelState):
         self.sp, self.rank, self.group = state.sp, state.sp_rank, state.sp_group
+        # The current forward's key mask over the padded sequence, for models whose blocks call attention without
+        # one (`swap_attention(..., sharder)` reads it): set by the model's prepare, eagerly, once a forward.
+        self.current_mask: torch.Tensor | None = None
 
     def local_len(self, S: int) -> int:
         return -(-S // self.sp)
@@ -51,20 +54,29 @@ class SequenceSharder:
             mask = torch.ones(B, S, dtype=torch.bool, device=device)
         return F.pad(mask, (0, pad), value=False)  # (B, sp*Ls)
 
+    def joint_key_mask(self, lengths: tuple[int, ...], B: int, device) -> torch.Tensor | None:
+        """The key mask (B, sp * sum(Ls_i)) of a joint sequence whose parts (lengths S_i) are sharded each on its
+        own and joined per rank as [part 0's shard, part 1's shard, ...]; None when no part is padded."""
+        if all(self.local_len(S) * self.sp == S for S in lengths):
+            return None
+        parts = [(torch.arange(self.local_len(S) * self.sp, device=device) < S).view(self.sp, -1) for S in lengths]
+        return torch.cat(parts, dim=1).reshape(1, -1).expand(B, -1)  # rank j's block: [part 0 | part 1 | ...]
+
     def gather(self, x: torch.Tensor, S: int, dim: int = 1) -> torch.Tensor:
         """Every rank's shard (..., Ls, ...) -> the whole sequence (..., S, ...), the same on every rank."""
         full = funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), dim, self.group))
         return full.narrow(dim, 0, S)
 
 
-def swap_attention(blocks: nn.Module, state: ParallelState) -> int:
-    """Every `Attention` module under `blocks` wrapped in a `SequenceParallelAttention`; -> how many."""
+def swap_attention(blocks: nn.Module, state: ParallelState, sharder: SequenceSharder | None = None) -> int:
+    """Every `Attention` module under `blocks` wrapped in a `SequenceParallelAttention`; -> how many. With
+    `sharder`, a call without a mask uses `sharder.current_mask` (for blocks that pass attention no mask)."""
     from ditserve.ops.attention import Attention
 
     targets = [(parent, name, child) for parent in blocks.modules() for name, child in parent.named_children()
                if isinstance(child, Attention)]
     for parent, name, child in targets:
-        setattr(parent, name, SequenceParallelAttention(child, state))
+        setattr(parent, name, SequenceParallelAttention(child, state, sharder))
     return len(targets)
 
 

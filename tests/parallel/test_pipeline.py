@@ -10,46 +10,59 @@ from ditserve.config import ConfigError, EngineConfig, SamplingParams
 from ditserve.engine import Engine
 from ditserve.parallel import ParallelConfig
 from ditserve.parallel.state import launch
-from ditserve.testing import build_tiny_z_image_pipeline
+from ditserve.testing import build_tiny_flux_pipeline, build_tiny_z_image_pipeline
 
 from .workers import generate_cases
 
 TIMEOUT_S = 120.0
-# With CFG, two prompts of different lengths in one batch (the masked path), and one without CFG.
-REQUESTS = [
+# Z-Image: with CFG, two prompts of different lengths in one batch (the masked path), and one without CFG.
+Z_IMAGE_REQUESTS = [
     SamplingParams(prompt="a photo of a cat", negative_prompt="blurry", guidance=3.0, height=64, width=64, steps=2,
                    seed=3),
     SamplingParams(prompt="a red house under a wide blue sky at noon", guidance=3.0, height=64, width=64, steps=2,
                    seed=4),
     SamplingParams(prompt="a dog", guidance=0.0, height=64, width=64, steps=2, seed=5),
 ]
+# FLUX.1: 5 x 5 image tokens and 13 text tokens, which neither 2 nor 4 divides (padded shards, masked keys).
+FLUX_REQUESTS = [SamplingParams(prompt="a photo of a cat", height=80, width=80, steps=2, seed=3,
+                                max_sequence_length=13)]
+PLANS = {
+    2: [("z_image", "cfg=2"), ("z_image", "ulysses=2"), ("z_image", "ring=2"), ("flux", "ulysses=2"),
+        ("flux", "ring=2")],
+    4: [("z_image", "ulysses=2,cfg=2"), ("z_image", "ulysses=2,ring=2"), ("flux", "ulysses=4"),
+        ("flux", "ulysses=2,ring=2")],
+}
+
+
+def _one_process(folder, requests):
+    engine = Engine.load(str(folder), EngineConfig(device="cpu"))
+    return [out.frames for out in engine.generate(list(requests))]
 
 
 @pytest.fixture(scope="module")
-def z_image(tmp_path_factory):
-    folder = build_tiny_z_image_pipeline(tmp_path_factory.mktemp("tiny-z-image"), seed=0)
-    engine = Engine.load(str(folder), EngineConfig(device="cpu"))
-    return folder, [out.frames for out in engine.generate(list(REQUESTS))]
+def models(tmp_path_factory):
+    """family -> (folder, requests, the one-process images)."""
+    z = build_tiny_z_image_pipeline(tmp_path_factory.mktemp("tiny-z-image"), seed=0)
+    f = build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux"), seed=0)
+    return {"z_image": (z, Z_IMAGE_REQUESTS, _one_process(z, Z_IMAGE_REQUESTS)),
+            "flux": (f, FLUX_REQUESTS, _one_process(f, FLUX_REQUESTS))}
 
 
-def _assert_same_images(got, want, plan):
+def _assert_same_images(got, want, name):
     for i, (a, b) in enumerate(zip(got, want)):
         diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
-        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, f"{plan}, request {i}: max diff {diff.max()}"
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, f"{name}, request {i}: max diff {diff.max()}"
 
 
-@pytest.mark.parametrize("world, plans", [
-    (2, ["cfg=2", "ulysses=2", "ring=2"]),
-    (4, ["ulysses=2,cfg=2", "ulysses=2,ring=2"]),
-])
-def test_z_image_plans_make_the_one_process_images(z_image, world, plans):
-    folder, want = z_image
-    results = launch(generate_cases, ParallelConfig(ulysses=world), "cpu", (folder, plans, REQUESTS), TIMEOUT_S)
-    for plan, got in zip(plans, results):
-        _assert_same_images(got, want, plan)
+@pytest.mark.parametrize("world", [2, 4])
+def test_plans_make_the_one_process_images(models, world):
+    """Every plan of the world size in one launch (a spawn costs seconds on a busy CPU)."""
+    cases = [(models[family][0], plan, models[family][1]) for family, plan in PLANS[world]]
+    results = launch(generate_cases, ParallelConfig(ulysses=world), "cpu", (cases,), TIMEOUT_S)
+    for (family, plan), got in zip(PLANS[world], results):
+        _assert_same_images(got, models[family][2], f"{family} {plan}")
 
 
-def test_parallel_needs_its_workers(z_image):
-    folder, _ = z_image
+def test_parallel_needs_its_workers(models):
     with pytest.raises(ConfigError, match="RANK is not set"):
-        Engine.load(str(folder), EngineConfig(device="cpu", parallel="cfg=2"))
+        Engine.load(str(models["z_image"][0]), EngineConfig(device="cpu", parallel="cfg=2"))

@@ -52,16 +52,16 @@ def attention_case(state, q, k, v, kv_valid, compile_):
     return full, breaks
 
 
-def generate_cases(state, folder, plans, requests):
-    """Each plan of `plans` on this world: its groups built, the engine loaded with it, `requests` generated;
-    -> [the frames of each request] per plan (rank 0's)."""
+def generate_cases(state, cases):
+    """Each (folder, plan, requests) of `cases` on this world: the plan's groups built, the engine loaded with
+    it, the requests generated; -> [the frames of each request] per case (rank 0's)."""
     from ditserve.config import EngineConfig
     from ditserve.engine import Engine
     from ditserve.parallel import ParallelConfig
     from ditserve.parallel.state import init_parallel
 
     results = []
-    for plan in plans:
+    for folder, plan, requests in cases:
         init_parallel(ParallelConfig.parse(plan), "cpu")
         engine = Engine.load(str(folder), EngineConfig(device="cpu", parallel=plan))
         results.append([out.frames for out in engine.generate(list(requests))])
