@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ditserve.config import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, ConfigError, SamplingParams
+from ditserve.config import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, ConfigError, EngineConfig, SamplingParams
 from ditserve.engine_args import add_engine_flags, check_engine, engine_from_args
 
 EXIT_USAGE = 2
@@ -266,7 +266,28 @@ def _generate(args: argparse.Namespace) -> int:
     _setup_logging(args)
     check_engine(engine)
 
+    from ditserve.parallel.launch import needs_workers
+
+    if needs_workers(engine.parallel):  # one process per rank; rank 0 writes the outputs
+        from ditserve.parallel.launch import run_workers
+
+        return run_workers(_generate_rank, engine.parallel, engine.device, (args, engine, params, targets))
+    return _generate_run(args, engine, params, targets)
+
+
+def _generate_rank(state, args: argparse.Namespace, engine: EngineConfig, params: SamplingParams,
+                   targets) -> int:
+    """One rank of `generate --parallel` (spawned by `_generate`)."""
+    _setup_logging(args)
+    return _generate_run(args, engine, params, targets)
+
+
+def _generate_run(args: argparse.Namespace, engine: EngineConfig, params: SamplingParams, targets) -> int:
+    """Load, generate, write: the whole of generate in one process, or one rank's part of a parallel run (every
+    rank runs the model; only rank 0 writes and prints)."""
+    from ditserve import media
     from ditserve.engine import Engine
+    from ditserve.parallel.state import current
 
     _quiet_libraries()
     t0 = time.perf_counter()
@@ -275,13 +296,16 @@ def _generate(args: argparse.Namespace) -> int:
     name = model.name
     media.check_kind(targets, model.capabilities.output, args.output)
     params = model.resolve(params)
-    if not args.quiet:
+    main_rank = current() is None or current().is_main
+    if not args.quiet and main_rank:
         from ditserve.preflight import preflight_warnings
 
         for line in preflight_warnings(model, params):
             print(f"ditserve: warning: {line}", file=sys.stderr, flush=True)
 
-    result = model.generate(params, progress=not (args.quiet or args.no_progress))
+    result = model.generate(params, progress=not (args.quiet or args.no_progress) and main_rank)
+    if not main_rank:
+        return 0
     for path in media.write_outputs(result, targets):
         print(path)
     if not args.quiet:
@@ -336,6 +360,7 @@ def _serve(args: argparse.Namespace) -> int:
                           max_video_jobs=args.max_video_jobs, video_max_bytes=args.video_max_bytes)
     engine = engine_from_args(args)
     check_engine(engine)
+    _refuse_parallel(engine, "serve")
     _quiet_libraries()
     run_server(args.model, engine, config, args.host, args.port, verbose=args.verbose,
                announce=lambda line: print(line, file=sys.stderr, flush=True))
@@ -345,6 +370,14 @@ def _serve(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------ bench
 
 
+def _refuse_parallel(engine: EngineConfig, command: str) -> None:
+    """serve and bench run in one process for now (rank 0 owning the queue is not built): --parallel is refused."""
+    from ditserve.parallel import ParallelConfig
+
+    if ParallelConfig.parse(engine.parallel).enabled:
+        raise ConfigError(f"--parallel: {command} runs on one process for now; use generate --parallel")
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ditserve.bench import bench_main, bench_params
 
@@ -352,6 +385,7 @@ def _bench(args: argparse.Namespace) -> int:
     engine = engine_from_args(args)
     _setup_logging(args)
     check_engine(engine)
+    _refuse_parallel(engine, "bench")
     _quiet_libraries()
     return bench_main(args, engine)
 

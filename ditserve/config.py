@@ -165,7 +165,9 @@ class EngineConfig:
 
     def __post_init__(self):
         parse_cache(self.cache)  # raises ConfigError for unknown names, knobs or values
-        ParallelConfig.parse(self.parallel)  # raises ConfigError naming the bad part
+        if ParallelConfig.parse(self.parallel).enabled and self.cuda_graphs == "on":  # (bad parts: ConfigError)
+            raise ConfigError("--cuda-graphs on cannot run with --parallel (CUDA graphs of collectives are not "
+                              "built); use --cuda-graphs auto or off")
         if self.cache_backend not in ("ditserve", "cache-dit"):
             raise ConfigError(f"unknown cache backend {self.cache_backend!r}; valid: ditserve, cache-dit")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:

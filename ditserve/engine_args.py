@@ -20,7 +20,7 @@ ATTENTION_BACKENDS = ("sdpa", "flash-attn", "fa4", "sage")
 # Flags that only matter once a whole pipeline runs (VAE decode, CFG, CUDA graphs of the denoise loop, the cache
 # backend): a subcommand that runs the transformer alone (compile-report) leaves them out.
 PIPELINE_FLAGS = ("--vae-tiling", "--compile-vae", "--cuda-graphs", "--vae-streaming", "--cfg-mode",
-                  "--cache-backend", "--offload-text-encoder")
+                  "--cache-backend", "--offload-text-encoder", "--parallel")
 
 
 def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto", pipeline: bool = True) -> None:
@@ -95,6 +95,10 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto", p
     p.add_argument("--offload-text-encoder", action="store_true",
                    help="keep the text encoder in host memory, on the device only while it encodes (families "
                         "that support it: for a DiT and text encoder that do not fit on the GPU together)")
+    p.add_argument("--parallel", default=None, metavar="ulysses=U,ring=R,cfg=C",
+                   help="run on several processes, one per GPU (with --device cpu: gloo processes): Ulysses and "
+                        "ring sequence parallelism and the two CFG branches on two ranks; each part optional "
+                        "(default 1), their product the number of processes (generate only; also under torchrun)")
     p.add_argument("--no-compile-prewarm", dest="compile_prewarm", action="store_false",
                    help="with --compile: do not start the compile workers and the Triton kernels' compile early "
                         "(torch's default timing; slower cold start)")
@@ -117,7 +121,7 @@ def engine_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
     have (`PIPELINE_FLAGS` of compile-report) keeps EngineConfig's default."""
     names = ("device", "dtype", "compile", "kernels", "attention", "load_format", "cache", "cache_backend",
              "quantization", "fp8_attention", "fp8_fast_accum", "vae_tiling", "compile_vae", "dynamic_shapes",
-             "compile_prewarm", "cuda_graphs", "vae_streaming", "cfg_mode", "offload_text_encoder")
+             "compile_prewarm", "cuda_graphs", "vae_streaming", "cfg_mode", "offload_text_encoder", "parallel")
     fields = {name: getattr(args, name) for name in names if hasattr(args, name)}
     lora_dir = getattr(args, "lora_dir", None)
     if getattr(args, "lora", None) or lora_dir:

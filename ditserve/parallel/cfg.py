@@ -25,7 +25,7 @@ def cfg_state(cfg: bool) -> ParallelState | None:
 
 def gather_branches(v: torch.Tensor, state: ParallelState) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's branch prediction (B, ...) -> (cond, uncond), each (B, ...), the same on both ranks."""
-    both = funcol.wait_tensor(funcol.all_gather_tensor(v.contiguous(), 0, state.cfg_group))  # (2B, ...)
+    both = funcol.wait_tensor(funcol.all_gather_single(v.contiguous(), 0, state.cfg_group))  # (2B, ...)
     return both.chunk(2)
 
 

@@ -64,7 +64,7 @@ class SequenceSharder:
 
     def gather(self, x: torch.Tensor, S: int, dim: int = 1) -> torch.Tensor:
         """Every rank's shard (..., Ls, ...) -> the whole sequence (..., S, ...), the same on every rank."""
-        full = funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), dim, self.group))
+        full = funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), dim, self.group))
         return full.narrow(dim, 0, S)
 
 

@@ -66,3 +66,12 @@ def generate_cases(state, cases):
         engine = Engine.load(str(folder), EngineConfig(device="cpu", parallel=plan))
         results.append([out.frames for out in engine.generate(list(requests))])
     return results
+
+
+def rank_one_dies(state):
+    """Rank 1 exits at once; the others wait for it in a collective (which must not hang the run)."""
+    import os
+
+    if state.rank == 1:
+        os._exit(3)
+    dist.all_reduce(torch.ones(1))
