@@ -3,7 +3,7 @@
     POST   /v1/videos                  create a job (JSON, or multipart/form-data with an `input_reference` image
                                        for image-to-video); answers at once with the job object
     GET    /v1/videos                  the jobs, newest first (`limit`, `after`, `order`)
-    GET    /v1/videos/{id}             one job: status (queued, in_progress, completed, failed, cancelled), progress
+    GET    /v1/videos/{id}             one job: status (queued, in_progress, completed, failed), progress
     GET    /v1/videos/{id}/content     the MP4 (H.264, `ditserve.media.save_mp4`) once completed (409 before)
     DELETE /v1/videos/{id}             delete a job and its file; a queued job is cancelled (it never runs), a
                                        running one stops at its next denoise step
@@ -64,7 +64,7 @@ _INTEGER = re.compile(r"-?[0-9]{1,30}")
 _NUMBER = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _INTEGER_FIELDS = ("num_frames", "num_inference_steps", "seed")
 _NUMBER_FIELDS = ("seconds", "fps", "guidance_scale", "guidance_2")
-FINISHED = ("completed", "failed", "cancelled")
+FINISHED = ("completed", "failed")
 
 
 class VideoRequest(BaseModel):
@@ -98,7 +98,7 @@ class VideoObject(BaseModel):
 
     id: str
     object: Literal["video"] = "video"
-    status: Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+    status: Literal["queued", "in_progress", "completed", "failed"]
     created_at: int
     completed_at: int | None = None
     expires_at: int | None = None
@@ -227,10 +227,11 @@ class VideoJobs:
             self.remove(job, expired=True)
 
     def cancel(self, job: VideoJob) -> None:
-        """A queued job never runs; a running one stops at its next denoise step (its result, if it still
-        finishes alongside a batch neighbour, is dropped)."""
+        """Delete an unfinished job: a queued one never runs; a running one stops at its next denoise step (its
+        result, if it still finishes alongside a batch neighbour, is dropped)."""
         self.worker.stop(job.work)
-        self._finish(job, "cancelled")
+        self.metrics.jobs.labels("cancelled").inc()
+        self.remove(job)
 
     def _finish(self, job: VideoJob, status: str, error: VideoError | None = None) -> None:
         job.status, job.error, job.finished_at = status, error, time.time()
@@ -245,14 +246,14 @@ class VideoJobs:
         except (Cancelled, asyncio.CancelledError):
             return
         except EngineFailure as e:
-            if job.status not in FINISHED:
+            if job.id in self.jobs:
                 self._finish(job, "failed", VideoError(code=e.reason, message=str(e)))
             return
         except NotAccepting as e:
-            if job.status not in FINISHED:
+            if job.id in self.jobs:
                 self._finish(job, "failed", VideoError(code="shutting_down", message=str(e)))
             return
-        if job.status in FINISHED or job.id not in self.jobs:  # cancelled or deleted meanwhile
+        if job.id not in self.jobs:  # deleted meanwhile
             return
         path = self.root / f"{job.id}.mp4"
         try:
@@ -261,7 +262,7 @@ class VideoJobs:
             logger.exception(f"video job {job.id}: the MP4 could not be written")
             self._finish(job, "failed", VideoError(code="encode_failed", message=f"{type(e).__name__}: {e}"))
             return
-        if job.status in FINISHED or job.id not in self.jobs:
+        if job.id not in self.jobs:
             path.unlink(missing_ok=True)
             return
         if size > self.config.video_max_bytes:
@@ -455,7 +456,16 @@ def patch_openapi(schema: dict[str, Any], limits, capabilities) -> None:
     if capabilities is not None:  # the image routes answer 400 for a video model
         paths.pop("/v1/images/generations", None)
         paths.pop("/v1/images/edits", None)
-    content = paths[VIDEOS_PATH]["post"]["requestBody"]["content"]
+    post = paths[VIDEOS_PATH]["post"]
+    links = {}  # the job's id leads to its other operations (OpenAPI links: clients and fuzzers follow them)
+    for path, method, name in ((VIDEOS_PATH + "/{video_id}", "get", "GetVideo"),
+                               (VIDEOS_PATH + "/{video_id}/content", "get", "GetVideoContent"),
+                               (VIDEOS_PATH + "/{video_id}", "delete", "DeleteVideo")):
+        operation = paths.get(path, {}).get(method)
+        if operation is not None and "operationId" in operation:
+            links[name] = {"operationId": operation["operationId"], "parameters": {"video_id": "$response.body#/id"}}
+    post["responses"]["200"]["links"] = links
+    content = post["requestBody"]["content"]
     content["application/json"]["schema"] = request_schema(limits, capabilities, multipart=False)
     content["multipart/form-data"]["schema"] = request_schema(limits, capabilities, multipart=True)
 
@@ -661,15 +671,14 @@ def add_video_routes(app: FastAPI, worker, config, metrics, limits: Callable[[],
                   "thumbnail and spritesheet variants are not made)", "schema": {"type": "string", "enum": ["video"]}}]},
              responses={200: {"description": "the MP4 (H.264)", "content": {
                  "video/mp4": {"schema": {"type": "string", "format": "binary"}}}},
-                 409: {"model": _error_model(), "description": "the job has not completed (or failed, or was "
-                                                                "cancelled)"},
+                 409: {"model": _error_model(), "description": "the job has not completed (or it failed)"},
                  **errors(400, 401, 404, 503)})
     async def video_content(video_id: str, request: Request) -> FileResponse:
         query(request, "variant", "video", ("video",))
         job = find(video_id)
         if job.status != "completed" or job.path is None:
             state = {"queued": "is queued", "in_progress": f"is in progress ({job.progress}%)",
-                     "failed": "failed", "cancelled": "was cancelled"}.get(job.status, job.status)
+                     "failed": "failed"}.get(job.status, job.status)
             raise APIError(409, f"video {video_id} {state}: its content exists once its status is completed",
                            param="video_id", code="video_not_ready")
         return FileResponse(job.path, media_type="video/mp4", filename=f"{video_id}.mp4")
@@ -678,9 +687,10 @@ def add_video_routes(app: FastAPI, worker, config, metrics, limits: Callable[[],
                 summary="Delete a video job (cancelling it if it has not finished) and its file")
     async def delete_video(video_id: str) -> VideoDeleted:
         job = find(video_id)
-        if job.status not in FINISHED:
+        if job.status in FINISHED:
+            jobs.remove(job)
+        else:
             jobs.cancel(job)
-        jobs.remove(job)
         return VideoDeleted(id=job.id, deleted=True)
 
     return jobs
