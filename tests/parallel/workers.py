@@ -75,3 +75,23 @@ def rank_one_dies(state):
     if state.rank == 1:
         os._exit(3)
     dist.all_reduce(torch.ones(1))
+
+
+def compiled_flux_case(state, config, weights, inputs):
+    """A FLUX.1 transformer on this rank's shards, each block compiled whole (fullgraph, eager backend);
+    -> (its output, the graph breaks of a double and a single block)."""
+    from ditserve.models.flux import FluxTransformer
+    from ditserve.parallel.sharding import enable_sequence_parallel
+
+    model = FluxTransformer(config).eval()
+    model.load_state_dict(weights)
+    enable_sequence_parallel(model, state)
+    with torch.no_grad():
+        (img, txt), ctx = model.prepare(**inputs)
+        cond = ctx.cond.mods
+        breaks = [torch._dynamo.explain(model.double_blocks[0])(img, txt, cond[0], ctx.cos, ctx.sin).graph_break_count,
+                  torch._dynamo.explain(model.single_blocks[0])(torch.cat((txt, img), 1), cond[-1], ctx.cos,
+                                                                ctx.sin).graph_break_count]
+        for block in (*model.double_blocks, *model.single_blocks):
+            block.compile(fullgraph=True, backend="eager")
+        return model(**inputs), breaks
