@@ -10,10 +10,10 @@
 
 A job runs on the engine's worker like an image request (the same queue and its `--max-queue`, 429 when full),
 and lives on the server, not on the client's connection: the client polls. Progress is the denoise steps done
-(0-95 %, reported by the pipeline's `on_step` hook), then 100 once the MP4 is written. Jobs are bounded: at most `ServerConfig.max_video_jobs` kept (the oldest
-finished one is deleted to make room, else 429), at most `video_max_bytes` of MP4 files (the oldest finished
-videos are deleted to make room), and a finished job expires `video_ttl` seconds after it ended (then 404).
-Files live in a temporary folder removed at exit.
+(0-95 %, reported by the pipeline's `on_step` hook), then 100 once the MP4 is written. Jobs are bounded: at most
+`ServerConfig.max_video_jobs` kept (the oldest finished one is deleted to make room, else 429), at most
+`video_max_bytes` of MP4 files (the oldest finished videos are deleted to make room), and a finished job expires
+`video_ttl` seconds after it ended (then 404). Files live in a temporary folder removed at exit.
 
 Every numeric field has a documented finite range (400 naming the field and the range, as on the image routes):
 `size` as the image routes take it, `seconds` in (0, 8] (a number, or a decimal string as OpenAI's SDK sends it),

@@ -368,3 +368,30 @@ def test_a_job_on_a_tiny_wan_checkpoint(tmp_path):
     for ours, ref in zip(frames, direct):
         mse = ((ours.astype(np.float64) - ref) ** 2).mean()
         assert 10 * np.log10(255.0**2 / max(mse, 1e-12)) >= 25  # H.264 in yuv420p: lossy, but the same video
+
+
+def test_an_image_to_video_job_on_a_tiny_wan_i2v_checkpoint(tmp_path):
+    """Multipart with the first frame: the job's video is the engine's for that image."""
+    from ditserve.config import EngineConfig, SamplingParams
+    from ditserve.engine import Engine
+    from ditserve.testing_wan import build_tiny_wan_i2v_pipeline
+
+    engine = Engine.load(str(build_tiny_wan_i2v_pipeline(tmp_path / "wan-i2v", seed=2)), EngineConfig(device="cpu"))
+    first = png(80, 64, (200, 40, 90))
+    with TestClient(create_app(lambda: engine, ServerConfig(warmup=False))) as c:
+        assert c.app.state.worker.wait_ready(60)
+        fields = {"prompt": "a photo of a cat", "size": "80x64", "num_frames": "5", "fps": "12",
+                  "num_inference_steps": "2", "guidance_scale": "4", "seed": "3"}
+        job = c.post(URL, data=fields, files={"input_reference": ("first.png", first, "image/png")}).json()
+        done = wait_for(c, job["id"], timeout=120)
+        assert done["status"] == "completed", done
+        frames, fps = decode_mp4(c.get(f"{URL}/{job['id']}/content").content)
+        err = error_of(c.post(URL, json={"prompt": "no image", "size": "80x64", "num_frames": 5}), 400)
+        assert err["param"] == "input_reference" and "exactly one input image" in err["message"]
+    assert len(frames) == 5 and frames[0].shape == (64, 80, 3) and fps == 12
+    direct = engine.generate(SamplingParams(prompt="a photo of a cat", height=64, width=80, num_frames=5, fps=12,
+                                            steps=2, guidance=4.0, seed=3,
+                                            images=[Image.open(io.BytesIO(first))])).frames[0]
+    for ours, ref in zip(frames, direct):
+        mse = ((ours.astype(np.float64) - ref) ** 2).mean()
+        assert 10 * np.log10(255.0**2 / max(mse, 1e-12)) >= 25
