@@ -363,8 +363,11 @@ def test_a_job_on_a_tiny_wan_checkpoint(tmp_path):
         assert done["status"] == "completed", done
         frames, fps = decode_mp4(c.get(f"{URL}/{job['id']}/content").content)
     assert len(frames) == 5 and frames[0].shape == (64, 80, 3) and fps == 12
+    steps = []
+    engine.pipeline.on_step = lambda done, total: steps.append((done, total))  # the denoise loop's progress hook
     direct = engine.generate(SamplingParams(prompt="a photo of a cat", negative_prompt="blurry", height=64, width=80,
                                             num_frames=5, fps=12, steps=2, guidance=4.0, seed=3)).frames[0]
+    assert steps == [(1, 2), (2, 2)]
     for ours, ref in zip(frames, direct):
         mse = ((ours.astype(np.float64) - ref) ** 2).mean()
         assert 10 * np.log10(255.0**2 / max(mse, 1e-12)) >= 25  # H.264 in yuv420p: lossy, but the same video
