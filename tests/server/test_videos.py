@@ -398,3 +398,38 @@ def test_an_image_to_video_job_on_a_tiny_wan_i2v_checkpoint(tmp_path):
     for ours, ref in zip(frames, direct):
         mse = ((ours.astype(np.float64) - ref) ** 2).mean()
         assert 10 * np.log10(255.0**2 / max(mse, 1e-12)) >= 25
+
+
+@pytest.mark.gpu
+def test_gpu_an_81_frame_480p_job_and_a_cancel_on_the_dummy_wan_1_3b():
+    """On a CUDA GPU: the wan2.1-t2v-1.3b preset (dummy weights, bf16) serves a job at its defaults (832x480, 81
+    frames, 16 fps) whose MP4 decodes with those; a 50-step job deleted while it denoises frees the engine at its
+    next step (the next job runs)."""
+    from ditserve.config import EngineConfig
+    from ditserve.engine import Engine
+
+    engine = Engine.load("wan2.1-t2v-1.3b", EngineConfig(device="cuda", load_format="dummy"))
+    with TestClient(create_app(lambda: engine, ServerConfig(warmup=False, max_batch_size=1))) as c:
+        assert c.app.state.worker.wait_ready(600)
+        job = c.post(URL, json={"prompt": "a cat surfing a wave", "num_inference_steps": 2, "seed": 1}).json()
+        assert (job["size"], job["num_frames"], job["fps"]) == ("832x480", 81, 16.0)
+        done = wait_for(c, job["id"], timeout=600)
+        assert done["status"] == "completed", done
+        frames, fps = decode_mp4(c.get(f"{URL}/{job['id']}/content").content)
+        assert len(frames) == 81 and frames[0].shape == (480, 832, 3) and fps == 16
+
+        long = c.post(URL, json={"prompt": "a long one", "num_inference_steps": 50}).json()
+        wait_for(c, long["id"], ("in_progress",), timeout=600)
+        deadline = time.monotonic() + 600
+        while c.get(f"{URL}/{long['id']}").json()["progress"] == 0:  # a step done: the denoise loop runs
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        work = c.app.state.videos.jobs[long["id"]].work
+        start = time.monotonic()
+        assert c.delete(f"{URL}/{long['id']}").json()["deleted"] is True
+        while not work.future.done():
+            assert time.monotonic() - start < 30, "the cancelled job did not stop at its next step"
+            time.sleep(0.05)
+        assert metric(c, 'ditserve_video_jobs_total{event="cancelled"}') == 1
+        after = c.post(URL, json={"prompt": "next", "num_inference_steps": 1, "num_frames": 5}).json()
+        assert wait_for(c, after["id"], timeout=600)["status"] == "completed"
