@@ -49,10 +49,12 @@ class Engine:
         if state is not None and config.cuda_graphs == "auto":  # a graph of collectives: not built yet
             config = dataclasses.replace(config, cuda_graphs="off")
         name, pipeline = load_pipeline(model, config)
-        if state is not None and state.sp > 1:  # the DiT on this rank's shard of the sequence
+        if state is not None and state.sp > 1:  # the DiT(s) on this rank's shard of the sequence
             from ditserve.parallel.sharding import enable_sequence_parallel
 
-            enable_sequence_parallel(pipeline.transformer, state)
+            for dit in (pipeline.transformer, getattr(pipeline, "transformer_2", None)):  # (a second expert)
+                if dit is not None:
+                    enable_sequence_parallel(dit, state)
         if pipeline.device.type == "cpu":  # threads for the work and the cores free, once per process
             from ditserve.threads import configure_for_pipeline
 

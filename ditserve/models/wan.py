@@ -246,6 +246,9 @@ class WanBlock(nn.Module):
         self.norm_k = RMSNorm(D, eps=c.eps, **lin)
         self.rotary = Rotary(interleaved=True, ops=ops)
         self.attn = Attention(attention)
+        # Sequence parallelism (`WanTransformer.enable_sequence_parallel`): the self-attention's sequence-parallel
+        # op; the cross-attention keeps `attn` (this rank's queries against the whole text: no exchange needed).
+        self.sp_attn: nn.Module | None = None
         self.attn_out = Linear(D, D, **lin)
         # cross-attention: norm2 (affine LayerNorm) fused with the gated residual add before it
         self.cross_attn_norm = c.cross_attn_norm
@@ -278,7 +281,8 @@ class WanBlock(nn.Module):
         q, k, v = self.qkv(h).chunk(3, dim=-1)  # (B, L, D) each
         q = self.rotary(self._heads(self.norm_q(q)), cos, sin)  # (B, L, H, Dh)
         k = self.rotary(self._heads(self.norm_k(k)), cos, sin)
-        return self.attn_out(self.attn(q, k, self._heads(v)).flatten(2))  # (B, L, D)
+        attn = self.attn if self.sp_attn is None else self.sp_attn
+        return self.attn_out(attn(q, k, self._heads(v)).flatten(2))  # (B, L, D)
 
     def cross_attention(self, h: torch.Tensor, context: torch.Tensor,
                         image_context: torch.Tensor | None) -> torch.Tensor:
@@ -344,6 +348,9 @@ class WanTransformer(nn.Module):
     # The block-cache interface (`ditserve.cache`): `prepare` -> `run_blocks` over ranges of `blocks` -> `finish`;
     # the state between ranges is (x (B, L, D),).
     block_cache = None
+    # Sequence parallelism (`ditserve.parallel.sharding`): the video tokens sharded over the ranks in the blocks;
+    # the text (and I2V image) context is replicated, as cross-attention's keys.
+    sharder = None
     # The fp8 tier (`ditserve.ops.fp8.apply_fp8`): each block's token-wise GEMMs (the image k/v of I2V too).
     fp8_linears = (("blocks", ("qkv", "attn_out", "cross_q", "cross_kv", "cross_out", "ffn_in", "ffn_out")),)
 
@@ -447,6 +454,12 @@ class WanTransformer(nn.Module):
             image_context = self.image_embedder(encoder_hidden_states_image)  # (B, I, D)
 
         cos, sin = rope_tables(*grid, c.rope_dims, device=x.device)  # (L, Dh/2) each
+        if self.sharder is not None:  # this rank's tokens (B, Ls, D), their tables and per-token modulation
+            sh = self.sharder
+            sh.current_mask = sh.key_mask(L, B, None, x.device)  # (B, sp*Ls) or None
+            x, cos, sin = sh.shard(x), sh.shard(cos, 0), sh.shard(sin, 0)
+            if per_token:
+                mod = sh.shard(mod)  # (B, Ls, 6, D); temb stays whole for `finish`, after the gather
         return (x,), WanBlockContext(context=context, image_context=image_context, mod=mod, temb=temb, cos=cos,
                                      sin=sin, grid=grid)
 
@@ -467,6 +480,8 @@ class WanTransformer(nn.Module):
         (gf, gh, gw), (pt, ph, pw) = ctx.grid, c.patch_size
         if in_dummy_run():
             return x.new_zeros(()).expand(B, c.out_channels, gf * pt, gh * ph, gw * pw)
+        if self.sharder is not None:
+            x = self.sharder.gather(x, gf * gh * gw)  # (B, L, D), the same on every rank
         if ctx.temb.ndim == 3:  # per token: (B, L, D) -> shift, scale (B, L, D)
             shift, scale = (self.scale_shift_table.weight.unsqueeze(0) + ctx.temb.unsqueeze(2)).unbind(2)
         else:  # (B, D) -> (B, 1, D) each
@@ -474,6 +489,17 @@ class WanTransformer(nn.Module):
         x = self.proj_out(self.norm_out(x, scale, shift))  # (B, L, C_out*pt*ph*pw)
         x = x.view(B, gf, gh, gw, pt, ph, pw, c.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, c.out_channels, gf * pt, gh * ph, gw * pw)
+
+    def enable_sequence_parallel(self, state) -> None:
+        """Run the blocks on this rank's shard of the video tokens (`ditserve.parallel.sharding`; state: a
+        `ParallelState` with a sequence-parallel degree above 1): self-attention sequence-parallel, cross-attention
+        local."""
+        from ditserve.parallel.attention import SequenceParallelAttention
+        from ditserve.parallel.sharding import SequenceSharder
+
+        self.sharder = SequenceSharder(state)
+        for block in self.blocks:
+            block.sp_attn = SequenceParallelAttention(block.attn, state, self.sharder)
 
     # ------------------------------------------------------------------------------------- weight loading
 
