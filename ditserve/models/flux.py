@@ -444,7 +444,7 @@ class FluxTransformer(nn.Module):
             return (img, txt), FluxBlockContext(cond=conditioning, cos=cos, sin=sin)
         # This rank's shards (B, Lt, D), (B, Li, D); the RoPE tables and the key mask of [txt shard, img shard].
         sh, (B, L), T = self.sharder, img.shape[:2], txt.shape[1]
-        sh.current_mask = sh.joint_key_mask((T, L), B, img.device)  # (B, sp*(Lt+Li)) or None
+        sh.current_mask = sh.joint_key_mask([(T, None), (L, None)], B, img.device)  # (B, sp*(Lt+Li)) or None
         cos, sin = (torch.cat((sh.shard(t[:T], 0), sh.shard(t[T:], 0))) for t in (cos, sin))  # (Lt+Li, Dh/2)
         return (sh.shard(img), sh.shard(txt)), FluxBlockContext(cond=conditioning, cos=cos, sin=sin,
                                                                 image_tokens=L)

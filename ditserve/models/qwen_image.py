@@ -306,6 +306,7 @@ class QwenImageBlockContext:
     mask: torch.Tensor | None  # (B, 1, 1, S) bool, True = attend (padded text keys False); None: no padding
     cos: torch.Tensor  # (S, Dh/2) fp32 RoPE table of the joint sequence [txt, img]
     sin: torch.Tensor  # (S, Dh/2) fp32
+    image_tokens: int = 0  # L before sequence-parallel padding (0: not sharded)
 
 
 class QwenImageTransformer(nn.Module):
@@ -328,6 +329,9 @@ class QwenImageTransformer(nn.Module):
     # The block-cache interface (see `ditserve.cache`): `prepare` -> `run_blocks` over ranges of the blocks ->
     # `finish`. The state between ranges is (img (B, L, D), txt (B, T, D)).
     block_cache = None
+    # Sequence parallelism (`ditserve.parallel.sharding`): the image and the text tokens are each sharded over the
+    # ranks (split, not replicated); each rank's joint sequence is [its text shard, its image shard].
+    sharder = None
     # The fp8 tier (`ditserve.ops.fp8.apply_fp8`): the token-wise GEMMs of each block. Left out: each block's
     # `mod` (M = batch), the embedders, the output norm's modulation and proj_out.
     fp8_linears = (
@@ -436,9 +440,18 @@ class QwenImageTransformer(nn.Module):
         if conditioning.ref_mods is not None:  # zero_cond_t: every image after the first is a reference image
             f, h, w = shapes[0]
             ref_tokens = (torch.arange(L, device=device) >= f * h * w)[None, :, None]  # (1, L, 1)
+        if self.sharder is not None:  # this rank's shards (B, Lt, D), (B, Li, D), tables, masks to match
+            sh = self.sharder
+            text_mask = None if mask is None else mask[:, 0, 0, :T]  # (B, T)
+            mask = sh.joint_key_mask([(T, text_mask), (L, None)], B, device)  # (B, sp*(Lt+Li)) or None
+            mask = None if mask is None else mask[:, None, None, :]
+            cos, sin = (torch.cat((sh.shard(t[:T], 0), sh.shard(t[T:], 0))) for t in (cos, sin))  # (Lt+Li, Dh/2)
+            if ref_tokens is not None:
+                ref_tokens = sh.shard(ref_tokens)  # (1, Li, 1)
+            img, txt = sh.shard(img), sh.shard(txt)
         return (img, txt), QwenImageBlockContext(temb=conditioning.temb, mods=conditioning.mods,
                                                  ref_mods=conditioning.ref_mods, ref_tokens=ref_tokens, mask=mask,
-                                                 cos=cos, sin=sin)
+                                                 cos=cos, sin=sin, image_tokens=L)
 
     def precompute_conditioning(self, timesteps: torch.Tensor) -> list[QwenImageConditioning]:
         """The conditioning of N forwards at once: timesteps (N, B) in [0, 1] (each row as `forward`'s `timestep`)
@@ -476,9 +489,19 @@ class QwenImageTransformer(nn.Module):
         memory) is returned."""
         img = state[0]
         if in_dummy_run():
-            return img.new_zeros(()).expand(*img.shape[:2], self.config.out_features)
+            return img.new_zeros(()).expand(img.shape[0], ctx.image_tokens, self.config.out_features)
+        if self.sharder is not None:
+            img = self.sharder.gather(img, ctx.image_tokens)  # (B, L, D), the same on every rank
         scale, shift = self.norm_out_mod(F.silu(ctx.temb)).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
         return self.proj_out(self.norm_out(img, scale, shift))  # (B, L, p*p*out_channels)
+
+    def enable_sequence_parallel(self, state) -> None:
+        """Run every block on this rank's shards of the text and the image tokens (`ditserve.parallel.sharding`;
+        state: a `ParallelState` with a sequence-parallel degree above 1)."""
+        from ditserve.parallel.sharding import SequenceSharder, swap_attention
+
+        self.sharder = SequenceSharder(state)
+        swap_attention(self.transformer_blocks, state, self.sharder)
 
     # ------------------------------------------------------------------------------------- weight loading
 

@@ -54,13 +54,19 @@ class SequenceSharder:
             mask = torch.ones(B, S, dtype=torch.bool, device=device)
         return F.pad(mask, (0, pad), value=False)  # (B, sp*Ls)
 
-    def joint_key_mask(self, lengths: tuple[int, ...], B: int, device) -> torch.Tensor | None:
-        """The key mask (B, sp * sum(Ls_i)) of a joint sequence whose parts (lengths S_i) are sharded each on its
-        own and joined per rank as [part 0's shard, part 1's shard, ...]; None when no part is padded."""
-        if all(self.local_len(S) * self.sp == S for S in lengths):
+    def joint_key_mask(self, parts: list[tuple[int, torch.Tensor | None]], B: int, device) -> torch.Tensor | None:
+        """The key mask (B, sp * sum(Ls_i)) of a joint sequence whose parts are sharded each on its own and joined
+        per rank as [part 0's shard, part 1's shard, ...]. parts: (S_i, the part's own key mask (B, S_i) bool or
+        None) each. None when nothing is masked or padded."""
+        if all(m is None and self.local_len(S) * self.sp == S for S, m in parts):
             return None
-        parts = [(torch.arange(self.local_len(S) * self.sp, device=device) < S).view(self.sp, -1) for S in lengths]
-        return torch.cat(parts, dim=1).reshape(1, -1).expand(B, -1)  # rank j's block: [part 0 | part 1 | ...]
+        blocks = []
+        for S, m in parts:
+            if m is None:
+                m = torch.ones(B, S, dtype=torch.bool, device=device)
+            m = F.pad(m.to(torch.bool), (0, self.local_len(S) * self.sp - S), value=False)  # (B, sp*Ls_i)
+            blocks.append(m.view(B, self.sp, -1))
+        return torch.cat(blocks, dim=2).reshape(B, -1)  # rank j's block: [part 0 | part 1 | ...]
 
     def gather(self, x: torch.Tensor, S: int, dim: int = 1) -> torch.Tensor:
         """Every rank's shard (..., Ls, ...) -> the whole sequence (..., S, ...), the same on every rank."""
