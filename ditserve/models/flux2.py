@@ -277,6 +277,7 @@ class Flux2BlockContext:
     cos: torch.Tensor  # (S, Dh/2) fp32 RoPE table of the joint sequence [txt, img]
     sin: torch.Tensor  # (S, Dh/2) fp32
     out_tokens: int  # the image tokens the output layer projects (the first ones)
+    image_tokens: int = 0  # L before sequence-parallel padding (0: not sharded)
 
 
 class Flux2Transformer(nn.Module):
@@ -294,6 +295,10 @@ class Flux2Transformer(nn.Module):
     repeated_blocks = ("double_blocks", "single_blocks")
     # The block-cache interface (see `ditserve.cache`): the block state is always (img (B, L, D), txt (B, T, D)).
     block_cache = None
+    # Sequence parallelism (`ditserve.parallel.sharding`): the image (and reference image) tokens and the text tokens
+    # are each sharded over the ranks (split, not replicated); each rank's joint sequence is [its text shard, its
+    # image shard].
+    sharder = None
     # The fp8 tier (`ditserve.ops.fp8.apply_fp8`): the token-wise GEMMs of every block. Left out: `mod` (M = batch
     # size), the embedders and the output layer (small and the most precision-sensitive).
     fp8_linears = (
@@ -409,9 +414,15 @@ class Flux2Transformer(nn.Module):
         txt = self.context_embedder(encoder_hidden_states)  # (B, T, D)
         ids = torch.cat((txt_ids, img_ids), dim=0)  # (S, 4)
         cos, sin = axial_rope_cos_sin(ids, c.axes_dims_rope, c.rope_theta)  # (S, Dh/2) fp32
-        L = hidden_states.shape[1]
+        L, T = hidden_states.shape[1], txt.shape[1]
+        if self.sharder is not None:  # this rank's shards (B, Li, D), (B, Lt, D); the tables and key mask to match
+            sh = self.sharder
+            sh.current_mask = sh.joint_key_mask([(T, None), (L, None)], img.shape[0], img.device)
+            cos, sin = (torch.cat((sh.shard(t[:T], 0), sh.shard(t[T:], 0))) for t in (cos, sin))  # (Lt+Li, Dh/2)
+            img, txt = sh.shard(img), sh.shard(txt)
         return (img, txt), Flux2BlockContext(temb=temb, mod_img=mod_img, mod_txt=mod_txt, mod_single=mod_single,
-                                             cos=cos, sin=sin, out_tokens=L if out_tokens is None else out_tokens)
+                                             cos=cos, sin=sin, out_tokens=L if out_tokens is None else out_tokens,
+                                             image_tokens=L)
 
     def run_blocks(self, state: tuple[torch.Tensor, torch.Tensor], ctx: Flux2BlockContext, start: int,
                    stop: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,11 +443,24 @@ class Flux2Transformer(nn.Module):
     def finish(self, state: tuple[torch.Tensor, torch.Tensor], ctx: Flux2BlockContext) -> torch.Tensor:
         """The output layer on the first ctx.out_tokens image tokens: -> (B, out_tokens, out_channels). In a dummy
         run (`ditserve.dummy_run`) it is skipped and a zero broadcast view of the output's shape returned."""
-        img = state[0][:, :ctx.out_tokens]  # (B, N, D)
+        img = state[0]
         if in_dummy_run():
-            return img.new_zeros(()).expand(*img.shape[:2], self.config.out_channels)
+            return img.new_zeros(()).expand(img.shape[0], ctx.out_tokens, self.config.out_channels)
+        if self.sharder is not None:
+            img = self.sharder.gather(img, ctx.image_tokens)  # (B, L, D), the same on every rank
+        img = img[:, :ctx.out_tokens]  # (B, N, D)
         scale, shift = self.norm_out_mod(F.silu(ctx.temb)).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
         return self.proj_out(self.norm_out(img, scale, shift))  # (B, N, out_channels)
+
+    def enable_sequence_parallel(self, state) -> None:
+        """Run every block on this rank's shards of the text and the image tokens (`ditserve.parallel.sharding`;
+        state: a `ParallelState` with a sequence-parallel degree above 1). Not with fp8 attention."""
+        from ditserve.parallel.sharding import SequenceSharder, swap_attention
+
+        if any(b.fp8_attn is not None for b in (*self.double_blocks, *self.single_blocks)):
+            raise ConfigError("--parallel ulysses/ring cannot run with --fp8-attention")
+        self.sharder = SequenceSharder(state)
+        swap_attention(self, state, self.sharder)
 
     # ------------------------------------------------------------------------------------- weight loading
 

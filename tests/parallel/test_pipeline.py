@@ -11,6 +11,7 @@ from ditserve.engine import Engine
 from ditserve.parallel import ParallelConfig
 from ditserve.parallel.state import launch
 from ditserve.testing import build_tiny_flux_pipeline, build_tiny_z_image_pipeline
+from ditserve.testing_flux2 import build_tiny_flux2_pipeline
 from ditserve.testing_qwen_image import build_tiny_qwen_image_pipeline
 from ditserve.testing_wan import build_tiny_wan_pipeline
 
@@ -34,12 +35,16 @@ WAN_REQUESTS = [SamplingParams(prompt="a photo of a cat", negative_prompt="blurr
 # Qwen-Image: 5 x 5 image tokens, CFG with a prompt and a negative prompt of different lengths (masked text keys).
 QWEN_REQUESTS = [SamplingParams(prompt="a photo of a cat on a red sofa", negative_prompt="blurry", guidance=4.0,
                                 height=80, width=80, steps=2, seed=3)]
+# FLUX.2: 5 x 5 image tokens and 13 text tokens (padded shards).
+FLUX2_REQUESTS = [SamplingParams(prompt="a photo of a cat", height=80, width=80, steps=2, seed=3,
+                                 max_sequence_length=13)]
 PLANS = {
     2: [("z_image", "cfg=2"), ("z_image", "ulysses=2"), ("z_image", "ring=2"), ("flux", "ulysses=2"),
-        ("flux", "ring=2"), ("wan", "ulysses=2"), ("qwen_image", "ulysses=2"), ("qwen_image", "cfg=2")],
+        ("flux", "ring=2"), ("wan", "ulysses=2"), ("qwen_image", "ulysses=2"), ("qwen_image", "cfg=2"),
+        ("flux2", "ring=2")],
     4: [("z_image", "ulysses=2,cfg=2"), ("z_image", "ulysses=2,ring=2"), ("flux", "ulysses=4"),
         ("flux", "ulysses=2,ring=2"), ("wan", "ulysses=2,ring=2"), ("wan", "ring=2,cfg=2"),
-        ("qwen_image", "ulysses=2,ring=2")],
+        ("qwen_image", "ulysses=2,ring=2"), ("flux2", "ulysses=2,ring=2")],
 }
 
 
@@ -55,10 +60,12 @@ def models(tmp_path_factory):
     f = build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux"), seed=0)
     w = build_tiny_wan_pipeline(tmp_path_factory.mktemp("tiny-wan"), seed=0)
     q = build_tiny_qwen_image_pipeline(tmp_path_factory.mktemp("tiny-qwen-image"), seed=0)
+    f2 = build_tiny_flux2_pipeline(tmp_path_factory.mktemp("tiny-flux2"), seed=0)
     return {"z_image": (z, Z_IMAGE_REQUESTS, _one_process(z, Z_IMAGE_REQUESTS)),
             "flux": (f, FLUX_REQUESTS, _one_process(f, FLUX_REQUESTS)),
             "wan": (w, WAN_REQUESTS, _one_process(w, WAN_REQUESTS)),
-            "qwen_image": (q, QWEN_REQUESTS, _one_process(q, QWEN_REQUESTS))}
+            "qwen_image": (q, QWEN_REQUESTS, _one_process(q, QWEN_REQUESTS)),
+            "flux2": (f2, FLUX2_REQUESTS, _one_process(f2, FLUX2_REQUESTS))}
 
 
 def _assert_same_images(got, want, name):
