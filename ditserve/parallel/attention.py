@@ -58,9 +58,36 @@ def heads_to_seq(x: torch.Tensor, group, degree: int) -> torch.Tensor:
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   kv_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention with its log-sum-exp, in fp32: q (B, Lq, H, D), k, v (B, Lk, H, D), kv_valid (B, Lk) bool or
-    None -> (out (B, Lq, H, D) fp32, lse (B, H, Lq) fp32). A query whose keys are all masked gets out 0 and lse
-    -inf (it then weighs nothing in `merge`)."""
+    """Attention with its log-sum-exp: q (B, Lq, H, D), k, v (B, Lk, H, D), kv_valid (B, Lk) bool or None ->
+    (out (B, Lq, H, D) fp32, lse (B, H, Lq) fp32). A query whose keys are all masked gets out 0 and lse -inf (it
+    then weighs nothing in `merge`).
+
+    Fused kernels that return the log-sum-exp where there is one: on the CPU, PyTorch's flash attention (masks
+    as an additive bias); on CUDA in fp16/bf16 without a mask, FlashAttention-2 (PyTorch's). Elsewhere (CUDA with
+    a mask: only the padded ring chunks of lengths the degree does not divide) the scores in fp32 (`_math_lse`)."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D) views
+    if q.device.type == "cpu":
+        bias = None
+        if kv_valid is not None:  # (B, 1, 1, Lk) additive, in q's dtype (the kernel's rule)
+            bias = torch.zeros(kv_valid.shape, dtype=q.dtype, device=q.device).masked_fill(~kv_valid, float("-inf"))
+            bias = bias[:, None, None, :]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, attn_mask=bias)
+    elif q.device.type == "cuda" and kv_valid is None and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
+    else:
+        return _math_lse(q, k, v, kv_valid)
+    out, lse = out.transpose(1, 2).float(), lse.float()  # (B, Lq, H, D), (B, H, Lq)
+    if kv_valid is not None:  # an item whose keys here are all masked: the kernel's lse is 0, not -inf
+        empty = ~kv_valid.any(-1)  # (B,)
+        lse = lse.masked_fill(empty[:, None, None], float("-inf"))
+        out = out.masked_fill(empty[:, None, None, None], 0.0)
+    return out, lse
+
+
+def _math_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              kv_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_lse` in plain PyTorch, the scores (B, H, Lq, Lk) in fp32: the reference, and the masked CUDA
+    path."""
     s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * q.shape[-1] ** -0.5  # (B, H, Lq, Lk)
     if kv_valid is not None:
         s = s.masked_fill(~kv_valid[:, None, None, :], float("-inf"))

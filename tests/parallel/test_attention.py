@@ -7,7 +7,7 @@ import torch
 
 from ditserve.errors import ConfigError
 from ditserve.parallel import ParallelConfig
-from ditserve.parallel.attention import attention_lse, merge
+from ditserve.parallel.attention import _math_lse, attention_lse, merge
 from ditserve.parallel.state import launch
 
 from .workers import attention_cases, reference_attention
@@ -80,3 +80,32 @@ def test_parallel_config_parses_plans():
     assert ParallelConfig.parse(None) == ParallelConfig()
     c = ParallelConfig.parse(" ring=2, cfg=2 ")
     assert (c.ulysses, c.ring, c.cfg, c.world_size, c.sp) == (1, 2, 2, 4, 2)
+
+
+def test_fused_lse_matches_the_fp32_scores():
+    """The fused kernel's (out, lse) equal the reference's, items with every key masked included."""
+    q, k, v, _ = _inputs(3, 7, 2, 8, 0)
+    valid = torch.ones(3, 7, dtype=torch.bool)
+    valid[0, 4:] = False
+    valid[2] = False  # every key of item 2 masked: out 0, lse -inf
+    for mask in (None, valid):
+        out, lse = attention_lse(q, k, v, mask)
+        want_out, want_lse = _math_lse(q, k, v, mask)
+        torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_lse_matches_the_fp32_scores(dtype):
+    """On a GPU: the CUDA paths of attention_lse (FlashAttention-2 in bf16, the scores otherwise) against the
+    fp32 reference, at a FLUX.1-like head size."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 300, 4, 128, generator=g).cuda().to(dtype) for _ in range(3))
+    out, lse = attention_lse(q, k, v, None)
+    want_out, want_lse = _math_lse(q, k, v, None)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out, want_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse, want_lse, rtol=tol, atol=tol)
