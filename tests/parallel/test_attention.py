@@ -109,3 +109,21 @@ def test_cuda_lse_matches_the_fp32_scores(dtype):
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(out, want_out, rtol=tol, atol=tol)
     torch.testing.assert_close(lse, want_lse, rtol=tol, atol=tol)
+
+
+def test_sequence_parallelism_refuses_a_family_without_it_and_a_cache():
+    from torch import nn
+
+    from ditserve.models.flux import FluxConfig, FluxTransformer
+    from ditserve.parallel.sharding import enable_sequence_parallel
+    from ditserve.parallel.state import ParallelState
+
+    state = ParallelState(ParallelConfig(ulysses=2), 0, 2, torch.device("cpu"), 0, 0, 0, None, None, None, None)
+    with pytest.raises(ConfigError, match="Linear has no sequence parallelism"):
+        enable_sequence_parallel(nn.Linear(2, 2), state)
+    model = FluxTransformer(FluxConfig(num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                       num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=8,
+                                       in_channels=4, axes_dims_rope=(2, 2, 4)))
+    model.block_cache = object()
+    with pytest.raises(ConfigError, match="cannot run with --cache"):
+        enable_sequence_parallel(model, state)
