@@ -1,5 +1,5 @@
 """A sequence-parallel DiT compiles block by block with 0 graph breaks (the collectives are functional
-collectives in the graph) and computes what one process does."""
+collectives in the graph), does not recompile on the next forward, and computes what one process does."""
 
 from __future__ import annotations
 
