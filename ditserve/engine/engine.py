@@ -46,8 +46,8 @@ class Engine:
         from ditserve.pipelines import load_pipeline
 
         state = cls._join_parallel(config)
-        if state is not None and config.cuda_graphs == "auto":  # a graph of collectives: not built yet
-            config = dataclasses.replace(config, cuda_graphs="off")
+        if state is not None:  # this rank's own GPU; no CUDA graphs (a graph of collectives is not built yet)
+            config = dataclasses.replace(config, device=str(state.device), cuda_graphs="off")
         name, pipeline = load_pipeline(model, config)
         if state is not None and state.sp > 1:  # the DiT(s) on this rank's shard of the sequence
             from ditserve.parallel.sharding import enable_sequence_parallel
