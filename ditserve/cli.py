@@ -371,7 +371,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _refuse_parallel(engine: EngineConfig, command: str) -> None:
-    """serve and bench run in one process for now (rank 0 owning the queue is not built): --parallel is refused."""
+    """serve runs in one process for now (rank 0 owning the queue is not built): --parallel is refused."""
     from ditserve.parallel import ParallelConfig
 
     if ParallelConfig.parse(engine.parallel).enabled:
@@ -379,15 +379,32 @@ def _refuse_parallel(engine: EngineConfig, command: str) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ditserve.bench import bench_main, bench_params
+    from ditserve.bench import bench_params
 
     bench_params(args).validate()
     engine = engine_from_args(args)
     _setup_logging(args)
     check_engine(engine)
-    _refuse_parallel(engine, "bench")
+
+    from ditserve.parallel.launch import needs_workers
+
+    if needs_workers(engine.parallel):  # one process per rank, each running the same requests; rank 0 reports
+        from ditserve.parallel.launch import run_workers
+
+        return run_workers(_bench_rank, engine.parallel, engine.device, (args, engine))
+    return _bench_rank(None, args, engine)
+
+
+def _bench_rank(state, args: argparse.Namespace, engine: EngineConfig) -> int:
+    """bench in one process, or one rank of `bench --parallel` (spawned, or under torchrun): every rank runs the
+    same requests in lockstep (their collectives keep them so); only rank 0 prints the table and the record."""
+    from ditserve.bench import bench_main, bench_params, run_bench
+
     _quiet_libraries()
-    return bench_main(args, engine)
+    if state is None and os.environ.get("RANK", "0") == "0" or state is not None and state.is_main:
+        return bench_main(args, engine)
+    run_bench(args.model, engine, bench_params(args), args.runs, args.warmup)
+    return 0
 
 
 def _compile_report(args: argparse.Namespace) -> int:

@@ -98,7 +98,7 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto", p
     p.add_argument("--parallel", default=None, metavar="ulysses=U,ring=R,cfg=C",
                    help="run on several processes, one per GPU (with --device cpu: gloo processes): Ulysses and "
                         "ring sequence parallelism and the two CFG branches on two ranks; each part optional "
-                        "(default 1), their product the number of processes (generate only; also under torchrun)")
+                        "(default 1), their product the number of processes (generate and bench; also under torchrun)")
     p.add_argument("--no-compile-prewarm", dest="compile_prewarm", action="store_false",
                    help="with --compile: do not start the compile workers and the Triton kernels' compile early "
                         "(torch's default timing; slower cold start)")

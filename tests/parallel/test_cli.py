@@ -1,5 +1,6 @@
 """`ditserve generate --parallel` on the CPU: ditserve spawns gloo workers, rank 0 writes the image, which is the
-one-process image; serve and bench refuse the flag; a failing rank ends the run with one error line."""
+one-process image; bench reports once, from rank 0; serve refuses the flag; a failing rank ends the run with one
+error line."""
 
 from __future__ import annotations
 
@@ -51,10 +52,20 @@ def test_a_dead_rank_ends_the_run_instead_of_hanging(capfd):
     assert "rank 1 died (exit status 3)" in capfd.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["serve", "bench"])
-def test_serve_and_bench_refuse_parallel(command, capsys):
-    assert main([command, "--parallel", "ulysses=2", "--device", "cpu"]) == 2
-    assert "--parallel: " + command + " runs on one process" in capsys.readouterr().err
+def test_bench_parallel_reports_once_from_rank_0(folder, capfd):
+    import json
+
+    argv = ["bench", "--model", str(folder), "--device", "cpu", "--height", "64", "--width", "64", "--steps", "2",
+            "--runs", "1", "--warmup", "0", "--parallel", "ring=2"]
+    assert main(argv) == 0
+    records = [line for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(records) == 1, records
+    assert json.loads(records[0])["engine"]["parallel"] == "ring=2"
+
+
+def test_serve_refuses_parallel(capsys):
+    assert main(["serve", "--parallel", "ulysses=2", "--device", "cpu"]) == 2
+    assert "--parallel: serve runs on one process" in capsys.readouterr().err
 
 
 def test_a_bad_plan_is_one_line(capsys):
