@@ -127,7 +127,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_valid: 
 
 class SequenceParallelAttention(nn.Module):
     """Attention over a sequence sharded across the ulysses x ring ranks of `state`. Wraps the block's own
-    `Attention` (the backend Ulysses runs on whole sequences); forward(q, k, v, mask) like it, with q, k, v this
+    `Attention` (the backend Ulysses runs on whole sequences; with a padded, masked sequence and a backend that
+    takes no mask, `attention_lse` instead); forward(q, k, v, mask) like it, with q, k, v this
     rank's shard (B, Ls, H, D) and `mask` None or a key mask over the whole padded sequence, (B, Ls*sp) or
     (B, 1, 1, Ls*sp) bool (True = attend). `mask_source` (a `SequenceSharder`): where a call without a mask finds
     the current forward's, for blocks that pass attention none."""
@@ -154,9 +155,10 @@ class SequenceParallelAttention(nn.Module):
             q, k, v = (seq_to_heads(t, self.ulysses_group, U) for t in (q, k, v))  # (B, Ls*U, Hp/U, D)
         if self.ring > 1:
             out = ring_attention(q, k, v, mask, self.ring_group, self.ring_rank, self.ring)
+        elif mask is not None and not getattr(self.inner, "supports_mask", True):  # a backend without masks
+            out = attention_lse(q, k, v, mask)[0].to(q.dtype)
         else:
-            full = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S)
-            out = self.inner(q, k, v, full)
+            out = self.inner(q, k, v, None if mask is None else mask[:, None, None, :])  # mask (B, 1, 1, S)
         if U > 1:
             out = heads_to_seq(out, self.ulysses_group, U)[:, :, :H]  # (B, Ls, H, D)
         return out

@@ -23,7 +23,7 @@ def shard(x, state, sp):
 
 
 def attention_cases(state, cases):
-    """Each (plan, q, k, v, kv_valid, compile_) of `cases` on this world (the groups of each plan built in
+    """Each (plan, q, k, v, kv_valid, compile_[, maskless]) of `cases` on this world (the groups of each plan built in
     turn); -> [(the gathered output, graph breaks or None)] per case."""
     from ditserve.parallel import ParallelConfig
     from ditserve.parallel.state import init_parallel
@@ -34,10 +34,21 @@ def attention_cases(state, cases):
     return results
 
 
-def attention_case(state, q, k, v, kv_valid, compile_):
-    """Every rank's shard through SequenceParallelAttention; -> (the gathered output, graph breaks or None)."""
+class MasklessBackend(torch.nn.Module):
+    """An attention backend that takes no mask (as flash-attn's): a mask reaching it fails the test."""
+
+    supports_mask = False
+
+    def forward(self, q, k, v, mask=None):
+        assert mask is None, "a mask reached a backend that takes none"
+        return reference_attention(q, k, v, None)
+
+
+def attention_case(state, q, k, v, kv_valid, compile_, maskless=False):
+    """Every rank's shard through SequenceParallelAttention (over `MasklessBackend` with `maskless`); -> (the
+    gathered output, graph breaks or None)."""
     sp = state.config.sp
-    op = SequenceParallelAttention(Attention("sdpa"), state)
+    op = SequenceParallelAttention(MasklessBackend() if maskless else Attention("sdpa"), state)
     args = [shard(t, state, sp) for t in (q, k, v)]
     breaks = None
     if compile_:
@@ -100,3 +111,4 @@ def compiled_flux_case(state, config, weights, inputs):
         with torch._dynamo.config.patch(error_on_recompile=True):
             model(**again)
         return out, breaks
+
