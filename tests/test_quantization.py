@@ -187,12 +187,15 @@ def test_loader_quantises_the_declared_layers(load_format):
 
 
 class EnginePipeline:
-    """Just enough of a pipeline for an Engine behind a server that does not warm up: a spec and a device."""
+    """Just enough of a pipeline for an Engine behind a server that does not warm up: a spec, capabilities and a
+    device."""
 
     def __init__(self, engine: EngineConfig):
+        from ditserve.engine import Capabilities
         from ditserve.registry import preset
 
         self.spec, self.device, self.engine, self.cache = preset("flux.1-schnell"), torch.device("cpu"), engine, None
+        self.capabilities = Capabilities(family="FLUX.1", guidance="none")
 
 
 def test_ready_reports_the_quantization():
