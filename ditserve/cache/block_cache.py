@@ -8,7 +8,8 @@ A model opts in by declaring the block interface (every DiT in `ditserve.models`
     block_cache                                 attribute its forward consults: None, or a BlockCache
 
 The block state is a tuple of tensors whose first entry is the image stream (FLUX: (img, txt); a single-stream
-model: (x,)). Its forward does `prepare` -> `block_cache.run(model, state, ctx)` (or all blocks) -> `finish`.
+model: (x,)). Its forward does `prepare` -> `run_all_blocks(model, state, ctx)` (through
+the cache if one is mounted, else all blocks) -> `finish`.
 One step of the cache, for the active CFG branch:
 
     state    = blocks [0, fn)                        always
@@ -56,6 +57,14 @@ class BlockCacheable(Protocol):
 
     def run_blocks(self, state: State, ctx, start: int, stop: int) -> State: ...
 
+
+
+def run_all_blocks(model: BlockCacheable, state: State, ctx) -> State:
+    """Every block of `model` on `state` (what a model's forward does between `prepare` and `finish`): through
+    its mounted block cache, or blocks [0, num_blocks) when none is mounted."""
+    if model.block_cache is None:
+        return model.run_blocks(state, ctx, 0, model.num_blocks)
+    return model.block_cache.run(model, state, ctx)
 
 class TaylorSeer:
     """Extrapolates a sequence of tensor tuples sampled at integer steps (the computed steps) to a later step.

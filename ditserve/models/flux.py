@@ -13,15 +13,16 @@ H heads, Dh head_dim, C in_channels.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditserve.cache.block_cache import run_all_blocks
 from ditserve.config import ConfigError, ModelSpec
+from ditserve.models import config_from_diffusers
 from ditserve.dummy_run import in_dummy_run
 from ditserve.ops import (
     Attention, Fp8Attention, Fp8Linear, Linear, LinearGELU, MulAdd, NormScaleShift, OpsConfig, ResidualNormScaleShift,
@@ -84,31 +85,12 @@ class FluxConfig:
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> "FluxConfig":
-        """From a diffusers `FluxTransformer2DModel` config.json dict. Keys starting with "_" (class name,
-        versions) are ignored; any other key we do not know raises ConfigError (a config written by a newer
-        diffusers may mean an architecture change we must not silently ignore)."""
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ConfigError(
-                f"unsupported FluxTransformer2DModel config keys {unknown}; supported: {sorted(known)}")
-        return cls(**kwargs)
+        """From a diffusers `FluxTransformer2DModel` config.json dict; an unknown key raises ConfigError
+        (`ditserve.models.config_from_diffusers`)."""
+        return config_from_diffusers(cls, d, "FluxTransformer2DModel")
 
 
 # ------------------------------------------------------------------------------------------------ embedders
-
-
-def timestep_embedding(t: torch.Tensor, dim: int = TIME_EMBED_DIM, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of (already x1000-scaled) timesteps: t (B,) -> (B, dim) float32, [cos | sin].
-
-    Frequencies exp(-ln(max_period) * i / (dim/2)), i < dim/2: diffusers' `Timesteps(dim, flip_sin_to_cos=True,
-    downscale_freq_shift=0)`, op for op, so fp32 results are bit-identical.
-    """
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    args = t.float()[:, None] * torch.exp(exponent)[None, :]  # (B, dim/2)
-    return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)  # (B, dim)
 
 
 class MLPEmbedder(nn.Module):
@@ -406,11 +388,7 @@ class FluxTransformer(nn.Module):
     ) -> torch.Tensor:
         state, ctx = self.prepare(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
                                   txt_ids, guidance, conditioning)
-        if self.block_cache is None:
-            state = self.run_blocks(state, ctx, 0, self.num_blocks)
-        else:
-            state = self.block_cache.run(self, state, ctx)
-        return self.finish(state, ctx)
+        return self.finish(run_all_blocks(self, state, ctx), ctx)
 
     # ----------------------------------------------------------------------------------- block interface
 
@@ -463,11 +441,12 @@ class FluxTransformer(nn.Module):
         N, B = timesteps.shape
         dtype = self.x_embedder.weight.dtype  # the compute dtype (the embedders are never quantised)
         # As diffusers: round the timestep to the model dtype, then scale by 1000.
-        t_freq = timestep_embedding(timesteps.reshape(N * B).to(dtype) * 1000).to(dtype)  # (N*B, 256)
+        t_freq = Fn.timestep_features(timesteps.reshape(N * B).to(dtype) * 1000, TIME_EMBED_DIM).to(dtype)  # (N*B, 256)
         temb = self.time_embedder(t_freq) + self.pooled_embedder(pooled_projections).repeat(N, 1)  # (N*B, D)
         if self.guidance_embedder is not None:
             g = guidance.expand(N, B).reshape(N * B)
-            temb = temb + self.guidance_embedder(timestep_embedding(g.to(dtype) * 1000).to(dtype))  # (N*B, D)
+            g_freq = Fn.timestep_features(g.to(dtype) * 1000, TIME_EMBED_DIM).to(dtype)  # (N*B, 256)
+            temb = temb + self.guidance_embedder(g_freq)  # (N*B, D)
         silu = F.silu(temb)
         blocks = () if self.blocks_take_temb else (*self.double_blocks, *self.single_blocks)
         mods = [block.modulation(silu).unflatten(0, (N, B)) for block in blocks]  # (N, B, kD) each

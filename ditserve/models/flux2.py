@@ -24,15 +24,16 @@ head_dim (hidden), H heads, Dh head_dim, C in_channels, F = mlp_ratio * D the ML
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditserve.cache.block_cache import run_all_blocks
 from ditserve.config import ConfigError
+from ditserve.models import config_from_diffusers
 from ditserve.dummy_run import in_dummy_run
 from ditserve.ops import (
     Attention, Fp8Attention, Fp8Linear, Linear, MulAdd, NormScaleShift, OpsConfig, ResidualNormScaleShift, RMSNorm,
@@ -103,28 +104,12 @@ class Flux2Config:
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> "Flux2Config":
-        """From a diffusers `Flux2Transformer2DModel` config.json dict. Keys starting with "_" are ignored; any
-        other key we do not know raises ConfigError (a newer diffusers may mean an architecture change)."""
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ConfigError(f"unsupported Flux2Transformer2DModel config keys {unknown}; supported: "
-                              f"{sorted(known)}")
-        return cls(**kwargs)
+        """From a diffusers `Flux2Transformer2DModel` config.json dict; an unknown key raises ConfigError
+        (`ditserve.models.config_from_diffusers`)."""
+        return config_from_diffusers(cls, d, "Flux2Transformer2DModel")
 
 
 # ------------------------------------------------------------------------------------------------ embedders
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of (already x1000-scaled) timesteps: t (B,) -> (B, dim) float32, [cos | sin], with
-    frequencies exp(-ln(max_period) * i / (dim/2)), i < dim/2 (diffusers' `Timesteps(dim, flip_sin_to_cos=True,
-    downscale_freq_shift=0)`, op for op)."""
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    args = t.float()[:, None] * torch.exp(exponent)[None, :]  # (B, dim/2)
-    return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)  # (B, dim)
 
 
 class MLPEmbedder(nn.Module):
@@ -350,11 +335,7 @@ class Flux2Transformer(nn.Module):
                 out_tokens: int | None = None) -> torch.Tensor:
         state, ctx = self.prepare(hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, guidance,
                                   out_tokens)
-        if self.block_cache is None:
-            state = self.run_blocks(state, ctx, 0, self.num_blocks)
-        else:
-            state = self.block_cache.run(self, state, ctx)
-        return self.finish(state, ctx)
+        return self.finish(run_all_blocks(self, state, ctx), ctx)
 
     # ----------------------------------------------------------------------------------- block interface
 
@@ -398,10 +379,10 @@ class Flux2Transformer(nn.Module):
         D = c.inner_dim
         dtype = self.x_embedder.weight.dtype  # the compute dtype (the embedders are never quantised)
         # As diffusers: round the timestep (and guidance) to the model dtype, then scale by 1000.
-        t_freq = timestep_embedding(timestep.to(dtype) * 1000, c.timestep_guidance_channels).to(dtype)  # (B, 256)
+        t_freq = Fn.timestep_features(timestep.to(dtype) * 1000, c.timestep_guidance_channels).to(dtype)  # (B, 256)
         temb = self.time_embedder(t_freq)  # (B, D)
         if self.guidance_embedder is not None:
-            g_freq = timestep_embedding(guidance.to(dtype) * 1000, c.timestep_guidance_channels).to(dtype)
+            g_freq = Fn.timestep_features(guidance.to(dtype) * 1000, c.timestep_guidance_channels).to(dtype)
             temb = temb + self.guidance_embedder(g_freq)  # (B, D)
         mod = self.mod(F.silu(temb)).unsqueeze(1)  # (B, 1, 15D)
         mod_img, mod_txt, mod_single = mod.split((6 * D, 6 * D, 3 * D), dim=-1)

@@ -29,21 +29,23 @@ Dh head_dim.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditserve.cache.block_cache import run_all_blocks
 from ditserve.config import ConfigError
+from ditserve.models import config_from_diffusers
 from ditserve.dummy_run import in_dummy_run
 from ditserve.ops import (
     Attention, Fp8Linear, Linear, LinearGELU, MulAdd, NormScaleShift, OpsConfig, ResidualNormScaleShift, RMSNorm,
     RMSNormRotary,
 )
+from ditserve.ops.functional import timestep_features
 
 ROPE_THETA = 10000  # diffusers' QwenEmbedRope(theta=10000)
 ROPE_TABLE_LEN = 4096  # diffusers' tables hold positions -4096 .. 4095 on each axis
@@ -109,31 +111,12 @@ class QwenImageConfig:
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> "QwenImageConfig":
-        """From a diffusers `QwenImageTransformer2DModel` config.json dict. Keys starting with "_" (class name,
-        versions) are ignored; any other key we do not know raises ConfigError."""
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ConfigError(
-                f"unsupported QwenImageTransformer2DModel config keys {unknown}; supported: {sorted(known)}")
-        return cls(**kwargs)
+        """From a diffusers `QwenImageTransformer2DModel` config.json dict; an unknown key raises ConfigError
+        (`ditserve.models.config_from_diffusers`)."""
+        return config_from_diffusers(cls, d, "QwenImageTransformer2DModel")
 
 
 # ------------------------------------------------------------------------------------------------ embedders
-
-
-def timestep_embedding(t: torch.Tensor, dim: int = TIME_FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of timesteps t (B,) in [0, 1], in the model dtype -> (B, dim) fp32, [cos | sin].
-
-    As diffusers' `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000)` computes them, op for
-    op: the fp32 frequencies exp(-ln(max_period) i / (dim/2)) times t (in fp32), then times the scale 1000.
-    """
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    args = t[:, None].float() * torch.exp(exponent)[None, :]  # (B, dim/2)
-    args = TIME_SCALE * args
-    return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)  # (B, dim)
 
 
 def rope_cos_sin(pos: torch.Tensor, axes_dims: Sequence[int], theta: float = ROPE_THETA
@@ -371,11 +354,7 @@ class QwenImageTransformer(nn.Module):
                 conditioning: QwenImageConditioning | None = None) -> torch.Tensor:
         state, ctx = self.prepare(hidden_states, encoder_hidden_states, timestep, img_shapes,
                                   encoder_hidden_states_mask, conditioning)
-        if self.block_cache is None:
-            state = self.run_blocks(state, ctx, 0, self.num_blocks)
-        else:
-            state = self.block_cache.run(self, state, ctx)
-        return self.finish(state, ctx)
+        return self.finish(run_all_blocks(self, state, ctx), ctx)
 
     # ----------------------------------------------------------------------------------- block interface
 
@@ -461,14 +440,15 @@ class QwenImageTransformer(nn.Module):
         N, B = timesteps.shape
         dtype = self.img_in.weight.dtype  # the compute dtype (the embedders are never quantised)
         t = timesteps.reshape(N * B).to(dtype)
-        temb = self.time_embedder(timestep_embedding(t).to(dtype))  # (N*B, D)
+        temb = self.time_embedder(timestep_features(t, TIME_FREQ_DIM, scale=TIME_SCALE).to(dtype))  # (N*B, D)
         silu = F.silu(temb)
         mods = [block.modulation(silu).unflatten(0, (N, B)) for block in self.transformer_blocks]  # (N, B, 12D)
         temb = temb.unflatten(0, (N, B))  # (N, B, D)
         ref_mods = None
         if self.config.zero_cond_t:  # the image half of every block's vectors at t = 0 (the same for every step)
             t0 = torch.zeros(1, dtype=dtype, device=timesteps.device)
-            silu0 = F.silu(self.time_embedder(timestep_embedding(t0).to(dtype)))  # (1, D)
+            t0_freq = timestep_features(t0, TIME_FREQ_DIM, scale=TIME_SCALE).to(dtype)  # (1, 256)
+            silu0 = F.silu(self.time_embedder(t0_freq))  # (1, D)
             D6 = 6 * self.config.inner_dim
             ref_mods = tuple(block.modulation(silu0)[:, :D6] for block in self.transformer_blocks)  # (1, 6D) each
         return [QwenImageConditioning(temb=temb[i], mods=tuple(m[i] for m in mods), ref_mods=ref_mods)

@@ -32,19 +32,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditserve.cache.block_cache import run_all_blocks
 from ditserve.config import ConfigError
+from ditserve.models import config_from_diffusers
 from ditserve.dummy_run import in_dummy_run
 from ditserve.ops import (
     Attention, Linear, LinearGELU, NormScaleShift, OpsConfig, ResidualNormScaleShift, RMSNorm, Rotary,
     axial_rope_cos_sin,
 )
+from ditserve.ops.functional import timestep_features
 
 ROPE_THETA = 10000.0
 IMAGE_NORM_EPS = 1e-5  # the image embedder's LayerNorms (nn.LayerNorm's default eps in diffusers)
@@ -124,26 +127,12 @@ class WanConfig:
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> "WanConfig":
-        """From a diffusers `WanTransformer3DModel` config.json dict. Keys starting with "_" are ignored; any
-        other key we do not know raises ConfigError."""
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ConfigError(f"unsupported WanTransformer3DModel config keys {unknown}; supported: {sorted(known)}")
-        return cls(**kwargs)
+        """From a diffusers `WanTransformer3DModel` config.json dict; an unknown key raises ConfigError
+        (`ditserve.models.config_from_diffusers`)."""
+        return config_from_diffusers(cls, d, "WanTransformer3DModel")
 
 
 # ------------------------------------------------------------------------------------------------ embedders
-
-
-def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of raw timesteps, [cos | sin] (diffusers' `Timesteps(dim, flip_sin_to_cos=True,
-    downscale_freq_shift=0)`): t (N,) -> (N, dim) float32, frequencies exp(-ln(max_period) * i / (dim/2))."""
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    args = t[:, None].float() * torch.exp(exponent)[None]  # (N, dim/2)
-    return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)  # (N, dim)
 
 
 def rope_tables(frames: int, rows: int, cols: int, rope_dims: Sequence[int], device=None
@@ -379,11 +368,7 @@ class WanTransformer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_hidden_states_image: torch.Tensor | None = None) -> torch.Tensor:
         state, ctx = self.prepare(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image)
-        if self.block_cache is None:
-            state = self.run_blocks(state, ctx, 0, self.num_blocks)
-        else:
-            state = self.block_cache.run(self, state, ctx)
-        return self.finish(state, ctx)
+        return self.finish(run_all_blocks(self, state, ctx), ctx)
 
     # ----------------------------------------------------------------------------------- block interface
 

@@ -28,18 +28,20 @@ Dh = D / H head_dim, A = min(D, 256) the AdaLN width, F = int(D / 3 * 8) the FFN
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditserve.cache.block_cache import run_all_blocks
 from ditserve.config import ConfigError
+from ditserve.models import config_from_diffusers
 from ditserve.dummy_run import in_dummy_run
 from ditserve.ops import Attention, LayerNorm, Linear, NormTanhGate, OpsConfig, RMSNorm, RMSNormRotary
+from ditserve.ops.functional import timestep_features
 
 SEQ_MULTI_OF = 32  # image and caption token counts are padded to a multiple of this, per item
 ADALN_EMBED_DIM = 256  # the AdaLN input width is min(dim, this)
@@ -146,27 +148,12 @@ class ZImageConfig:
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> "ZImageConfig":
-        """From a diffusers `ZImageTransformer2DModel` config.json dict. Keys starting with "_" (class name,
-        versions) are ignored; any other key we do not know raises ConfigError."""
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ConfigError(
-                f"unsupported ZImageTransformer2DModel config keys {unknown}; supported: {sorted(known)}")
-        return cls(**kwargs)
+        """From a diffusers `ZImageTransformer2DModel` config.json dict; an unknown key raises ConfigError
+        (`ditserve.models.config_from_diffusers`)."""
+        return config_from_diffusers(cls, d, "ZImageTransformer2DModel")
 
 
 # ------------------------------------------------------------------------------------------------ embedders
-
-
-def timestep_embedding(t: torch.Tensor, dim: int = TIME_FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of (already t_scale-scaled) timesteps: t (B,) -> (B, dim) float32, [cos | sin], with
-    frequencies exp(-ln(max_period) * i / (dim/2)), i < dim/2 (diffusers' Z-Image `TimestepEmbedder`, op for op)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]  # (B, dim/2)
-    return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)  # (B, dim)
 
 
 def rope_cos_sin(ids: torch.Tensor, axes_dims: Sequence[int], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,11 +355,7 @@ class ZImageTransformer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_lens: Sequence[int] | None = None) -> torch.Tensor:
         state, ctx = self.prepare(hidden_states, timestep, encoder_hidden_states, encoder_lens)
-        if self.block_cache is None:
-            state = self.run_blocks(state, ctx, 0, self.num_blocks)
-        else:
-            state = self.block_cache.run(self, state, ctx)
-        return self.finish(state, ctx)
+        return self.finish(run_all_blocks(self, state, ctx), ctx)
 
     # ----------------------------------------------------------------------------------- block interface
 
@@ -427,7 +410,8 @@ class ZImageTransformer(nn.Module):
         shared = all(n == P for n in padded)  # one padded caption length: no mask, one RoPE table
 
         # Timestep: sinusoidal features of t * t_scale (fp32), cast to the MLP's dtype; the result in the model's.
-        t_freq = timestep_embedding(timestep * c.t_scale).to(self.t_embedder.in_layer.weight.dtype)  # (B, 256)
+        t_freq = timestep_features(timestep * c.t_scale, TIME_FREQ_DIM)  # (B, 256) fp32
+        t_freq = t_freq.to(self.t_embedder.in_layer.weight.dtype)
         adaln = self.t_embedder(t_freq).to(hidden_states.dtype)  # (B, A)
 
         # Image tokens: p x p patches, features ordered (pH, pW, C), embedded, padded to Lp with x_pad_token.

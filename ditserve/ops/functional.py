@@ -107,6 +107,19 @@ def mul_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, k: float) -> torc
     return (_up(a) * (k + _up(b)) + _up(c)).to(a.dtype)
 
 
+def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0, scale: float = 1.0) -> torch.Tensor:
+    """Sinusoidal features of timesteps, [cos | sin]: t (N,) -> (N, dim) float32. diffusers' `Timesteps(dim,
+    flip_sin_to_cos=True, downscale_freq_shift=0, scale)` op for op, so fp32 results are bit-identical: the fp32
+    frequencies exp(-ln(max_period) * i / (dim/2)), i < dim/2, times t in fp32, then times `scale` (where not 1).
+    Every family's timestep (and guidance) embedder starts with it."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    args = t.float()[:, None] * torch.exp(exponent)[None, :]  # (N, dim/2)
+    if scale != 1:
+        args = scale * args
+    return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)  # (N, dim)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotate pairs of channels of x by angles whose cos/sin are given.
 

@@ -70,6 +70,27 @@ class Timesteps:
     scheduler: Any  # a diffusers scheduler with set_timesteps and set_begin_index(0) done
 
 
+def open_input_image(image: Any) -> Any:
+    """An input image (an entry of `SamplingParams.images`: a PIL image, or a path to one) as a loaded PIL image
+    in its own mode; a ConfigError names what failed."""
+    from pathlib import Path
+
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image
+    if not isinstance(image, (str, Path)):
+        raise ConfigError(f"images: each input image must be a PIL image or a file path, got {type(image).__name__}")
+    try:
+        with Image.open(image) as img:
+            img.load()
+            return img
+    except FileNotFoundError:
+        raise ConfigError(f"images: cannot read {str(image)!r}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ConfigError(f"images: cannot read {str(image)!r}: not an image Pillow can read ({e})") from None
+
+
 def default_image_size(vae_sample_size: int | None) -> int:
     """A checkpoint's default image side: its VAE's natural size (config sample_size; 1024 for FLUX.1's VAE,
     smaller for tiny test models), rounded down to a multiple of 16, at least 64."""

@@ -44,7 +44,7 @@ from ditserve.config import ModelSpec, SamplingParams
 from ditserve.engine.request import Capabilities
 from ditserve.errors import ConfigError
 from ditserve.logging import init_logger
-from ditserve.pipelines.base import Pipeline, Timesteps, default_image_size
+from ditserve.pipelines.base import Pipeline, Timesteps, default_image_size, open_input_image
 
 logger = init_logger(__name__)
 
@@ -379,16 +379,7 @@ class Flux2Pipeline(Pipeline):
     def load_reference(self, image: Any) -> torch.Tensor:
         """A reference image (path or PIL image) -> (1, 3, H', W') in [-1, 1]: checked (at least 64 px a side,
         aspect at most 8:1), scaled to at most 1024^2 pixels, cropped to multiples of 16 (diffusers' rules)."""
-        from PIL import Image
-
-        if isinstance(image, (str, Path)):
-            try:
-                image = Image.open(image)
-                image.load()
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"images: cannot read {image}: {e}") from e
-        if not isinstance(image, Image.Image):
-            raise ConfigError(f"images: each must be a path or a PIL image, got {type(image).__name__}")
+        image = open_input_image(image)
         try:
             self.image_processor.check_image_input(image)
         except ValueError as e:

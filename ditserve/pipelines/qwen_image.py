@@ -42,12 +42,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ditserve.config import ConfigError, EngineConfig, ModelSpec, SamplingParams
 from ditserve.engine.request import Capabilities
 from ditserve.logging import init_logger
-from ditserve.pipelines.base import Pipeline, Timesteps, config_dict
+from ditserve.pipelines.base import Pipeline, Timesteps, config_dict, open_input_image
 from ditserve.pipelines.sampling import calculate_shift
 
 logger = init_logger(__name__)
@@ -88,17 +88,8 @@ def area_dimensions(area: int, ratio: float) -> tuple[int, int]:
 
 def open_image(image: Any):
     """An input image (a PIL image, or a path to one) as an RGB PIL image; a ConfigError names what failed."""
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    if not isinstance(image, (str, Path)):
-        raise ConfigError(f"images: each input image must be a PIL image or a file path, got {type(image).__name__}")
-    try:
-        with Image.open(image) as img:
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise ConfigError(f"images: {str(image)!r}: no such file") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ConfigError(f"images: {str(image)!r}: not an image Pillow can read ({e})") from None
+    image = open_input_image(image)
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from ditserve.config import ModelSpec, SamplingParams
 from ditserve.engine.request import Capabilities
 from ditserve.errors import ConfigError
 from ditserve.logging import init_logger
-from ditserve.pipelines.base import Pipeline, Timesteps, to_uint8
+from ditserve.pipelines.base import Pipeline, Timesteps, open_input_image, to_uint8
 
 logger = init_logger(__name__)
 
@@ -268,19 +268,7 @@ class WanPipeline(Pipeline):
 
     def load_image(self, image: Any):
         """A path or PIL image -> an RGB PIL image."""
-        from pathlib import Path
-
-        from PIL import Image
-
-        if isinstance(image, (str, Path)):
-            try:
-                image = Image.open(image)
-                image.load()
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"images: cannot read {image}: {e}") from e
-        if not isinstance(image, Image.Image):
-            raise ConfigError(f"images: the input must be a path or a PIL image, got {type(image).__name__}")
-        return image.convert("RGB")
+        return open_input_image(image).convert("RGB")
 
     def encode_condition(self, image, params: SamplingParams) -> torch.Tensor:
         """The VAE condition of the input image (`WanText.condition`), fp32: the image resized to the output size
