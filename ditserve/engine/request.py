@@ -31,7 +31,7 @@ class Capabilities:
     guidance: "none" (guidance must be 0 or unset), "distilled" (a guidance embedding in the DiT) or "cfg"
         (classifier-free guidance with a negative prompt: two branches a step).
     output: "image" or "video". max_input_images: input images accepted (0: text-to-image/video only).
-    two_experts: a second (low-noise) expert with its own guidance scale, `guidance_2` (Wan 2.2 A14B-like).
+    two_experts: a second (low-noise) expert with its own guidance scale, `guidance_2` (a two-expert video model).
     size_multiple, min_size, max_size: the output size rule in pixels.
     frame_rule: (k, r): num_frames % k == r (video families), None for images.
     """
