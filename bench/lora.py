@@ -4,6 +4,13 @@ Both unfused layouts (`LoRAConfig.unfused_impl`: "concat", the default, keys wit
 `*_separate*`). One JSON line last.
 
     python bench/lora.py [--size 1024] [--rank 64] [--iters 20] [--no-compile] [--fp8]
+    python bench/lora.py --interleave 8 [--iters 10]
+
+`--interleave R` is the per-step overhead measured so that GPU clock and power drift cancel: three compiled models
+live at once (no adapter; the adapter fused; the adapter unfused in the default layout), timed in R rounds,
+each round timing every model once (--iters calls, median) in a rotated order. It reports each model's median over
+the rounds and the overhead of each round's pair (unfused / no adapter - 1, fused / no adapter - 1): their median,
+min and max. (Separate runs of separately built models differed by several percent for the same GEMMs.)
 
 The adapter is random, in diffusers' format (`transformer.<module>.lora_A/B.weight`, bf16), on the layers
 trainers usually adapt: every attention projection and MLP Linear of both block kinds (the modulation Linears
@@ -84,6 +91,37 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def interleaved(args, base: EngineConfig, out: dict) -> None:
+    """See the module docstring: three models alive at once, timed round by round."""
+    import statistics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models = {"none": build(base, args.compile)}
+        file = write_adapter(Path(tmp), models["none"], args.rank, 1)
+        out["adapter_mib"] = round(file.stat().st_size / 2**20, 1)
+        cfg = LoRAConfig((LoRASpec(str(file), 1.0, name="a"),), mode="fuse")
+        models["fused"] = build(dataclasses.replace(base, lora=cfg), args.compile)
+        unfused = dataclasses.replace(cfg, mode="unfused")
+        out["unfused_impl"] = unfused.unfused_impl
+        models["unfused"] = build(dataclasses.replace(base, lora=unfused), args.compile)
+        names = list(models)
+        rounds: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(args.interleave):
+            order = names[r % 3:] + names[:r % 3]
+            for n in order:
+                rounds[n].append(step_ms(models[n], args.size, args.iters))
+            log(f"round {r}: " + ", ".join(f"{n} {rounds[n][-1]:.2f} ms" for n in names))
+    out["rounds_ms"] = {n: [round(x, 3) for x in v] for n, v in rounds.items()}
+    for n in names:
+        out[f"{n}_median_ms"] = round(statistics.median(rounds[n]), 3)
+    for n in ("fused", "unfused"):
+        pairs = [a / b - 1 for a, b in zip(rounds[n], rounds["none"])]
+        out[f"{n}_overhead"] = {"median": round(statistics.median(pairs), 4), "min": round(min(pairs), 4),
+                                "max": round(max(pairs), 4)}
+        log(f"{n}: overhead per round median {statistics.median(pairs):+.2%} (min {min(pairs):+.2%}, "
+            f"max {max(pairs):+.2%})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=1024)
@@ -91,11 +129,19 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--fp8", action="store_true", help="the fp8 tier (--quantization fp8)")
+    ap.add_argument("--interleave", type=int, default=0, metavar="R",
+                    help="R interleaved rounds of three live models (see above) instead of the sequential run")
     args = ap.parse_args()
     base = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=args.compile,
                         quantization="fp8" if args.fp8 else None)
     out: dict = dict(bench="lora", commit=commit(), preset=PRESET, size=args.size, rank=args.rank,
-                     compiled=args.compile, quantization=base.quantization, device=torch.cuda.get_device_name())
+                     compiled=args.compile, quantization=base.quantization, device=torch.cuda.get_device_name(),
+                     torch=torch.__version__)
+    if args.interleave:
+        out["mode"] = "interleaved"
+        interleaved(args, base, out)
+        print(json.dumps(out))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model = build(base, args.compile)
         files = [write_adapter(Path(tmp), model, args.rank, seed) for seed in (1, 2)]

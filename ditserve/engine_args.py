@@ -16,7 +16,7 @@ from ditserve.config import (
 
 # The names of `ditserve.ops.attention.BACKENDS` (a test holds them equal), here so that parsing the flags does
 # not import torch: `ditserve --help` and an argument error stay fast.
-ATTENTION_BACKENDS = ("sdpa", "flash-attn", "fa4", "sage")
+ATTENTION_BACKENDS = ("sdpa", "flash-attn", "fa3", "fa4", "sage")
 # Flags that only matter once a whole pipeline runs (VAE decode, CFG, CUDA graphs of the denoise loop, the cache
 # backend): a subcommand that runs the transformer alone (compile-report) leaves them out.
 PIPELINE_FLAGS = ("--vae-tiling", "--compile-vae", "--cuda-graphs", "--vae-streaming", "--cfg-mode",

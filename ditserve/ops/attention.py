@@ -2,9 +2,11 @@
 
 All backends take and return (B, L, H, D) tensors. `sdpa` (PyTorch's scaled_dot_product_attention, which
 picks cuDNN / flash / memory-efficient kernels itself) is the default and works everywhere. `flash-attn`
-(the flash_attn package, FlashAttention-2), `fa4` (the flash-attn-4 package: FlashAttention's CuTe-DSL kernels,
-Hopper and Blackwell) and `sage` (the sageattention package) are used when importable; asking for one that is
-not installed raises an error naming the package. No mask is passed unless the caller gives one, so SDPA can take
+(the flash_attn package, FlashAttention-2), `fa3` (FlashAttention-3's Hopper kernels: the `flash_attn_interface`
+module that flash-attention's hopper/ build installs, or the forward-only `fa3-fwd` wheel's `fa3_fwd_interface`),
+`fa4` (the flash-attn-4 package: FlashAttention's CuTe-DSL kernels, Hopper and Blackwell) and `sage` (the
+sageattention package) are used when importable; asking for one that is not installed raises an error naming the
+package. No mask is passed unless the caller gives one, so SDPA can take
 its fastest (mask-free) kernels.
 """
 
@@ -25,11 +27,14 @@ from ditserve.ops.base import CustomOp, OpsConfig
 BACKENDS: dict[str, tuple[str, str] | None] = {
     "sdpa": None,
     "flash-attn": ("flash_attn.flash_attn_interface", "flash-attn"),
+    "fa3": ("flash_attn_interface", "flash-attn 3 (flash-attention's hopper/ build) or fa3-fwd"),
     "fa4": ("flash_attn.cute", "flash-attn-4"),
     "sage": ("sageattention", "sageattention"),
 }
+# Modules that provide a backend besides BACKENDS' own (the first importable one is used).
+ALTERNATIVE_MODULES: dict[str, tuple[str, ...]] = {"fa3": ("fa3_fwd_interface",)}
 # CUDA compute capabilities (major) each backend's kernels run on; absent = any device its package supports.
-CUDA_MAJORS: dict[str, tuple[int, ...]] = {"fa4": (9, 10)}
+CUDA_MAJORS: dict[str, tuple[int, ...]] = {"fa3": (9,), "fa4": (9, 10)}
 
 
 def _sdpa(q, k, v, mask):
@@ -75,6 +80,37 @@ def _make_fa4() -> Callable:
     return fa4
 
 
+def _fa3_module():
+    for name in (BACKENDS["fa3"][0], *ALTERNATIVE_MODULES["fa3"]):
+        if _importable(name):
+            return importlib.import_module(name)
+    raise ModuleNotFoundError("no FlashAttention-3 module (flash_attn_interface or fa3_fwd_interface)")
+
+
+# FlashAttention-3's wrappers differ between builds (an autograd Function over torch.ops.flash_attn_3 or
+# torch.ops.fa3_fwd, returning out or (out, lse)): one custom op of ditserve's own keeps the compiled graph the
+# same whichever is installed.
+@torch.library.custom_op("ditserve::fa3_attention", mutates_args=())
+def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, L, H, D) q, k, v -> (B, L, H, D) softmax(q k^T / sqrt(D)) v, by FlashAttention-3's SM90 kernel."""
+    out = _fa3_module().flash_attn_func(q, k, v)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@fa3_attention.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape)
+
+
+def _make_fa3() -> Callable:
+    def fa3(q, k, v, mask):
+        if mask is not None:
+            raise ValueError("the 'fa3' attention backend takes no mask; use backend='sdpa'")
+        return fa3_attention(q, k, v)
+
+    return fa3
+
+
 def _make_sage() -> Callable:
     from sageattention import sageattn
 
@@ -92,8 +128,12 @@ def attention_backend_available(name: str) -> bool:
     need = BACKENDS[name]
     if need is None:
         return True
+    return any(_importable(m) for m in (need[0], *ALTERNATIVE_MODULES.get(name, ())))
+
+
+def _importable(module: str) -> bool:
     try:
-        return importlib.util.find_spec(need[0]) is not None
+        return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # a dotted name whose parent package is absent
         return False
 
@@ -115,7 +155,8 @@ class Attention(nn.Module):
             )
         self.backend = backend
         self.supports_mask = backend == "sdpa"
-        makers = {"sdpa": lambda: _sdpa, "flash-attn": _make_flash_attn, "fa4": _make_fa4, "sage": _make_sage}
+        makers = {"sdpa": lambda: _sdpa, "flash-attn": _make_flash_attn, "fa3": _make_fa3, "fa4": _make_fa4,
+                  "sage": _make_sage}
         self._impl: Callable = makers[backend]()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):

@@ -24,6 +24,7 @@ from ditserve.ops import (
     Attention, LayerNorm, Linear, LinearGELU, MulAdd, NormScaleShift, NormTanhGate, OpsConfig, ResidualNormScaleShift,
     RMSNorm, Rotary, axial_rope_cos_sin,
 )
+from ditserve.ops.attention import CUDA_MAJORS
 from ditserve.ops.base import CustomOp
 from ditserve.platform import Platform
 
@@ -483,24 +484,26 @@ def test_attention_unknown_backend_lists_known():
         Attention("flash3")
 
 
-@pytest.mark.parametrize("backend,package", [("flash-attn", "flash-attn"), ("sage", "sageattention")])
+@pytest.mark.parametrize("backend,package", [("flash-attn", "flash-attn"), ("sage", "sageattention"),
+                                             ("fa3", "fa3-fwd")])
 def test_attention_missing_package_named(backend, package, monkeypatch):
     import importlib.util
 
     from ditserve.ops import attention as A
 
     real_find_spec = importlib.util.find_spec
-    module = A.BACKENDS[backend][0]
+    modules = (A.BACKENDS[backend][0], *A.ALTERNATIVE_MODULES.get(backend, ()))
 
     def find_spec(name, *args):
-        return None if name == module else real_find_spec(name, *args)
+        return None if name in modules else real_find_spec(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    with pytest.raises(ValueError, match=f"'{package}'.*not installed"):
+    with pytest.raises(ValueError, match=f"{package}.*not installed"):
         Attention(backend)
 
 
 @pytest.mark.parametrize("backend,module,func", [("flash-attn", "flash_attn", "flash_attn_func"),
+                                                 ("fa3", "flash_attn_interface", "flash_attn_func"),
                                                  ("fa4", "flash_attn.cute", "flash_attn_func"),
                                                  ("sage", "sageattention", "sageattn")])
 def test_attention_package_backends_layout_and_mask(backend, module, func, monkeypatch):
@@ -785,16 +788,43 @@ def test_triton_selected_on_real_gpu():
     assert op.path == "cuda"
 
 
+def test_fa3_backend_uses_the_forward_only_wheel_when_the_official_module_is_absent(monkeypatch):
+    """fa3: flash-attention's own `flash_attn_interface` first; else the fa3-fwd wheel's `fa3_fwd_interface`,
+    called with (B, L, H, D) tensors; a tuple result (out, lse) gives its out."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+    import types
+
+    from ditserve.ops import attention as A
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flash_attn_interface" else real_find_spec(name, *a))
+    fake = types.ModuleType("fa3_fwd_interface")
+    fake.__spec__ = importlib.machinery.ModuleSpec("fa3_fwd_interface", loader=None)
+    calls = []
+    fake.flash_attn_func = lambda q, k, v: calls.append(q.shape) or (q * 2, None)
+    monkeypatch.setitem(sys.modules, "fa3_fwd_interface", fake)
+    assert A.attention_backend_available("fa3")
+    q = torch.ones(1, 5, 2, 8)
+    assert torch.equal(Attention("fa3")(q, q, q), q * 2) and calls == [(1, 5, 2, 8)]
+
+
 @pytest.mark.gpu
-def test_fa4_backend_matches_sdpa_and_compiles_fullgraph():
-    """flash-attn-4 (when installed): SDPA's result at FLUX's head dim, and one opaque node in a compiled graph."""
+@pytest.mark.parametrize("backend", ["fa3", "fa4"])
+def test_package_backend_matches_sdpa_and_compiles_fullgraph(backend):
+    """FlashAttention-3 / flash-attn-4 (when installed): SDPA's result at FLUX's head dim, and one opaque node in a
+    compiled graph with a dynamic sequence length (no recompile)."""
     from ditserve.ops.attention import attention_backend_available
 
-    if not attention_backend_available("fa4"):
-        pytest.skip("flash-attn-4 is not installed here")
+    if not attention_backend_available(backend):
+        pytest.skip(f"the {backend} backend's package is not installed here")
+    if torch.cuda.get_device_capability()[0] not in CUDA_MAJORS[backend]:
+        pytest.skip(f"{backend}'s kernels do not run on this GPU")
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, 333, 4, 128, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    fa4, sdpa = Attention("fa4"), Attention("sdpa")
+    fa4, sdpa = Attention(backend), Attention("sdpa")
     ref = sdpa(q, k, v)
     assert rel_err(fa4(q, k, v), ref) < 1e-2
     f = torch.compile(lambda a, b, c: fa4(a * 1, b, c) + 1, fullgraph=True, dynamic=True)
