@@ -34,6 +34,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="the family's guidance scale (default: model's)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt (families with classifier-free guidance)")
     p.add_argument("--num-images", type=int, default=1, help="images per request, denoised as one batch (default: 1)")
+    p.add_argument("--num-frames", type=int, default=None, help="video models: frames per video (default: model's)")
     p.add_argument("--runs", type=int, default=5, help="timed requests (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first, which compile (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first request; request i uses seed + i")
@@ -87,6 +88,11 @@ def run_bench(model: str | None, engine: EngineConfig, params: SamplingParams, r
     resolved = results[0].params
     n_images = len(results[0].frames)
     peaks = [r.peak_memory_bytes for r in results if r.peak_memory_bytes is not None]
+    stage_peaks: dict[str, int] = {}
+    for r in results:
+        for stage, b in (r.stage_peak_memory_bytes or {}).items():
+            if b is not None:
+                stage_peaks[stage] = max(stage_peaks.get(stage, 0), b)
     return {
         "bench": "ditserve-bench", "model": name, "device": str(pipe.device),
         "gpu": torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else None,
@@ -94,7 +100,8 @@ def run_bench(model: str | None, engine: EngineConfig, params: SamplingParams, r
         # The engine's settings, with the device and dtype it resolved to (None in the flags means "the default").
         "engine": {**asdict(engine), "device": str(pipe.device), "dtype": _dtype_name(pipe.pipeline.dtype)},
         "dtype": _dtype_name(pipe.pipeline.dtype),
-        "height": resolved.height, "width": resolved.width, "steps": resolved.steps,
+        "height": resolved.height, "width": resolved.width, "num_frames": resolved.num_frames,
+        "steps": resolved.steps,
         "guidance": resolved.guidance, "negative_prompt": resolved.negative_prompt,
         "family": pipe.capabilities.family, "images_per_request": n_images,
         "load_s": round(load_s, 3), "warmup_requests": warmup, "warmup_s": round(warmup_s, 3), "runs": runs,
@@ -105,6 +112,8 @@ def run_bench(model: str | None, engine: EngineConfig, params: SamplingParams, r
         "steps_per_s": round(resolved.steps / _median([r.timings["denoise_s"] for r in results]), 2),
         "images_per_s": round(n_images / _median(totals), 3),
         "peak_memory_gib": round(max(peaks) / 2**30, 3) if peaks else None,
+        # each stage's own peak (text_encode, denoise, decode): which one sets the request's
+        "stage_peak_memory_gib": {k: round(v / 2**30, 3) for k, v in stage_peaks.items()} or None,
         # device memory the captured CUDA graphs (denoise forward, text encoders) hold
         "cuda_graph_mib": round(pipe.pipeline.graph_memory_bytes / 2**20, 1),
     }
@@ -114,8 +123,11 @@ def format_table(rec: dict[str, Any]) -> str:
     s = rec["stages_median_s"]
     lat = rec["latency_s"]
     peak = "n/a" if rec["peak_memory_gib"] is None else f"{rec['peak_memory_gib']:.2f} GiB"
+    if rec.get("stage_peak_memory_gib"):
+        peak += " (" + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in rec["stage_peak_memory_gib"].items()) + ")"
+    frames = f" x {rec['num_frames']} frames" if rec.get("num_frames") else ""
     return "\n".join([
-        f"{rec['model']} on {rec['gpu'] or rec['device']}: {rec['width']}x{rec['height']}, {rec['steps']} steps, "
+        f"{rec['model']} on {rec['gpu'] or rec['device']}: {rec['width']}x{rec['height']}{frames}, {rec['steps']} steps, "
         f"{rec['images_per_request']} image(s) per request, {rec['runs']} timed runs",
         f"  latency   median {lat['median']:.3f} s  (min {lat['min']:.3f}, max {lat['max']:.3f})",
         f"  stages    text encode {s['text_encode_s']:.3f} s | denoise {s['denoise_s']:.3f} s "
@@ -134,7 +146,7 @@ def bench_params(args: argparse.Namespace) -> SamplingParams:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     return SamplingParams(prompt=args.prompt, height=args.height, width=args.width, steps=args.steps,
                           guidance=args.guidance, seed=args.seed, num_images=args.num_images,
-                          negative_prompt=args.negative_prompt)
+                          negative_prompt=args.negative_prompt, num_frames=args.num_frames)
 
 
 def bench_main(args: argparse.Namespace, engine: EngineConfig) -> int:

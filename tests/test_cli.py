@@ -434,3 +434,18 @@ def test_video_model_writes_mp4_with_the_requested_frames_and_fps(tmp_path, monk
     assert main([*argv[:3], "--num-frames", "8", "--quiet", "--output", str(out)]) == 2
     assert "error: --num-frames must be 4n + 1 for TinyVideo, got 8" in capsys.readouterr().err
     assert not (tmp_path / "clip.png").exists()
+
+
+def test_summary_names_each_stage_peak():
+    """generate's summary line says which stage set the request's peak memory (GPU runs track it)."""
+    from types import SimpleNamespace
+
+    from ditserve.cli import _format_summary
+
+    gib = 2**30
+    result = SimpleNamespace(
+        timings={"text_encode_s": 0.1, "denoise_s": 2.0, "decode_s": 0.5, "total_s": 2.6},
+        peak_memory_bytes=30 * gib, cache_stats=None, params=SimpleNamespace(seed=7),
+        stage_peak_memory_bytes={"text_encode": 12 * gib, "denoise": 30 * gib, "decode": 25 * gib})
+    line = _format_summary(result, 2)
+    assert "peak memory 30.00 GiB (text encode 12.00, denoise 30.00, decode 25.00)" in line
