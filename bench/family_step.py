@@ -208,6 +208,19 @@ def release() -> None:
     torch.cuda.empty_cache()
 
 
+def diffusers_use_fa3(model) -> None:
+    """diffusers' own FlashAttention-3 backend (`set_attention_backend("_flash_3")`) on the FA3 module ditserve
+    finds: diffusers looks for flash-attention's hopper build (`flash_attn_interface`, distribution
+    `flash_attn_3`); the forward-only fa3-fwd wheel has the same `flash_attn_func` under another name."""
+    from diffusers.models import attention_dispatch as dispatch
+
+    from ditserve.ops.attention import _fa3_module
+
+    dispatch._CAN_USE_FLASH_ATTN_3 = True
+    dispatch.flash_attn_3_func = _fa3_module().flash_attn_func
+    model.set_attention_backend("_flash_3")
+
+
 def time_compiled(model, engine, inputs: dict, iters: int) -> tuple[float, float]:
     """Compile `model` as the engine does, then (ms a forward, ms a forward replayed from a CUDA graph)."""
     from ditserve.compile import CompileConfig, compile_model
@@ -345,6 +358,10 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="one forward at each of --sizes x --batches (see above)")
     ap.add_argument("--sizes", default="512,768,1024,1360x768,2048", help="--sweep sizes: S (square) or WxH")
     ap.add_argument("--batches", default="1,4", help="--sweep batch sizes")
+    ap.add_argument("--attention", default=None, help="ditserve's attention backend (default: the engine's)")
+    ap.add_argument("--fa3-rows", action="store_true",
+                    help="also FlashAttention-3 on both sides (it must be installed): diffusers' `_flash_3` "
+                         "backend (given the installed FA3 module) and ditserve with --attention fa3")
     ap.add_argument("--e2e-preset", default=None, help="--sweep: preset of the end-to-end image at the smallest "
                                                        "size (default: the family's)")
     args = ap.parse_args()
@@ -373,7 +390,9 @@ def main() -> int:
     ref_cls, inputs, call_ref = FAMILIES[args.family](config, args.size, width, 1, args.text_len, device, dtype)
     with torch.device(device):
         ref = ref_cls.from_config(config).to(dtype).eval().requires_grad_(False)
-    engine = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=True)
+    engine = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=True,
+                          **({"attention": args.attention} if args.attention else {}))
+    rec["attention"] = engine.attention
     if not args.no_parity:
         ours, _ = load_transformer(preset, engine)
         ours.load_diffusers_state_dict(ref.state_dict())
@@ -392,6 +411,9 @@ def main() -> int:
         times["diffusers_regional_compile"] = cuda_median_ms(run_ref, args.iters, 2)
         if args.profile:
             rec["profile_diffusers_compiled"] = kernel_profile(run_ref)
+        if args.fa3_rows:
+            diffusers_use_fa3(ref)
+            times["diffusers_regional_compile_fa3"] = cuda_median_ms(run_ref, args.iters, 2)
         del ref, run_ref
         release()
         if args.no_parity:
@@ -403,6 +425,13 @@ def main() -> int:
                 log(f"{who} kernels: {json.dumps(rec[f'profile_{who}_compiled'])}")
         del ours
         release()
+        if args.fa3_rows:
+            fa3 = replace(engine, attention="fa3")
+            m, _ = load_transformer(preset, fa3)
+            times["ditserve_compiled_fa3"], times["ditserve_compiled_fa3_graphs"] = time_compiled(m, fa3, inputs,
+                                                                                              args.iters)
+            del m
+            release()
         # the fp8 tier (its own dummy weights: the speed does not depend on the values)
         fp8 = replace(engine, quantization="fp8")
         q, _ = load_transformer(preset, fp8)
@@ -413,6 +442,9 @@ def main() -> int:
     base = times["diffusers_regional_compile"]
     rec["ratio_vs_diffusers_compiled"] = round(times["ditserve_compiled"] / base, 3)
     rec["ratio_fp8_vs_diffusers_compiled"] = round(times["ditserve_fp8"] / base, 3)
+    if args.fa3_rows:  # FA3 on both sides: ours against diffusers' best row
+        best = min(base, times["diffusers_regional_compile_fa3"])
+        rec["ratio_fa3_vs_diffusers_best"] = round(times["ditserve_compiled_fa3"] / best, 3)
     for k, v in rec["forward_ms"].items():
         log(f"{k:32s} {v:9.2f} ms  ({v / base:.3f}x diffusers compiled)")
 
