@@ -96,7 +96,9 @@ class EngineConfig:
         the Triton norm kernels on a side thread while dynamo traces (exact: only when things compile moves;
         measured -1.8 to -6.9 s of a cold start on an H100). On by default.
     kernels: "auto" | "native" | "triton" (see `ditserve.ops.OpsConfig`).
-    attention: attention backend name ("sdpa", "flash-attn", "sage").
+    attention: attention backend name ("sdpa", "flash-attn", "fa3", "fa4", "sage"), or "auto" (default): resolved
+        per model when it is built (`ditserve.ops.attention.resolve_backend`: FlashAttention-3 for long-sequence
+        models where installed and runnable, else "sdpa").
     load_format: "auto" (safetensors from the model folder), "safetensors", or "dummy" (random weights at full
         size, for benchmarks and capacity planning).
     cache: a DiT block cache, "NAME[:knob=value,...]" (see `ditserve.cache.policy`; lossy), or None (off).
@@ -147,7 +149,7 @@ class EngineConfig:
     dynamic_shapes: str = "auto"
     compile_prewarm: bool = True
     kernels: str = "auto"
-    attention: str = "sdpa"
+    attention: str = "auto"
     load_format: str = "auto"
     cache: str | None = None
     cache_backend: str = "ditserve"

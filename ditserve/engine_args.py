@@ -17,6 +17,7 @@ from ditserve.config import (
 # The names of `ditserve.ops.attention.BACKENDS` (a test holds them equal), here so that parsing the flags does
 # not import torch: `ditserve --help` and an argument error stay fast.
 ATTENTION_BACKENDS = ("sdpa", "flash-attn", "fa3", "fa4", "sage")
+ATTENTION_CHOICES = ("auto", *ATTENTION_BACKENDS)
 # Flags that only matter once a whole pipeline runs (VAE decode, CFG, CUDA graphs of the denoise loop, the cache
 # backend): a subcommand that runs the transformer alone (compile-report) leaves them out.
 PIPELINE_FLAGS = ("--vae-tiling", "--compile-vae", "--cuda-graphs", "--vae-streaming", "--cfg-mode",
@@ -41,7 +42,9 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto", p
                    help="auto/safetensors: the model's weights; dummy: random weights at full size")
     p.add_argument("--kernels", choices=["auto", "native", "triton"], default="auto",
                    help="fused-op code paths: auto (fast where measured faster), native (PyTorch), triton")
-    p.add_argument("--attention", choices=list(ATTENTION_BACKENDS), default="sdpa", help="attention backend")
+    p.add_argument("--attention", choices=list(ATTENTION_CHOICES), default="auto",
+                   help="attention backend; auto: FlashAttention-3 for video models where it is installed and runs "
+                        "(Hopper), else sdpa (see the README)")
     p.add_argument("--cache", default=None,
                    help=f"DiT block cache (lossy, off by default): a preset ({', '.join(PRESETS)}), optionally "
                         "with knobs, e.g. dbcache:fn=8,bn=0,threshold=0.12,warmup=4,max_consecutive=3,taylorseer=1")
@@ -207,7 +210,7 @@ def check_engine(engine: EngineConfig) -> None:
         from ditserve.kernels import attention_fp8
 
         attention_fp8.check_available()
-    if not attention_backend_available(engine.attention):
+    if engine.attention != "auto" and not attention_backend_available(engine.attention):
         _, package = BACKENDS[engine.attention]
         raise ConfigError(f"--attention {engine.attention}: needs the Python package {package!r}, which is not "
                           f"installed (install it, or use --attention sdpa)")

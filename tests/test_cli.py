@@ -371,10 +371,10 @@ def test_torch_free_choice_lists_match_their_sources():
     from ditserve import compile as compile_mod
     from ditserve.compile_report import COMPILE_BACKENDS, COMPILE_MODES
     from ditserve.config import DTYPE_NAMES, DTYPES
-    from ditserve.engine_args import ATTENTION_BACKENDS
+    from ditserve.engine_args import ATTENTION_BACKENDS, ATTENTION_CHOICES
     from ditserve.ops.attention import BACKENDS
 
-    assert ATTENTION_BACKENDS == tuple(BACKENDS) and tuple(DTYPES) == DTYPE_NAMES
+    assert ATTENTION_BACKENDS == tuple(BACKENDS) and ATTENTION_CHOICES == ("auto", *BACKENDS) and tuple(DTYPES) == DTYPE_NAMES
     assert COMPILE_BACKENDS == compile_mod.BACKENDS and COMPILE_MODES == compile_mod.MODES
 
 

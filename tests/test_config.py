@@ -95,7 +95,7 @@ def test_validate_without_spec_skips_sequence_length_bound():
 
 def test_engine_config_defaults():
     e = EngineConfig()
-    assert (e.dtype, e.compile, e.kernels, e.attention, e.load_format) == (None, False, "auto", "sdpa", "auto")
+    assert (e.dtype, e.compile, e.kernels, e.attention, e.load_format) == (None, False, "auto", "auto", "auto")
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -36,6 +36,7 @@ from ditserve.loader.weights import find_weight_files, stream_into
 from ditserve.lora import LORA_COMPONENT
 from ditserve.logging import init_logger
 from ditserve.ops import OpsConfig, apply_fp8
+from ditserve.ops.attention import resolve_backend
 
 logger = init_logger(__name__)
 
@@ -163,8 +164,11 @@ def build_dit(class_name: str, config: dict[str, Any], engine: EngineConfig, fil
     cfg = config_cls.from_diffusers(config)
     device, dtype = engine.torch_device, engine.torch_dtype
     ops = OpsConfig(device=device.type, dtype=dtype, kernels=engine.kernels, compiled=engine.compile)
+    attention = resolve_backend(engine.attention, device, getattr(cls, "LONG_SEQUENCES", False))
+    if attention != engine.attention:
+        logger.info(f"--attention {engine.attention}: {class_name} runs {attention}")
     with torch.device("meta"):
-        model = cls(cfg, ops=ops, attention=engine.attention, device="meta", dtype=dtype)
+        model = cls(cfg, ops=ops, attention=attention, device="meta", dtype=dtype)
     _materialize(model, device)
     if files is None:
         random_init_(model)

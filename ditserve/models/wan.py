@@ -342,6 +342,9 @@ class WanTransformer(nn.Module):
     sharder = None
     # The fp8 tier (`ditserve.ops.fp8.apply_fp8`): each block's token-wise GEMMs (the image k/v of I2V too).
     fp8_linears = (("blocks", ("qkv", "attn_out", "cross_q", "cross_kv", "cross_out", "ffn_in", "ffn_out")),)
+    # Video: tens of thousands of tokens a sequence (32,760 at 480x832 x 81 frames), where `--attention auto`
+    # picks FlashAttention-3 when it is installed (`ditserve.ops.attention.resolve_backend`).
+    LONG_SEQUENCES = True
 
     def __init__(self, config: WanConfig, ops: OpsConfig | None = None, attention: str = "sdpa", device=None,
                  dtype=None):

@@ -131,6 +131,26 @@ def attention_backend_available(name: str) -> bool:
     return any(_importable(m) for m in (need[0], *ALTERNATIVE_MODULES.get(name, ())))
 
 
+# `--attention auto` (the default) on a model whose class sets LONG_SEQUENCES (video: tens of thousands of tokens
+# a sequence at its sizes): the first of these that is installed and runs on the device. FlashAttention-3 beat
+# cuDNN's SDPA by 10-17% at 32,760 and 75,600 tokens on an H200, while cuDNN was 10-15% faster at the image
+# families' 4,224-4,608 (bench/attention.py --shapes all, bench/results/README.md): image models keep `sdpa`.
+AUTO_LONG_SEQUENCES = ("fa3",)
+
+
+def resolve_backend(name: str, device: torch.device, long_sequences: bool) -> str:
+    """The backend a model is built with: `name` itself, or for "auto" the measured-fastest exact backend that
+    is installed and runs on `device` (see AUTO_LONG_SEQUENCES), else "sdpa"."""
+    if name != "auto":
+        return name
+    if long_sequences and device.type == "cuda" and torch.cuda.is_available():
+        major = torch.cuda.get_device_capability(device)[0]
+        for backend in AUTO_LONG_SEQUENCES:
+            if major in CUDA_MAJORS.get(backend, (major,)) and attention_backend_available(backend):
+                return backend
+    return "sdpa"
+
+
 def _importable(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -147,6 +167,9 @@ class Attention(nn.Module):
 
     def __init__(self, backend: str = "sdpa"):
         super().__init__()
+        if backend == "auto":
+            raise ValueError("attention backend 'auto' is resolved when the model is built "
+                             "(ditserve.ops.attention.resolve_backend); pass the backend it chose")
         if not attention_backend_available(backend):
             module, package = BACKENDS[backend]
             raise ValueError(

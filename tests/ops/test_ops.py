@@ -832,3 +832,38 @@ def test_package_backend_matches_sdpa_and_compiles_fullgraph(backend):
         for L in (333, 517):
             q, k, v = (torch.randn(1, L, 4, 128, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             assert rel_err(f(q, k, v), sdpa(q, k, v) + 1) < 1e-2
+
+
+def test_attention_auto_resolves_per_model_and_device(monkeypatch):
+    """--attention auto: FlashAttention-3 for long-sequence (video) models on a Hopper GPU where it is installed;
+    sdpa for image models, on other devices, and where FA3 is missing. A named backend stays itself."""
+    from ditserve.ops import attention as A
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    installed = [True]
+    monkeypatch.setattr(A, "attention_backend_available", lambda name: name == "sdpa" or installed[0])
+    assert A.resolve_backend("auto", cuda, long_sequences=True) == "fa3"
+    assert A.resolve_backend("auto", cuda, long_sequences=False) == "sdpa"  # cuDNN is faster at image lengths
+    assert A.resolve_backend("auto", cpu, long_sequences=True) == "sdpa"
+    assert A.resolve_backend("sage", cuda, long_sequences=True) == "sage"
+    capability[0] = (10, 0)  # FA3's kernels are SM90 only
+    assert A.resolve_backend("auto", cuda, long_sequences=True) == "sdpa"
+    capability[0], installed[0] = (9, 0), False
+    assert A.resolve_backend("auto", cuda, long_sequences=True) == "sdpa"
+    with pytest.raises(ValueError, match="resolved when the model is built"):
+        Attention("auto")
+
+
+def test_build_dit_resolves_auto_attention():
+    """The loader builds a model with the backend `auto` resolved to (sdpa here: a CPU), never 'auto' itself."""
+    from ditserve.config import EngineConfig
+    from ditserve.loader.components import build_dit
+    from ditserve.testing_wan import tiny_wan_transformer
+
+    config = dict(tiny_wan_transformer(0).config)
+    model = build_dit("WanTransformer3DModel", config, EngineConfig(device="cpu", dtype="fp32"), None)
+    backends = {m.backend for m in model.modules() if isinstance(m, Attention)}
+    assert backends == {"sdpa"}
