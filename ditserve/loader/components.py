@@ -164,7 +164,8 @@ def build_dit(class_name: str, config: dict[str, Any], engine: EngineConfig, fil
     cfg = config_cls.from_diffusers(config)
     device, dtype = engine.torch_device, engine.torch_dtype
     ops = OpsConfig(device=device.type, dtype=dtype, kernels=engine.kernels, compiled=engine.compile)
-    attention = resolve_backend(engine.attention, device, getattr(cls, "LONG_SEQUENCES", False))
+    attention = resolve_backend(engine.attention, device, getattr(cls, "LONG_SEQUENCES", False),
+                                getattr(cfg, "attention_head_dim", None))
     if attention != engine.attention:
         logger.info(f"--attention {engine.attention}: {class_name} runs {attention}")
     with torch.device("meta"):

@@ -138,15 +138,20 @@ def attention_backend_available(name: str) -> bool:
 AUTO_LONG_SEQUENCES = ("fa3",)
 
 
-def resolve_backend(name: str, device: torch.device, long_sequences: bool) -> str:
+# Head dims each backend's kernels take (FlashAttention-3: multiples of 8 up to 256); absent = any.
+HEAD_DIMS: dict[str, Callable[[int], bool]] = {"fa3": lambda d: d % 8 == 0 and d <= 256}
+
+
+def resolve_backend(name: str, device: torch.device, long_sequences: bool, head_dim: int | None = None) -> str:
     """The backend a model is built with: `name` itself, or for "auto" the measured-fastest exact backend that
-    is installed and runs on `device` (see AUTO_LONG_SEQUENCES), else "sdpa"."""
+    is installed and runs on `device` at `head_dim` (see AUTO_LONG_SEQUENCES), else "sdpa"."""
     if name != "auto":
         return name
     if long_sequences and device.type == "cuda" and torch.cuda.is_available():
         major = torch.cuda.get_device_capability(device)[0]
         for backend in AUTO_LONG_SEQUENCES:
-            if major in CUDA_MAJORS.get(backend, (major,)) and attention_backend_available(backend):
+            fits = head_dim is None or HEAD_DIMS.get(backend, lambda d: True)(head_dim)
+            if major in CUDA_MAJORS.get(backend, (major,)) and fits and attention_backend_available(backend):
                 return backend
     return "sdpa"
 

@@ -849,6 +849,8 @@ def test_attention_auto_resolves_per_model_and_device(monkeypatch):
     assert A.resolve_backend("auto", cuda, long_sequences=False) == "sdpa"  # cuDNN is faster at image lengths
     assert A.resolve_backend("auto", cpu, long_sequences=True) == "sdpa"
     assert A.resolve_backend("sage", cuda, long_sequences=True) == "sage"
+    assert A.resolve_backend("auto", cuda, long_sequences=True, head_dim=128) == "fa3"
+    assert A.resolve_backend("auto", cuda, long_sequences=True, head_dim=12) == "sdpa"  # not a multiple of 8
     capability[0] = (10, 0)  # FA3's kernels are SM90 only
     assert A.resolve_backend("auto", cuda, long_sequences=True) == "sdpa"
     capability[0], installed[0] = (9, 0), False
@@ -867,3 +869,26 @@ def test_build_dit_resolves_auto_attention():
     model = build_dit("WanTransformer3DModel", config, EngineConfig(device="cpu", dtype="fp32"), None)
     backends = {m.backend for m in model.modules() if isinstance(m, Attention)}
     assert backends == {"sdpa"}
+
+
+@pytest.mark.gpu
+def test_auto_attention_video_model_on_gpu_matches_sdpa():
+    """On the GPU, `auto` builds a video model (Wan) with FlashAttention-3 where it is installed and runs, at
+    head dim 64; its output is SDPA's (bf16 noise)."""
+    from ditserve.config import EngineConfig
+    from ditserve.loader.components import build_dit
+    from ditserve.ops.attention import resolve_backend
+    from ditserve.testing_wan import tiny_wan_transformer
+
+    config = dict(tiny_wan_transformer(0).config)
+    config.update(attention_head_dim=64, rope_max_seq_len=64)  # FA3 takes multiples of 8
+    want = resolve_backend("auto", torch.device("cuda"), True, 64)
+    auto = build_dit("WanTransformer3DModel", config, EngineConfig(device="cuda", dtype="bf16"), None)
+    sdpa = build_dit("WanTransformer3DModel", config, EngineConfig(device="cuda", dtype="bf16", attention="sdpa"),
+                     None)
+    sdpa.load_state_dict(auto.state_dict())
+    assert {m.backend for m in auto.modules() if isinstance(m, Attention)} == {want}
+    inputs = auto.example_inputs(auto.config, 64, 96, text_len=16, num_frames=9, device="cuda",
+                                 dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert rel_err(auto(**inputs).float(), sdpa(**inputs).float()) < 2e-2
