@@ -1,7 +1,8 @@
 """Attention dispatcher with named backends, chosen once at construction.
 
 All backends take and return (B, L, H, D) tensors. `sdpa` (PyTorch's scaled_dot_product_attention, which
-picks cuDNN / flash / memory-efficient kernels itself) is the default and works everywhere. `flash-attn`
+picks cuDNN / flash / memory-efficient kernels itself) works everywhere and is what `auto` (the engine's default,
+`resolve_backend`) picks except for long-sequence models where FlashAttention-3 is installed and runs. `flash-attn`
 (the flash_attn package, FlashAttention-2), `fa3` (FlashAttention-3's Hopper kernels: the `flash_attn_interface`
 module that flash-attention's hopper/ build installs, or the forward-only `fa3-fwd` wheel's `fa3_fwd_interface`),
 `fa4` (the flash-attn-4 package: FlashAttention's CuTe-DSL kernels, Hopper and Blackwell) and `sage` (the
@@ -133,7 +134,7 @@ def attention_backend_available(name: str) -> bool:
 
 # `--attention auto` (the default) on a model whose class sets LONG_SEQUENCES (video: tens of thousands of tokens
 # a sequence at its sizes): the first of these that is installed and runs on the device. FlashAttention-3 beat
-# cuDNN's SDPA by 10-17% at 32,760 and 75,600 tokens on an H200, while cuDNN was 10-15% faster at the image
+# cuDNN's SDPA by 10-17% at 32,760 and 75,600 tokens on an H200, while cuDNN was 7-17% faster at the image
 # families' 4,224-4,608 (bench/attention.py --shapes all, bench/results/README.md): image models keep `sdpa`.
 AUTO_LONG_SEQUENCES = ("fa3",)
 
