@@ -44,15 +44,22 @@ def _sdpa(q, k, v, mask):
     return out.transpose(1, 2)
 
 
+def _maskless(name: str, fn: Callable) -> Callable:
+    """A package backend's (q, k, v, mask) call: `fn(q, k, v)` on (B, L, H, D) tensors, refusing a mask it cannot
+    apply rather than ignoring it (None-ness is static under torch.compile: no graph break)."""
+
+    def call(q, k, v, mask):
+        if mask is not None:
+            raise ValueError(f"the '{name}' attention backend takes no mask; use backend='sdpa'")
+        return fn(q, k, v)
+
+    return call
+
+
 def _make_flash_attn() -> Callable:
     from flash_attn import flash_attn_func
 
-    def flash(q, k, v, mask):
-        if mask is not None:  # None-ness is static under torch.compile: no graph break
-            raise ValueError("the 'flash-attn' attention backend takes no mask; use backend='sdpa'")
-        return flash_attn_func(q, k, v)  # takes (B, L, H, D) natively
-
-    return flash
+    return _maskless("flash-attn", flash_attn_func)  # takes (B, L, H, D) natively
 
 
 # flash-attn-4's kernels are CuTe-DSL Python that dynamo cannot trace: wrapped as a custom op, a compiled block keeps
@@ -73,12 +80,7 @@ def _(q, k, v):
 
 
 def _make_fa4() -> Callable:
-    def fa4(q, k, v, mask):
-        if mask is not None:
-            raise ValueError("the 'fa4' attention backend takes no mask; use backend='sdpa'")
-        return fa4_attention(q, k, v)
-
-    return fa4
+    return _maskless("fa4", fa4_attention)
 
 
 def _fa3_module():
@@ -88,13 +90,18 @@ def _fa3_module():
     raise ModuleNotFoundError("no FlashAttention-3 module (flash_attn_interface or fa3_fwd_interface)")
 
 
+# The FlashAttention-3 `flash_attn_func` the op calls: found once, when an fa3 backend is built (`_make_fa3`), not
+# on every call (the module lookup searches sys.path).
+_fa3_func: Callable | None = None
+
+
 # FlashAttention-3's wrappers differ between builds (an autograd Function over torch.ops.flash_attn_3 or
 # torch.ops.fa3_fwd, returning out or (out, lse)): one custom op of ditserve's own keeps the compiled graph the
 # same whichever is installed.
 @torch.library.custom_op("ditserve::fa3_attention", mutates_args=())
 def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(B, L, H, D) q, k, v -> (B, L, H, D) softmax(q k^T / sqrt(D)) v, by FlashAttention-3's SM90 kernel."""
-    out = _fa3_module().flash_attn_func(q, k, v)
+    out = (_fa3_func or _fa3_module().flash_attn_func)(q, k, v)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -104,23 +111,15 @@ def _(q, k, v):
 
 
 def _make_fa3() -> Callable:
-    def fa3(q, k, v, mask):
-        if mask is not None:
-            raise ValueError("the 'fa3' attention backend takes no mask; use backend='sdpa'")
-        return fa3_attention(q, k, v)
-
-    return fa3
+    global _fa3_func
+    _fa3_func = _fa3_module().flash_attn_func
+    return _maskless("fa3", fa3_attention)
 
 
 def _make_sage() -> Callable:
     from sageattention import sageattn
 
-    def sage(q, k, v, mask):
-        if mask is not None:
-            raise ValueError("the 'sage' attention backend takes no mask; use backend='sdpa'")
-        return sageattn(q, k, v, tensor_layout="NHD")
-
-    return sage
+    return _maskless("sage", lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD"))
 
 
 def attention_backend_available(name: str) -> bool:
