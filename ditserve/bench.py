@@ -119,12 +119,18 @@ def run_bench(model: str | None, engine: EngineConfig, params: SamplingParams, r
     }
 
 
+def stage_peaks_text(peaks_gib: dict[str, float]) -> str:
+    """{"text_encode": 12.0, "denoise": 30.5, ...} (GiB) -> " (text encode 12.00, denoise 30.50, ...)": which stage
+    sets a request's peak, as `bench`'s table and `generate`'s summary print it."""
+    return " (" + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in peaks_gib.items()) + ")"
+
+
 def format_table(rec: dict[str, Any]) -> str:
     s = rec["stages_median_s"]
     lat = rec["latency_s"]
     peak = "n/a" if rec["peak_memory_gib"] is None else f"{rec['peak_memory_gib']:.2f} GiB"
     if rec.get("stage_peak_memory_gib"):
-        peak += " (" + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in rec["stage_peak_memory_gib"].items()) + ")"
+        peak += stage_peaks_text(rec["stage_peak_memory_gib"])
     frames = f" x {rec['num_frames']} frames" if rec.get("num_frames") else ""
     return "\n".join([
         f"{rec['model']} on {rec['gpu'] or rec['device']}: {rec['width']}x{rec['height']}{frames}, {rec['steps']} steps, "

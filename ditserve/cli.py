@@ -245,9 +245,11 @@ def _format_summary(result, n_steps: int) -> str:
     t = result.timings
     rate = n_steps / t["denoise_s"] if t["denoise_s"] > 0 else float("inf")
     peak = "n/a" if result.peak_memory_bytes is None else f"{result.peak_memory_bytes / 2**30:.2f} GiB"
-    stages = {k: v for k, v in (result.stage_peak_memory_bytes or {}).items() if v is not None}
-    if result.peak_memory_bytes is not None and stages:  # which stage sets the request's peak
-        peak += " (" + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in stages.items()) + ")"
+    stages = {k: v / 2**30 for k, v in (result.stage_peak_memory_bytes or {}).items() if v is not None}
+    if result.peak_memory_bytes is not None and stages:
+        from ditserve.bench import stage_peaks_text
+
+        peak += stage_peaks_text(stages)
     c = result.cache_stats
     cache = "" if c is None else f" | cache {c['policy']}: {c['computed']} computed, {c['cached']} cached"
     return (f"text encode {t['text_encode_s']:.2f} s | denoise {t['denoise_s']:.2f} s "
