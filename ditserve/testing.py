@@ -11,9 +11,12 @@ Nothing here touches the network: the tokenizers are made from a small built-in 
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # Words given whole-word tokens in the tiny tokenizers; anything else falls back to characters (CLIP: bytes).
 _WORDS = (
@@ -407,3 +410,45 @@ def reference_z_image(path: str | Path, prompt: str | list[str], *, height: int,
                   negative_prompt=negative_prompt, generator=torch.Generator("cpu").manual_seed(seed),
                   output_type="np").images
     return np.clip(np.round(np.asarray(images, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages of live op outputs: `live` now and its maximum, `peak`.
+
+    Every tensor an op returns (views and in-place results included) is registered once; a storage counts from its
+    first registered tensor until its last registered tensor is freed (weakref.finalize). Storages are keyed by
+    their StorageImpl, so meta tensors (which have no data pointer) count too. Inputs and weights made before the
+    mode count nothing; internal workspaces of kernels are not op outputs and are not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._storages: dict[int, list[int]] = {}  # storage key -> [live tensors, bytes]
+        self._tensors: set[int] = set()  # ids of the registered, still alive tensors
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(t) not in self._tensors:
+                self._register(t)
+        return out
+
+    def _register(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        entry = self._storages.get(key)
+        if entry is None:
+            entry = self._storages[key] = [0, storage.nbytes()]
+            self.live += entry[1]
+            self.peak = max(self.peak, self.live)
+        entry[0] += 1
+        self._tensors.add(id(t))
+        weakref.finalize(t, self._release, id(t), key)
+
+    def _release(self, tensor_id: int, key: int) -> None:
+        self._tensors.discard(tensor_id)
+        entry = self._storages[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._storages[key]
+            self.live -= entry[1]

@@ -215,16 +215,15 @@ class WanPipeline(Pipeline):
 
     def _setup_vae(self, engine) -> None:
         """Wan's VAE decodes frame chunk by frame chunk with a causal cache (its own memory bound over time);
-        `vae_tiling` adds its spatial tiles ("auto": above 1024x1024 pixels a frame, as for images). Streaming in
-        strips of rows and the compiled 2D decoder are image-VAE paths."""
+        `vae_streaming` ("auto": on a CUDA GPU) decodes its high-resolution layers in strips of rows too
+        (`decode_strips`: exact, memory-lean); `vae_tiling` ("auto": above 1024x1024 pixels a frame, as for
+        images) uses the VAE's own blended tiles instead (lossy). The compiled 2D decoder is an image-VAE path."""
         vae = self.vae
         self.vae_scale_factor = vae.config.scale_factor_spatial
         if engine.compile_vae:
             raise ConfigError(f"--compile-vae is not supported for {self.FAMILY}'s video VAE ({type(vae).__name__})")
-        if engine.vae_streaming == "on":
-            raise ConfigError(f"--vae-streaming on cannot apply: {type(vae).__name__} decodes frame by frame with "
-                              f"its own causal cache, not in strips of rows")
-        self.vae_streaming = False
+        self.vae_streaming = engine.vae_streaming == "on" or (engine.vae_streaming == "auto"
+                                                              and self.device.type == "cuda")
         self.vae_tiling = engine.vae_tiling
 
     def forward_tokens(self, params: SamplingParams) -> int:
@@ -381,11 +380,16 @@ class WanPipeline(Pipeline):
         with its causal cache, exactly as `AutoencoderKLWan.decode` does, but each chunk of output frames goes
         straight to uint8 on the host: the whole video never exists on the device (diffusers concatenates the
         chunks one by one, then clamps, and the float conversion adds more full-video copies), so the decode
-        needs one chunk's activations only. Bitwise the same frames as the whole decode."""
+        needs one chunk's activations only. Bitwise the same frames as the whole decode. Streamed
+        (`vae_streaming`), the high-resolution layers also run in strips of rows (`decode_strips`)."""
         if self.tiled_decode(params.height, params.width):
             return to_uint8(self.decode_latents(latents, params))
         z = self.vae_latents(latents, params).to(self.vae_dtype)  # (B, C, F', h, w)
         frames = np.empty((z.shape[0], params.num_frames, params.height, params.width, 3), dtype=np.uint8)
+        if self.vae_streaming:
+            for start, row, piece in decode_strips(self.vae, z):  # (B, 3, n, rows, W)
+                frames[:, start:start + piece.shape[2], row:row + piece.shape[3]] = to_uint8(piece.clamp(-1.0, 1.0))
+            return frames
         start = 0
         for chunk in decode_chunks(self.vae, z):  # (B, 3, n, H, W)
             n = chunk.shape[2]
@@ -457,6 +461,136 @@ def decode_chunks(vae, z: torch.Tensor):
             yield out
     finally:
         vae.clear_cache()
+
+
+# The largest feature map of one strip of `decode_strips`: the last up block's output for one latent frame's
+# output frames. At 480x832 the Wan 2.1 VAE's is 96 channels x 4 frames x 480 x 832 in bf16 = 293 MiB a frame: in
+# 3 strips, each holds about a third of what the whole frame would (see `decode_strips`).
+STRIP_BYTES = 128 * 2**20
+
+
+def decode_strips(vae, z: torch.Tensor, strip_bytes: int = STRIP_BYTES):
+    """`AutoencoderKLWan`'s untiled decode of z (B, C, F', h, w) with the decoder's high-resolution layers run in
+    horizontal strips of rows, yielded piece by piece: (first frame, first row, piece (B, 3, n, rows, W) in the
+    VAE's dtype, unclamped). Exact, and why.
+
+    Why. Decoding one latent frame at 480x832 holds several maps of 96 channels x 4 frames x 480 x 832 at once
+    (each ResNet's input, its fp32 RMS-norm temporaries, the causal conv's padded copies), plus, for every conv,
+    a cache of its input's last two frames (about 1.5 GiB at 480x832 for the Wan 2.1 VAE): without strips the
+    decode of a 1.3B model's video needed more memory than its denoise.
+
+    Method. The decoder is conv_in -> mid block (its attention is global over a frame, at the latent size) -> up
+    blocks -> RMS norm -> SiLU -> conv_out. From the up block whose input has a quarter of the output's rows on
+    (the "tail") every layer is local in space: RMS norm and SiLU act per pixel, a conv's output rows [a, b)
+    need its input rows [a - k // 2, b + k // 2) (zeros beyond the border only), nearest 2x upsampling and the
+    Wan 2.2 VAE's duplicating shortcut read input row r // 2, and the causal caches hold earlier frames of the
+    same rows. So the tail's output rows of a strip of its input rows come out exactly when the strip is
+    widened by `_halo_rows` rows on each side (where their zero padding errs) and those rows are cut off. The
+    strips run one after another, each over every latent frame with its own causal caches, so the caches of
+    one strip only are held; the head (to the tail's input, a few percent of the work) is recomputed per strip.
+
+    Exactness. Every output value comes from the same operations on the same values as in the whole decode;
+    only a conv's kernel may differ with the strip's shape (tests/pipelines/test_wan_pipeline.py: fp32
+    differences ~1e-6 of the output's scale)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
+
+    dec = vae.decoder
+    split = _tail_start(dec)
+    blocks = list(dec.up_blocks[split:])
+    tail_convs = sum(isinstance(m, WanCausalConv3d) for m in [*blocks, dec.conv_out] for m in m.modules())
+    # Stages of the tail: its up blocks, then the output (RMS norm, SiLU, conv_out). ups[j]: stage j's output
+    # rows per input row; need[j]: the halo rows stage j's input needs for the rest of the tail to be exact.
+    ups = [2 ** _upsamples(block) for block in blocks] + [1]
+    own = [_halo_rows(block, u) for block, u in zip(blocks, ups)] + [_halo_rows(dec.conv_out, 1)]
+    need = [0] * (len(ups) + 1)
+    for j in reversed(range(len(ups))):
+        need[j] = -(-(need[j + 1] + own[j]) // ups[j])
+    # The tail's input has `rows` rows. The strips are as many as keep the last up block's output for one
+    # latent frame (C_out x 4 frames x rows x width) within strip_bytes, and at least a halo tall.
+    rows = z.shape[3] * 2 ** sum(_upsamples(block) for block in dec.up_blocks[:split])
+    width = z.shape[4] * 2 ** sum(_upsamples(block) for block in dec.up_blocks)
+    scale = int(np.prod(ups))  # the decoder's output rows per tail-input row
+    row_bytes = dec.up_blocks[-1].out_dim * vae.config.scale_factor_temporal * scale * width * z.element_size()
+    num_strips = max(1, min(rows // max(need[0], 1), -(-rows * row_bytes // strip_bytes)))
+    bounds = [rows * k // num_strips for k in range(num_strips + 1)]
+    x = vae.post_quant_conv(z)  # (B, C, F', h, w)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        vae.clear_cache()
+        tail_cache: list = [None] * tail_convs
+        start = 0
+        try:
+            for i in range(z.shape[2]):
+                vae._conv_idx = [0]
+                h = _decode_head(dec, x[:, :, i:i + 1], split, vae._feat_map, vae._conv_idx, first=i == 0)
+                lo, hi, s = max(a - need[0], 0), min(b + need[0], rows), 1
+                h = h[:, :, :, lo:hi]  # (B, C, n, hi - lo, w): the strip and its halo
+                idx = [0]
+                for j, up in enumerate(ups):
+                    if j < len(blocks):
+                        h = blocks[j](h, feat_cache=tail_cache, feat_idx=idx, first_chunk=i == 0)
+                    else:
+                        h = _causal_conv(dec.conv_out, dec.nonlinearity(dec.norm_out(h)), tail_cache, idx)
+                    s, lo = s * up, lo * up  # h holds rows [lo, ...) of stage j's output; keep what is needed
+                    keep_lo, keep_hi = max(a * s - need[j + 1], 0), min(b * s + need[j + 1], rows * s)
+                    h, lo = h[:, :, :, keep_lo - lo:keep_hi - lo], keep_lo
+                if vae.config.patch_size is not None:  # the Wan2.2 VAE decodes 2x2 pixel patches as channels
+                    h = unpatchify(h, patch_size=vae.config.patch_size)
+                yield start, a * h.shape[3] // (b - a), h  # (B, 3, n, rows of [a, b), W)
+                start += h.shape[2]
+        finally:
+            vae.clear_cache()
+
+
+def _upsamples(block) -> int:
+    """1 if an up block of the Wan VAE's decoder doubles the height (WanUpBlock.upsamplers or
+    WanResidualUpBlock.upsampler), else 0."""
+    return int(getattr(block, "upsamplers", None) is not None or getattr(block, "upsampler", None) is not None)
+
+
+def _tail_start(decoder) -> int:
+    """Index of the first up block of `decode_strips`' tail: the first whose input has at least a quarter of
+    the decoder's output rows (later up blocks upsample twice at most)."""
+    ups = [_upsamples(b) for b in decoder.up_blocks]
+    split = 0
+    while sum(ups[split:]) > 2:
+        split += 1
+    return split
+
+
+def _halo_rows(module, up: int) -> int:
+    """Rows of a stage's output that its own zero padding can reach from a strip's edge: each conv with a k x k
+    spatial kernel adds k // 2 rows of its own input, i.e. (k // 2) * up / s output rows where s is the upsampling
+    before it (1 or up). Submodules in registration order, which is forward order in these blocks (a ResNet's
+    convs, then its upsampler's nn.Upsample and conv; the Wan 2.2 shortcut has no conv)."""
+    halo, s = 0, 1
+    for m in module.modules():
+        if isinstance(m, torch.nn.Upsample):
+            s *= int(m.scale_factor[-1] if isinstance(m.scale_factor, tuple) else m.scale_factor)
+        elif isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            halo += (m.kernel_size[-2] // 2) * up // s
+    return halo
+
+
+def _causal_conv(conv, x: torch.Tensor, cache: list, idx: list) -> torch.Tensor:
+    """One of the decoder's own causal convs (conv_in, conv_out) with its cache slot, as `WanDecoder3d.forward`
+    runs it: the conv sees the cached last frames before x, and the slot keeps x's last two frames."""
+    i = idx[0]
+    cache_x = x[:, :, -2:].clone()
+    if cache_x.shape[2] < 2 and cache[i] is not None:  # one frame: keep the previous chunk's last frame too
+        cache_x = torch.cat([cache[i][:, :, -1:].to(cache_x.device), cache_x], dim=2)
+    x = conv(x, cache[i])
+    cache[i] = cache_x
+    idx[0] += 1
+    return x
+
+
+def _decode_head(decoder, x: torch.Tensor, split: int, cache: list, idx: list, first: bool) -> torch.Tensor:
+    """`WanDecoder3d.forward` up to (not including) up block `split`, for one latent frame x (B, C, 1, h, w)."""
+    x = _causal_conv(decoder.conv_in, x, cache, idx)
+    x = decoder.mid_block(x, feat_cache=cache, feat_idx=idx)
+    for block in decoder.up_blocks[:split]:
+        x = block(x, feat_cache=cache, feat_idx=idx, first_chunk=first)
+    return x
 
 
 # ------------------------------------------------------------------------------------------------ presets
