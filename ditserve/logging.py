@@ -11,6 +11,7 @@ This module configures nothing at import: no handlers, no levels. The CLI calls 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 
 import torch
@@ -19,7 +20,17 @@ _seen: set[tuple[str, int, str]] = set()
 _seen_lock = threading.Lock()
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """`torch.compiler.assume_constant_result`, without importing torch._dynamo when nothing has yet (about 1 s
+    of a CLI's start-up on a 2-core machine): the decorator only sets this attribute, which dynamo reads when it
+    traces a call (tests/test_logging.py holds the two the same)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _emit_once(logger_name: str, level: int, msg: str) -> bool:
     """Log `msg` at `level` unless this (logger, level, msg) was logged before. Returns whether it logged."""
     key = (logger_name, level, msg)
