@@ -358,6 +358,9 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="one forward at each of --sizes x --batches (see above)")
     ap.add_argument("--sizes", default="512,768,1024,1360x768,2048", help="--sweep sizes: S (square) or WxH")
     ap.add_argument("--batches", default="1,4", help="--sweep batch sizes")
+    ap.add_argument("--ours-first", action="store_true",
+                    help="with --no-parity: time ditserve before diffusers (the default order is diffusers first), "
+                         "to see whether the GPU's clocks drift between the two")
     ap.add_argument("--skip-fp8", action="store_true", help="no fp8-tier rows (large models, short GPU time)")
     ap.add_argument("--attention", default=None, help="ditserve's attention backend (default: the engine's)")
     ap.add_argument("--fa3-rows", action="store_true",
@@ -394,38 +397,60 @@ def main() -> int:
     engine = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=True,
                           **({"attention": args.attention} if args.attention else {}))
     rec["attention"] = engine.attention
+    if args.ours_first and not args.no_parity:
+        raise SystemExit("--ours-first needs --no-parity (parity holds both models at once)")
+    ours = None
     if not args.no_parity:
         ours, _ = load_transformer(preset, engine)
         ours.load_diffusers_state_dict(ref.state_dict())
     times = {}
     with torch.inference_mode():
-        run_ref = functools.partial(call_ref, ref)
-        if not args.no_parity:
-            want, got = run_ref().float(), ours(**inputs).float()
-            rec["rel_err_vs_diffusers"] = round(((got - want).norm() / want.norm()).item(), 5)
-        times["diffusers_eager"] = cuda_median_ms(run_ref, args.iters, 2)
-        ref.compile_repeated_blocks(fullgraph=True)
-        t0 = time.perf_counter()
-        run_ref()
-        torch.cuda.synchronize()
-        rec["diffusers_regional_compile_s"] = round(time.perf_counter() - t0, 2)
-        times["diffusers_regional_compile"] = cuda_median_ms(run_ref, args.iters, 2)
+        def measure_diffusers():
+            nonlocal ref
+            run_ref = functools.partial(call_ref, ref)
+            if not args.no_parity:
+                want, got = run_ref().float(), ours(**inputs).float()
+                rec["rel_err_vs_diffusers"] = round(((got - want).norm() / want.norm()).item(), 5)
+            times["diffusers_eager"] = cuda_median_ms(run_ref, args.iters, 2)
+            ref.compile_repeated_blocks(fullgraph=True)
+            t0 = time.perf_counter()
+            run_ref()
+            torch.cuda.synchronize()
+            rec["diffusers_regional_compile_s"] = round(time.perf_counter() - t0, 2)
+            times["diffusers_regional_compile"] = cuda_median_ms(run_ref, args.iters, 2)
+            if args.profile:
+                rec["profile_diffusers_compiled"] = kernel_profile(run_ref)
+            if args.fa3_rows:
+                diffusers_use_fa3(ref)
+                times["diffusers_regional_compile_fa3"] = cuda_median_ms(run_ref, args.iters, 2)
+            ref = run_ref = None
+            release()
+
+        def measure_ours():
+            nonlocal ours
+            if args.no_parity:
+                ours, _ = load_transformer(preset, engine)
+            times["ditserve_compiled"], times["ditserve_compiled_graphs"] = time_compiled(ours, engine, inputs,
+                                                                                          args.iters)
+            if args.profile:
+                rec["profile_ditserve_compiled"] = kernel_profile(lambda: ours(**inputs))
+            ours = None
+            release()
+
+        if args.ours_first:  # (--no-parity) the same rows in the other order: drift of the GPU's clocks shows
+            ref = None
+            release()
+            measure_ours()
+            with torch.device(device):
+                ref = ref_cls.from_config(config).to(dtype).eval().requires_grad_(False)
+            measure_diffusers()
+        else:
+            measure_diffusers()
+            measure_ours()
+        rec["order"] = "ditserve first" if args.ours_first else "diffusers first"
         if args.profile:
-            rec["profile_diffusers_compiled"] = kernel_profile(run_ref)
-        if args.fa3_rows:
-            diffusers_use_fa3(ref)
-            times["diffusers_regional_compile_fa3"] = cuda_median_ms(run_ref, args.iters, 2)
-        del ref, run_ref
-        release()
-        if args.no_parity:
-            ours, _ = load_transformer(preset, engine)
-        times["ditserve_compiled"], times["ditserve_compiled_graphs"] = time_compiled(ours, engine, inputs, args.iters)
-        if args.profile:
-            rec["profile_ditserve_compiled"] = kernel_profile(lambda: ours(**inputs))
             for who in ("diffusers", "ditserve"):
                 log(f"{who} kernels: {json.dumps(rec[f'profile_{who}_compiled'])}")
-        del ours
-        release()
         if args.fa3_rows:
             fa3 = replace(engine, attention="fa3")
             m, _ = load_transformer(preset, fa3)
