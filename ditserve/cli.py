@@ -232,13 +232,18 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 def _quiet_libraries() -> None:
     """diffusers' and transformers' own loading chatter (per-file progress bars, advice to install
-    accelerate) off: the CLI logs what it loads itself. Their errors still show."""
-    import diffusers
-    import transformers
-
-    for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
+    accelerate) off: the CLI logs what it loads itself. Their errors still show. A library not imported yet is
+    not imported for this (the packaged default model never needs them, `ditserve.native`): it reads the same
+    settings from the environment when it is imported (a user's own settings win)."""
+    for name, variable in (("diffusers", "DIFFUSERS_VERBOSITY"), ("transformers", "TRANSFORMERS_VERBOSITY")):
+        lib = sys.modules.get(name)
+        if lib is None:
+            os.environ.setdefault(variable, "error")
+        else:
+            lib.utils.logging.set_verbosity_error()
+            lib.utils.logging.disable_progress_bar()
+    if "transformers" not in sys.modules:  # what transformers' disable_progress_bar does: the hub's bars too
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _format_summary(result, n_steps: int) -> str:

@@ -51,6 +51,7 @@ FP8_FAST_ACCUM = ("auto", "on", "off")  # fp8 GEMMs' fast accumulation: the tier
 FP8_FAST_ACCUM_DEFAULT = True
 CFG_MODES = ("batched", "split")  # classifier-free guidance: both branches in one forward, or one after the other
 CUDA_GRAPHS = ("auto", "on", "off")  # CUDA graphs of the DiT forward: small shapes, every shape, never
+NATIVE_COMPONENTS = ("auto", "off")  # ditserve.native's components: the packaged default model on CPU, never
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,9 @@ class EngineConfig:
     vae_streaming: "auto" (default: on a CUDA GPU, images that are not tiled decode in strips of rows,
         `ditserve.pipelines.vae_decode`: the whole decode's result, summed in another order, with 431 MiB of
         activations at 1024x1024 instead of 2428 MiB, so the decode is not a request's memory peak; 129.6 ms
-        instead of 91.8 on an H100, bench/vae_decode.py), "on" (also on the CPU; a ConfigError for a VAE it cannot decode or with `compile_vae`) or
-        "off" (diffusers' `vae.decode`).
+        instead of 91.8 on an H100, bench/vae_decode.py; Wan's video VAE: its high-resolution layers in strips,
+        `ditserve.pipelines.wan.decode_strips`), "on" (also on the CPU; a ConfigError for a VAE it cannot
+        decode or with `compile_vae`) or "off" (diffusers' `vae.decode`; Wan: frame chunk by frame chunk).
     compile_vae: channels-last + torch.compile of the VAE decoder (lossless: the same math, other kernels).
         Measured on an H100 at 1024x1024: decode 91 -> 38 ms, its activation memory 2.38 -> 1.25 GiB; the
         first decode compiles (18-24 s with an empty compile cache; its artefacts go to the same cache folder as
@@ -141,6 +143,11 @@ class EngineConfig:
     offload_text_encoder: the text encoder lives in host memory and comes to the device only while it encodes
         prompts (families that declare it: one whose DiT and text encoder do not fit on the GPU together; each
         request then copies the encoder's weights to the device). Refused by the other families. Off by default.
+    native_components: "auto" (default): the packaged default model on the CPU loads ditserve's own forward
+        passes of its text encoders, tokenizers, VAE decoder and scheduler (`ditserve.native`: the same math as
+        the library classes, without importing diffusers or transformers, which cost seconds of start-up) unless
+        a setting needs the library classes (`compile_vae`, `vae_tiling` or `vae_streaming` "on"); "off": the
+        library classes always. Every other model always loads the library classes.
     """
 
     device: str | None = None
@@ -164,6 +171,7 @@ class EngineConfig:
     lora: LoRAConfig | None = None
     offload_text_encoder: bool = False
     parallel: str | None = None  # "ulysses=U,ring=R,cfg=C" (`ditserve.parallel.ParallelConfig`); None: one process
+    native_components: str = "auto"
 
     def __post_init__(self):
         parse_cache(self.cache)  # raises ConfigError for unknown names, knobs or values
@@ -197,6 +205,9 @@ class EngineConfig:
             raise ConfigError(f"unknown cfg_mode {self.cfg_mode!r}; valid: {', '.join(CFG_MODES)}")
         if self.vae_tiling not in VAE_TILING:
             raise ConfigError(f"unknown vae_tiling {self.vae_tiling!r}; valid: {', '.join(VAE_TILING)}")
+        if self.native_components not in NATIVE_COMPONENTS:
+            raise ConfigError(f"unknown native_components {self.native_components!r}; valid: "
+                              f"{', '.join(NATIVE_COMPONENTS)}")
 
     @property
     def fp8_fast_accum_on(self) -> bool:

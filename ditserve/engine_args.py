@@ -10,8 +10,8 @@ import re
 from pathlib import Path
 
 from ditserve.config import (
-    CFG_MODES, CUDA_GRAPHS, DTYPE_NAMES, DYNAMIC_SHAPES, FP8_FAST_ACCUM, LOAD_FORMATS, QUANTIZATIONS, VAE_STREAMING,
-    VAE_TILING, ConfigError, EngineConfig,
+    CFG_MODES, CUDA_GRAPHS, DTYPE_NAMES, DYNAMIC_SHAPES, FP8_FAST_ACCUM, LOAD_FORMATS, NATIVE_COMPONENTS, QUANTIZATIONS,
+    VAE_STREAMING, VAE_TILING, ConfigError, EngineConfig,
 )
 
 # The names of `ditserve.ops.attention.BACKENDS` (a test holds them equal), here so that parsing the flags does
@@ -78,6 +78,11 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto", p
                    help="decode the VAE in strips of rows (exact up to summation order; 0.42 GiB of activations "
                         "at 1024x1024 instead of 2.37): auto = on a CUDA GPU (default), on = always, off = "
                         "diffusers' whole decode")
+    p.add_argument("--native-components", choices=list(NATIVE_COMPONENTS), default="auto",
+                   help="the packaged default model on the CPU: auto = ditserve's own text encoders, tokenizers, "
+                        "VAE decoder and scheduler (the same math, without importing diffusers and transformers: "
+                        "seconds less start-up; default), off = diffusers' and transformers' classes. Other models "
+                        "always use the libraries")
     p.add_argument("--dynamic-shapes", choices=list(DYNAMIC_SHAPES), default=dynamic_shapes,
                    help="with --compile: auto = compile for the first image size, and once more (token counts "
                         "symbolic) at the first other size; on = one graph for every size from the start, at a "
@@ -124,7 +129,8 @@ def engine_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
     have (`PIPELINE_FLAGS` of compile-report) keeps EngineConfig's default."""
     names = ("device", "dtype", "compile", "kernels", "attention", "load_format", "cache", "cache_backend",
              "quantization", "fp8_attention", "fp8_fast_accum", "vae_tiling", "compile_vae", "dynamic_shapes",
-             "compile_prewarm", "cuda_graphs", "vae_streaming", "cfg_mode", "offload_text_encoder", "parallel")
+             "compile_prewarm", "cuda_graphs", "vae_streaming", "cfg_mode", "offload_text_encoder", "parallel",
+             "native_components")
     fields = {name: getattr(args, name) for name in names if hasattr(args, name)}
     lora_dir = getattr(args, "lora_dir", None)
     if getattr(args, "lora", None) or lora_dir:

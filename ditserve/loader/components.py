@@ -66,9 +66,28 @@ def load_model(model: str | None, engine: EngineConfig) -> LoadedModel:
         return _load_dummy(model, engine)
     path = resolve_model(model)
     index = read_model_index(path)
-    components = {name: _timed(name, class_name, load_component, _subfolder(path, name), class_name, engine)
+    load = _load_native if _use_native(path, engine) else load_component
+    components = {name: _timed(name, class_name, load, _subfolder(path, name), class_name, engine)
                   for name, (_, class_name) in index.components.items()}
     return LoadedModel(_model_name(model, path), path, index.pipeline_class, components)
+
+
+def _use_native(path: Path, engine: EngineConfig) -> bool:
+    """EngineConfig.native_components: the packaged default model on the CPU, unless a setting needs the library
+    classes (see `ditserve.native`)."""
+    return (engine.native_components == "auto" and path.resolve() == DEFAULT_MODEL_DIR.resolve()
+            and engine.torch_device.type == "cpu" and not engine.compile_vae
+            and engine.vae_tiling != "on" and engine.vae_streaming != "on")
+
+
+def _load_native(folder: Path, class_name: str, engine: EngineConfig) -> Any:
+    """A component of the packaged default model through `ditserve.native` (the DiT as always: ours)."""
+    from ditserve.native import load_native
+
+    if class_name in registry.DIT_CONFIGS:
+        return build_dit(class_name, _read_json(folder / "config.json"), engine, find_weight_files(folder),
+                         component=folder.name)
+    return load_native(folder, class_name, _encoder_dtype(engine), engine.torch_device)
 
 
 def load_transformer(model: str | None, engine: EngineConfig,

@@ -107,6 +107,11 @@ def config_dict(config: Any) -> dict[str, Any]:
     return dict(config)
 
 
+def _checkpoint_class(component: Any) -> str:
+    """The model_index.json class name a component was loaded as (`ditserve.native`'s carry it)."""
+    return getattr(component, "CHECKPOINT_CLASS", type(component).__name__)
+
+
 def module_dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
@@ -222,7 +227,7 @@ class Pipeline:
         """ModelSpec.components of a checkpoint: each required component but the tokenizers (diffusers names them
         tokenizer, tokenizer_2, ...) -> (its checkpoint class name: the DiT's diffusers name, not our module's; its
         config)."""
-        return {k: (cls.DIT_CLASS if k == "transformer" else type(components[k]).__name__,
+        return {k: (cls.DIT_CLASS if k == "transformer" else _checkpoint_class(components[k]),
                     config_dict(components[k].config))
                 for k in cls.REQUIRED_COMPONENTS if not k.startswith("tokenizer")}
 
@@ -333,13 +338,13 @@ class Pipeline:
     def _resolve_vae_streaming(self, engine: EngineConfig) -> bool:
         """EngineConfig.vae_streaming: "auto" streams on CUDA where it can, "on" wherever it can (else a
         ConfigError), "off" never."""
-        if engine.vae_streaming == "off":
+        if engine.vae_streaming == "off" or (engine.vae_streaming == "auto" and self.device.type != "cuda"):
             return False
         why = ("--compile-vae compiles diffusers' whole decoder instead" if engine.compile_vae
                else streamed_decode_unsupported(self.vae))
         if why and engine.vae_streaming == "on":
             raise ConfigError(f"--vae-streaming on cannot apply: {why}")
-        return why is None and (engine.vae_streaming == "on" or self.device.type == "cuda")
+        return why is None
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         """Latent (h, w) for an image size: the VAE's downsampling, rounded down to even for 2x2 patches."""

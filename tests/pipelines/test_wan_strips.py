@@ -97,7 +97,8 @@ def test_memory_of_the_real_vae_in_bf16_meta(height, width, most):
 
 def test_pipeline_streams_when_asked(tmp_path, monkeypatch):
     """`vae_streaming="on"` (the default "auto" is on for CUDA only) decodes in strips, to the same uint8 frames
-    as the frame-chunk decode (at most one level apart: fp32 summation order, then rounding at x255); "off" never strips."""
+    as the frame-chunk decode (at most one level apart: fp32 summation order, then rounding at x255); "off" never
+    strips."""
     from ditserve.config import EngineConfig, SamplingParams
     from ditserve.engine.engine import Engine
     from ditserve.testing_wan import build_tiny_wan_pipeline
