@@ -144,3 +144,25 @@ def test_import_changes_no_global_state():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["diff"] == {}
     assert result["platform_probed"] == 0
+
+
+def test_emit_once_carries_torchs_constant_mark_without_importing_dynamo():
+    """`_emit_once` is marked as torch.compiler.assume_constant_result marks a function, and importing
+    ditserve.logging does not import torch._dynamo (about 1 s of a CLI's start-up); marked that way, a warn-once
+    inside a fullgraph compile still adds no graph break."""
+    from ditserve.logging import _emit_once
+
+    marked = torch.compiler.assume_constant_result(lambda: 1)
+    assert marked.__dict__ == {"_dynamo_marked_constant": True}
+    assert _emit_once._dynamo_marked_constant is True
+    code = ("import sys, torch, ditserve.logging\n"
+            "print('torch._dynamo' in sys.modules)\n"
+            "log = ditserve.logging.init_logger('ditserve.test.subprocess')\n"
+            "def f(x):\n"
+            "    log.warning_once('once')\n"
+            "    return x * 2\n"
+            "torch.compile(f, fullgraph=True, backend='eager')(torch.ones(2))\n"  # a graph break would raise
+            "print('compiled')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "compiled"]

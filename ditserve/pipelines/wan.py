@@ -484,13 +484,14 @@ def decode_strips(vae, z: torch.Tensor, strip_bytes: int = STRIP_BYTES):
     (the "tail") every layer is local in space: RMS norm and SiLU act per pixel, a conv's output rows [a, b)
     need its input rows [a - k // 2, b + k // 2) (zeros beyond the border only), nearest 2x upsampling and the
     Wan 2.2 VAE's duplicating shortcut read input row r // 2, and the causal caches hold earlier frames of the
-    same rows. So the tail's output rows of a strip of its input rows come out exactly when the strip is
-    widened by `_halo_rows` rows on each side (where their zero padding errs) and those rows are cut off. The
-    strips run one after another, each over every latent frame with its own causal caches, so the caches of
-    one strip only are held; the head (to the tail's input, a few percent of the work) is recomputed per strip.
+    same rows. So the tail's output rows of a strip of its input rows come out exactly when the strip enters
+    with halo rows on each side (as many as the convs' zero padding at the strip's edges can reach, `need`),
+    and after each stage only the rows the later stages still need are kept. The strips run one after another,
+    each over every latent frame with its own causal caches, so the caches of one strip only are held; the
+    head (to the tail's input, a few percent of the work) is recomputed per strip.
 
     Exactness. Every output value comes from the same operations on the same values as in the whole decode;
-    only a conv's kernel may differ with the strip's shape (tests/pipelines/test_wan_pipeline.py: fp32
+    only a conv's kernel may differ with the strip's shape (tests/pipelines/test_wan_strips.py: fp32
     differences ~1e-6 of the output's scale)."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
 
