@@ -10,13 +10,13 @@ a GPU, loads diffusers' and transformers' own classes.
 
 Numerics. The same operations in the same order as the library classes of diffusers 0.42 / transformers 5.x:
 `CLIPTextModel` (causal attention, quick-GELU, the pooled output at the first end-of-text token),
-`T5EncoderModel` (RMS norm in fp32, bidirectional relative-position buckets, gated GELU, no attention mask: FLUX
-passes none), `AutoencoderKL.decode` (GroupNorm ResNets, a single-head mid-block attention, nearest 2x
+`T5EncoderModel` (RMS norm in fp32, bidirectional relative-position buckets, gated GELU, no attention mask: the
+default model's pipeline passes none), `AutoencoderKL.decode` (GroupNorm ResNets, a single-head mid-block attention, nearest 2x
 upsampling) and `FlowMatchEulerDiscreteScheduler` (exponential time shift, Euler steps in fp32). They load the
 same safetensors; tests/test_native.py holds each against its library class (fp32, <= 1e-5 relative) and the
 whole image against `native_components="off"`.
 
-Each class keeps the small part of its library's interface that ditserve's FLUX pipeline calls.
+Each class keeps the small part of its library's interface that the default model's pipeline calls.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _read_config(file: Path) -> Config:
 
 class NativeTokenizer:
     """A tokenizer.json (CLIP's byte-level BPE, T5's unigram) through the `tokenizers` library, called as
-    transformers' fast tokenizers are by the FLUX pipeline: special tokens added, optional truncation to
+    transformers' fast tokenizers are by the default model's pipeline: special tokens added, optional truncation to
     `max_length` and padding to it with the pad token."""
 
     def __init__(self, tokenizer, config: Config):
@@ -242,7 +242,7 @@ class _T5Block(nn.Module):
 
 
 class NativeT5EncoderModel(nn.Module):
-    """transformers' `T5EncoderModel` with gated GELU (T5 v1.1 / FLUX's T5-XXL): `forward(ids)[0]` is the last
+    """transformers' `T5EncoderModel` with gated GELU (T5 v1.1): `forward(ids)[0]` is the last
     hidden state (B, L, D), every token attending to every token."""
 
     CHECKPOINT_CLASS = "T5EncoderModel"
@@ -381,7 +381,7 @@ class NativeAutoencoderKL(nn.Module):
 
 
 class NativeFlowMatchEulerScheduler:
-    """diffusers' `FlowMatchEulerDiscreteScheduler` for FLUX's schedule: given sigmas and mu, the exponential
+    """diffusers' `FlowMatchEulerDiscreteScheduler` for the default model's schedule: given sigmas and mu, the exponential
     time shift exp(mu) / (exp(mu) + (1 / sigma - 1)), timesteps = sigmas x num_train_timesteps, a terminal 0;
     `step` is x + (sigma_next - sigma) v in fp32, cast back to v's dtype."""
 
@@ -392,7 +392,7 @@ class NativeFlowMatchEulerScheduler:
         if not c.get("use_dynamic_shifting") or c.get("time_shift_type", "exponential") != "exponential" or any(
                 c.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                                    "stochastic_sampling", "invert_sigmas", "shift_terminal", "use_flow_sigmas")):
-            raise ConfigError("the native scheduler runs FLUX's dynamic exponential shift only")
+            raise ConfigError("the native scheduler runs the dynamic exponential shift only")
         self.config = c
         self.timesteps = self.sigmas = None
         self._index = 0
@@ -408,7 +408,7 @@ class NativeFlowMatchEulerScheduler:
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None,
                       mu: float | None = None) -> None:
         if sigmas is None or mu is None:
-            raise ConfigError("the native scheduler takes FLUX's sigmas and mu")
+            raise ConfigError("the native scheduler takes the pipeline's sigmas and mu")
         s = np.array(sigmas).astype(np.float32)
         s = math.exp(mu) / (math.exp(mu) + (1 / s - 1) ** 1.0)
         s = torch.from_numpy(s).to(dtype=torch.float32, device=device)
