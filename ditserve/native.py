@@ -11,8 +11,9 @@ a GPU, loads diffusers' and transformers' own classes.
 Numerics. The same operations in the same order as the library classes of diffusers 0.42 / transformers 5.x:
 `CLIPTextModel` (causal attention, quick-GELU, the pooled output at the first end-of-text token),
 `T5EncoderModel` (RMS norm in fp32, bidirectional relative-position buckets, gated GELU, no attention mask: the
-default model's pipeline passes none), `AutoencoderKL.decode` (GroupNorm ResNets, a single-head mid-block attention, nearest 2x
-upsampling) and `FlowMatchEulerDiscreteScheduler` (exponential time shift, Euler steps in fp32). They load the
+default model's pipeline passes none), `AutoencoderKL.decode` (GroupNorm ResNets, a single-head mid-block
+attention, nearest 2x upsampling) and `FlowMatchEulerDiscreteScheduler` (exponential time shift, Euler steps in
+fp32). They load the
 same safetensors; tests/test_native.py holds each against its library class (fp32, <= 1e-5 relative) and the
 whole image against `native_components="off"`.
 
@@ -381,9 +382,9 @@ class NativeAutoencoderKL(nn.Module):
 
 
 class NativeFlowMatchEulerScheduler:
-    """diffusers' `FlowMatchEulerDiscreteScheduler` for the default model's schedule: given sigmas and mu, the exponential
-    time shift exp(mu) / (exp(mu) + (1 / sigma - 1)), timesteps = sigmas x num_train_timesteps, a terminal 0;
-    `step` is x + (sigma_next - sigma) v in fp32, cast back to v's dtype."""
+    """diffusers' `FlowMatchEulerDiscreteScheduler` for the default model's schedule: given sigmas and mu, the
+    exponential time shift exp(mu) / (exp(mu) + (1 / sigma - 1)), timesteps = sigmas x num_train_timesteps, a
+    terminal 0; `step` is x + (sigma_next - sigma) v in fp32, cast back to v's dtype."""
 
     CHECKPOINT_CLASS = "FlowMatchEulerDiscreteScheduler"
 
