@@ -13,9 +13,8 @@ Numerics. The same operations in the same order as the library classes of diffus
 `T5EncoderModel` (RMS norm in fp32, bidirectional relative-position buckets, gated GELU, no attention mask: the
 default model's pipeline passes none), `AutoencoderKL.decode` (GroupNorm ResNets, a single-head mid-block
 attention, nearest 2x upsampling) and `FlowMatchEulerDiscreteScheduler` (exponential time shift, Euler steps in
-fp32). They load the
-same safetensors; tests/test_native.py holds each against its library class (fp32, <= 1e-5 relative) and the
-whole image against `native_components="off"`.
+fp32). They load the same safetensors; tests/test_native.py holds each against its library class (fp32, <= 1e-5
+relative) and the whole image against `native_components="off"`.
 
 Each class keeps the small part of its library's interface that the default model's pipeline calls.
 """
