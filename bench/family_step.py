@@ -391,14 +391,18 @@ def main() -> int:
     class_name, config = spec.components["transformer"]
     if args.sweep:
         return sweep(args, rec, preset, config, device, dtype)
+    if args.ours_first and not args.no_parity:
+        raise SystemExit("--ours-first needs --no-parity (parity holds both models at once)")
     ref_cls, inputs, call_ref = FAMILIES[args.family](config, args.size, width, 1, args.text_len, device, dtype)
-    with torch.device(device):
-        ref = ref_cls.from_config(config).to(dtype).eval().requires_grad_(False)
+
+    def build_ref():
+        with torch.device(device):
+            return ref_cls.from_config(config).to(dtype).eval().requires_grad_(False)
+
+    ref = None if args.ours_first else build_ref()
     engine = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=True,
                           **({"attention": args.attention} if args.attention else {}))
     rec["attention"] = engine.attention
-    if args.ours_first and not args.no_parity:
-        raise SystemExit("--ours-first needs --no-parity (parity holds both models at once)")
     ours = None
     if not args.no_parity:
         ours, _ = load_transformer(preset, engine)
@@ -438,11 +442,8 @@ def main() -> int:
             release()
 
         if args.ours_first:  # (--no-parity) the same rows in the other order: drift of the GPU's clocks shows
-            ref = None
-            release()
             measure_ours()
-            with torch.device(device):
-                ref = ref_cls.from_config(config).to(dtype).eval().requires_grad_(False)
+            ref = build_ref()
             measure_diffusers()
         else:
             measure_diffusers()

@@ -35,14 +35,6 @@ from torch import nn
 
 from ditserve.errors import ConfigError
 
-# model_index.json class name -> the native class that loads it (`load_native`).
-NATIVE_CLASSES: dict[str, str] = {
-    "CLIPTextModel": "NativeCLIPTextModel", "T5EncoderModel": "NativeT5EncoderModel",
-    "CLIPTokenizer": "NativeTokenizer", "T5Tokenizer": "NativeTokenizer",
-    "AutoencoderKL": "NativeAutoencoderKL", "FlowMatchEulerDiscreteScheduler": "NativeFlowMatchEulerScheduler",
-}
-
-
 class Config(dict):
     """A component's config: a dict whose keys read as attributes too (as diffusers' FrozenDict)."""
 
@@ -54,12 +46,6 @@ class Config(dict):
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self)
-
-
-def load_native(folder: Path, class_name: str, dtype: torch.dtype, device: torch.device) -> Any:
-    """The native form of model_index.json component `class_name` from its folder (weights cast to `dtype`)."""
-    cls = globals()[NATIVE_CLASSES[class_name]]
-    return cls.from_folder(folder, dtype, device)
 
 
 def _load_module(module: nn.Module, file: Path, dtype: torch.dtype, device: torch.device,
@@ -423,3 +409,11 @@ class NativeFlowMatchEulerScheduler:
         sigma, sigma_next = self.sigmas[self._index], self.sigmas[self._index + 1]
         self._index += 1
         return ((sample.to(torch.float32) + (sigma_next - sigma) * model_output).to(model_output.dtype),)
+
+
+# model_index.json class name -> the native class that loads it: `.from_folder(folder, dtype, device)`.
+NATIVE_CLASSES: dict[str, Any] = {
+    "CLIPTextModel": NativeCLIPTextModel, "T5EncoderModel": NativeT5EncoderModel,
+    "CLIPTokenizer": NativeTokenizer, "T5Tokenizer": NativeTokenizer,
+    "AutoencoderKL": NativeAutoencoderKL, "FlowMatchEulerDiscreteScheduler": NativeFlowMatchEulerScheduler,
+}

@@ -14,8 +14,8 @@ import torch
 
 from ditserve.config import ConfigError, EngineConfig, SamplingParams
 from ditserve.loader.source import DEFAULT_MODEL_DIR as D
-from ditserve.native import (NativeAutoencoderKL, NativeCLIPTextModel, NativeFlowMatchEulerScheduler,
-                             NativeT5EncoderModel, load_native)
+from ditserve.native import (NATIVE_CLASSES, NativeAutoencoderKL, NativeCLIPTextModel, NativeFlowMatchEulerScheduler,
+                             NativeT5EncoderModel)
 from ditserve.pipelines.sampling import calculate_shift
 
 CPU, F32 = torch.device("cpu"), torch.float32
@@ -24,7 +24,7 @@ PROMPTS = ["a red circle on a blue background", "", "A  PHOTO of   a cat, wearin
 
 
 def _native(sub: str, cls: str):
-    return load_native(D / sub, cls, F32, CPU)
+    return NATIVE_CLASSES[cls].from_folder(D / sub, F32, CPU)
 
 
 @pytest.mark.parametrize("sub, cls, length", [("tokenizer", "CLIPTokenizer", 77), ("tokenizer_2", "T5Tokenizer", 32)])

@@ -82,12 +82,11 @@ def _use_native(path: Path, engine: EngineConfig) -> bool:
 
 def _load_native(folder: Path, class_name: str, engine: EngineConfig) -> Any:
     """A component of the packaged default model through `ditserve.native` (the DiT as always: ours)."""
-    from ditserve.native import load_native
+    from ditserve.native import NATIVE_CLASSES
 
-    if class_name in registry.DIT_CONFIGS:
-        return build_dit(class_name, _read_json(folder / "config.json"), engine, find_weight_files(folder),
-                         component=folder.name)
-    return load_native(folder, class_name, _encoder_dtype(engine), engine.torch_device)
+    if class_name not in NATIVE_CLASSES:
+        return load_component(folder, class_name, engine)
+    return NATIVE_CLASSES[class_name].from_folder(folder, _encoder_dtype(engine), engine.torch_device)
 
 
 def load_transformer(model: str | None, engine: EngineConfig,
@@ -252,13 +251,15 @@ class ProcessorTokenizer:
 
 
 def _kind(class_name: str) -> tuple[str, type]:
-    """("dit" | "diffusers" | "transformers" | "tokenizer" | "scheduler", class) of a registry class name."""
-    import diffusers
-    import transformers
-
+    """("dit" | "diffusers" | "transformers" | "tokenizer" | "scheduler", class) of a registry class name. Our
+    DiTs are told apart before diffusers and transformers are imported (`ditserve.native` loads models without
+    them)."""
     cls = registry.component_class(class_name)
     if class_name in registry.DIT_CONFIGS:
         return "dit", cls
+    import diffusers
+    import transformers
+
     if cls is ProcessorTokenizer:
         return "tokenizer", cls
     for kind, base in (("diffusers", diffusers.ModelMixin), ("transformers", transformers.PreTrainedModel),

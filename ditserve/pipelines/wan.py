@@ -493,12 +493,11 @@ def decode_strips(vae, z: torch.Tensor, strip_bytes: int = STRIP_BYTES):
     Exactness. Every output value comes from the same operations on the same values as in the whole decode;
     only a conv's kernel may differ with the strip's shape (tests/pipelines/test_wan_strips.py: fp32
     differences ~1e-6 of the output's scale)."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
     dec = vae.decoder
     split = _tail_start(dec)
     blocks = list(dec.up_blocks[split:])
-    tail_convs = sum(isinstance(m, WanCausalConv3d) for m in [*blocks, dec.conv_out] for m in m.modules())
     # Stages of the tail: its up blocks, then the output (RMS norm, SiLU, conv_out). ups[j]: stage j's output
     # rows per input row; need[j]: the halo rows stage j's input needs for the rest of the tail to be exact.
     ups = [2 ** _upsamples(block) for block in blocks] + [1]
@@ -517,7 +516,7 @@ def decode_strips(vae, z: torch.Tensor, strip_bytes: int = STRIP_BYTES):
     x = vae.post_quant_conv(z)  # (B, C, F', h, w)
     for a, b in zip(bounds[:-1], bounds[1:]):
         vae.clear_cache()
-        tail_cache: list = [None] * tail_convs
+        tail_cache: list = [None] * len(vae._feat_map)  # the tail's causal caches (as many slots as the decoder's)
         start = 0
         try:
             for i in range(z.shape[2]):
