@@ -126,9 +126,10 @@ class EngineConfig:
     vae_streaming: "auto" (default: on a CUDA GPU, images that are not tiled decode in strips of rows,
         `ditserve.pipelines.vae_decode`: the whole decode's result, summed in another order, with 431 MiB of
         activations at 1024x1024 instead of 2428 MiB, so the decode is not a request's memory peak; 129.6 ms
-        instead of 91.8 on an H100, bench/vae_decode.py; Wan's video VAE: its high-resolution layers in strips,
-        `ditserve.pipelines.wan.decode_strips`), "on" (also on the CPU; a ConfigError for a VAE it cannot
-        decode or with `compile_vae`) or "off" (diffusers' `vae.decode`; Wan: frame chunk by frame chunk).
+        instead of 91.8 on an H100, bench/vae_decode.py; a video VAE decoded frame by frame: its
+        high-resolution layers in strips, by the family's pipeline), "on" (also on the CPU; a ConfigError for a
+        VAE it cannot decode or with `compile_vae`) or "off" (diffusers' `vae.decode`; a video VAE: frame chunk
+        by frame chunk).
     compile_vae: channels-last + torch.compile of the VAE decoder (lossless: the same math, other kernels).
         Measured on an H100 at 1024x1024: decode 91 -> 38 ms, its activation memory 2.38 -> 1.25 GiB; the
         first decode compiles (18-24 s with an empty compile cache; its artefacts go to the same cache folder as

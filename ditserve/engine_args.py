@@ -76,7 +76,7 @@ def add_engine_flags(p: argparse.ArgumentParser, dynamic_shapes: str = "auto", p
                         "--cache); off = never")
     p.add_argument("--vae-streaming", choices=list(VAE_STREAMING), default="auto",
                    help="decode the VAE in strips of rows (exact up to summation order; 0.42 GiB of activations "
-                        "at 1024x1024 instead of 2.37; Wan's video VAE: its high-resolution layers): auto = on a "
+                        "at 1024x1024 instead of 2.37; a video VAE: its high-resolution layers): auto = on a "
                         "CUDA GPU (default), on = always, off = diffusers' whole decode")
     p.add_argument("--native-components", choices=list(NATIVE_COMPONENTS), default="auto",
                    help="the packaged default model on the CPU: auto = ditserve's own text encoders, tokenizers, "
