@@ -395,8 +395,37 @@ def test_blocks_compile_fullgraph_without_breaks_and_match_eager():
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
     # One graph per block class and variant: (no mask, shared tables) and (mask, per-item tables) for the main
     # and noise-refiner blocks (the noise refiner's tables turn per-item too), and mask / no mask for the context
-    # refiner: at most 2 + 2 (ZImageBlock: the refiner and main calls share one code object) + 2.
+    # refiner: at most 2 + 2 + 2.
     assert 1 <= counter.frame_count <= 6
+
+
+def test_first_size_compiles_every_block_class_statically():
+    """The engine's default dynamic shapes ("auto": dynamic=None, static first): the first forward compiles one
+    graph per block list, each with static shapes. The noise refiner (image tokens) and the main layers (image +
+    caption tokens) run the same maths on two sequence lengths; were they one code object, the main layers' first
+    call would be an automatic-dynamic recompile with symbolic token counts (a slower compile in every cold
+    start). At the first other size the two modulated lists recompile once each, symbolic; later sizes reuse."""
+    model = ours_from(make_reference())
+    graphs = []
+
+    def backend(gm, example_inputs):
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        graphs.append(any(isinstance(v, torch.SymInt) or isinstance(v, torch.Tensor) and
+                          any(isinstance(d, torch.SymInt) for d in v.shape) for v in values))
+        return gm.forward
+
+    torch._dynamo.reset()
+    for list_name in ZImageTransformer.repeated_blocks:
+        for block in getattr(model, list_name):
+            block.compile(backend=backend, fullgraph=True, dynamic=None)
+    with torch.no_grad():
+        model(**make_inputs(6, 10, [45]))
+        model(**make_inputs(6, 10, [45], seed=2))
+        assert graphs == [False, False, False]  # noise refiner, context refiner, main layers: all static
+        model(**make_inputs(12, 12, [45]))  # 36 image tokens, padded to 64 (the first size: 15 -> 32)
+        assert graphs[3:] == [True, True]  # the two modulated lists, now symbolic
+        model(**make_inputs(20, 20, [45]))  # 100 -> 128
+    assert len(graphs) == 5
 
 
 @pytest.fixture
