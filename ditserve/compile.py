@@ -13,7 +13,10 @@ an error, never a silent no-op.
 
 Dynamic shapes: the engine's default (`EngineConfig.dynamic_shapes="auto"`, `dynamic=None` here) compiles for
 the first size a model runs and, at the first other size, compiles once more with the dims that changed (the
-token counts) symbolic; every later size reuses that graph. With `dynamic=True` ("on") the sequence lengths are
+token counts) symbolic; every later size reuses that graph. A model whose blocks of one class run at several
+token counts within every forward (Z-Image's noise refiner and main layers) names those block lists in
+`varying_shape_blocks`: under "auto" they compile with symbolic shapes from the first call, as a static first
+compile would be followed by a symbolic recompile in the same forward. With `dynamic=True` ("on") the sequence lengths are
 symbolic from the first compile, so no size recompiles, at a slower first compile: symbolic shapes make dynamo,
 AOTAutograd and inductor do more work (on an H100, FLUX.1-dev's cold compile + first forward took 12.3-14.4 s
 static against 15.5-19.5 s symbolic, bench/results). Dynamo's "duck shaping" would give two dimensions that
@@ -240,7 +243,8 @@ def prewarm_kernels(model: nn.Module) -> threading.Thread | None:
 def compile_model(model: nn.Module, cfg: CompileConfig) -> nn.Module:
     """Compile `model` in place as `cfg` says and return it.
 
-    Regional (default): every block of `model.repeated_blocks` gets `block.compile(...)`. Whole
+    Regional (default): every block of `model.repeated_blocks` gets `block.compile(...)` (with dynamic=True where
+    `cfg.dynamic` is None and the block's list is one of `model.varying_shape_blocks`, see above). Whole
     (regional=False): `model.compile(...)`. A module compiled before (tracked by identity) is skipped if it
     was compiled with the same settings; other settings, or mixing regional and whole-model compilation on
     one model, raise ValueError. Compilation itself happens lazily, at each region's first call.
@@ -250,7 +254,8 @@ def compile_model(model: nn.Module, cfg: CompileConfig) -> nn.Module:
     if cfg.regional:
         if model in _compiled:
             raise ValueError(f"{type(model).__name__} was compiled whole; it cannot also be compiled regionally")
-        targets = [block for _, block in compile_regions(model)]
+        varying = set(getattr(type(model), "varying_shape_blocks", ()))
+        targets = [(block, name.split(".", 1)[0] in varying) for name, block in compile_regions(model)]
     else:
         inner = [name for name in compiled_modules(model) if name]
         if inner:
@@ -259,19 +264,22 @@ def compile_model(model: nn.Module, cfg: CompileConfig) -> nn.Module:
         if getattr(model, "block_cache", None) is not None:
             raise ConfigError(f"{type(model).__name__} has a block cache mounted: its per-step decision would "
                               f"break a whole-model graph; compile regionally (the blocks are the regions)")
-        targets = [model]
+        targets = [(model, False)]
     set_process_compiler_flags()
     if cfg.prewarm and cfg.backend == "inductor":
         warm_compile_workers(model)
         prewarm_kernels(model)
-    for module in targets:
+    for module, varying_shapes in targets:
         done = _compiled.get(module)
         if done is not None:
             if done != cfg:
                 raise ValueError(f"a {type(module).__name__} was already compiled with {done}; "
                                  f"it cannot be recompiled with {cfg}")
             continue  # the same module object, e.g. listed twice or a second compile_model call
-        module.compile(**cfg.compile_kwargs())
+        kwargs = cfg.compile_kwargs()
+        if varying_shapes and cfg.dynamic is None:  # "auto" on a block list named in `varying_shape_blocks`
+            kwargs["dynamic"] = True
+        module.compile(**kwargs)
         _compiled[module] = cfg
     return model
 

@@ -249,30 +249,11 @@ class ZImageBlock(_ZImageBlockBase):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 adaln: torch.Tensor) -> torch.Tensor:
-        return self.modulated(x, mask, cos, sin, adaln)
-
-    def modulated(self, x: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                  adaln: torch.Tensor) -> torch.Tensor:
         scale_a, gate_a, scale_f, gate_f = self.mod(adaln).unsqueeze(1).chunk(4, dim=-1)  # (B, 1, D) each
         h = self.attn_norm1(x) * (1.0 + scale_a)  # (B, N, D)
         x = self.attn_norm2(self.attention(h, mask, cos, sin), gate_a, x)  # (B, N, D)
         h = self.ffn_norm1(x) * (1.0 + scale_f)
         return self.ffn_norm2(self.ffn(h), gate_f, x)  # (B, N, D)
-
-
-class ZImageRefinerBlock(ZImageBlock):
-    """A `noise_refiner` block: a ZImageBlock (same weights and maths) whose `forward` is a code object of its own.
-
-    Why: dynamo keeps its compiled graphs and its automatic-dynamic state per code object. The noise refiner runs
-    on the image tokens (Lp) and the main layers on the unified sequence (Lp + P); sharing ZImageBlock.forward,
-    the main layers' first call saw a second sequence length, so the engine's default (dynamic shapes "auto":
-    static first) compiled them again with symbolic token counts, a slower compile in every cold start. With their
-    own code object both lists compile statically for the first size (on this project's CPU, aot_eager: that
-    compile 0.48 s against 1.45 s symbolic); at the first other size each compiles once more, symbolic."""
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                adaln: torch.Tensor) -> torch.Tensor:
-        return self.modulated(x, mask, cos, sin, adaln)
 
 
 class ZImageContextBlock(_ZImageBlockBase):
@@ -327,7 +308,14 @@ class ZImageTransformer(nn.Module):
     are all made in `prepare`, which runs eagerly; the blocks are the compiled regions.
     """
 
-    repeated_blocks = ("noise_refiner", "context_refiner", "layers")
+    # Compiled regions (`ditserve.compile`). The context refiner is left out: two blocks on the caption tokens
+    # (~1% of a forward's FLOPs at 1024x1024), run eagerly while the GPU works through the noise refiner, and not
+    # compiled saves a cold start one graph. The noise refiner and the main layers are one block class run at two
+    # token counts in every forward (image tokens; image + caption tokens): compiled with symbolic token counts
+    # from the first call (`varying_shape_blocks`), one graph serves both, instead of a static graph for the
+    # refiner followed at once by a symbolic recompile for the main layers.
+    repeated_blocks = ("noise_refiner", "layers")
+    varying_shape_blocks = ("noise_refiner", "layers")
 
     # The block-cache interface (see `ditserve.cache`): `prepare` -> `run_blocks` over ranges of the main layers
     # -> `finish`. The state between ranges is (x (B, S, D),); the refiners run in `prepare`. A cache mounted in
@@ -365,8 +353,7 @@ class ZImageTransformer(nn.Module):
         self.x_embedder = Linear(c.patch_features, D, **lin)
         self.x_pad_token = nn.Parameter(torch.zeros(1, D, device=device, dtype=dtype))
         self.cap_pad_token = nn.Parameter(torch.zeros(1, D, device=device, dtype=dtype))
-        self.noise_refiner = nn.ModuleList(ZImageRefinerBlock(adaln_dim=A, **block)
-                                           for _ in range(c.n_refiner_layers))
+        self.noise_refiner = nn.ModuleList(ZImageBlock(adaln_dim=A, **block) for _ in range(c.n_refiner_layers))
         self.context_refiner = nn.ModuleList(ZImageContextBlock(**block) for _ in range(c.n_refiner_layers))
         self.layers = nn.ModuleList(ZImageBlock(adaln_dim=A, **block) for _ in range(c.n_layers))
         self.final_mod = Linear(A, D, **lin)  # scale = 1 + final_mod(silu(adaln))

@@ -469,3 +469,31 @@ def test_cli_errors(argv, match):
         pytest.skip("a CUDA device exists here")
     with pytest.raises(ConfigError, match=match):
         compile_report_main(parse(*argv))
+
+
+class ToyTwoLengths(Toy):
+    """Its blocks run at two token counts in every forward (the first block on the first half of the tokens):
+    as Z-Image's noise refiner and main layers."""
+
+    varying_shape_blocks = ("blocks",)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = self.blocks[0](x[:, : x.shape[1] // 2].clone())  # not a view: dynamo guards a view by its base
+        x = torch.cat((half, x[:, x.shape[1] // 2 :]), dim=1)
+        for block in self.blocks[1:]:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("dynamic, graphs", [(None, 1), (False, 2)])
+def test_varying_shape_blocks_compile_symbolic_under_auto(dynamic, graphs):
+    """Under "auto" (dynamic=None) a list named in `varying_shape_blocks` compiles symbolic from the first call:
+    one graph for both token counts of a forward (a static first compile would recompile at once). An explicit
+    dynamic=False still specialises: one graph per token count."""
+    model = ToyTwoLengths()
+    compile_model(model, CompileConfig(backend="eager", dynamic=dynamic, prewarm=False))
+    stats = torch._dynamo.utils.counters["stats"]
+    before = stats["unique_graphs"]
+    with torch.no_grad():
+        model(torch.randn(1, 16, model.dim))
+    assert stats["unique_graphs"] - before == graphs

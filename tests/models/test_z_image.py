@@ -399,33 +399,25 @@ def test_blocks_compile_fullgraph_without_breaks_and_match_eager():
     assert 1 <= counter.frame_count <= 6
 
 
-def test_first_size_compiles_every_block_class_statically():
-    """The engine's default dynamic shapes ("auto": dynamic=None, static first): the first forward compiles one
-    graph per block list, each with static shapes. The noise refiner (image tokens) and the main layers (image +
-    caption tokens) run the same maths on two sequence lengths; were they one code object, the main layers' first
-    call would be an automatic-dynamic recompile with symbolic token counts (a slower compile in every cold
-    start). At the first other size the two modulated lists recompile once each, symbolic; later sizes reuse."""
+def test_engine_compile_is_one_symbolic_graph_for_every_size(_restore_compiler_flags):
+    """The engine's compile (regional, dynamic shapes "auto"): the noise refiner and the main layers, one block
+    class at two token counts per forward, compile once with symbolic token counts (`varying_shape_blocks`): one
+    graph for the first forward, none more for another size; the context refiner is not a compiled region."""
+    from ditserve.compile import CompileConfig, compile_model, compiled_modules
+
     model = ours_from(make_reference())
-    graphs = []
-
-    def backend(gm, example_inputs):
-        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
-        graphs.append(any(isinstance(v, torch.SymInt) or isinstance(v, torch.Tensor) and
-                          any(isinstance(d, torch.SymInt) for d in v.shape) for v in values))
-        return gm.forward
-
-    torch._dynamo.reset()
-    for list_name in ZImageTransformer.repeated_blocks:
-        for block in getattr(model, list_name):
-            block.compile(backend=backend, fullgraph=True, dynamic=None)
+    compile_model(model, CompileConfig(dynamic=None, backend="eager", prewarm=False))
+    assert not any(name.startswith("context_refiner") for name in compiled_modules(model))
+    assert len(compiled_modules(model)) == len(model.noise_refiner) + len(model.layers)
+    stats = torch._dynamo.utils.counters["stats"]
+    before = stats["unique_graphs"]
     with torch.no_grad():
-        model(**make_inputs(6, 10, [45]))
-        model(**make_inputs(6, 10, [45], seed=2))
-        assert graphs == [False, False, False]  # noise refiner, context refiner, main layers: all static
-        model(**make_inputs(12, 12, [45]))  # 36 image tokens, padded to 64 (the first size: 15 -> 32)
-        assert graphs[3:] == [True, True]  # the two modulated lists, now symbolic
-        model(**make_inputs(20, 20, [45]))  # 100 -> 128
-    assert len(graphs) == 5
+        model(**make_inputs(6, 10, [45]))  # 15 image tokens (padded to 32), 64 caption tokens
+        assert stats["unique_graphs"] - before == 1
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            model(**make_inputs(12, 12, [45]))  # 36 -> 64 image tokens
+            model(**make_inputs(20, 20, [20]))  # 100 -> 128, 32 caption tokens
+    assert stats["unique_graphs"] - before == 1
 
 
 @pytest.fixture
@@ -459,7 +451,8 @@ def test_no_recompile_across_image_sizes(_restore_compiler_flags):
     # 48x80 px: 3x5 = 15 image tokens (-> 32); 96x160 px: 6x10 = 60 (-> 64). Captions 45 -> 64 tokens.
     report = compile_report(model, make, [(48, 80), (96, 160)], CompileConfig(backend="eager", dynamic=True),
                             steady_iters=1)
-    assert report["graph_count"] >= 2  # the blocks were compiled (ZImageBlock and ZImageContextBlock)
+    assert report["graph_count"] == 1  # ZImageBlock's (the noise refiner and main layers; the context refiner
+    # is not a compiled region)
     assert report["graph_breaks"] == 0 and report["break_reasons"] == []
     assert report["recompiles"] == 0 and report["recompile_reasons"] == []
     with torch.no_grad():
