@@ -16,7 +16,11 @@ For the family's preset (random weights at full size, bf16, GPU):
      compiled, each also replayed from a CUDA graph (`_graphs`);
   3. end to end: `Engine.load(preset, dummy, compile)` -> warmup -> a --steps image at --size (text encode,
      denoise, decode), the engine's default path and the fp8 tier.
-Prints one JSON line last (ratio_vs_diffusers_compiled = ditserve compiled ms / diffusers regional compile ms).
+For families whose engine computes every step's modulation vectors once per request (PRECOMPUTE: FLUX.1,
+Qwen-Image), "step" rows time the forward as the denoise loop calls it, each with its share of that per-request
+precompute (divided by the preset's default steps); diffusers computes them in every forward.
+Prints one JSON line last (ratio_vs_diffusers_compiled = ditserve compiled ms / diffusers regional compile ms;
+ratio_step_vs_diffusers_compiled = the step row the engine's default runs, graphed within AUTO_MAX_TOKENS / the same).
 
 --sweep instead measures one forward at each size of --sizes and batch of --batches (both models compiled once,
 dynamic shapes as each does by default): diffusers regional compile, the same replayed from a CUDA graph (a
@@ -143,6 +147,23 @@ def _qwen_image_adapter(config: dict, height: int, width: int, batch: int, text_
 FAMILIES["qwen-image"], PRESET["qwen-image"] = _qwen_image_adapter, "qwen-image"
 
 
+# Families whose engine computes every step's conditioning (each block's modulation vectors) once per request, for
+# all steps (`precompute_conditioning`), and hands each forward its step's entry: conditioning(model, inputs, n)
+# -> n steps' conditioning objects for `inputs`' timestep. The "step" rows time the forward as the denoise loop
+# calls it, plus the per-request precompute divided by the preset's default steps.
+def _flux_conditioning(model, inputs: dict, n: int) -> list:
+    g = inputs.get("guidance")
+    return model.precompute_conditioning(inputs["timestep"][None].expand(n, -1), inputs["pooled_projections"],
+                                         None if g is None else g[None].expand(n, -1))
+
+
+def _qwen_image_conditioning(model, inputs: dict, n: int) -> list:
+    return model.precompute_conditioning(inputs["timestep"][None].expand(n, -1))
+
+
+PRECOMPUTE = {"flux.1-dev": _flux_conditioning, "qwen-image": _qwen_image_conditioning}
+
+
 # ------------------------------------------------------------------------------------------ measures
 
 
@@ -232,6 +253,21 @@ def time_compiled(model, engine, inputs: dict, iters: int) -> tuple[float, float
         return model(**inputs)
 
     return cuda_median_ms(call, iters, 2), cuda_median_ms(graphed(call), iters, 2)
+
+
+def time_step(family: str, model, inputs: dict, steps: int, iters: int) -> tuple[float, float, float]:
+    """The forward of a compiled `model` as the engine's denoise loop calls it (PRECOMPUTE above): (ms a step,
+    ms a step replayed from a CUDA graph, ms of the per-request precompute), each step including the precompute
+    divided by `steps`."""
+    conditioning = PRECOMPUTE[family]
+    cond = conditioning(model, inputs, 1)[0]
+    per_request = cuda_median_ms(lambda: conditioning(model, inputs, steps), iters, 2)
+
+    def call():
+        return model(**inputs, conditioning=cond)
+
+    share = per_request / steps
+    return cuda_median_ms(call, iters, 2) + share, cuda_median_ms(graphed(call), iters, 2) + share, per_request
 
 
 def end_to_end(preset: str, size: int, steps: int, quantization: str | None, runs: int = 3,
@@ -445,6 +481,10 @@ def main() -> int:
                 ours, _ = load_transformer(preset, engine)
             times["ditserve_compiled"], times["ditserve_compiled_graphs"] = time_compiled(ours, engine, inputs,
                                                                                           args.iters)
+            if args.family in PRECOMPUTE:
+                times["ditserve_step"], times["ditserve_step_graphs"], per_request = time_step(
+                    args.family, ours, inputs, spec.default_steps, args.iters)
+                rec["conditioning_precompute_ms_per_request"] = round(per_request, 3)
             if args.profile:
                 rec["profile_ditserve_compiled"] = kernel_profile(lambda: ours(**inputs))
             ours = None
@@ -472,6 +512,9 @@ def main() -> int:
             fp8 = replace(engine, quantization="fp8")
             q, _ = load_transformer(preset, fp8)
             times["ditserve_fp8"], times["ditserve_fp8_graphs"] = time_compiled(q, fp8, inputs, args.iters)
+            if args.family in PRECOMPUTE:
+                times["ditserve_fp8_step"], times["ditserve_fp8_step_graphs"], _ = time_step(
+                    args.family, q, inputs, spec.default_steps, args.iters)
             del q
             release()
     rec["forward_ms"] = {k: round(v, 2) for k, v in times.items()}
@@ -479,6 +522,14 @@ def main() -> int:
     rec["ratio_vs_diffusers_compiled"] = round(times["ditserve_compiled"] / base, 3)
     if "ditserve_fp8" in times:
         rec["ratio_fp8_vs_diffusers_compiled"] = round(times["ditserve_fp8"] / base, 3)
+    if "ditserve_step" in times:  # the engine's step, graphed where its default (`--cuda-graphs auto`) graphs
+        from ditserve.cuda_graphs import AUTO_MAX_TOKENS
+
+        graphs = "_graphs" if (args.size // 16) * (width // 16) <= AUTO_MAX_TOKENS else ""
+        rec["steps_amortising_precompute"] = spec.default_steps
+        rec["ratio_step_vs_diffusers_compiled"] = round(times["ditserve_step" + graphs] / base, 3)
+        if "ditserve_fp8_step" in times:
+            rec["ratio_fp8_step_vs_diffusers_compiled"] = round(times["ditserve_fp8_step" + graphs] / base, 3)
     if args.fa3_rows:  # FA3 on both sides: ours against diffusers' best row
         best = min(base, times["diffusers_regional_compile_fa3"])
         rec["ratio_fa3_vs_diffusers_best"] = round(times["ditserve_compiled_fa3"] / best, 3)
