@@ -17,8 +17,8 @@ token counts) symbolic; every later size reuses that graph. A model whose blocks
 token counts within every forward (say, refiner blocks on the image tokens, then the same block class on image +
 text tokens) names those block lists in `varying_shape_blocks`: under "auto" they compile with symbolic shapes
 from the first call, as a static first compile would be followed by a symbolic recompile in the same forward.
-With `dynamic=True` ("on") the sequence lengths are symbolic from the first compile, so no size recompiles, at a slower first compile: symbolic shapes make dynamo,
-AOTAutograd and inductor do more work (on an H100, FLUX.1-dev's cold compile + first forward took 12.3-14.4 s
+With `dynamic=True` ("on") the sequence lengths are symbolic from the first compile, so no size recompiles, at a
+slower first compile: symbolic shapes make dynamo, AOTAutograd and inductor do more work (on an H100, FLUX.1-dev's cold compile + first forward took 12.3-14.4 s
 static against 15.5-19.5 s symbolic, bench/results). Dynamo's "duck shaping" would give two dimensions that
 happen to be equal at the first call one shared symbol, so an image whose token count equals the hidden width
 (FLUX.1: 3072 tokens at 768x1024, 3072 = D) or the text length would specialise the graph to that size and every
