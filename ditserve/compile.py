@@ -18,14 +18,13 @@ token counts within every forward (say, refiner blocks on the image tokens, then
 text tokens) names those block lists in `varying_shape_blocks`: under "auto" they compile with symbolic shapes
 from the first call, as a static first compile would be followed by a symbolic recompile in the same forward.
 With `dynamic=True` ("on") the sequence lengths are symbolic from the first compile, so no size recompiles, at a
-slower first compile: symbolic shapes make dynamo, AOTAutograd and inductor do more work (on an H100, FLUX.1-dev's cold compile + first forward took 12.3-14.4 s
-static against 15.5-19.5 s symbolic, bench/results). Dynamo's "duck shaping" would give two dimensions that
-happen to be equal at the first call one shared symbol, so an image whose token count equals the hidden width
-(FLUX.1: 3072 tokens at 768x1024, 3072 = D) or the text length would specialise the graph to that size and every
-other resolution would recompile.
-`compile_model` therefore turns duck shaping off for the process (`torch.fx.experimental._config.
-use_duck_shape = False`): the one global compiler flag ditserve sets, set when a model is compiled, never at
-import.
+slower first compile: symbolic shapes make dynamo, AOTAutograd and inductor do more work (on an H100, FLUX.1-dev's
+cold compile + first forward took 12.3-14.4 s static against 15.5-19.5 s symbolic, bench/results). Dynamo's "duck
+shaping" would give two dimensions that happen to be equal at the first call one shared symbol, so an image whose
+token count equals the hidden width (FLUX.1: 3072 tokens at 768x1024, 3072 = D) or the text length would specialise
+the graph to that size and every other resolution would recompile. `compile_model` therefore turns duck shaping off
+for the process (`torch.fx.experimental._config.use_duck_shape = False`): the one global compiler flag ditserve
+sets, set when a model is compiled, never at import.
 """
 
 from __future__ import annotations
