@@ -8,7 +8,8 @@
 For the family's preset (random weights at full size, bf16, GPU):
   0. cold start: a fresh child process with an empty inductor cache builds the dummy DiT, compiles it as the
      engine does (regional, dynamic shapes "auto") and runs one forward: "cold compile + first forward"
-     (`--cold-runs N`: N such children, the median reported; `--only-cold`: nothing else);
+     (`--cold-runs N`: N such children, the median reported; `--only-cold`: nothing else;
+     `--cold-variants engine,static_first,...`: alternating children per compile variant, see COLD_VARIANTS);
   1. diffusers' transformer class built from the preset's config, random weights, and ours loaded from its
      state dict (the loader's weight map): output relative error;
   2. one forward (CUDA events, median of --iters): diffusers eager, diffusers regional compile
@@ -167,18 +168,39 @@ PRECOMPUTE = {"flux.1-dev": _flux_conditioning, "qwen-image": _qwen_image_condit
 # ------------------------------------------------------------------------------------------ measures
 
 
-def cold_start(preset: str, size: int, text_len: int) -> float:
+# Cold-start variants (`--cold-variants`): lines run in the child after the model is built, before the clock
+# starts, changing how it is compiled; "engine" is the engine's own way. "regions+NAME" also compiles the block
+# list NAME (one the model leaves eager).
+COLD_VARIANTS = {
+    "engine": "",
+    "no_prewarm": "cfg = dataclasses.replace(cfg, prewarm=False)",
+    "dynamic_on": "cfg = dataclasses.replace(cfg, dynamic=True)",
+    "static_first": "type(m).varying_shape_blocks = ()",
+}
+
+
+def _cold_variant_code(variant: str) -> str:
+    if variant.startswith("regions+"):
+        return f"type(m).repeated_blocks = tuple(type(m).repeated_blocks) + ({variant[len('regions+'):]!r},)"
+    if variant not in COLD_VARIANTS:
+        raise SystemExit(f"unknown cold-start variant {variant!r}: {', '.join(COLD_VARIANTS)} or regions+NAME")
+    return COLD_VARIANTS[variant]
+
+
+def cold_start(preset: str, size: int, text_len: int, variant: str = "engine") -> float:
     """Seconds for a fresh process with an empty compile cache to build, compile and run one forward."""
     code = f"""
-import time, torch
+import dataclasses, time, torch
 from ditserve.config import EngineConfig
 from ditserve.loader import load_transformer
 from ditserve.compile import CompileConfig, compile_model
 e = EngineConfig(device="cuda", dtype="bf16", load_format="dummy", compile=True)
 m, _ = load_transformer({preset!r}, e)
 inputs = m.example_inputs(m.config, {size}, {size}, text_len={text_len}, device="cuda", dtype=torch.bfloat16)
+cfg = CompileConfig.for_engine(e)
+{_cold_variant_code(variant)}
 torch.cuda.synchronize(); t0 = time.perf_counter()
-compile_model(m, CompileConfig.for_engine(e))
+compile_model(m, cfg)
 with torch.inference_mode():
     m(**inputs)
 torch.cuda.synchronize(); print(time.perf_counter() - t0)
@@ -389,6 +411,8 @@ def main() -> int:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--cold-runs", type=int, default=1, help="cold starts to run (the median is reported)")
     ap.add_argument("--only-cold", action="store_true", help="the cold start alone")
+    ap.add_argument("--cold-variants", default=None,
+                    help="cold starts of these compile variants, alternating (COLD_VARIANTS; regions+NAME)")
     ap.add_argument("--profile", action="store_true", help="GPU time by kernel kind of both compiled forwards")
     ap.add_argument("--no-parity", action="store_true",
                     help="never hold both models at once (a DiT too large for two copies, e.g. FLUX.2-dev): "
@@ -422,6 +446,19 @@ def main() -> int:
     import diffusers
     rec["diffusers"] = diffusers.__version__
 
+    if args.cold_variants:  # children alternate the variants, --cold-runs rounds
+        variants = args.cold_variants.split(",")
+        found: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(args.cold_runs):
+            for v in variants:
+                found[v].append(round(cold_start(preset, args.size, args.text_len, v), 2))
+                log(f"cold start {v}: {found[v][-1]} s")
+        rec["cold_variants_s"] = found
+        rec["cold_variants_median_s"] = {v: sorted(r)[len(r) // 2] for v, r in found.items()}
+        log(f"cold start medians: {rec['cold_variants_median_s']}")
+        if args.only_cold:
+            print(json.dumps(rec))
+            return 0
     if not args.skip_cold:
         runs = sorted(cold_start(preset, args.size, args.text_len) for _ in range(args.cold_runs))
         rec["cold_compile_first_forward_s"] = round(runs[len(runs) // 2], 2)
