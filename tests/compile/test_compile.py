@@ -472,8 +472,8 @@ def test_cli_errors(argv, match):
 
 
 class ToyTwoLengths(Toy):
-    """Its blocks run at two token counts in every forward (the first block on the first half of the tokens):
-    as Z-Image's noise refiner and main layers."""
+    """Its blocks run at two token counts in every forward (the first block on the first half of the tokens),
+    as a model's refiner blocks on part of its tokens before the main blocks on all of them."""
 
     varying_shape_blocks = ("blocks",)
 

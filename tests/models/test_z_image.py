@@ -376,8 +376,9 @@ def test_rms_norm_paths_by_dtype(fake_cuda):
 
 
 def test_blocks_compile_fullgraph_without_breaks_and_match_eager():
-    """Every block of repeated_blocks compiles with fullgraph=True (a break would raise) and no graph-break
-    event, for both the shared-table/no-mask and the per-item/masked variants; the forward equals eager."""
+    """Every block (those of repeated_blocks, and the context refiner's, which a whole-model compile traces)
+    compiles with fullgraph=True (a break would raise) and no graph-break event, for both the shared-table/no-mask
+    and the per-item/masked variants; the forward equals eager."""
     ref = make_reference()
     model = ours_from(ref)
     cases = [make_inputs(6, 10, [45]), make_inputs(8, 8, [45, 20])]
@@ -386,7 +387,7 @@ def test_blocks_compile_fullgraph_without_breaks_and_match_eager():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     counter = CompileCounter()
-    for list_name in ZImageTransformer.repeated_blocks:
+    for list_name in (*ZImageTransformer.repeated_blocks, "context_refiner"):
         for block in getattr(model, list_name):
             block.compile(backend=counter, fullgraph=True)
     with torch.no_grad():
