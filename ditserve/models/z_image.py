@@ -310,10 +310,10 @@ class ZImageTransformer(nn.Module):
 
     # Compiled regions (`ditserve.compile`). The context refiner is left out: two blocks on the caption tokens
     # (~0.2% of a forward's GEMM FLOPs at 1024x1024 with 128 caption tokens), launched eagerly while the GPU works
-    # through the noise refiner; not compiled, it spares every cold start one graph. The noise refiner and the main layers are one block class run at two
-    # token counts in every forward (image tokens; image + caption tokens): compiled with symbolic token counts
-    # from the first call (`varying_shape_blocks`), one graph serves both, instead of a static graph for the
-    # refiner followed at once by a symbolic recompile for the main layers.
+    # through the noise refiner; not compiled, it spares every cold start one graph. The noise refiner and the
+    # main layers are one block class run at two token counts in every forward (image tokens; image + caption
+    # tokens): compiled with symbolic token counts from the first call (`varying_shape_blocks`), one graph serves
+    # both, instead of a static graph for the refiner followed at once by a symbolic recompile for the main layers.
     repeated_blocks = ("noise_refiner", "layers")
     varying_shape_blocks = ("noise_refiner", "layers")
 
