@@ -31,7 +31,7 @@ which is what the tests use; that path is a reference, not a fast path.
 
 Which layers are quantised is the model's decision, declared once in its class (`fp8_linears`): the
 token-wise GEMMs of the repeated blocks, where nearly all FLOPs are, and in some models the blocks' modulation
-GEMMs too (few FLOPs, many weights: Qwen-Image's are a third of its parameters).
+GEMMs too (few FLOPs, but in some models a third of the parameters).
 """
 
 from __future__ import annotations
