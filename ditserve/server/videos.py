@@ -35,13 +35,14 @@ import secrets
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -56,6 +57,7 @@ VIDEOS_PATH = "/v1/videos"
 MAX_SECONDS = 8.0  # seconds x fps (fps <= 120) stays within num_frames' 1024
 DENOISE_PERCENT = 95  # progress: the denoise steps cover 0-95 %, the decode and the MP4 the rest
 DEFAULT_FPS = 16.0  # a video model whose spec has no fps
+CONTENT_CHUNK = 1 << 20  # bytes read per step when sending an MP4
 LIST_LIMIT = (1, 100)
 ID = re.compile(r"video_[0-9a-f]{32}")
 # A decimal string for `seconds` (OpenAI's SDK sends "4"): in (0, 8], ASCII digits.
@@ -182,6 +184,10 @@ class VideoJobs:
         self.jobs: dict[str, VideoJob] = {}  # oldest first
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
+        # One encoder thread of its own, not the request thread pool: a burst of finished jobs queues here (x264
+        # is multithreaded itself) instead of taking every pool thread from the requests that need one (a file
+        # answer, an input image's decode).
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ditserve-mp4")
 
     @property
     def total_bytes(self) -> int:
@@ -257,7 +263,7 @@ class VideoJobs:
             return
         path = self.root / f"{job.id}.mp4"
         try:
-            size = await run_in_threadpool(_write_mp4, output, path)
+            size = await asyncio.wrap_future(self._encoder.submit(_write_mp4, output, path))
         except Exception as e:  # an encoder failure stays with its job
             logger.exception(f"video job {job.id}: the MP4 could not be written")
             self._finish(job, "failed", VideoError(code="encode_failed", message=f"{type(e).__name__}: {e}"))
@@ -289,6 +295,7 @@ class VideoJobs:
         """Stop following jobs and delete the folder (at shutdown, after the worker drained)."""
         for task in [*self._tasks, *([self._sweeper] if self._sweeper is not None else [])]:
             task.cancel()
+        self._encoder.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -665,7 +672,7 @@ def add_video_routes(app: FastAPI, worker, config, metrics, limits: Callable[[],
     async def get_video(video_id: str) -> VideoObject:
         return find(video_id).view(config.video_ttl)
 
-    @app.get(VIDEOS_PATH + "/{video_id}/content", response_class=FileResponse, summary="The video's MP4",
+    @app.get(VIDEOS_PATH + "/{video_id}/content", response_class=StreamingResponse, summary="The video's MP4",
              openapi_extra={"parameters": [
                  {"name": "variant", "in": "query", "required": False, "description": "only the video (OpenAI's "
                   "thumbnail and spritesheet variants are not made)", "schema": {"type": "string", "enum": ["video"]}}]},
@@ -673,7 +680,7 @@ def add_video_routes(app: FastAPI, worker, config, metrics, limits: Callable[[],
                  "video/mp4": {"schema": {"type": "string", "format": "binary"}}}},
                  409: {"model": _error_model(), "description": "the job has not completed (or it failed)"},
                  **errors(400, 401, 404, 503)})
-    async def video_content(video_id: str, request: Request) -> FileResponse:
+    async def video_content(video_id: str, request: Request) -> StreamingResponse:
         query(request, "variant", "video", ("video",))
         job = find(video_id)
         if job.status != "completed" or job.path is None:
@@ -681,7 +688,16 @@ def add_video_routes(app: FastAPI, worker, config, metrics, limits: Callable[[],
                      "failed": "failed"}.get(job.status, job.status)
             raise APIError(409, f"video {video_id} {state}: its content exists once its status is completed",
                            param="video_id", code="video_not_ready")
-        return FileResponse(job.path, media_type="video/mp4", filename=f"{video_id}.mp4")
+        # Opened here, on the event loop, where jobs are deleted: the open file outlives a deletion (expiry, the
+        # disk budget, a DELETE) that comes while it is being sent, which a path opened later would not.
+        try:
+            file = open(job.path, "rb")
+        except FileNotFoundError:
+            raise APIError(404, f"video {video_id}'s file is gone (it may have expired)", param="video_id",
+                           code="video_not_found") from None
+        return StreamingResponse(_chunks(file), media_type="video/mp4", headers={
+            "content-length": str(os.fstat(file.fileno()).st_size),
+            "content-disposition": f'attachment; filename="{video_id}.mp4"'})
 
     @app.delete(VIDEOS_PATH + "/{video_id}", response_model=VideoDeleted, responses=errors(401, 404, 503),
                 summary="Delete a video job (cancelling it if it has not finished) and its file")
@@ -694,6 +710,15 @@ def add_video_routes(app: FastAPI, worker, config, metrics, limits: Callable[[],
         return VideoDeleted(id=job.id, deleted=True)
 
     return jobs
+
+
+async def _chunks(file):
+    """The open file's bytes, read in the request thread pool; closes it at the end (or when the client leaves)."""
+    try:
+        while chunk := await run_in_threadpool(file.read, CONTENT_CHUNK):
+            yield chunk
+    finally:
+        file.close()
 
 
 def _error_model():

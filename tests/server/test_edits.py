@@ -242,7 +242,7 @@ def test_schemathesis_on_the_edit_route(tmp_path):
             [os.path.join(os.path.dirname(sys.executable), "st"), "run", live.url + "/openapi.json",
              "--include-path", URL, "--checks", "all", "--exclude-checks", "positive_data_acceptance",
              "--header", "Authorization: Bearer k-fuzz", "--max-examples", "10", "--seed", "1", "--no-color",
-             "--suppress-health-check", "all"],
+             "--suppress-health-check", "all", "--request-timeout", "60"],  # (not its 10 s: a busy CI machine)
             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     summary = run.stdout[-3000:]
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]

@@ -252,7 +252,7 @@ def test_schemathesis_finds_nothing_against_the_default_model(default_pipeline, 
             [os.path.join(os.path.dirname(sys.executable), "st"), "run", live.url + "/openapi.json",
              "--checks", "all", "--header", "Authorization: Bearer k-fuzz", "--max-examples", "10",
              "--seed", "1", "--no-color", "--suppress-health-check", "all", "--report", "har",
-             "--report-dir", str(tmp_path)],
+             "--report-dir", str(tmp_path), "--request-timeout", "60"],  # (not its 10 s: a busy CI machine)
             capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its cache folder goes there too
     summary = run.stdout[-3000:]
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
