@@ -22,14 +22,21 @@ At most `max_graphs` signatures are kept: capturing another evicts the least rec
 `release_idle(seconds)` drops graphs not replayed for that long (a server's shapes come and go).
 
 Requirements on `fn`, checked by the GPU tests and the bench: no device-to-host synchronisation (the denoise loop
-has none, see bench/flux_step.py), and no control flow on anything but the signature (a block cache decides per
-step which blocks run, so the engine never graphs a model with a cache).
+has none, see bench/flux_step.py), and no control flow on anything but the signature.
+
+With a block cache. The cache decides per step which blocks run (`ditserve.cache.block_cache`), so the whole
+forward is not one fixed set of kernels. `GraphedBlocks` graphs the model's block ranges instead: one graph per
+(range, shapes), replayed by the cache's `run_blocks` calls, while the model's prepare and finish, the cache's
+decision (its one host sync a step) and its residual arithmetic run eagerly between them. The blocks are nearly
+all of a forward's launches, so most of the host's launch work still goes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from typing import Any, Callable
 
 import torch
@@ -157,6 +164,42 @@ class GraphedModule(GraphedForward):
         return getattr(self.fn, name)
 
 
+class GraphedBlocks:
+    """A model's `run_blocks(state, ctx, start, stop)` replayed from CUDA graphs, one per block range and shapes
+    (what a block cache calls; see the module docstring). `graphed` is the GraphedForward that holds them; the
+    keyword arguments are its (bypass, admit, warmup, max_graphs)."""
+
+    def __init__(self, run_blocks: Callable[..., Any], **kwargs):
+        def run(state, ctx, start: int, stop: int):
+            return run_blocks(state, _from_tree(ctx), start, stop)
+
+        # (a dataclass context becomes a pytree of its fields: the graph copies its tensors, keys on the rest)
+        self.graphed = GraphedForward(run, max_graphs=3 * kwargs.pop("max_graphs", DEFAULT_MAX_GRAPHS), **kwargs)
+
+    def __call__(self, state, ctx, start: int, stop: int):
+        return self.graphed(state, _to_tree(ctx), start, stop)
+
+
+class _Fields(NamedTuple):
+    """A dataclass instance as a pytree: its class (a leaf compared by value) and its fields."""
+
+    cls: type
+    fields: dict[str, Any]
+
+
+def _to_tree(x: Any) -> Any:
+    """`x` with each dataclass instance that is not a pytree node of its own made a `_Fields` (recursively)."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type) and type(x) not in pytree.SUPPORTED_NODES:
+        return _Fields(type(x), {f.name: _to_tree(getattr(x, f.name)) for f in dataclasses.fields(x)})
+    return x
+
+
+def _from_tree(x: Any) -> Any:
+    if isinstance(x, _Fields):
+        return x.cls(**{name: _from_tree(value) for name, value in x.fields.items()})
+    return x
+
+
 def _leaf_key(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return ("tensor", tuple(x.shape), x.stride(), x.dtype, x.device)
@@ -170,10 +213,12 @@ def _graphable(leaves: list) -> bool:
     return bool(tensors) and all(t.is_cuda for t in tensors)
 
 
-def resolve_cuda_graphs(setting: str, device: torch.device, cache: bool) -> bool:
-    """Whether the engine may graph the denoise forward (EngineConfig.cuda_graphs): "auto" and "on" on CUDA
-    without a block cache ("on" elsewhere is a ConfigError; which shapes "auto" graphs is `AUTO_MAX_TOKENS`'s
-    rule, applied per call signature); "off" never."""
+def resolve_cuda_graphs(setting: str, device: torch.device, cache: str | None = None) -> bool:
+    """Whether the engine may graph the denoise forward (EngineConfig.cuda_graphs): "auto" and "on" on CUDA ("on"
+    elsewhere is a ConfigError; which shapes "auto" graphs is `AUTO_MAX_TOKENS`'s rule, applied per call
+    signature); "off" never. `cache` is the DiT cache's backend (EngineConfig.cache_backend) when one is mounted:
+    ditserve's block cache is graphed by block range (`GraphedBlocks`); cache-dit's, whose hooks decide inside the
+    blocks' forward, cannot be ("on" is a ConfigError, "auto" runs without graphs)."""
     from ditserve.config import CUDA_GRAPHS, ConfigError
 
     if setting not in CUDA_GRAPHS:
@@ -181,8 +226,9 @@ def resolve_cuda_graphs(setting: str, device: torch.device, cache: bool) -> bool
     if setting == "off":
         return False
     why = ("the device is not a CUDA GPU" if device.type != "cuda"
-           else "a block cache decides per step which blocks run (a graph replays one fixed set)" if cache
-           else None)
+           else f"the {cache} cache backend decides inside the blocks' forward which of them run (a graph replays "
+                f"one fixed set; ditserve's own block cache is graphed block range by block range)"
+           if cache not in (None, "ditserve") else None)
     if why and setting == "on":
         raise ConfigError(f"--cuda-graphs on cannot apply: {why}; use --cuda-graphs auto or off")
     return why is None

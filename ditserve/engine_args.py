@@ -207,7 +207,8 @@ def check_engine(engine: EngineConfig) -> None:
     if engine.cuda_graphs == "on":
         from ditserve.cuda_graphs import resolve_cuda_graphs
 
-        resolve_cuda_graphs(engine.cuda_graphs, engine.torch_device, cache=bool(engine.cache))
+        resolve_cuda_graphs(engine.cuda_graphs, engine.torch_device,
+                            cache=engine.cache_backend if engine.cache else None)
     if engine.quantization == "fp8":
         from ditserve.ops.fp8 import check_fp8_device
 

@@ -1,9 +1,10 @@
 """CUDA graphs for the denoise forward (`ditserve.cuda_graphs`, EngineConfig.cuda_graphs).
 
-On the CPU: the setting's resolution and refusals, the flag, and that a CPU pipeline calls its transformer
-directly. gpu-marked: `GraphedForward` warms up, captures once per signature, replays with new inputs exactly as
+On the CPU: the setting's resolution and refusals, the flag, that a CPU pipeline calls its transformer
+directly, and how a block range's context reaches its graph. gpu-marked: `GraphedForward` warms up, captures once per signature, replays with new inputs exactly as
 the plain call computes, hands out outputs that later replays do not overwrite, respects `max_graphs`; a FLUX
-transformer with per-step conditioning replays exactly; a pipeline makes the same image with graphs on and off.
+transformer with per-step conditioning replays exactly; a pipeline makes the same image with graphs on and off,
+with and without a block cache (whose block ranges are graphed).
 """
 
 from __future__ import annotations
@@ -28,16 +29,18 @@ def test_unknown_setting_is_a_config_error():
 
 
 def test_resolution():
-    # auto and on: CUDA without a cache (auto then graphs only small shapes, per call: see the admit tests)
-    assert resolve_cuda_graphs("auto", CUDA, cache=False)
-    assert not resolve_cuda_graphs("auto", CPU, cache=False)
-    assert not resolve_cuda_graphs("auto", CUDA, cache=True)
-    assert resolve_cuda_graphs("on", CUDA, cache=False)
-    assert not resolve_cuda_graphs("off", CUDA, cache=False)
-    with pytest.raises(ConfigError, match="not a CUDA GPU"):
-        resolve_cuda_graphs("on", CPU, cache=False)
-    with pytest.raises(ConfigError, match="block cache"):
-        resolve_cuda_graphs("on", CUDA, cache=True)
+    # auto and on: CUDA, with no cache or ditserve's block cache (graphed by block range); auto then graphs only
+    # small shapes, per call (see the admit tests)
+    for cache in (None, "ditserve"):
+        assert resolve_cuda_graphs("auto", CUDA, cache=cache)
+        assert not resolve_cuda_graphs("auto", CPU, cache=cache)
+        assert resolve_cuda_graphs("on", CUDA, cache=cache)
+        assert not resolve_cuda_graphs("off", CUDA, cache=cache)
+        with pytest.raises(ConfigError, match="not a CUDA GPU"):
+            resolve_cuda_graphs("on", CPU, cache=cache)
+    assert not resolve_cuda_graphs("auto", CUDA, cache="cache-dit")  # its hooks decide inside the blocks
+    with pytest.raises(ConfigError, match="cache-dit cache backend decides inside"):
+        resolve_cuda_graphs("on", CUDA, cache="cache-dit")
 
 
 def test_auto_admits_small_forwards_only(folder):
@@ -204,6 +207,76 @@ def test_pipeline_auto_graphs_a_small_shape_and_reports_its_memory(folder):
     assert (out.frames == again.frames).all()
     # the forward's graph and the text encoders' (FLUX.1 graphs its CLIP and T5)
     assert pipe.release_idle_graphs(0.0) >= 1 and pipe.graph_memory_bytes == 0 and not pipe.forward.graphs
+
+
+def test_graphed_blocks_pass_a_dataclass_context_as_its_fields():
+    """GraphedBlocks hands the graph a block context's tensors as leaves (copied into a capture) and its other
+    fields as part of the key, and rebuilds the same context for `run_blocks` (on the CPU it runs plainly)."""
+    import dataclasses
+
+    from torch.utils import _pytree as pytree
+
+    from ditserve.cuda_graphs import GraphedBlocks, _to_tree
+
+    @dataclasses.dataclass
+    class Inner:
+        mods: tuple
+        scale: float
+
+    @dataclasses.dataclass
+    class Ctx:
+        inner: Inner
+        cos: torch.Tensor
+        mask: torch.Tensor | None
+        grid: tuple[int, int, int]
+
+    ctx = Ctx(Inner((torch.ones(2), torch.zeros(3)), 0.5), torch.arange(4.0), None, (1, 2, 3))
+    leaves = pytree.tree_leaves(_to_tree(ctx))
+    others = [x for x in leaves if not isinstance(x, torch.Tensor)]
+    assert len(leaves) - len(others) == 3 and Ctx in others and 0.5 in others and 3 in others
+    seen = []
+
+    def run_blocks(state, c, start, stop):
+        seen.append((c, start, stop))
+        return tuple(x + c.inner.scale * stop for x in state)
+
+    graphed = GraphedBlocks(run_blocks)
+    out = graphed((torch.zeros(2),), ctx, 1, 4)
+    assert torch.equal(out[0], torch.full((2,), 2.0)) and seen[0][1:] == (1, 4)
+    rebuilt = seen[0][0]
+    assert type(rebuilt) is Ctx and type(rebuilt.inner) is Inner and rebuilt.grid == (1, 2, 3)
+    assert rebuilt.cos is ctx.cos and rebuilt.inner.mods[1] is ctx.inner.mods[1] and rebuilt.mask is None
+
+
+def test_a_block_cache_on_the_cpu_runs_its_ranges_plainly(folder):
+    pipe = _pipe(folder, device="cpu", dtype="fp32", cache="fbcache-mask-fast")
+    assert pipe.forward is pipe.transformer and pipe.transformer.block_cache.runner is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["fbcache-mask-fast", "dbcache:threshold=1000,warmup=2,max_consecutive=2"])
+def test_a_block_cache_is_graphed_by_block_range_exactly(folder, cache):
+    """With a block cache, the block ranges the cache runs are replayed from graphs (the forward itself is not
+    graphed): the same image and the same cached steps as without graphs, for a fixed step mask and for a
+    decision made on the device (its host sync between the replays), First-Block and Dual-Block."""
+    from ditserve.config import SamplingParams
+    from ditserve.cuda_graphs import GraphedBlocks
+
+    params = dict(prompt="a red circle", height=64, width=96, steps=8, seed=3)
+    pipe = _pipe(folder, device="cuda", dtype="bf16", cuda_graphs="on", cache=cache)
+    assert pipe.forward is pipe.transformer and isinstance(pipe.transformer.block_cache.runner, GraphedBlocks)
+    with_graphs = pipe.generate(SamplingParams(**params), progress=False)
+    again = pipe.generate(SamplingParams(**params), progress=False)
+    graphs = pipe.transformer.block_cache.runner.graphed.graphs
+    ranges = {key[0] for key in graphs}  # (spec, leaf keys): the ranges are the last two leaves
+    assert len(graphs) == (3 if cache.startswith("dbcache") else 2), ranges
+    assert all(g.replays > 0 for g in graphs.values()) and pipe.graph_memory_bytes > 0
+    plain = _pipe(folder, device="cuda", dtype="bf16", cuda_graphs="off", cache=cache)
+    assert plain.transformer.block_cache.runner is None
+    without = plain.generate(SamplingParams(**params), progress=False)
+    assert with_graphs.cache_stats == again.cache_stats == without.cache_stats
+    assert with_graphs.cache_stats["cached"] > 0 and with_graphs.cache_stats["computed"] > 0
+    assert (with_graphs.frames == without.frames).all() and (again.frames == without.frames).all()
 
 
 def test_graphed_module_reads_as_the_module():

@@ -141,6 +141,9 @@ class BlockCache:
         self._branches: dict[str, _Branch] = {}
         self._branch = "cond"
         self._stats = CacheStats()
+        # What runs a block range: the model's `run_blocks`, or (set by the pipeline for EngineConfig.cuda_graphs)
+        # its replay from CUDA graphs, `ditserve.cuda_graphs.GraphedBlocks`.
+        self.runner = None
 
     @property
     def name(self) -> str:
@@ -181,8 +184,9 @@ class BlockCache:
     def run(self, model: BlockCacheable, state: State, ctx) -> State:
         """One transformer step over all blocks of `model`: the block state in -> the block state out."""
         s, N = self.settings, self.num_blocks
+        run_blocks = self.runner or model.run_blocks
         x_in = state[0]
-        state = model.run_blocks(state, ctx, 0, s.fn)
+        state = run_blocks(state, ctx, 0, s.fn)
         signal = state[0] - x_in  # (B, L, D)
         st = self._state(signal)
         step = st.step
@@ -199,13 +203,13 @@ class BlockCache:
             st.consecutive += 1
         else:
             mid = state
-            state = model.run_blocks(state, ctx, s.fn, N - s.bn)
+            state = run_blocks(state, ctx, s.fn, N - s.bn)
             st.residual.update(step, tuple(x - m for x, m in zip(state, mid)))
             st.signal = signal
             self._stats.computed += 1
             st.consecutive = 0
         if s.bn:
-            state = model.run_blocks(state, ctx, N - s.bn, N)
+            state = run_blocks(state, ctx, N - s.bn, N)
         return state
 
 

@@ -43,7 +43,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ditserve.config import MIN_SIZE, SIZE_MULTIPLE, EngineConfig, ModelSpec, SamplingParams
-from ditserve.cuda_graphs import AUTO_MAX_TOKENS, GraphedForward, GraphedModule, resolve_cuda_graphs
+from ditserve.cuda_graphs import (AUTO_MAX_TOKENS, GraphedBlocks, GraphedForward, GraphedModule,
+                                  resolve_cuda_graphs)
 from ditserve.dummy_run import in_dummy_run
 from ditserve.engine.request import Capabilities, Output
 from ditserve.errors import ConfigError
@@ -203,6 +204,7 @@ class Pipeline:
             self.transformer = compile_model(self.transformer, CompileConfig.for_engine(engine))
         self._setup_vae(engine)
         self._forward_tokens = 0  # the current denoise loop's forward size (`forward_tokens`), set by `denoise`
+        self._block_graphs: dict[int, GraphedForward] = {}  # per transformer (id): its block ranges' graphs, if any
         self.bind_forward()
         self._graph_text_encoders()
 
@@ -278,13 +280,21 @@ class Pipeline:
         """Set `forward`, what `predict` calls: the transformer replayed from CUDA graphs
         (EngineConfig.cuda_graphs, `ditserve.cuda_graphs`) or the transformer itself. Call it again after
         changing the transformer in place (e.g. `apply_fp8`): captured graphs replay the old one."""
-        graphs = resolve_cuda_graphs(self.engine.cuda_graphs, self.device, cache=self.cache is not None)
+        graphs = resolve_cuda_graphs(self.engine.cuda_graphs, self.device,
+                                     cache=None if self.cache is None else self.engine.cache_backend)
         # "auto" graphs the forwards small enough to be bound by the host's launch work (AUTO_MAX_TOKENS);
         # `denoise` records each loop's forward size in `_forward_tokens`.
         admit = (lambda: self._forward_tokens <= AUTO_MAX_TOKENS) if self.engine.cuda_graphs == "auto" else None
         # (dummy warmup runs skip the output projection: they must neither be captured nor replay a real graph)
-        self.forward = (GraphedForward(self.transformer, bypass=in_dummy_run, admit=admit) if graphs
-                        else self.transformer)
+        block_cache = getattr(self.transformer, "block_cache", None)
+        if graphs and block_cache is not None:  # the cache picks block ranges per step: graph those, not the forward
+            block_cache.runner = GraphedBlocks(self.transformer.run_blocks, bypass=in_dummy_run, admit=admit)
+            self._block_graphs[id(self.transformer)] = block_cache.runner.graphed
+        elif block_cache is not None:
+            block_cache.runner = None
+            self._block_graphs.pop(id(self.transformer), None)
+        self.forward = (GraphedForward(self.transformer, bypass=in_dummy_run, admit=admit)
+                        if graphs and block_cache is None else self.transformer)
 
     def _graph_text_encoders(self) -> None:
         """Replace each of GRAPHED_TEXT_ENCODERS by a CUDA-graph replay of it (`cuda_graphs` "auto" or "on", on
@@ -300,7 +310,8 @@ class Pipeline:
                 setattr(self, name, GraphedModule(module, warmup=0))
 
     def _graphed(self) -> list[GraphedForward]:
-        return [g for g in (self.forward, *(getattr(self, n, None) for n in self.GRAPHED_TEXT_ENCODERS))
+        return [g for g in (self.forward, *self._block_graphs.values(),
+                            *(getattr(self, n, None) for n in self.GRAPHED_TEXT_ENCODERS))
                 if isinstance(g, GraphedForward)]
 
     @property
