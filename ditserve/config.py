@@ -121,9 +121,9 @@ class EngineConfig:
         CUDA GPU, the forwards small enough that the host bounds them (`ditserve.cuda_graphs.AUTO_MAX_TOKENS`
         image tokens over the batch), decided per shape; larger ones run as they are (their GPU work hides the
         launches, and a graph would keep a forward's activations reserved); text encoders always. "on": every
-        shape (else a ConfigError where it cannot apply); "off": never. With ditserve's block cache the block
-        ranges it runs are graphed instead of the whole forward (its per-step decision runs between them); a
-        cache-dit cache cannot be graphed.
+        shape (else a ConfigError where it cannot apply); "off": never. With ditserve's block cache, "on" graphs
+        the block ranges it runs instead of the whole forward (its per-step decision runs between them) and
+        "auto" graphs none (not measured yet); a cache-dit cache cannot be graphed.
     vae_streaming: "auto" (default: on a CUDA GPU, images that are not tiled decode in strips of rows,
         `ditserve.pipelines.vae_decode`: the whole decode's result, summed in another order, with 431 MiB of
         activations at 1024x1024 instead of 2428 MiB, so the decode is not a request's memory peak; 129.6 ms

@@ -25,7 +25,7 @@ Requirements on `fn`, checked by the GPU tests and the bench: no device-to-host 
 has none, see bench/flux_step.py), and no control flow on anything but the signature.
 
 With a block cache. The cache decides per step which blocks run (`ditserve.cache.block_cache`), so the whole
-forward is not one fixed set of kernels. `GraphedBlocks` graphs the model's block ranges instead: one graph per
+forward is not one fixed set of kernels. Under "on", `GraphedBlocks` graphs the model's block ranges instead: one graph per
 (range, shapes), replayed by the cache's `run_blocks` calls, while the model's prepare and finish, the cache's
 decision (its one host sync a step) and its residual arithmetic run eagerly between them. The blocks are nearly
 all of a forward's launches, so most of the host's launch work still goes.
@@ -217,8 +217,9 @@ def resolve_cuda_graphs(setting: str, device: torch.device, cache: str | None = 
     """Whether the engine may graph the denoise forward (EngineConfig.cuda_graphs): "auto" and "on" on CUDA ("on"
     elsewhere is a ConfigError; which shapes "auto" graphs is `AUTO_MAX_TOKENS`'s rule, applied per call
     signature); "off" never. `cache` is the DiT cache's backend (EngineConfig.cache_backend) when one is mounted:
-    ditserve's block cache is graphed by block range (`GraphedBlocks`); cache-dit's, whose hooks decide inside the
-    blocks' forward, cannot be ("on" is a ConfigError, "auto" runs without graphs)."""
+    ditserve's block cache is graphed by block range (`GraphedBlocks`) under "on" only, since "auto" graphs what
+    was measured to gain and this has not been measured yet; cache-dit's, whose hooks decide inside the blocks'
+    forward, cannot be graphed ("on" is a ConfigError, "auto" runs without graphs)."""
     from ditserve.config import CUDA_GRAPHS, ConfigError
 
     if setting not in CUDA_GRAPHS:
@@ -231,4 +232,4 @@ def resolve_cuda_graphs(setting: str, device: torch.device, cache: str | None = 
            if cache not in (None, "ditserve") else None)
     if why and setting == "on":
         raise ConfigError(f"--cuda-graphs on cannot apply: {why}; use --cuda-graphs auto or off")
-    return why is None
+    return why is None and (setting == "on" or cache is None)
