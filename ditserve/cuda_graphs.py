@@ -25,10 +25,10 @@ Requirements on `fn`, checked by the GPU tests and the bench: no device-to-host 
 has none, see bench/flux_step.py), and no control flow on anything but the signature.
 
 With a block cache. The cache decides per step which blocks run (`ditserve.cache.block_cache`), so the whole
-forward is not one fixed set of kernels. Under "on", `GraphedBlocks` graphs the model's block ranges instead: one graph per
-(range, shapes), replayed by the cache's `run_blocks` calls, while the model's prepare and finish, the cache's
-decision (its one host sync a step) and its residual arithmetic run eagerly between them. The blocks are nearly
-all of a forward's launches, so most of the host's launch work still goes.
+forward is not one fixed set of kernels. Under "on", `GraphedBlocks` graphs the model's block ranges instead: one
+graph per (range, shapes), replayed by the cache's `run_blocks` calls, while the model's prepare and finish, the
+cache's decision (its one host sync a step) and its residual arithmetic run eagerly between them. The blocks are
+nearly all of a forward's launches, so most of the host's launch work still goes.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch.utils import _pytree as pytree

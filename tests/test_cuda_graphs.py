@@ -1,10 +1,11 @@
 """CUDA graphs for the denoise forward (`ditserve.cuda_graphs`, EngineConfig.cuda_graphs).
 
 On the CPU: the setting's resolution and refusals, the flag, that a CPU pipeline calls its transformer
-directly, and how a block range's context reaches its graph. gpu-marked: `GraphedForward` warms up, captures once per signature, replays with new inputs exactly as
-the plain call computes, hands out outputs that later replays do not overwrite, respects `max_graphs`; a FLUX
-transformer with per-step conditioning replays exactly; a pipeline makes the same image with graphs on and off,
-with and without a block cache (whose block ranges are graphed).
+directly, and how a block range's context reaches its graph. gpu-marked: `GraphedForward` warms up, captures
+once per signature, replays with new inputs exactly as the plain call computes, hands out outputs that later
+replays do not overwrite, respects `max_graphs`; a FLUX transformer with per-step conditioning replays exactly; a
+pipeline makes the same image with graphs on and off, with and without a block cache (whose block ranges are
+graphed).
 """
 
 from __future__ import annotations
