@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ditserve.config import ModelSpec, SamplingParams
+from ditserve.cuda_graphs import GraphedForward
 from ditserve.engine.request import Capabilities
 from ditserve.errors import ConfigError
 from ditserve.logging import init_logger
@@ -326,6 +327,12 @@ class WanPipeline(Pipeline):
     def model_for_step(self, i: int, t: torch.Tensor) -> None:
         expert, self._guidance = self._plan[i]
         self.forward = self._forwards[expert]
+
+    def _graphed(self) -> list:
+        """Both experts' CUDA graphs (the base sees only the current expert's `forward`): so both are reported
+        and released."""
+        current = super()._graphed()
+        return current + [f for f in self._forwards if isinstance(f, GraphedForward) and f not in current]
 
     def combine_cfg(self, cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
         """uncond + g (cond - uncond), g the current expert's scale (`guidance` or `guidance_2`, set by

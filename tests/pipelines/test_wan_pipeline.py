@@ -201,6 +201,24 @@ def test_cache_state_per_expert_and_branch(wan22):
     assert set(a._branches) == set(b._branches) == {"cond", "uncond"}
 
 
+def test_both_experts_graphs_are_reported_and_released(engine22):
+    """With CUDA graphs each expert has its own graphed forward; the memory reported and the idle release cover
+    both, whichever expert the last step ran (a stand-in for the graphs: this runs on the CPU)."""
+    from ditserve.cuda_graphs import GraphedForward
+
+    pipe = engine22.pipeline
+    saved = pipe._forwards, pipe.forward
+    try:
+        pipe._forwards = [GraphedForward(lambda: None, memory_bytes=3), GraphedForward(lambda: None, memory_bytes=4)]
+        for g in pipe._forwards:
+            g.graphs[("key",)] = type("Graph", (), {"last_used": 0.0})()
+        pipe.forward = pipe._forwards[1]
+        assert pipe.graph_memory_bytes == 7
+        assert pipe.release_idle_graphs(0.0) == 2 and pipe.graph_memory_bytes == 0
+    finally:
+        pipe._forwards, pipe.forward = saved
+
+
 def test_presets_resolve():
     from ditserve.registry import PRESETS, pipeline_class, preset
 
