@@ -42,7 +42,7 @@ from typing import Any, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -57,7 +57,6 @@ VIDEOS_PATH = "/v1/videos"
 MAX_SECONDS = 8.0  # seconds x fps (fps <= 120) stays within num_frames' 1024
 DENOISE_PERCENT = 95  # progress: the denoise steps cover 0-95 %, the decode and the MP4 the rest
 DEFAULT_FPS = 16.0  # a video model whose spec has no fps
-CONTENT_CHUNK = 1 << 20  # bytes read per step when sending an MP4
 LIST_LIMIT = (1, 100)
 ID = re.compile(r"video_[0-9a-f]{32}")
 # A decimal string for `seconds` (OpenAI's SDK sends "4"): in (0, 8], ASCII digits.
@@ -672,7 +671,7 @@ def add_video_routes(app: FastAPI, worker, config, metrics, limits: Callable[[],
     async def get_video(video_id: str) -> VideoObject:
         return find(video_id).view(config.video_ttl)
 
-    @app.get(VIDEOS_PATH + "/{video_id}/content", response_class=StreamingResponse, summary="The video's MP4",
+    @app.get(VIDEOS_PATH + "/{video_id}/content", response_class=FileResponse, summary="The video's MP4",
              openapi_extra={"parameters": [
                  {"name": "variant", "in": "query", "required": False, "description": "only the video (OpenAI's "
                   "thumbnail and spritesheet variants are not made)", "schema": {"type": "string", "enum": ["video"]}}]},
@@ -680,7 +679,7 @@ def add_video_routes(app: FastAPI, worker, config, metrics, limits: Callable[[],
                  "video/mp4": {"schema": {"type": "string", "format": "binary"}}}},
                  409: {"model": _error_model(), "description": "the job has not completed (or it failed)"},
                  **errors(400, 401, 404, 503)})
-    async def video_content(video_id: str, request: Request) -> StreamingResponse:
+    async def video_content(video_id: str, request: Request) -> FileResponse:
         query(request, "variant", "video", ("video",))
         job = find(video_id)
         if job.status != "completed" or job.path is None:
@@ -688,16 +687,17 @@ def add_video_routes(app: FastAPI, worker, config, metrics, limits: Callable[[],
                      "failed": "failed"}.get(job.status, job.status)
             raise APIError(409, f"video {video_id} {state}: its content exists once its status is completed",
                            param="video_id", code="video_not_ready")
-        # Opened here, on the event loop, where jobs are deleted: the open file outlives a deletion (expiry, the
-        # disk budget, a DELETE) that comes while it is being sent, which a path opened later would not.
+        # A name of this answer's own for the MP4 (a hard link, made here on the event loop where jobs are
+        # deleted): a deletion (expiry, the disk budget, a DELETE) while the file is sent removes the job's name,
+        # not this one, and the file's bytes stay until the answer ends. Starlette's FileResponse serves it (with
+        # HTTP Range requests, as video players seek).
+        link = job.path.with_name(f".{secrets.token_hex(8)}-{job.path.name}")
         try:
-            file = open(job.path, "rb")
+            os.link(job.path, link)
         except FileNotFoundError:
             raise APIError(404, f"video {video_id}'s file is gone (it may have expired)", param="video_id",
                            code="video_not_found") from None
-        return StreamingResponse(_chunks(file), media_type="video/mp4", headers={
-            "content-length": str(os.fstat(file.fileno()).st_size),
-            "content-disposition": f'attachment; filename="{video_id}.mp4"'})
+        return _LinkedFileResponse(link, media_type="video/mp4", filename=f"{video_id}.mp4")
 
     @app.delete(VIDEOS_PATH + "/{video_id}", response_model=VideoDeleted, responses=errors(401, 404, 503),
                 summary="Delete a video job (cancelling it if it has not finished) and its file")
@@ -712,13 +712,15 @@ def add_video_routes(app: FastAPI, worker, config, metrics, limits: Callable[[],
     return jobs
 
 
-async def _chunks(file):
-    """The open file's bytes, read in the request thread pool; closes it at the end (or when the client leaves)."""
-    try:
-        while chunk := await run_in_threadpool(file.read, CONTENT_CHUNK):
-            yield chunk
-    finally:
-        file.close()
+class _LinkedFileResponse(FileResponse):
+    """A FileResponse of a link made for it alone: the link is removed however the answer ends (sent, or the
+    client gone)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            Path(self.path).unlink(missing_ok=True)
 
 
 def _error_model():

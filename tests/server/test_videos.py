@@ -112,9 +112,10 @@ def test_job_lifecycle(video_client):
 
 
 def test_content_survives_a_deletion_and_encodes_leave_the_request_pool_free(monkeypatch):
-    """The MP4 is opened before it is sent: deleting the job while its bytes stream loses nothing, and a file gone
-    from under a completed job is a 404 with OpenAI's body, not a 500. MP4 encodes run on their own thread: with
-    one encode held, the request pool still answers (a content request and an image decode need it)."""
+    """The MP4 gets a name of the answer's own before it is sent: the job deleted right after that loses the answer
+    nothing, the name goes when the answer ends, and Range requests work (players seek). A file gone from under a
+    completed job is a 404 with OpenAI's body, not a 500. MP4 encodes run on their own thread: with one encode
+    held, the request pool still answers (a content request and an image decode need it)."""
     import ditserve.server.videos as videos
 
     held, release = threading.Event(), threading.Event()
@@ -128,21 +129,22 @@ def test_content_survives_a_deletion_and_encodes_leave_the_request_pool_free(mon
 
     with TestClient(fake_app(FakeVideoPipeline())) as c:
         assert c.app.state.worker.wait_ready(10)
-        monkeypatch.setattr(videos, "CONTENT_CHUNK", 64)
         job = wait_for(c, c.post(URL, json={"prompt": "a", "size": "80x64", "num_frames": 9}).json()["id"])
         whole = c.get(f"{URL}/{job['id']}/content").content
-        path, reads = c.app.state.videos.jobs[job["id"]].path, []
+        r = c.get(f"{URL}/{job['id']}/content", headers={"Range": "bytes=10-19"})
+        assert r.status_code == 206 and r.content == whole[10:20]
+        jobs = c.app.state.videos
+        path, link = jobs.jobs[job["id"]].path, os.link
 
-        def read_then_delete(read, size):  # the job's file deleted after the first 64 bytes went out
-            reads.append(size)
-            if len(reads) == 2:
-                path.unlink()
-            return read(size)
+        def link_then_delete(src, dst):  # (on the event loop) the job deleted once its answer has its own name
+            link(src, dst)
+            jobs.remove(jobs.jobs[job["id"]])  # what DELETE, expiry and the disk budget do to a finished job
 
-        monkeypatch.setattr(videos, "run_in_threadpool",
-                            lambda f, *a: anyio.to_thread.run_sync(read_then_delete, f, *a))
-        assert c.get(f"{URL}/{job['id']}/content").content == whole and not path.exists() and len(reads) > 2
+        monkeypatch.setattr(videos.os, "link", link_then_delete)
+        assert c.get(f"{URL}/{job['id']}/content").content == whole and not path.exists()
         monkeypatch.undo()
+        error_of(c.get(f"{URL}/{job['id']}"), 404)
+        assert os.listdir(path.parent) == []  # the answer's own name went with it
 
         other = wait_for(c, c.post(URL, json={"prompt": "b"}).json()["id"])
         c.app.state.videos.jobs[other["id"]].path.unlink()
